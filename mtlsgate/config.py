@@ -1,0 +1,381 @@
+"""
+The typed configuration: attrs value classes, built from a plain mapping (YAML or twistd flags).
+
+Every problem is reported as a L{ConfigError} that names the key (``routes[1].to[0]``) and the
+problem, so that ``twistd`` can refuse to start before any port is opened.  Unknown keys are errors
+too: a typo must never pass silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+from mtlsgate.identity import AllowRules
+
+
+class ConfigError(Exception):
+    """
+    A configuration problem: C{key} is the dotted path of the offending key, C{problem} says what is
+    wrong with it.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+@attrs.frozen
+class CertificateSpec:
+    """A served certificate: C{cert} holds the leaf and its chain; C{key} may be None when the key is in C{cert}."""
+
+    cert: str
+    key: str | None = None
+
+
+@attrs.frozen
+class DownstreamMTLS:
+    """How downstream clients authenticate with certificates."""
+
+    ca_file: str | None = None
+    crl_file: str | None = None
+    enforcement: str = "reject_connection"  # or "policy"
+    max_verify_depth: int = 2
+    client_auth: str = "off"  # "require", "optional" or "off"
+
+
+@attrs.frozen
+class Route:
+    """One entry of the route table and everything needed to reach its upstreams."""
+
+    host: str  # lower case; "*.example.com" for a wildcard, "*" for any host
+    prefix: str = "/"
+    to: tuple[str, ...] = ()
+    tls_custom_ca_file: str | None = None
+    tls_client_cert_file: str | None = None
+    tls_client_key_file: str | None = None
+    tls_server_name: str | None = None
+    tls_skip_verify: bool = False
+    allow_client: AllowRules = AllowRules()
+    forward_client_cert: str = "xfcc"  # or "none"
+    preserve_host_header: bool = False
+    timeout: float = 30.0
+    connect_timeout: float = 10.0
+
+    @property
+    def name(self) -> str:
+        """A short label for logs and metrics."""
+        return self.host + self.prefix
+
+
+@attrs.frozen
+class Config:
+    """The whole gateway configuration."""
+
+    address: str = "tcp:8443"
+    http_address: str | None = None
+    admin_address: str | None = None
+    certificates: tuple[CertificateSpec, ...] = ()
+    certs_dir: str | None = None
+    downstream_mtls: DownstreamMTLS = DownstreamMTLS()
+    allow_client: AllowRules = AllowRules()
+    routes: tuple[Route, ...] = ()
+    access_log: str | None = None  # a file path, "-" for stdout, or None for the twistd log
+    source: str | None = attrs.field(default=None, eq=False)  # the YAML file it came from
+
+
+# --- small typed readers -------------------------------------------------------------------------
+
+
+def _check_keys(data: Mapping[str, Any], where: str, allowed: Sequence[str]) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, f"expected a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(_join(where, str(key)), f"unknown key{hint}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _string(value: Any, key: str, optional: bool = True) -> str | None:
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(key, "is required")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _string_list(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    return tuple(_string(item, f"{key}[{i}]", optional=False) for i, item in enumerate(value))  # type: ignore[misc]
+
+
+def _readable_file(value: Any, key: str, optional: bool = True) -> str | None:
+    path = _string(value, key, optional)
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise ConfigError(key, f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(key, f"{path}: not readable")
+    return path
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds from C{30}, C{"30s"}, C{"500ms"}, C{"5m"}, C{"1h"} or C{"30d"}."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration like 30s, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ConfigError(key, f"expected a duration like 30s, 500ms, 5m, 1h or 30d, got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(key, f"must be positive, got {value!r}")
+    return seconds
+
+
+def _endpoint(value: Any, key: str, optional: bool = True) -> str | None:
+    description = _string(value, key, optional)
+    if description is None:
+        return None
+    if description.split(":", 1)[0] in ("ssl", "tls", "mtls"):
+        raise ConfigError(key, f"give a plain endpoint such as tcp:8443; mtlsgate adds TLS itself, got {description!r}")
+    return description
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+_ALLOW_KEYS = ("cn", "ou", "dns", "uri", "email", "fingerprint_sha256")
+
+
+def _allow_rules(data: Any, key: str) -> AllowRules:
+    if data is None:
+        return AllowRules()
+    _check_keys(data, key, _ALLOW_KEYS)
+    lists = {name: _string_list(data.get(name), _join(key, name)) for name in _ALLOW_KEYS}
+    for i, fingerprint in enumerate(lists["fingerprint_sha256"]):
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", fingerprint.replace(":", "").replace(" ", "")):
+            raise ConfigError(f"{key}.fingerprint_sha256[{i}]", f"expected 64 hex digits (colons allowed), got {fingerprint!r}")
+    return AllowRules.from_lists(**lists)
+
+
+def _certificates(data: Any, key: str) -> tuple[CertificateSpec, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError(key, "expected a list of {cert: FILE, key: FILE}")
+    specs = []
+    for i, item in enumerate(data):
+        where = f"{key}[{i}]"
+        _check_keys(item, where, ("cert", "key"))
+        cert = _readable_file(item.get("cert"), f"{where}.cert", optional=False)
+        specs.append(CertificateSpec(cert=cert, key=_readable_file(item.get("key"), f"{where}.key")))  # type: ignore[arg-type]
+    return tuple(specs)
+
+
+def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
+    if data is None:
+        return DownstreamMTLS()
+    _check_keys(data, key, ("ca_file", "crl_file", "enforcement", "max_verify_depth", "client_auth"))
+    ca_file = _readable_file(data.get("ca_file"), f"{key}.ca_file")
+    default_auth = "require" if ca_file else "off"
+    client_auth = _choice(data.get("client_auth", default_auth), f"{key}.client_auth", ("require", "optional", "off"))
+    if client_auth != "off" and ca_file is None:
+        raise ConfigError(f"{key}.ca_file", f"is required when client_auth is {client_auth}")
+    depth = data.get("max_verify_depth", 2)
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 16:
+        raise ConfigError(f"{key}.max_verify_depth", f"expected an integer from 1 to 16, got {depth!r}")
+    return DownstreamMTLS(
+        ca_file=ca_file,
+        crl_file=_readable_file(data.get("crl_file"), f"{key}.crl_file"),
+        enforcement=_choice(data.get("enforcement", "reject_connection"), f"{key}.enforcement", ("reject_connection", "policy")),
+        max_verify_depth=depth,
+        client_auth=client_auth,
+    )
+
+
+_ROUTE_KEYS = (
+    "from", "prefix", "to", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file",
+    "tls_server_name", "tls_skip_verify", "allow_client", "forward_client_cert",
+    "preserve_host_header", "timeout", "connect_timeout",
+)  # fmt: skip
+
+
+def parse_from(value: Any, key: str) -> str:
+    """The host of a route's C{from}: C{https://app.example.com}, C{https://*.example.com} or C{*}."""
+    text = _string(value, key, optional=False)
+    assert text is not None
+    if text == "*":
+        return "*"
+    if "://" not in text:
+        text = "https://" + text
+    parts = urlsplit(text)
+    if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ConfigError(key, f"expected https://HOST or https://*.DOMAIN (use 'prefix' for paths), got {value!r}")
+    host = parts.hostname.lower()
+    if "*" in host and not (host.startswith("*.") and "*" not in host[2:]):
+        raise ConfigError(key, f"a wildcard may only be the whole leftmost label (*.example.com), got {value!r}")
+    return host
+
+
+def parse_upstream_url(value: Any, key: str) -> str:
+    """An upstream URL: C{http://} or C{https://} with a host, no query or fragment."""
+    text = _string(value, key, optional=False)
+    assert text is not None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(key, f"expected an http:// or https:// URL with a host, got {value!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(key, f"bad port in {value!r}") from None
+    return text.rstrip("/")
+
+
+def _route(data: Any, key: str) -> Route:
+    _check_keys(data, key, _ROUTE_KEYS)
+    prefix = _string(data.get("prefix", "/"), f"{key}.prefix", optional=False)
+    assert prefix is not None
+    if not prefix.startswith("/"):
+        raise ConfigError(f"{key}.prefix", f"must start with '/', got {prefix!r}")
+    targets = data.get("to")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets:
+        raise ConfigError(f"{key}.to", "expected one upstream URL or a non-empty list of them")
+    to = tuple(parse_upstream_url(url, f"{key}.to[{i}]") for i, url in enumerate(targets))
+    cert = _readable_file(data.get("tls_client_cert_file"), f"{key}.tls_client_cert_file")
+    client_key = _readable_file(data.get("tls_client_key_file"), f"{key}.tls_client_key_file")
+    if client_key and not cert:
+        raise ConfigError(f"{key}.tls_client_key_file", "given without tls_client_cert_file")
+    return Route(
+        host=parse_from(data.get("from"), f"{key}.from"),
+        prefix=prefix,
+        to=to,
+        tls_custom_ca_file=_readable_file(data.get("tls_custom_ca_file"), f"{key}.tls_custom_ca_file"),
+        tls_client_cert_file=cert,
+        tls_client_key_file=client_key,
+        tls_server_name=_string(data.get("tls_server_name"), f"{key}.tls_server_name"),
+        tls_skip_verify=_boolean(data.get("tls_skip_verify", False), f"{key}.tls_skip_verify"),
+        allow_client=_allow_rules(data.get("allow_client"), f"{key}.allow_client"),
+        forward_client_cert=_choice(data.get("forward_client_cert", "xfcc"), f"{key}.forward_client_cert", ("xfcc", "none")),
+        preserve_host_header=_boolean(data.get("preserve_host_header", False), f"{key}.preserve_host_header"),
+        timeout=parse_duration(data.get("timeout", 30), f"{key}.timeout"),
+        connect_timeout=parse_duration(data.get("connect_timeout", 10), f"{key}.connect_timeout"),
+    )
+
+
+_TOP_KEYS = (
+    "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
+    "allow_client", "routes", "access_log",
+)  # fmt: skip
+
+
+def config_from_mapping(data: Any, source: str | None = None) -> Config:
+    """Validate a plain mapping (parsed YAML, or flags turned into the same shape) into a L{Config}."""
+    if data is None:
+        data = {}
+    _check_keys(data, "", _TOP_KEYS)
+    certs_dir = _string(data.get("certs_dir"), "certs_dir")
+    if certs_dir is not None and not os.path.isdir(certs_dir):
+        raise ConfigError("certs_dir", f"{certs_dir}: no such directory")
+    certificates = _certificates(data.get("certificates"), "certificates")
+    if not certificates and certs_dir is None:
+        raise ConfigError("certificates", "at least one certificate (or certs_dir) is required to serve TLS")
+    routes = data.get("routes") or []
+    if not isinstance(routes, list):
+        raise ConfigError("routes", "expected a list of routes")
+    parsed_routes = tuple(_route(route, f"routes[{i}]") for i, route in enumerate(routes))
+    seen: dict[tuple[str, str], int] = {}
+    for i, route in enumerate(parsed_routes):
+        if (route.host, route.prefix) in seen:
+            raise ConfigError(f"routes[{i}].from", f"duplicates routes[{seen[route.host, route.prefix]}] ({route.host} {route.prefix})")
+        seen[route.host, route.prefix] = i
+    return Config(
+        address=_endpoint(data.get("address", "tcp:8443"), "address", optional=False),  # type: ignore[arg-type]
+        http_address=_endpoint(data.get("http_address"), "http_address"),
+        admin_address=_endpoint(data.get("admin_address"), "admin_address"),
+        certificates=certificates,
+        certs_dir=certs_dir,
+        downstream_mtls=_downstream_mtls(data.get("downstream_mtls"), "downstream_mtls"),
+        allow_client=_allow_rules(data.get("allow_client"), "allow_client"),
+        routes=parsed_routes,
+        access_log=_string(data.get("access_log"), "access_log"),
+        source=source,
+    )
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Parse a YAML config file into a mapping, with errors that name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError("", f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_config(path: str, overrides: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Config:
+    """Read, optionally adjust (flags given alongside the file), and validate a YAML config file."""
+    data = _relative_to(read_yaml(path), os.path.dirname(os.path.abspath(path)))
+    if overrides is not None:
+        data = overrides(data)
+    return config_from_mapping(data, source=path)
+
+
+_PATH_KEYS = {"cert", "key", "ca_file", "crl_file", "certs_dir", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file", "access_log"}
+
+
+def _relative_to(data: Any, base: str) -> Any:
+    """Resolve relative file paths in a config file against the file's own directory."""
+    if isinstance(data, dict):
+        return {
+            k: (os.path.join(base, v) if k in _PATH_KEYS and isinstance(v, str) and v != "-" else _relative_to(v, base))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_relative_to(item, base) for item in data]
+    return data

@@ -1,0 +1,71 @@
+"""
+The route table: a request's Host and path pick at most one route.
+
+Host first (exact name, then the closest C{*.} wildcard, then an explicit C{*} catch-all; the port is
+ignored), then the longest path prefix among that host's routes.  An unknown host matches nothing:
+a request is never sent to the first route by accident.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Iterable, TypeVar
+
+T = TypeVar("T")
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case a Host header value and strip its port (IPv6 literals keep their brackets' content)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def prefix_matches(prefix: str, path: str) -> bool:
+    """C{/api} matches C{/api}, C{/api/x} and C{/api?q}, not C{/apix}; C{/api/} matches C{/api/x}."""
+    if prefix == "/" or path == prefix:
+        return True
+    if not path.startswith(prefix):
+        return False
+    return prefix.endswith("/") or path[len(prefix)] in "/?"
+
+
+class RouteTable(Generic[T]):
+    """
+    Host and path prefix to a value (a route).  Built once per configuration; lookups are a dict
+    access per host candidate plus a scan of that host's prefixes, longest first.
+    """
+
+    def __init__(self, entries: Iterable[tuple[str, str, T]]) -> None:
+        by_host: dict[str, list[tuple[str, T]]] = {}
+        for host, prefix, value in entries:
+            by_host.setdefault(host.lower(), []).append((prefix, value))
+        self._by_host = {host: sorted(routes, key=lambda r: len(r[0]), reverse=True) for host, routes in by_host.items()}
+
+    def _host_candidates(self, host: str) -> Iterable[str]:
+        yield host
+        labels = host.split(".")
+        for i in range(1, len(labels)):
+            yield "*." + ".".join(labels[i:])
+        yield "*"
+
+    def lookup(self, host: str, path: str) -> T | None:
+        """The route for this Host header value and request path, or None."""
+        host = normalize_host(host)
+        for candidate in self._host_candidates(host):
+            routes = self._by_host.get(candidate)
+            if routes is None:
+                continue
+            for prefix, value in routes:
+                if prefix_matches(prefix, path):
+                    return value
+            return None
+        return None
+
+    def knows_host(self, host: str) -> bool:
+        """Whether any route serves this host (used to tell 404 for an unknown host from one for a path)."""
+        host = normalize_host(host)
+        return any(c in self._by_host for c in self._host_candidates(host))

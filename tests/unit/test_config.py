@@ -1,0 +1,54 @@
+"""Config validation: every error names the key and the problem."""
+
+import pytest
+
+from mtlsgate.config import ConfigError, config_from_mapping, parse_duration
+
+
+def base(pki, **extra):
+    data = {"certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}]}
+    data.update(extra)
+    return data
+
+
+def test_minimal_config_has_strict_defaults(pki):
+    config = config_from_mapping(base(pki))
+    assert config.address == "tcp:8443"
+    assert config.downstream_mtls.client_auth == "off"
+    assert config_from_mapping(base(pki, downstream_mtls={"ca_file": pki["ca"]})).downstream_mtls.client_auth == "require"
+
+
+@pytest.mark.parametrize(
+    "extra, key, words",
+    [
+        ({"adress": "tcp:1"}, "adress", "did you mean 'address'"),
+        ({"address": "ssl:443"}, "address", "plain endpoint"),
+        ({"routes": [{"from": "https://a", "to": "ftp://b"}]}, "routes[0].to[0]", "http:// or https://"),
+        ({"routes": [{"from": "https://a", "to": []}]}, "routes[0].to", "upstream URL"),
+        ({"routes": [{"from": "https://a/path", "to": "https://b"}]}, "routes[0].from", "prefix"),
+        ({"routes": [{"from": "https://a", "to": "https://b", "timeout": "-1s"}]}, "routes[0].timeout", "duration"),
+        ({"routes": [{"from": "https://a", "to": "https://b", "tls_custom_ca_file": "/nope"}]}, "routes[0].tls_custom_ca_file", "no such file"),
+        ({"routes": [{"from": "https://a", "to": "https://b", "allow_client": {"fingerprint_sha256": ["abc"]}}]}, "routes[0].allow_client.fingerprint_sha256[0]", "64 hex"),
+        ({"routes": [{"from": "https://a", "to": "https://b"}, {"from": "https://a", "to": "https://c"}]}, "routes[1].from", "duplicates"),
+        ({"downstream_mtls": {"client_auth": "require"}}, "downstream_mtls.ca_file", "required"),
+        ({"downstream_mtls": {"max_verify_depth": 0}}, "downstream_mtls.max_verify_depth", "1 to 16"),
+    ],
+)
+def test_errors_name_the_key(pki, extra, key, words):
+    with pytest.raises(ConfigError) as e:
+        config_from_mapping(base(pki, **extra))
+    assert e.value.key == key
+    assert words in str(e.value)
+
+
+def test_no_certificate_at_all_is_an_error():
+    with pytest.raises(ConfigError, match="certificates"):
+        config_from_mapping({})
+
+
+def test_durations():
+    assert parse_duration("30s", "k") == 30
+    assert parse_duration("500ms", "k") == 0.5
+    assert parse_duration("2m", "k") == 120
+    assert parse_duration(5, "k") == 5
+    assert parse_duration("30d", "k") == 30 * 86400

@@ -1,0 +1,52 @@
+"""The route table: host first (exact, wildcard, catch-all), then the longest prefix."""
+
+from mtlsgate.routing import RouteTable, normalize_host, prefix_matches
+
+
+def table():
+    return RouteTable([
+        ("app.example.com", "/", "app"),
+        ("app.example.com", "/api", "api"),
+        ("app.example.com", "/api/v2/", "v2"),
+        ("*.apps.example.com", "/", "wild"),
+        ("deep.apps.example.com", "/x", "deep-x"),
+    ])  # fmt: skip
+
+
+def test_exact_host_and_longest_prefix():
+    t = table()
+    assert t.lookup("app.example.com", "/") == "app"
+    assert t.lookup("app.example.com:8443", "/api") == "api"
+    assert t.lookup("APP.example.com", "/api/users?x=1") == "api"
+    assert t.lookup("app.example.com", "/api/v2/things") == "v2"
+    assert t.lookup("app.example.com", "/apiary") == "app"
+
+
+def test_wildcard_host_and_exact_host_without_matching_prefix():
+    t = table()
+    assert t.lookup("web.apps.example.com", "/") == "wild"
+    # An exact host with routes owns its name: no fall-through to the wildcard.
+    assert t.lookup("deep.apps.example.com", "/other") is None
+    assert t.lookup("deep.apps.example.com", "/x/1") == "deep-x"
+
+
+def test_unknown_host_matches_nothing_unless_a_catch_all_exists():
+    assert table().lookup("elsewhere.example.org", "/") is None
+    assert not table().knows_host("elsewhere.example.org")
+    catch_all = RouteTable([("*", "/", "any"), ("a.example", "/", "a")])
+    assert catch_all.lookup("elsewhere.example.org", "/") == "any"
+    assert catch_all.lookup("a.example", "/") == "a"
+
+
+def test_normalize_host():
+    assert normalize_host("Example.COM:443") == "example.com"
+    assert normalize_host("[::1]:8443") == "::1"
+    assert normalize_host("example.com.") == "example.com"
+
+
+def test_prefix_matches_on_segment_boundaries():
+    assert prefix_matches("/api", "/api")
+    assert prefix_matches("/api", "/api/x")
+    assert prefix_matches("/api", "/api?x")
+    assert not prefix_matches("/api", "/apix")
+    assert prefix_matches("/api/", "/api/x")
