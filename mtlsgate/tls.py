@@ -1,0 +1,299 @@
+"""
+Server-side TLS: fully configured pyOpenSSL contexts, one per certificate, picked by SNI; the client
+certificate verify callback that records why a certificate was refused; and a connection creator
+whose certificate set can be swapped at run time without touching open connections.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Sequence
+
+import attrs
+from cryptography import x509
+from OpenSSL import SSL
+from OpenSSL.crypto import X509StoreFlags
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from mtlsgate import pki
+from mtlsgate.config import CertificateSpec, DownstreamMTLS
+
+log = Logger(namespace="mtlsgate.tls")
+
+# ECDHE key exchange with AEAD ciphers only, for TLS 1.2; TLS 1.3 suites are all AEAD already.
+CIPHERS = b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+    | SSL.OP_SINGLE_ECDH_USE
+)
+ALPN_HTTP1 = b"http/1.1"
+
+# X509_V_ERR_* codes to the reasons users see (403 page, logs, metrics labels).
+_REASONS = {
+    2: "untrusted issuer",  # UNABLE_TO_GET_ISSUER_CERT
+    3: "no CRL for issuer",  # UNABLE_TO_GET_CRL
+    7: "bad signature",
+    9: "not yet valid",
+    10: "expired",
+    18: "untrusted issuer",  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "untrusted issuer",  # SELF_SIGNED_CERT_IN_CHAIN
+    20: "untrusted issuer",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "untrusted issuer",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    22: "chain too long",
+    23: "revoked",
+    24: "invalid CA certificate",
+    26: "not a client certificate (extended key usage)",  # INVALID_PURPOSE
+}
+
+
+def reason_for_verify_error(errno: int) -> str:
+    """A short reason for an OpenSSL X509_V_ERR code."""
+    return _REASONS.get(errno, f"certificate verification error {errno}")
+
+
+@attrs.define
+class VerifyFailure:
+    """Why a peer certificate did not verify: the first error OpenSSL reported."""
+
+    reason: str
+    errno: int
+    depth: int
+    subject: str
+
+
+class GatewayConnection(SSL.Connection):
+    """An C{SSL.Connection} that remembers the first client-certificate verification failure."""
+
+    verify_failure: VerifyFailure | None = None
+
+
+@attrs.frozen
+class ServedCertificate:
+    """A certificate the gateway serves: its key, leaf and chain, and the names it answers for."""
+
+    key: object
+    chain: tuple[x509.Certificate, ...]
+    source: str
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """DNS and IP SANs (lower case), or the subject CN when there are no SANs."""
+        try:
+            san = self.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            cns = self.leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            return tuple(str(cn.value).lower() for cn in cns)
+        dns = [name.lower() for name in san.get_values_for_type(x509.DNSName)]
+        return tuple(dns + [str(ip) for ip in san.get_values_for_type(x509.IPAddress)])
+
+
+def load_served_certificates(specs: Sequence[CertificateSpec], certs_dir: str | None) -> list[ServedCertificate]:
+    """Load configured certificate files and every C{*.pem} of a certs_dir (key+cert+chain each)."""
+    served = []
+    for spec in specs:
+        key, chain = pki.load_key_and_chain(spec.cert, spec.key)
+        served.append(ServedCertificate(key=key, chain=tuple(chain), source=spec.cert))
+    if certs_dir is not None:
+        for name in sorted(os.listdir(certs_dir)):
+            if name.endswith(".pem"):
+                path = os.path.join(certs_dir, name)
+                key, chain = pki.load_key_and_chain(path)
+                served.append(ServedCertificate(key=key, chain=tuple(chain), source=path))
+    return served
+
+
+@attrs.frozen
+class ClientVerification:
+    """Downstream mTLS settings, with the CRLs already parsed."""
+
+    settings: DownstreamMTLS
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+
+    @classmethod
+    def load(cls, settings: DownstreamMTLS) -> ClientVerification:
+        crls = tuple(pki.load_crls(settings.crl_file)) if settings.crl_file else ()
+        if settings.ca_file:
+            pki.load_certificates(settings.ca_file)  # fail early, naming the file, on an empty bundle
+        return cls(settings=settings, crls=crls)
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.client_auth != "off"
+
+    @property
+    def rejects_at_handshake(self) -> bool:
+        return self.settings.enforcement == "reject_connection"
+
+
+def _verify_callback(rejects: bool) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+    def verify(conn: GatewayConnection, cert: object, errno: int, depth: int, ok: int) -> bool:
+        if ok:
+            return True
+        if conn.verify_failure is None:
+            try:
+                subject = cert.to_cryptography().subject.rfc4514_string()  # type: ignore[attr-defined]
+            except Exception:
+                subject = "?"
+            conn.verify_failure = VerifyFailure(reason_for_verify_error(errno), errno, depth, subject)
+        return not rejects
+
+    return verify
+
+
+def build_server_context(
+    served: ServedCertificate,
+    verification: ClientVerification | None,
+    servername_callback: Callable[[SSL.Connection], None] | None = None,
+    alpn_select: Callable[[SSL.Connection, list[bytes]], bytes] | None = None,
+) -> SSL.Context:
+    """One complete server context: protocol floor, ciphers, certificate, client verification, SNI, ALPN."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(_OPTIONS)
+    ctx.set_cipher_list(CIPHERS)
+    ctx.use_certificate(served.leaf)
+    for extra in served.chain[1:]:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(served.key)  # type: ignore[arg-type]
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise pki.PKIError(f"{served.source}: private key does not match certificate") from None
+    ctx.set_session_id(b"mtlsgate")
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    if verification is not None and verification.enabled:
+        settings = verification.settings
+        mode = SSL.VERIFY_PEER
+        if settings.client_auth == "require" and verification.rejects_at_handshake:
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        ctx.load_verify_locations(settings.ca_file)
+        store = ctx.get_cert_store()
+        assert store is not None
+        flags = X509StoreFlags.PARTIAL_CHAIN  # intermediates in the bundle are anchors too
+        for crl in verification.crls:
+            store.add_crl(crl)
+        if verification.crls:
+            flags |= X509StoreFlags.CRL_CHECK
+        store.set_flags(flags)
+        ctx.set_verify(mode, _verify_callback(verification.rejects_at_handshake))
+        ctx.set_verify_depth(settings.max_verify_depth)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    if servername_callback is not None:
+        ctx.set_tlsext_servername_callback(servername_callback)
+    ctx.set_alpn_select_callback(alpn_select or _select_http1)
+    return ctx
+
+
+def _select_http1(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    return ALPN_HTTP1 if ALPN_HTTP1 in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+
+class CertificateSet:
+    """
+    Contexts by server name: exact, then C{*.} wildcard one label up, then the default (the first
+    certificate).  Immutable once built; a reload builds a new one.
+    """
+
+    def __init__(self, contexts: Iterable[tuple[ServedCertificate, SSL.Context]]) -> None:
+        self.served: list[ServedCertificate] = []
+        self._by_name: dict[str, SSL.Context] = {}
+        self.default: SSL.Context | None = None
+        for served, ctx in contexts:
+            self.served.append(served)
+            if self.default is None:
+                self.default = ctx
+            for name in served.names:
+                self._by_name.setdefault(name, ctx)
+        if self.default is None:
+            raise pki.PKIError("no certificate to serve")
+
+    def context_for(self, server_name: str | None) -> SSL.Context:
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            ctx = self._by_name.get(name)
+            if ctx is None and "." in name:
+                ctx = self._by_name.get("*." + name.split(".", 1)[1])
+            if ctx is not None:
+                return ctx
+        assert self.default is not None
+        return self.default
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    The server connection creator: every new connection starts on the default context and moves to
+    the one its SNI names.  L{install} swaps the whole certificate set at once; connections already
+    open keep the context they negotiated.
+    """
+
+    def __init__(self) -> None:
+        self._certificates: CertificateSet | None = None
+
+    def build(self, served: Sequence[ServedCertificate], verification: ClientVerification | None) -> CertificateSet:
+        """Build (not install) a certificate set whose contexts route SNI through this creator."""
+        return CertificateSet((s, build_server_context(s, verification, self._on_servername)) for s in served)
+
+    def install(self, certificates: CertificateSet) -> None:
+        self._certificates = certificates
+
+    @property
+    def certificates(self) -> CertificateSet:
+        assert self._certificates is not None, "ServerTLS used before a certificate set was installed"
+        return self._certificates
+
+    def _on_servername(self, conn: SSL.Connection) -> None:
+        raw = conn.get_servername()
+        name = raw.decode("ascii", "replace") if raw else None
+        ctx = self.certificates.context_for(name)
+        if ctx is not conn.get_context():
+            conn.set_context(ctx)
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = GatewayConnection(self.certificates.default, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+
+class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
+    """Logs why a handshake failed, naming the peer and, for a refused certificate, the reason."""
+
+    def _tlsShutdownFinished(self, reason):  # type: ignore[no-untyped-def]
+        if not self._handshakeDone and reason is not None and isinstance(reason.value, SSL.Error):
+            failure = getattr(self._tlsConnection, "verify_failure", None)
+            peer = self.transport.getPeer() if self.transport is not None else None
+            peer_text = f"{peer.host}:{peer.port}" if peer is not None and hasattr(peer, "host") else str(peer)
+            if failure is not None:
+                log.info(
+                    "refused client certificate from {peer}: {reason} (subject {subject})",
+                    peer=peer_text, reason=failure.reason, subject=failure.subject, tls_result="rejected",
+                )
+            else:
+                log.info("TLS handshake with {peer} failed: {error}", peer=peer_text, error=_ssl_error_text(reason.value), tls_result="failed")
+        super()._tlsShutdownFinished(reason)
+
+
+def _ssl_error_text(error: SSL.Error) -> str:
+    try:
+        return "; ".join(str(part[2]) for part in error.args[0]) or str(error)
+    except (IndexError, TypeError):
+        return str(error)
+
+
+class GatewayTLSFactory(TLSMemoryBIOFactory):
+    """TLS around an HTTP factory, logging failed handshakes with their reason."""
+
+    protocol = _HandshakeLoggingTLSProtocol
+
+    def __init__(self, creator: ServerTLS, wrapped: object, clock: object = None) -> None:
+        super().__init__(creator, False, wrapped, clock)  # type: ignore[arg-type]

@@ -1,0 +1,99 @@
+"""Downstream mTLS through the real twistd process: who gets through the handshake, and why not."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from tests.conftest import echo_json, gateway_args, https_request
+
+
+@pytest.fixture
+def gateway(start_gateway, pki, echo_upstream):
+    return start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"]))
+
+
+def test_valid_client_certificate_is_proxied_to_the_upstream(gateway, pki):
+    status, _, body = https_request(gateway.port, "/hello", ca=pki["ca"], cert=pki["alice"])
+    assert status == 200
+    echoed = echo_json(body)
+    assert echoed["uri"] == "/hello"
+    # The upstream required a client certificate and saw the gateway's.
+    assert echoed["client_spiffe_id"] == "spiffe://test/gateway"
+
+
+@pytest.mark.parametrize(
+    "who, reason",
+    [
+        (None, None),  # no certificate: OpenSSL refuses before any verify callback runs
+        ("stranger", "untrusted issuer"),
+        ("expired", "expired"),
+        ("revoked", "revoked"),
+        ("server_only", "not a client certificate"),
+    ],
+)
+def test_bad_client_certificate_fails_the_handshake_with_a_logged_reason(gateway, pki, who, reason):
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        https_request(gateway.port, "/", ca=pki["ca"], cert=pki[who] if who else None)
+    log = gateway.proc.wait_for_log("TLS handshake with" if reason is None else f"refused client certificate from 127.0.0.1")
+    if reason is not None:
+        assert reason in log
+
+
+@pytest.fixture
+def policy_gateway(start_gateway, pki, echo_upstream):
+    return start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"], "--enforcement", "policy"))
+
+
+@pytest.mark.parametrize(
+    "who, reason",
+    [
+        (None, "missing"),
+        ("stranger", "untrusted issuer"),
+        ("expired", "expired"),
+        ("revoked", "revoked"),
+        ("server_only", "not a client certificate"),
+    ],
+)
+def test_policy_enforcement_answers_403_naming_the_reason(policy_gateway, pki, who, reason):
+    status, headers, body = https_request(policy_gateway.port, "/", ca=pki["ca"], cert=pki[who] if who else None)
+    assert status == 403
+    assert reason in body.decode()
+    assert headers["content-type"].startswith("text/plain")
+    assert reason in policy_gateway.proc.wait_for_log("refused 127.0.0.1")
+
+
+def test_policy_enforcement_still_admits_a_valid_certificate(policy_gateway, pki):
+    status, _, _ = https_request(policy_gateway.port, "/", ca=pki["ca"], cert=pki["bob"])
+    assert status == 200
+
+
+def test_chain_deeper_than_max_verify_depth_is_refused(start_gateway, pki, echo_upstream, tmp_path):
+    ca = pki["ca_obj"]
+    inter1 = ca.issue_intermediate("inter 1")
+    inter2 = inter1.issue_intermediate("inter 2")
+    deep = inter2.issue_client("deep", uris=["spiffe://test/deep"])
+    cert, key = str(tmp_path / "deep.pem"), str(tmp_path / "deep-key.pem")
+    deep.write(cert, key)
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--max-verify-depth", "1", "--enforcement", "policy"))
+    status, _, body = https_request(gateway.port, "/", ca=pki["ca"], cert=(cert, key))
+    assert status == 403
+    assert b"chain too long" in body
+
+
+def test_tls_1_1_is_refused(gateway, pki):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    try:
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+    except ssl.SSLError:
+        pass
+    import socket
+
+    with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+        with pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(sock, server_hostname="localhost")
