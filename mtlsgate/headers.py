@@ -1,0 +1,73 @@
+"""
+Header hygiene for a reverse proxy, as pure functions over L{Headers}.
+
+Upstream bound: hop-by-hop headers (RFC 9110 7.6.1, plus whatever the client's Connection header
+names) and framing headers go (the Agent frames the body itself); every forwarding header the client
+sent is removed, whatever its case, so identity headers can never be spoofed; then the gateway's own
+X-Forwarded-* and X-Forwarded-Client-Cert are set.  Client bound: hop-by-hop and framing go too.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from twisted.web.http_headers import Headers
+
+from mtlsgate.identity import Identity, xfcc_element
+
+HOP_BY_HOP = frozenset(
+    b"connection keep-alive proxy-connection proxy-authenticate proxy-authorization te trailer "
+    b"transfer-encoding upgrade".split()
+)
+FRAMING = frozenset([b"content-length", b"transfer-encoding"])
+# Headers only the gateway may set on the upstream request.
+GATEWAY_OWNED = frozenset(
+    [b"x-forwarded-client-cert", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+     b"x-forwarded-port", b"x-forwarded-prefix", b"x-real-ip", b"forwarded", b"expect"]
+)  # fmt: skip
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def _copy_without(headers: Headers, drop: Iterable[bytes]) -> Headers:
+    dropped = frozenset(drop)
+    out = Headers()
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in dropped:
+            out.setRawHeaders(name, list(values))
+    return out
+
+
+def upstream_request_headers(
+    incoming: Headers,
+    *,
+    client_ip: str,
+    proto: str,
+    identity: Identity | None,
+    forward_client_cert: bool,
+    preserve_host: bool,
+) -> Headers:
+    """The headers to send upstream for a client request that arrived with C{incoming}."""
+    drop = HOP_BY_HOP | FRAMING | GATEWAY_OWNED | _connection_tokens(incoming)
+    if not preserve_host:
+        drop = drop | {b"host"}
+    out = _copy_without(incoming, drop)
+    host = incoming.getRawHeaders(b"host")
+    out.setRawHeaders(b"x-forwarded-for", [client_ip.encode("ascii")])
+    out.setRawHeaders(b"x-forwarded-proto", [proto.encode("ascii")])
+    if host:
+        out.setRawHeaders(b"x-forwarded-host", [host[0]])
+    if forward_client_cert and identity is not None:
+        out.setRawHeaders(b"x-forwarded-client-cert", [xfcc_element(identity).encode("ascii")])
+    return out
+
+
+def client_response_headers(upstream: Headers) -> Headers:
+    """The upstream response's headers as forwarded to the client, without framing (set by the proxy)."""
+    drop = HOP_BY_HOP | FRAMING | _connection_tokens(upstream)
+    return _copy_without(upstream, drop)

@@ -1,0 +1,523 @@
+"""
+The reverse proxy: an HTTP channel and request that start forwarding as soon as a request's headers
+are in (so bodies stream with back-pressure instead of being spooled), and the resource that routes,
+authorizes on the client certificate, and relays the exchange to an upstream.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any, Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from mtlsgate.config import Route
+from mtlsgate.headers import client_response_headers, upstream_request_headers
+from mtlsgate.identity import AllowRules, Identity
+from mtlsgate.routing import RouteTable, normalize_host
+from mtlsgate.upstream import UpstreamGroup
+
+log = Logger(namespace="mtlsgate.proxy")
+access_log = Logger(namespace="mtlsgate.access")
+
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+
+
+# --- the peer's identity, once per connection -----------------------------------------------------
+
+
+@attrs.frozen
+class Peer:
+    """What the TLS layer established about the client of one connection."""
+
+    identity: Identity | None
+    refusal: str | None  # why the presented certificate did not verify (policy enforcement)
+
+    @property
+    def label(self) -> str:
+        return self.identity.label() if self.identity else "-"
+
+
+_ANONYMOUS = Peer(identity=None, refusal=None)
+
+
+def peer_of(channel: Any) -> Peer:
+    """The verified identity (or the refusal) of a channel's TLS peer, computed once per connection."""
+    peer = getattr(channel, "_mtlsgate_peer", None)
+    if peer is None:
+        peer = _ANONYMOUS
+        get_handle = getattr(channel.transport, "getHandle", None)
+        connection = get_handle() if get_handle is not None else None
+        if connection is not None and hasattr(connection, "get_peer_certificate"):
+            failure = getattr(connection, "verify_failure", None)
+            certificate = connection.get_peer_certificate(as_cryptography=True)
+            if failure is not None:
+                peer = Peer(identity=None, refusal=failure.reason)
+            elif certificate is not None:
+                peer = Peer(identity=Identity.from_certificate(certificate), refusal=None)
+        channel._mtlsgate_peer = peer
+    return peer
+
+
+# --- the channel and request that stream request bodies ------------------------------------------
+
+
+class GatewayChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel that lets a request with a body be dispatched when its headers arrive, and
+    that stops parsing (and closes after the response) when a response ends before the body did.
+    """
+
+    _discarding = False
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        request = self.requests[-1]
+        if request.body is not None:
+            request.dispatch(self._command, self._path, self._version)
+
+    def stopParsing(self) -> None:
+        """Ignore the rest of the client's input; the connection closes once the response is done."""
+        self._discarding = True
+        self.persistent = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._discarding:
+            super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._discarding:
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._discarding:
+            super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if not self._discarding:
+            super().allContentReceived()
+
+
+@implementer(IBodyProducer)
+class RequestBody:
+    """
+    The client's request body as an L{IBodyProducer} for the Agent: chunks are handed on as they
+    arrive; when the upstream (or the not-yet-made connection) cannot take more, reading from the
+    client is paused at a high-water mark and resumed below a low one.
+    """
+
+    def __init__(self, network: IPushProducer, length: int | None) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self._network = network
+        self._network_paused = False
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._consumer: Any = None
+        self._paused = False
+        self._done: defer.Deferred[None] | None = None
+        self.started = False
+        self.complete = False
+        self.stopped = False
+
+    def write(self, data: bytes) -> None:
+        """A chunk from the client."""
+        if self.stopped:
+            return
+        if self._consumer is not None and not self._paused and not self._chunks:
+            self._consumer.write(data)
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _HIGH_WATER and not self._network_paused:
+            self._network_paused = True
+            self._network.pauseProducing()
+
+    def finish(self) -> None:
+        """The client sent the whole body."""
+        self.complete = True
+        self._flush()
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        self.started = True
+        self._consumer = consumer
+        self._done = defer.Deferred()
+        self._flush()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        """The upstream went away: drop what is buffered, and let the client's bytes drain."""
+        self.stopped = True
+        self._chunks.clear()
+        self._consumer = None
+        self._resume_network()
+
+    def _flush(self) -> None:
+        while self._chunks and self._consumer is not None and not self._paused:
+            chunk = self._chunks.pop(0)
+            self._buffered -= len(chunk)
+            self._consumer.write(chunk)
+        if self._buffered < _LOW_WATER:
+            self._resume_network()
+        if self.complete and not self._chunks and self._done is not None and not self.stopped:
+            done, self._done = self._done, None
+            done.callback(None)
+
+    def _resume_network(self) -> None:
+        if self._network_paused:
+            self._network_paused = False
+            self._network.resumeProducing()
+
+
+class GatewayRequest(server.Request):
+    """A request whose body, if any, is a L{RequestBody} streamed to the upstream."""
+
+    body: RequestBody | None = None
+    _dispatched = False
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        if length != 0:
+            self.body = RequestBody(self.channel._networkProducer, length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        assert self.body is not None
+        self.body.write(data)
+
+    def dispatch(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Start handling now, before the body has arrived."""
+        self._dispatched = True
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path = path.split(b"?", 1)[0]
+        self.args = {}
+        self.process()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.body is not None:
+            self.body.finish()
+        if not self._dispatched:
+            self.dispatch(command, path, version)
+
+    def finish(self) -> None:
+        if self.body is not None and not self.body.complete and not self.finished:
+            # The response ends before the request body did: stop reading, close afterwards.
+            self.channel.stopParsing()
+            if not self.startedWriting:
+                self.setHeader(b"connection", b"close")
+        super().finish()
+
+
+class GatewaySite(server.Site):
+    """A Site that builds L{GatewayChannel}s and leaves access logging to the proxy."""
+
+    protocol = GatewayChannel
+    requestFactory = GatewayRequest
+    displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+# --- relaying the response ------------------------------------------------------------------------
+
+
+@implementer(IPushProducer)
+class _ResponseRelay(Protocol):
+    """Upstream response body to the client, pausing the upstream when the client reads slowly."""
+
+    def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None]) -> None:
+        self.request = request
+        self._done = done
+        self.bytes = 0
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.request._disconnected:
+            self.request.unregisterProducer()
+        self._done(None if reason.check(ResponseDone, http.PotentialDataLoss) else reason)
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+
+def _plain(request: GatewayRequest, code: int, text: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"server", b"mtlsgate")
+    body = f"{code} {http.RESPONSES.get(code, b'').decode()}: {text}\n".encode()
+    request.setHeader(b"content-length", str(len(body)).encode())
+    return body
+
+
+@attrs.define
+class RouteEntry:
+    """A route as the proxy uses it: its settings and its upstream group."""
+
+    route: Route
+    upstreams: UpstreamGroup
+
+
+@attrs.frozen
+class ProxyState:
+    """Everything a request needs from the configuration; replaced as a whole on reload."""
+
+    routes: RouteTable[RouteEntry]
+    global_rules: AllowRules
+    require_client_certificate: bool
+
+
+class _Exchange:
+    """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
+
+    def __init__(self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer) -> None:
+        self.reactor = reactor
+        self.request = request
+        self.entry = entry
+        self.peer = peer
+        self.started = reactor.seconds()
+        self.upstream = "-"
+        self.relay: _ResponseRelay | None = None
+        self.pending: defer.Deferred[Any] | None = None
+        self.timed_out = False
+        self.client_gone = False
+        self.timer = reactor.callLater(entry.route.timeout, self._timeout)
+        request.notifyFinish().addErrback(self._client_lost)
+
+    def start(self) -> None:
+        request = self.request
+        route = self.entry.route
+        headers = upstream_request_headers(
+            request.requestHeaders,
+            client_ip=request.getClientAddress().host,
+            proto="https" if request.isSecure() else "http",
+            identity=self.peer.identity,
+            forward_client_cert=route.forward_client_cert == "xfcc",
+            preserve_host=route.preserve_host_header,
+        )
+        self._attempt(self.entry.upstreams.order(), headers)
+
+    def _attempt(self, targets: list[str], headers: Any) -> None:
+        self.upstream = targets[0]
+        url = targets[0].encode("ascii") + self.request.uri
+        d = self.entry.upstreams.agent.request(self.request.method, url, headers, self.request.body)
+        self.pending = d
+        d.addCallbacks(self._response, lambda f: self._failed(f, targets, headers))
+
+    def _failed(self, failure: Failure, targets: list[str], headers: Any) -> None:
+        self.pending = None
+        if self.client_gone:
+            return
+        body_started = self.request.body is not None and self.request.body.started
+        if failure.check(ConnectError) and len(targets) > 1 and not body_started and not self.timed_out:
+            log.warn("upstream {upstream} unreachable ({error}); trying {next}", upstream=targets[0], error=failure.getErrorMessage(), next=targets[1])
+            self._attempt(targets[1:], headers)
+            return
+        if self.timed_out:
+            self._error(504, "upstream timed out", f"no response within {self.entry.route.timeout:g}s")
+        else:
+            self._error(502, "upstream unavailable", _describe(failure))
+
+    def _response(self, response: Any) -> None:
+        self.pending = None
+        self._cancel_timer()
+        request = self.request
+        if self.client_gone:
+            response.deliverBody(Protocol())
+            return
+        request.setResponseCode(response.code, response.phrase)
+        request.defaultContentType = None
+        for name, values in client_response_headers(response.headers).getAllRawHeaders():
+            request.responseHeaders.setRawHeaders(name, values)
+        if isinstance(response.length, int) and request.method != b"HEAD" and response.code not in (204, 304):
+            # Agent keeps Content-Length out of response.headers (it is framing); a known length is
+            # passed on so that clients see the size and twisted.web does not switch to chunked.
+            request.setHeader(b"content-length", b"%d" % response.length)
+        if not response.headers.hasHeader(b"server"):
+            request.setHeader(b"server", b"mtlsgate")
+        self.relay = _ResponseRelay(request, self._relayed)
+        response.deliverBody(self.relay)
+
+    def _relayed(self, failure: Failure | None) -> None:
+        if self.client_gone:
+            return
+        size = self.relay.bytes if self.relay else 0
+        if failure is not None:
+            # The status line is gone already: all that is left is to cut the client off.
+            log.warn("upstream {upstream} broke off the response: {error}", upstream=self.upstream, error=_describe(failure))
+            self.client_gone = True
+            self.request.channel.stopParsing()
+            self.request.channel.transport.abortConnection()
+        else:
+            self.request.finish()
+        self._access(self.request.code, size)
+
+    def _timeout(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _client_lost(self, failure: Failure) -> None:
+        self.client_gone = True
+        self._cancel_timer()
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.relay is not None and self.relay.transport is not None:
+            self.relay.transport.stopProducing()
+        self._access(499, self.relay.bytes if self.relay else 0)
+
+    def _error(self, code: int, text: str, detail: str) -> None:
+        self._cancel_timer()
+        log.warn(
+            "{code} for {method} {uri} on route {route} via {upstream}: {detail}",
+            code=code, method=self.request.method.decode("ascii", "replace"), uri=self.request.uri.decode("ascii", "replace"),
+            route=self.entry.route.name, upstream=self.upstream, detail=detail,
+        )
+        body = _plain(self.request, code, text)
+        self.request.write(body)
+        self.request.finish()
+        self._access(code, len(body))
+
+    def _access(self, status: int, size: int) -> None:
+        write_access_line(self.request, self.peer, self.entry.route.name, self.upstream, status, size, self.reactor.seconds() - self.started)
+
+
+def write_access_line(request: GatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float) -> None:
+    """One access event per request, with fields a formatter or a metrics observer can read."""
+    identity = peer.identity
+    access_log.info(
+        "{client} {identity} \"{method} {uri} {proto}\" {status} {size} route={route} upstream={upstream} {duration:.3f}s",
+        client=request.getClientAddress().host if request.getClientAddress() else "-",
+        identity=peer.label,
+        spiffe_id=identity.spiffe_id if identity else None,
+        common_name=identity.common_name if identity else None,
+        fingerprint=identity.fingerprint_sha256 if identity else None,
+        method=request.method.decode("ascii", "replace"),
+        uri=request.uri.decode("ascii", "replace"),
+        proto=request.clientproto.decode("ascii", "replace"),
+        status=status,
+        size=size,
+        route=route,
+        upstream=upstream,
+        duration=duration,
+    )
+
+
+def _describe(failure: Failure) -> str:
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        reasons = getattr(failure.value, "reasons", []) or []
+        return "; ".join(_describe(r) for r in reasons) or failure.getErrorMessage()
+    error = failure.value
+    if error.__class__.__module__.startswith("OpenSSL"):
+        try:
+            return "TLS: " + "; ".join(str(part[2]) for part in error.args[0])
+        except (IndexError, TypeError):
+            return f"TLS: {error}"
+    return f"{error.__class__.__name__}: {failure.getErrorMessage()}"
+
+
+class ProxyResource(Resource):
+    """
+    The gateway's only resource: route by Host and path, authorize the client certificate for the
+    route, and relay to the route's upstreams.
+    """
+
+    isLeaf = True
+
+    def __init__(self, reactor: Any, state: ProxyState) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.state = state
+
+    def render(self, request: GatewayRequest) -> Any:
+        state = self.state
+        host = (request.getHeader(b"host") or b"").decode("ascii", "replace")
+        path = request.uri.decode("ascii", "replace")
+        peer = peer_of(request.channel)
+        entry = state.routes.lookup(host, path)
+        if entry is None:
+            body = _plain(request, 404, "no route for this host" if not state.routes.knows_host(host) else "no route for this path")
+            write_access_line(request, peer, "-", "-", 404, len(body), 0.0)
+            return body
+        refusal = self._refusal(peer, entry.route)
+        if refusal is not None:
+            log.info(
+                "refused {client} ({identity}) on route {route}: {reason}",
+                client=request.getClientAddress().host, identity=peer.label, route=entry.route.name, reason=refusal,
+            )
+            body = _plain(request, 403, f"client certificate {refusal}")
+            write_access_line(request, peer, entry.route.name, "-", 403, len(body), 0.0)
+            return body
+        _Exchange(self.reactor, request, entry, peer).start()
+        return server.NOT_DONE_YET
+
+    def _refusal(self, peer: Peer, route: Route) -> str | None:
+        if peer.refusal is not None:
+            return peer.refusal
+        identity = peer.identity
+        rules = (self.state.global_rules, route.allow_client)
+        if identity is None:
+            if self.state.require_client_certificate or any(not r.is_empty() for r in rules):
+                return "missing (none presented)"
+            return None
+        for rule in rules:
+            if not rule.allows(identity):
+                return f"not allowed here ({rule.explain()})"
+        return None
+
+
+class RedirectToHTTPS(Resource):
+    """The plain-HTTP listener: 308 to the same URL on HTTPS."""
+
+    isLeaf = True
+
+    def __init__(self, https_port: Callable[[], int | None]) -> None:
+        super().__init__()
+        self._https_port = https_port
+
+    def render(self, request: server.Request) -> bytes:
+        host = (request.getHeader(b"host") or b"").decode("ascii", "replace")
+        name = normalize_host(host) or request.getHost().host
+        if ":" in name:
+            name = f"[{name}]"
+        port = self._https_port()
+        netloc = name if port in (None, 443) else f"{name}:{port}"
+        request.setResponseCode(308)
+        request.setHeader(b"location", f"https://{netloc}".encode("ascii", "replace") + request.uri)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"308 Permanent Redirect: use HTTPS\n"

@@ -1,0 +1,58 @@
+"""A third-party upstream: nginx requiring a client certificate, reached through the gateway."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+from tests.conftest import Proc, free_port, gateway_args, https_request, wait_for_port
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is installed by .ci/run")
+
+CONF = """
+user root;
+worker_processes 1;
+daemon off;
+error_log {dir}/error.log info;
+pid {dir}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
+    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert}; ssl_certificate_key {key};
+        ssl_client_certificate {ca}; ssl_verify_client on;
+        location / {{
+            default_type text/plain;
+            return 200 "nginx saw $ssl_client_s_dn; xfcc=$http_x_forwarded_client_cert\\n";
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx_upstream(procs, pki, tmp_path):
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(CONF.format(dir=tmp_path, port=port, cert=pki["upstream"][0], key=pki["upstream"][1], ca=pki["ca"]))
+    proc = Proc([NGINX, "-p", str(tmp_path), "-c", str(conf)], tmp_path / "nginx.out")
+    procs.append(proc)
+    wait_for_port(port, proc.popen, log=proc.log)
+    return port
+
+
+def test_gateway_presents_its_client_certificate_to_nginx(start_gateway, pki, nginx_upstream):
+    gateway = start_gateway(gateway_args(pki, nginx_upstream))
+    status, _, body = https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"])
+    assert status == 200
+    text = body.decode()
+    assert "nginx saw CN=gateway" in text
+    assert "spiffe://test/ns/prod/sa/alice" in text
