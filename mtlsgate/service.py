@@ -1,0 +1,193 @@
+"""
+Builds the running gateway from a L{Config}: the TLS listener, the HTTP redirect listener, the
+proxy, and reload on SIGHUP.
+
+A reload follows Caddy's rule: the new world (certificates, contexts, route table, upstream pools) is
+built completely beside the old one and swapped in one step, or not at all.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, Callable
+
+import attrs
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web import server
+
+from mtlsgate.config import Config, ConfigError
+from mtlsgate.pki import PKIError
+from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
+from mtlsgate.routing import RouteTable
+from mtlsgate.tls import CertificateSet, ClientVerification, GatewayTLSFactory, ServerTLS, load_served_certificates
+from mtlsgate.upstream import UpstreamGroup
+
+log = Logger(namespace="mtlsgate")
+
+
+@attrs.frozen
+class World:
+    """One configuration made real: the certificate set and the proxy state built from it."""
+
+    config: Config
+    certificates: CertificateSet
+    proxy: ProxyState
+    upstreams: tuple[UpstreamGroup, ...]
+
+
+def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
+    """Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem."""
+    verification = ClientVerification.load(config.downstream_mtls)
+    certificates = server_tls.build(load_served_certificates(config.certificates, config.certs_dir), verification)
+    entries = []
+    for route in config.routes:
+        entries.append(RouteEntry(route=route, upstreams=UpstreamGroup(reactor, route)))
+    table = RouteTable((e.route.host, e.route.prefix, e) for e in entries)
+    state = ProxyState(
+        routes=table,
+        global_rules=config.allow_client,
+        require_client_certificate=config.downstream_mtls.client_auth == "require",
+    )
+    return World(config=config, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries))
+
+
+def warn_about(config: Config) -> None:
+    """Start-up warnings for settings that weaken security on request."""
+    for route in config.routes:
+        if route.tls_skip_verify:
+            log.warn("route {route}: tls_skip_verify is on; the upstream's certificate is NOT verified", route=route.name)
+        elif any(url.startswith("http://") for url in route.to):
+            log.warn("route {route}: upstream over plain http://; traffic to it is not encrypted", route=route.name)
+    if config.downstream_mtls.client_auth == "off":
+        log.warn("client certificates are not requested (client_auth off): the gateway only terminates TLS")
+
+
+class _Listener(Service):
+    """Listens on an endpoint string; binding happens in privilegedStartService (before twistd -u)."""
+
+    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.what = what
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is None:
+            self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        endpoint = serverFromString(self.reactor, self.description)
+        d = endpoint.listen(self.factory)
+        result: list[Any] = []
+        d.addBoth(result.append)
+        if not result:
+            raise SystemExit(f"mtlsgate: {self.what} {self.description}: listening did not complete")
+        if not hasattr(result[0], "getHost"):
+            raise SystemExit(f"mtlsgate: cannot listen for {self.what} on {self.description}: {result[0].getErrorMessage()}")
+        self.port = result[0]
+        host = self.port.getHost()
+        log.info("{what} listening on {host}:{port}", what=self.what, host=getattr(host, "host", "?"), port=getattr(host, "port", "?"))
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+    @property
+    def bound_port(self) -> int | None:
+        return getattr(self.port.getHost(), "port", None) if self.port is not None else None
+
+
+class GatewayService(MultiService):
+    """The gateway: listeners plus the current L{World}, reloadable with L{reload} (SIGHUP)."""
+
+    def __init__(self, reactor: Any, world: World, server_tls: ServerTLS, reload_config: Callable[[], Config] | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.server_tls = server_tls
+        self.reload_config = reload_config
+        self.world = world
+        server_tls.install(world.certificates)
+        self.resource = ProxyResource(reactor, world.proxy)
+        site = GatewaySite(self.resource)
+        site.reactor = reactor
+        config = world.config
+        self.https = _Listener(reactor, config.address, GatewayTLSFactory(server_tls, site), "HTTPS")
+        self.https.setServiceParent(self)
+        if config.http_address:
+            redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port))
+            redirect.log = lambda request: None  # type: ignore[method-assign]
+            _Listener(reactor, config.http_address, redirect, "HTTP (redirect)").setServiceParent(self)
+        self._previous_hup: Any = None
+
+    def startService(self) -> None:
+        warn_about(self.world.config)
+        super().startService()
+        for served in self.world.certificates.served:
+            log.info("serving certificate {names} from {source}", names=", ".join(served.names), source=served.source)
+        for route in self.world.config.routes:
+            log.info("route {route} -> {to}", route=route.name, to=", ".join(route.to))
+        if self.reload_config is not None and hasattr(signal, "SIGHUP"):
+            self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def stopService(self) -> Any:
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
+        d = super().stopService()
+        for group in self.world.upstreams:
+            group.close()
+        return d
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """Re-read config and certificates; swap them in, or keep the running ones and say why."""
+        assert self.reload_config is not None
+        try:
+            config = self.reload_config()
+            world = build_world(self.reactor, config, self.server_tls)
+        except (ConfigError, PKIError, OSError) as e:
+            log.error("reload refused, keeping the running configuration: {error}", error=str(e))
+            return False
+        listeners_changed = (config.address, config.http_address) != (self.world.config.address, self.world.config.http_address)
+        old = self.world
+        self.world = world
+        self.server_tls.install(world.certificates)
+        self.resource.state = world.proxy
+        for group in old.upstreams:
+            group.close()
+        warn_about(config)
+        if listeners_changed:
+            log.warn("reload: listener addresses changed; they take effect on restart")
+        log.info(
+            "reloaded: {certs} certificate(s), {routes} route(s)",
+            certs=len(world.certificates.served), routes=len(config.routes),
+        )
+        return True
+
+
+def make_gateway(reactor: Any, config: Config, reload_config: Callable[[], Config] | None = None) -> GatewayService:
+    """Build the whole gateway service, or raise L{ConfigError}/L{PKIError} before anything listens."""
+    server_tls = ServerTLS()
+    world = build_world(reactor, config, server_tls)
+    return GatewayService(reactor, world, server_tls, reload_config)
+
+
+def fail(message: str) -> None:
+    """Exit for a configuration problem, with one line on stderr."""
+    sys.stderr.write(f"mtlsgate: {message}\n")
+    raise SystemExit(1)

@@ -1,0 +1,209 @@
+"""
+The twistd plugin's options and service maker: C{twistd -n mtlsgate --https tcp:8443 ...}.
+
+Flags are turned into the same mapping a YAML file gives, laid over the file's (C{--config}), and
+validated by the same code, so a flag and a key can never disagree.  Everything is loaded and checked
+in L{Options.postOptions}: a bad value stops twistd with a one-line usage error before any port opens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from mtlsgate.config import Config, ConfigError, config_from_mapping, load_config
+from mtlsgate.pki import PKIError
+
+# Which flags feed which top-level key, so errors can name the flag the user actually typed.
+_FLAG_FOR_KEY = {
+    "address": "--https",
+    "http_address": "--http",
+    "admin_address": "--admin",
+    "certificates": "--cert/--key",
+    "certs_dir": "--certs-dir",
+    "downstream_mtls": "--client-ca/--crl/--client-auth/--enforcement/--max-verify-depth",
+    "allow_client": "--allow-*",
+    "routes": "--route/--upstream-*/--timeout",
+    "access_log": "--access-log",
+}
+
+
+def parse_route_flag(text: str) -> tuple[str, str, list[str]]:
+    """C{HOST[/PREFIX]=URL[,URL...]} from C{--route}."""
+    target, sep, urls = text.partition("=")
+    if not sep or not target or not urls:
+        raise usage.UsageError(f"--route {text!r}: expected HOST[/PREFIX]=URL[,URL...]")
+    host, slash, prefix = target.partition("/")
+    return host, "/" + prefix if slash else "/", [u.strip() for u in urls.split(",") if u.strip()]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A TLS and mutual-TLS gateway: terminates TLS for downstream clients, verifies their "
+        "certificates, authorizes them per route, and proxies to upstreams over client-authenticated "
+        "TLS.  Allow rules (--allow-*) have OR semantics: a client is admitted when ANY listed value "
+        "matches its certificate; with none, any certificate that verified is admitted.  Flags given "
+        "with --config override the file's keys."
+    )
+
+    optFlags = [
+        ["upstream-skip-verify", None, "Do not verify upstream certificates (insecure; warned at start-up)."],
+        ["preserve-host", None, "Send the client's Host header upstream instead of the upstream's."],
+    ]
+    optParameters = [
+        ["config", "c", None, "A YAML configuration file (see docs/configuration.md)."],
+        ["https", None, None, "Endpoint for the TLS listener, without TLS [default: tcp:8443]."],
+        ["http", None, None, "Endpoint for the plain-HTTP listener that redirects to HTTPS (308)."],
+        ["admin", None, None, "Endpoint for the admin listener (loopback)."],
+        ["certs-dir", None, None, "A directory of NAME.pem files (key + certificate + chain) to serve."],
+        ["client-ca", None, None, "CA bundle that client certificates must chain to (enables mTLS)."],
+        ["crl", None, None, "A CRL file (PEM or DER); revoked client certificates are refused."],
+        ["client-auth", None, None, "require | optional | off [default: require when --client-ca is given]."],
+        ["enforcement", None, None, "reject_connection (handshake alert) | policy (403 with the reason)."],
+        ["max-verify-depth", None, None, "Maximum client certificate chain depth [default: 2].", int],
+        ["upstream-ca", None, None, "CA bundle to verify upstreams with (replaces the system store)."],
+        ["upstream-cert", None, None, "Client certificate (and chain) presented to upstreams."],
+        ["upstream-key", None, None, "Private key of --upstream-cert."],
+        ["upstream-server-name", None, None, "Name to send (SNI) and verify on upstream certificates."],
+        ["timeout", None, None, "Upstream response timeout for --route routes, e.g. 30s."],
+        ["access-log", None, None, "Write access lines to this file ('-' for stdout)."],
+        ["demo", None, None, "Run the self-contained demo in this directory (see 'mtlsgate demo')."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["cert"] = []
+        self["key"] = []
+        self["route"] = []
+        for name in ("cn", "ou", "dns", "uri", "email", "fingerprint"):
+            self[f"allow-{name}"] = []
+        self.config: Config | None = None
+
+    def opt_cert(self, path: str) -> None:
+        """A certificate file (leaf + chain) to serve; repeatable, the first is the default."""
+        self["cert"].append(path)
+
+    def opt_key(self, path: str) -> None:
+        """The private key of the --cert at the same position; repeatable."""
+        self["key"].append(path)
+
+    def opt_route(self, text: str) -> None:
+        """HOST[/PREFIX]=URL[,URL...]: route a host (or *.domain) and path prefix to upstreams; repeatable."""
+        self["route"].append(parse_route_flag(text))
+
+    def opt_allow_cn(self, value: str) -> None:
+        """Admit client certificates with this subject CN; repeatable."""
+        self["allow-cn"].append(value)
+
+    def opt_allow_ou(self, value: str) -> None:
+        """Admit client certificates with this subject OU; repeatable."""
+        self["allow-ou"].append(value)
+
+    def opt_allow_dns(self, value: str) -> None:
+        """Admit client certificates with this DNS SAN; repeatable."""
+        self["allow-dns"].append(value)
+
+    def opt_allow_uri(self, value: str) -> None:
+        """Admit client certificates with this URI SAN (e.g. a SPIFFE ID); repeatable."""
+        self["allow-uri"].append(value)
+
+    def opt_allow_email(self, value: str) -> None:
+        """Admit client certificates with this email SAN; repeatable."""
+        self["allow-email"].append(value)
+
+    def opt_allow_fingerprint(self, value: str) -> None:
+        """Admit the client certificate with this SHA-256 fingerprint (hex); repeatable."""
+        self["allow-fingerprint"].append(value)
+
+    def overlay(self, data: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        """Lay the flags over a config mapping; returns the mapping and the keys flags set."""
+        data = dict(data)
+        flagged: set[str] = set()
+
+        def put(key: str, value: Any) -> None:
+            data[key] = value
+            flagged.add(key)
+
+        for flag, key in (("https", "address"), ("http", "http_address"), ("admin", "admin_address"),
+                          ("certs-dir", "certs_dir"), ("access-log", "access_log")):  # fmt: skip
+            if self[flag] is not None:
+                put(key, self[flag])
+        if self["cert"] or self["key"]:
+            if len(self["key"]) > len(self["cert"]):
+                raise usage.UsageError("--key given without a matching --cert")
+            keys = self["key"] + [None] * (len(self["cert"]) - len(self["key"]))
+            put("certificates", [{"cert": c, "key": k} if k else {"cert": c} for c, k in zip(self["cert"], keys)])
+        mtls = dict(data.get("downstream_mtls") or {})
+        for flag, key in (("client-ca", "ca_file"), ("crl", "crl_file"), ("client-auth", "client_auth"),
+                          ("enforcement", "enforcement"), ("max-verify-depth", "max_verify_depth")):  # fmt: skip
+            if self[flag] is not None:
+                mtls[key] = self[flag]
+                flagged.add("downstream_mtls")
+        if mtls:
+            data["downstream_mtls"] = mtls
+        allow = {name: self[f"allow-{flag}"] for name, flag in (
+            ("cn", "cn"), ("ou", "ou"), ("dns", "dns"), ("uri", "uri"), ("email", "email"), ("fingerprint_sha256", "fingerprint"))
+            if self[f"allow-{flag}"]}  # fmt: skip
+        if allow:
+            put("allow_client", allow)
+        if self["route"]:
+            put("routes", [self._route(host, prefix, urls) for host, prefix, urls in self["route"]])
+        return data, flagged
+
+    def _route(self, host: str, prefix: str, urls: list[str]) -> dict[str, Any]:
+        route: dict[str, Any] = {"from": host if host == "*" else "https://" + host, "prefix": prefix, "to": urls}
+        for flag, key in (("upstream-ca", "tls_custom_ca_file"), ("upstream-cert", "tls_client_cert_file"),
+                          ("upstream-key", "tls_client_key_file"), ("upstream-server-name", "tls_server_name"),
+                          ("timeout", "timeout")):  # fmt: skip
+            if self[flag] is not None:
+                route[key] = self[flag]
+        if self["upstream-skip-verify"]:
+            route["tls_skip_verify"] = True
+        if self["preserve-host"]:
+            route["preserve_host_header"] = True
+        return route
+
+    def load(self) -> Config:
+        """The validated configuration from --config and the flags (re-run on every reload)."""
+        flagged: set[str] = set()
+
+        def overlay(data: dict[str, Any]) -> dict[str, Any]:
+            merged, keys = self.overlay(data)
+            flagged.update(keys)
+            return merged
+
+        try:
+            if self["config"]:
+                return load_config(self["config"], overlay)
+            return config_from_mapping(overlay({}))
+        except ConfigError as e:
+            top = e.key.split(".", 1)[0].split("[", 1)[0]
+            if top in flagged:
+                raise ConfigError(e.key, f"{e.problem} (set by {_FLAG_FOR_KEY.get(top, 'a flag')})") from None
+            raise
+
+    def postOptions(self) -> None:
+        if self["demo"] is not None:
+            return
+        try:
+            self.config = self.load()
+            from twisted.internet import reactor
+
+            from mtlsgate.service import make_gateway
+
+            self.service = make_gateway(reactor, self.config, self.load)
+        except (ConfigError, PKIError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> Any:
+    """The twistd entry point: the gateway service built (and validated) in postOptions."""
+    if options["demo"] is not None:
+        from twisted.internet import reactor
+
+        from mtlsgate.demo import make_demo_service
+
+        return make_demo_service(reactor, options["demo"])
+    return options.service

@@ -1,0 +1,229 @@
+"""
+Shared fixtures: a per-run PKI, free loopback ports, and real processes (twistd, the echo upstream,
+nginx) started per test and always stopped.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mtlsgate.pki import DevCA  # noqa: E402
+
+#: How the tests run twistd: the installed console script may belong to another Python, so use ours.
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            output = log.read_text() if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}:\n{output}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Proc:
+    """A started process whose output goes to a log file; stopped at teardown."""
+
+    def __init__(self, argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.log = log
+        self._out = open(log, "wb")
+        self.popen = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, cwd=cwd, env=env or subprocess_env())
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.output()
+            if text in out:
+                return out
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in log after {timeout}s:\n{self.output()}")
+
+    def signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._out.close()
+        return self.popen.returncode
+
+
+@pytest.fixture
+def procs():
+    started: list[Proc] = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> dict[str, Any]:
+    """A CA and every certificate the tests need, written to files."""
+    d = tmp_path_factory.mktemp("pki")
+    ca = DevCA.create(str(d / "ca"), name="test CA")
+    other = DevCA.create(str(d / "other"), name="untrusted CA")
+    files: dict[str, Any] = {"dir": d, "ca": str(d / "ca" / "ca.pem"), "ca_obj": ca}
+
+    def write(name: str, issued: Any) -> None:
+        issued.write(str(d / f"{name}.pem"), str(d / f"{name}-key.pem"))
+        files[name] = (str(d / f"{name}.pem"), str(d / f"{name}-key.pem"))
+        files[name + "_obj"] = issued
+
+    write("gateway", ca.issue_server(["localhost", "127.0.0.1"]))
+    write("upstream", ca.issue_server(["localhost", "127.0.0.1", "upstream.internal"]))
+    write("gateway_client", ca.issue_client("gateway", uris=["spiffe://test/gateway"]))
+    write("alice", ca.issue_client("alice", uris=["spiffe://test/ns/prod/sa/alice"], ou=["eng"]))
+    write("bob", ca.issue_client("bob", uris=["spiffe://test/ns/prod/sa/bob"], ou=["ops"]))
+    write("stranger", other.issue_client("stranger"))
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    write("expired", ca.issue("expired", uris=["spiffe://test/expired"], client=True, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1)))
+    write("revoked", ca.issue_client("revoked", uris=["spiffe://test/revoked"]))
+    write("server_only", ca.issue("server-only", dns=["server-only.test"], server=True))
+    crl = ca.crl([files["revoked_obj"].certificate])
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    (d / "clients.crl").write_bytes(crl.public_bytes(Encoding.PEM))
+    files["crl"] = str(d / "clients.crl")
+    return files
+
+
+def https_request(
+    port: int,
+    path: str = "/",
+    *,
+    ca: str,
+    cert: tuple[str, str] | None = None,
+    host: str = "localhost",
+    server_hostname: str | None = "localhost",
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 20.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTPS request with Python's ssl (a real handshake); returns status, headers, body."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = False
+    if cert:
+        ctx.load_cert_chain(cert[0], cert[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    conn.sock = ctx.wrap_socket(sock, server_hostname=server_hostname)
+    all_headers = {"Host": host}
+    all_headers.update(headers or {})
+    conn.request(method, path, body=body, headers=all_headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def echo_json(body: bytes) -> dict[str, Any]:
+    return json.loads(body)
+
+
+@pytest.fixture
+def echo_upstream(procs, pki, tmp_path):
+    """The project's mTLS echo upstream, requiring a client certificate from the test CA."""
+    port = free_port()
+    proc = Proc(
+        [sys.executable, "-m", "mtlsgate.demo", "upstream", "--listen", f"tcp:{port}:interface=127.0.0.1",
+         "--cert", pki["upstream"][0], "--key", pki["upstream"][1], "--client-ca", pki["ca"]],
+        tmp_path / f"upstream-{port}.log",
+    )  # fmt: skip
+    procs.append(proc)
+    wait_for_port(port, proc.popen, log=proc.log)
+    return port
+
+
+class Gateway:
+    def __init__(self, proc: Proc, port: int) -> None:
+        self.proc = proc
+        self.port = port
+
+
+@pytest.fixture
+def start_gateway(procs, tmp_path):
+    """Start C{twistd -n mtlsgate ARGS} on a free port; returns a L{Gateway} once it listens."""
+
+    def start(args: list[str], *, port: int | None = None, tac: Path | None = None, env: dict[str, str] | None = None) -> Gateway:
+        """With C{port}, the config (file or tac) names the listener; otherwise --https is added."""
+        argv = [*TWISTD, "-n", "--pidfile=", "--logfile=-"]
+        if tac is not None:
+            argv += ["-y", str(tac)]
+        else:
+            argv += ["mtlsgate"]
+            if port is None:
+                port = free_port()
+                argv += ["--https", f"tcp:{port}:interface=127.0.0.1"]
+            argv += args
+        full_env = subprocess_env()
+        full_env.update(env or {})
+        proc = Proc(argv, tmp_path / f"gateway-{port}.log", cwd=tmp_path, env=full_env)
+        procs.append(proc)
+        assert port is not None
+        wait_for_port(port, proc.popen, log=proc.log)
+        return Gateway(proc, port)
+
+    return start
+
+
+def gateway_args(pki: dict[str, Any], upstream_port: int, *extra: str) -> list[str]:
+    """The usual flags: gateway certificate, client CA, one route to the echo upstream over mTLS."""
+    return [
+        "--cert", pki["gateway"][0], "--key", pki["gateway"][1],
+        "--client-ca", pki["ca"],
+        "--route", f"localhost=https://127.0.0.1:{upstream_port}",
+        "--upstream-ca", pki["ca"], "--upstream-cert", pki["gateway_client"][0], "--upstream-key", pki["gateway_client"][1],
+        *extra,
+    ]  # fmt: skip
+
+
+def run_python_twistd_check(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run twistd mtlsgate expecting it to refuse to start; returns the finished process."""
+    argv = [*TWISTD, "-n", "--pidfile=", "--logfile=-", "mtlsgate", *args]
+    return subprocess.run(argv, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=60)
