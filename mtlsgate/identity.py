@@ -54,7 +54,7 @@ def _spki_der(cert: x509.Certificate) -> bytes:
         return _spki_from_tbs(cert.tbs_certificate_bytes)
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """C{text} with control and other non-printable characters escaped, so it cannot forge log lines."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
@@ -116,7 +116,7 @@ class Identity:
 
     def label(self) -> str:
         """Short text for log lines: the SPIFFE ID, else the CN, else a fingerprint prefix; never raw control characters."""
-        return _printable(self.spiffe_id or self.common_name or "sha256:" + self.fingerprint_sha256[:16])
+        return printable(self.spiffe_id or self.common_name or "sha256:" + self.fingerprint_sha256[:16])
 
 
 def normalize_fingerprint(fingerprint: str) -> str:

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from mtlsgate.config import Route
 from mtlsgate.headers import client_response_headers, upstream_request_headers
-from mtlsgate.identity import AllowRules, Identity
+from mtlsgate.identity import AllowRules, Identity, printable
 from mtlsgate.routing import RouteTable, normalize_host
 from mtlsgate.upstream import UpstreamGroup
 
@@ -421,12 +421,13 @@ def write_access_line(request: GatewayRequest, peer: Peer, route: str, upstream:
     """One access event per request, with fields a formatter or a metrics observer can read."""
     identity = peer.identity
     access_log.info(
-        "{client} {identity} \"{method} {uri} {proto}\" {status} {size} route={route} upstream={upstream} {duration:.3f}s",
+        "{client} {identity} \"{method} {uri} {proto}\" {status} {size} route={route} upstream={upstream}"
+        " cn={common_name} sha256={fingerprint} {duration:.3f}s",
         client=request.getClientAddress().host if request.getClientAddress() else "-",
         identity=peer.label,
         spiffe_id=identity.spiffe_id if identity else None,
-        common_name=identity.common_name if identity else None,
-        fingerprint=identity.fingerprint_sha256 if identity else None,
+        common_name=printable(identity.common_name or "-").replace(" ", "_") if identity else "-",
+        fingerprint=identity.fingerprint_sha256 if identity else "-",
         method=request.method.decode("ascii", "replace"),
         uri=request.uri.decode("ascii", "replace"),
         proto=request.clientproto.decode("ascii", "replace"),

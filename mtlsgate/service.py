@@ -18,6 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import server
 
+from mtlsgate.accesslog import AccessLogService
 from mtlsgate.config import Config, ConfigError
 from mtlsgate.pki import PKIError
 from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
@@ -130,6 +131,8 @@ class GatewayService(MultiService):
             redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port))
             redirect.log = lambda request: None  # type: ignore[method-assign]
             _Listener(reactor, config.http_address, redirect, "HTTP (redirect)").setServiceParent(self)
+        if config.access_log:
+            AccessLogService(config.access_log).setServiceParent(self)
         self._previous_hup: Any = None
 
     def startService(self) -> None:

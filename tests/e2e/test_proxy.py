@@ -163,3 +163,17 @@ def test_preserve_host_header(start_gateway, pki, echo_upstream):
     gateway = start_gateway(gateway_args(pki, echo_upstream, "--preserve-host"))
     _, _, body = https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"], host="localhost:8443")
     assert echo_json(body)["headers"]["host"] == ["localhost:8443"]
+
+
+def test_access_log_file_has_one_line_per_request_with_the_identity(start_gateway, pki, echo_upstream, tmp_path):
+    path = tmp_path / "access.log"
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--access-log", str(path)))
+    assert https_request(gateway.port, "/first", ca=pki["ca"], cert=pki["alice"])[0] == 200
+    gateway.proc.wait_for_log("/first")
+    lines = path.read_text().splitlines()
+    first = [line for line in lines if "/first" in line]
+    assert len(first) == 1, lines
+    assert "spiffe://test/ns/prod/sa/alice" in first[0]
+    assert " 200 " in first[0]
+    assert "route=localhost" in first[0]
+    assert "BEGIN" not in path.read_text()
