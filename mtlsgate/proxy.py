@@ -25,7 +25,7 @@ from zope.interface import implementer
 from mtlsgate.config import Route
 from mtlsgate.headers import client_response_headers, upstream_request_headers
 from mtlsgate.identity import AllowRules, Identity, printable
-from mtlsgate.routing import RouteTable, normalize_host
+from mtlsgate.routing import RouteTable, normalize_host, request_target_problem
 from mtlsgate.upstream import UpstreamGroup
 
 log = Logger(namespace="mtlsgate.proxy")
@@ -470,6 +470,11 @@ class ProxyResource(Resource):
         host = (request.getHeader(b"host") or b"").decode("ascii", "replace")
         path = request.uri.decode("ascii", "replace")
         peer = peer_of(request.channel)
+        problem = request_target_problem(path)
+        if problem is not None:
+            body = _plain(request, 400, problem)
+            write_access_line(request, peer, "-", "-", 400, len(body), 0.0)
+            return body
         entry = state.routes.lookup(host, path)
         if entry is None:
             body = _plain(request, 404, "no route for this host" if not state.routes.knows_host(host) else "no route for this path")

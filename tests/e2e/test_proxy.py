@@ -177,3 +177,10 @@ def test_access_log_file_has_one_line_per_request_with_the_identity(start_gatewa
     assert " 200 " in first[0]
     assert "route=localhost" in first[0]
     assert "BEGIN" not in path.read_text()
+
+
+def test_dot_segments_cannot_escape_a_route_prefix(gateway, pki):
+    status, _, body = https_request(gateway.port, "/public/%2e%2e/admin", ca=pki["ca"], cert=pki["alice"])
+    assert status == 400
+    assert b"dot-segments" in body
+    assert https_request(gateway.port, "/public/admin", ca=pki["ca"], cert=pki["alice"])[0] == 200

@@ -1,6 +1,8 @@
 """The route table: host first (exact, wildcard, catch-all), then the longest prefix."""
 
-from mtlsgate.routing import RouteTable, normalize_host, prefix_matches
+import pytest
+
+from mtlsgate.routing import RouteTable, normalize_host, prefix_matches, request_target_problem
 
 
 def table():
@@ -50,3 +52,16 @@ def test_prefix_matches_on_segment_boundaries():
     assert prefix_matches("/api", "/api?x")
     assert not prefix_matches("/api", "/apix")
     assert prefix_matches("/api/", "/api/x")
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/public/../admin", "/public/%2e%2e/admin", "/public/%2E./admin", "/./admin", "/a/..", "http://evil/x", "*", "/a\\..\\b", "/a%5cb"],
+)
+def test_request_targets_that_could_escape_their_prefix_are_refused(target):
+    assert request_target_problem(target) is not None
+
+
+@pytest.mark.parametrize("target", ["/", "/api/x?q=../y", "/a/...b/c", "/.well-known/x", "/a%2fb"])
+def test_ordinary_request_targets_pass(target):
+    assert request_target_problem(target) is None
