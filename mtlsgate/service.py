@@ -64,6 +64,8 @@ def warn_about(config: Config) -> None:
             log.warn("route {route}: upstream over plain http://; traffic to it is not encrypted", route=route.name)
     if config.downstream_mtls.client_auth == "off":
         log.warn("client certificates are not requested (client_auth off): the gateway only terminates TLS")
+    if config.admin_address:
+        log.warn("admin_address {address}: the admin listener (/metrics, /healthz) is not built yet; nothing listens there", address=config.admin_address)
 
 
 class _Listener(Service):
