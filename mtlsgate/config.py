@@ -210,10 +210,13 @@ def _certificates(data: Any, key: str) -> tuple[CertificateSpec, ...]:
     return tuple(specs)
 
 
+_DOWNSTREAM_MTLS_KEYS = ("ca_file", "crl_file", "enforcement", "max_verify_depth", "client_auth")
+
+
 def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
     if data is None:
         return DownstreamMTLS()
-    _check_keys(data, key, ("ca_file", "crl_file", "enforcement", "max_verify_depth", "client_auth"))
+    _check_keys(data, key, _DOWNSTREAM_MTLS_KEYS)
     ca_file = _readable_file(data.get("ca_file"), f"{key}.ca_file")
     default_auth = "require" if ca_file else "off"
     client_auth = _choice(data.get("client_auth", default_auth), f"{key}.client_auth", ("require", "optional", "off"))
