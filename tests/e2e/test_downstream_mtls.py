@@ -82,6 +82,7 @@ def test_chain_deeper_than_max_verify_depth_is_refused(start_gateway, pki, echo_
     assert b"chain too long" in body
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 def test_tls_1_1_is_refused(gateway, pki):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
