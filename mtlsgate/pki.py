@@ -208,6 +208,28 @@ class IssuedCertificate:
         write_private_file(path, self.key_pem() + self.cert_pem())
 
 
+def self_signed(
+    common_name: str, dns_names: Sequence[str] = (), extensions: Sequence[tuple[x509.ExtensionType, bool]] = (), days: int = 7,
+) -> tuple[PrivateKey, x509.Certificate]:  # fmt: skip
+    """A fresh P-256 key and a short-lived self-signed certificate for it (not a CA)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+    )
+    if dns_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return key, builder.sign(key, hashes.SHA256())
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -7,7 +7,7 @@ whose certificate set can be swapped at run time without touching open connectio
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 from cryptography import x509
@@ -32,6 +32,7 @@ _OPTIONS = (
     | SSL.OP_SINGLE_ECDH_USE
 )
 ALPN_HTTP1 = b"http/1.1"
+ALPN_ACME_TLS = b"acme-tls/1"  # RFC 8737
 
 # X509_V_ERR_* codes to the reasons users see (403 page, logs, metrics labels).
 _REASONS = {
@@ -96,13 +97,22 @@ class ServedCertificate:
         return tuple(dns + [str(ip) for ip in san.get_values_for_type(x509.IPAddress)])
 
 
+def placeholder_certificate() -> ServedCertificate:
+    """
+    A self-signed certificate to serve while autocert has issued nothing yet: the listener must
+    have some certificate for the CA's TLS-ALPN-01 validator to reach the ALPN callback.
+    """
+    key, certificate = pki.self_signed("mtlsgate certificate pending (autocert)")
+    return ServedCertificate(key=key, chain=(certificate,), source="(placeholder until autocert issues a certificate)")
+
+
 def load_served_certificates(specs: Sequence[CertificateSpec], certs_dir: str | None) -> list[ServedCertificate]:
     """Load configured certificate files and every C{*.pem} of a certs_dir (key+cert+chain each)."""
     served = []
     for spec in specs:
         key, chain = pki.load_key_and_chain(spec.cert, spec.key)
         served.append(ServedCertificate(key=key, chain=tuple(chain), source=spec.cert))
-    if certs_dir is not None:
+    if certs_dir is not None and os.path.isdir(certs_dir):  # autocert makes it on first issue
         for name in sorted(os.listdir(certs_dir)):
             if name.endswith(".pem"):
                 path = os.path.join(certs_dir, name)
@@ -239,10 +249,30 @@ class ServerTLS:
 
     def __init__(self) -> None:
         self._certificates: CertificateSet | None = None
+        #: Set by autocert: an object whose C{certificate_for(server_name)} gives the TLS-ALPN-01
+        #: validation C{(key, certificate)} for a name under validation, or None.
+        self.acme_validation: Any = None
 
     def build(self, served: Sequence[ServedCertificate], verification: ClientVerification | None) -> CertificateSet:
-        """Build (not install) a certificate set whose contexts route SNI through this creator."""
-        return CertificateSet((s, build_server_context(s, verification, self._on_servername)) for s in served)
+        """Build (not install) a certificate set whose contexts route SNI and ALPN through this creator."""
+        return CertificateSet((s, build_server_context(s, verification, self._on_servername, self._select_alpn)) for s in served)
+
+    def _select_alpn(self, conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        """
+        http/1.1, or, for a client offering acme-tls/1 for a name under validation, the RFC 8737
+        validation certificate on this connection only.  The CA's validator has no client
+        certificate, so client verification is lifted for that connection; it never carries HTTP.
+        """
+        if ALPN_ACME_TLS in offered and self.acme_validation is not None:
+            raw = conn.get_servername()
+            found = self.acme_validation.certificate_for(raw.decode("ascii", "replace") if raw else None)
+            if found is not None:
+                key, certificate = found
+                conn.use_certificate(certificate)
+                conn.use_privatekey(key)
+                conn.set_verify(SSL.VERIFY_NONE)
+                return ALPN_ACME_TLS
+        return _select_http1(conn, offered)
 
     def install(self, certificates: CertificateSet) -> None:
         self._certificates = certificates
