@@ -75,6 +75,28 @@ class Route:
         return self.host + self.prefix
 
 
+CHALLENGE_TYPES = ("tls-alpn-01", "http-01", "dns-01")
+
+
+@attrs.frozen
+class Autocert:
+    """Certificates from an ACME CA (RFC 8555), stored in C{certs_dir}."""
+
+    directory: str
+    domains: tuple[tuple[str, ...], ...]  # one tuple of names per certificate
+    email: str | None = None
+    challenges: tuple[str, ...] = ("tls-alpn-01", "http-01", "dns-01")
+    dns_hook: str | None = None
+    dns_resolver: tuple[str, int] | None = None
+    ca_file: str | None = None
+    eab: tuple[str, str] | None = None  # (key_id, base64url HMAC key)
+    renew_before: float | None = None  # None: 30 days, or a third of the lifetime if that is shorter
+    key_type: str = "ecdsa"  # or "rsa"
+    check_interval: float = 12 * 3600.0
+    retry_interval: float = 60.0  # the first back-off after a failure; doubles up to a day
+    propagation_timeout: float = 120.0
+
+
 @attrs.frozen
 class Config:
     """The whole gateway configuration."""
@@ -88,6 +110,7 @@ class Config:
     allow_client: AllowRules = AllowRules()
     routes: tuple[Route, ...] = ()
     access_log: str | None = None  # a file path, "-" for stdout, or None for the twistd log
+    autocert: Autocert | None = None
     source: str | None = attrs.field(default=None, eq=False)  # the YAML file it came from
 
 
@@ -307,8 +330,103 @@ def _route(data: Any, key: str) -> Route:
 
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
-    "allow_client", "routes", "access_log",
+    "allow_client", "routes", "access_log", "autocert",
 )  # fmt: skip
+
+_AUTOCERT_KEYS = (
+    "directory", "email", "domains", "challenges", "dns_hook", "dns_resolver", "ca_file", "eab",
+    "renew_before", "key_type", "check_interval", "retry_interval", "propagation_timeout",
+)  # fmt: skip
+
+_DIRECTORY_PRESETS = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+}
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def parse_domain(value: Any, key: str) -> str:
+    """A DNS name to put in a certificate: LDH labels, at most 253 characters, C{*.} only leftmost."""
+    name = _string(value, key, optional=False).lower().rstrip(".")  # type: ignore[union-attr]
+    labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        raise ConfigError(key, f"not a valid DNS name for a certificate (letters, digits, '-', dots; *. only as the first label): {value!r}")
+    return name
+
+
+def _domains(value: Any, key: str) -> tuple[tuple[str, ...], ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, "expected a list: each item a name, or a list of names for one certificate")
+    groups = []
+    for i, item in enumerate(value):
+        names = item if isinstance(item, list) else [item]
+        if not names:
+            raise ConfigError(f"{key}[{i}]", "an empty list of names")
+        groups.append(tuple(parse_domain(n, f"{key}[{i}]" if not isinstance(item, list) else f"{key}[{i}][{j}]") for j, n in enumerate(names)))
+    return tuple(groups)
+
+
+def _host_port(value: Any, key: str) -> tuple[str, int] | None:
+    text = _string(value, key)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _autocert(data: Any, key: str, certs_dir: str | None, http_address: str | None) -> Autocert | None:
+    if data is None:
+        return None
+    _check_keys(data, key, _AUTOCERT_KEYS)
+    directory = _string(data.get("directory"), f"{key}.directory", optional=False)
+    directory = _DIRECTORY_PRESETS.get(directory, directory)  # type: ignore[arg-type]
+    if not directory.startswith("https://"):
+        raise ConfigError(f"{key}.directory", f"expected an https:// directory URL, letsencrypt or letsencrypt-staging, got {directory!r}")
+    if certs_dir is None:
+        raise ConfigError("certs_dir", "is required with autocert: issued certificates and the account key are kept there")
+    challenges = _string_list(data.get("challenges", list(CHALLENGE_TYPES)), f"{key}.challenges")
+    for i, challenge in enumerate(challenges):
+        _choice(challenge, f"{key}.challenges[{i}]", CHALLENGE_TYPES)
+    dns_hook = _string(data.get("dns_hook"), f"{key}.dns_hook")
+    if dns_hook is not None and not (os.path.isfile(dns_hook) and os.access(dns_hook, os.X_OK)):
+        raise ConfigError(f"{key}.dns_hook", f"{dns_hook}: not an executable file")
+    domains = _domains(data.get("domains"), f"{key}.domains")
+    usable = [c for c in challenges if c != "dns-01" or dns_hook]
+    if "http-01" in usable and http_address is None:
+        usable.remove("http-01")
+    if not usable:
+        raise ConfigError(f"{key}.challenges", "no usable challenge: http-01 needs http_address, dns-01 needs dns_hook")
+    for i, group in enumerate(domains):
+        for name in group:
+            if name.startswith("*.") and ("dns-01" not in challenges or dns_hook is None):
+                raise ConfigError(f"{key}.domains[{i}]", f"{name}: a wildcard needs dns-01 with a dns_hook")
+    eab = data.get("eab")
+    eab_pair = None
+    if eab is not None:
+        _check_keys(eab, f"{key}.eab", ("key_id", "mac_key"))
+        eab_pair = (
+            _string(eab.get("key_id"), f"{key}.eab.key_id", optional=False),
+            _string(eab.get("mac_key"), f"{key}.eab.mac_key", optional=False),
+        )
+    renew_before = data.get("renew_before")
+    return Autocert(
+        directory=directory,
+        domains=domains,
+        email=_string(data.get("email"), f"{key}.email"),
+        challenges=tuple(challenges),
+        dns_hook=dns_hook,
+        dns_resolver=_host_port(data.get("dns_resolver"), f"{key}.dns_resolver"),
+        ca_file=_readable_file(data.get("ca_file"), f"{key}.ca_file"),
+        eab=eab_pair,  # type: ignore[arg-type]
+        renew_before=None if renew_before is None else parse_duration(renew_before, f"{key}.renew_before"),
+        key_type=_choice(data.get("key_type", "ecdsa"), f"{key}.key_type", ("ecdsa", "rsa")),
+        check_interval=parse_duration(data.get("check_interval", "12h"), f"{key}.check_interval"),
+        retry_interval=parse_duration(data.get("retry_interval", "60s"), f"{key}.retry_interval"),
+        propagation_timeout=parse_duration(data.get("propagation_timeout", "120s"), f"{key}.propagation_timeout"),
+    )
 
 
 def config_from_mapping(data: Any, source: str | None = None) -> Config:
@@ -317,11 +435,12 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         data = {}
     _check_keys(data, "", _TOP_KEYS)
     certs_dir = _string(data.get("certs_dir"), "certs_dir")
-    if certs_dir is not None and not os.path.isdir(certs_dir):
+    if certs_dir is not None and not os.path.isdir(certs_dir) and data.get("autocert") is None:
         raise ConfigError("certs_dir", f"{certs_dir}: no such directory")
     certificates = _certificates(data.get("certificates"), "certificates")
-    if not certificates and certs_dir is None:
-        raise ConfigError("certificates", "at least one certificate (or certs_dir) is required to serve TLS")
+    if not certificates and certs_dir is None and data.get("autocert") is None:
+        raise ConfigError("certificates", "at least one certificate (or certs_dir, or autocert) is required to serve TLS")
+    http_address = _endpoint(data.get("http_address"), "http_address")
     routes = data.get("routes") or []
     if not isinstance(routes, list):
         raise ConfigError("routes", "expected a list of routes")
@@ -333,7 +452,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         seen[route.host, route.prefix] = i
     return Config(
         address=_endpoint(data.get("address", "tcp:8443"), "address", optional=False),  # type: ignore[arg-type]
-        http_address=_endpoint(data.get("http_address"), "http_address"),
+        http_address=http_address,
         admin_address=_endpoint(data.get("admin_address"), "admin_address"),
         certificates=certificates,
         certs_dir=certs_dir,
@@ -341,6 +460,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         allow_client=_allow_rules(data.get("allow_client"), "allow_client"),
         routes=parsed_routes,
         access_log=_string(data.get("access_log"), "access_log"),
+        autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
         source=source,
     )
 
@@ -369,7 +489,10 @@ def load_config(path: str, overrides: Callable[[dict[str, Any]], dict[str, Any]]
     return config_from_mapping(data, source=path)
 
 
-_PATH_KEYS = {"cert", "key", "ca_file", "crl_file", "certs_dir", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file", "access_log"}
+_PATH_KEYS = {
+    "cert", "key", "ca_file", "crl_file", "certs_dir", "tls_custom_ca_file", "tls_client_cert_file",
+    "tls_client_key_file", "access_log", "dns_hook",
+}  # fmt: skip
 
 
 def _relative_to(data: Any, base: str) -> Any:

@@ -19,11 +19,17 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from mtlsgate.accesslog import AccessLogService
+from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, TLSALPN01Responder
+from mtlsgate.acme.service import AcmeIssuingService
+from mtlsgate.acme.store import DirectoryStore
 from mtlsgate.config import Config, ConfigError
 from mtlsgate.pki import PKIError
 from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
 from mtlsgate.routing import RouteTable
-from mtlsgate.tls import CertificateSet, ClientVerification, GatewayTLSFactory, ServerTLS, load_served_certificates
+from mtlsgate.tls import (
+    CertificateSet, ClientVerification, GatewayTLSFactory, ServedCertificate, ServerTLS, load_served_certificates,
+    placeholder_certificate,
+)  # fmt: skip
 from mtlsgate.upstream import UpstreamGroup
 
 log = Logger(namespace="mtlsgate")
@@ -34,6 +40,7 @@ class World:
     """One configuration made real: the certificate set and the proxy state built from it."""
 
     config: Config
+    verification: ClientVerification
     certificates: CertificateSet
     proxy: ProxyState
     upstreams: tuple[UpstreamGroup, ...]
@@ -42,7 +49,7 @@ class World:
 def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
     """Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem."""
     verification = ClientVerification.load(config.downstream_mtls)
-    certificates = server_tls.build(load_served_certificates(config.certificates, config.certs_dir), verification)
+    certificates = server_tls.build(served_certificates(config), verification)
     entries = []
     for route in config.routes:
         entries.append(RouteEntry(route=route, upstreams=UpstreamGroup(reactor, route)))
@@ -52,7 +59,15 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
         global_rules=config.allow_client,
         require_client_certificate=config.downstream_mtls.client_auth == "require",
     )
-    return World(config=config, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries))
+    return World(config=config, verification=verification, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries))
+
+
+def served_certificates(config: Config) -> list[ServedCertificate]:
+    """The configured certificates and certs_dir's; with autocert and nothing yet, a placeholder."""
+    served = load_served_certificates(config.certificates, config.certs_dir)
+    if not served and config.autocert is not None:
+        served = [placeholder_certificate()]
+    return served
 
 
 def warn_about(config: Config) -> None:
@@ -129,13 +144,47 @@ class GatewayService(MultiService):
         config = world.config
         self.https = _Listener(reactor, config.address, GatewayTLSFactory(server_tls, site), "HTTPS")
         self.https.setServiceParent(self)
+        self.autocert: AcmeIssuingService | None = None
+        http01 = self._start_autocert(config) if config.autocert else None
         if config.http_address:
-            redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port))
+            redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port, http01))
             redirect.log = lambda request: None  # type: ignore[method-assign]
             _Listener(reactor, config.http_address, redirect, "HTTP (redirect)").setServiceParent(self)
         if config.access_log:
             AccessLogService(config.access_log).setServiceParent(self)
+        if self.autocert is not None:
+            self.autocert.setServiceParent(self)  # after the listeners: validation needs them up
         self._previous_hup: Any = None
+
+    def _start_autocert(self, config: Config) -> Callable[[str], str | None] | None:
+        """Build the issuing service and its responders; returns the http-01 lookup, if any."""
+        settings = config.autocert
+        assert settings is not None and config.certs_dir is not None
+        responders: list[Any] = []
+        http01 = None
+        if "tls-alpn-01" in settings.challenges:
+            alpn = TLSALPN01Responder()
+            self.server_tls.acme_validation = alpn
+            responders.append(alpn)
+        if "http-01" in settings.challenges and config.http_address:
+            http = HTTP01Responder()
+            http01 = http.answer
+            responders.append(http)
+        if "dns-01" in settings.challenges and settings.dns_hook:
+            responders.append(DNS01Responder(self.reactor, settings.dns_hook, settings.dns_resolver, settings.propagation_timeout))
+        self.autocert = AcmeIssuingService(self.reactor, settings, DirectoryStore(config.certs_dir), responders, self.refresh_certificates)
+        return http01
+
+    def refresh_certificates(self) -> None:
+        """Re-read the served certificates (autocert stored a new one) and swap them in."""
+        world = self.world
+        try:
+            certificates = self.server_tls.build(served_certificates(world.config), world.verification)
+        except (PKIError, OSError) as e:
+            log.error("new certificates not installed, keeping the served ones: {error}", error=str(e))
+            return
+        self.world = attrs.evolve(world, certificates=certificates)
+        self.server_tls.install(certificates)
 
     def startService(self) -> None:
         warn_about(self.world.config)
@@ -168,7 +217,8 @@ class GatewayService(MultiService):
         except (ConfigError, PKIError, OSError) as e:
             log.error("reload refused, keeping the running configuration: {error}", error=str(e))
             return False
-        listeners_changed = (config.address, config.http_address) != (self.world.config.address, self.world.config.http_address)
+        old_config = self.world.config
+        listeners_changed = (config.address, config.http_address, config.autocert) != (old_config.address, old_config.http_address, old_config.autocert)
         old = self.world
         self.world = world
         self.server_tls.install(world.certificates)
@@ -177,7 +227,7 @@ class GatewayService(MultiService):
             group.close()
         warn_about(config)
         if listeners_changed:
-            log.warn("reload: listener addresses changed; they take effect on restart")
+            log.warn("reload: listener addresses or autocert settings changed; those take effect on restart")
         log.info(
             "reloaded: {certs} certificate(s), {routes} route(s)",
             certs=len(world.certificates.served), routes=len(config.routes),

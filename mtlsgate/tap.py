@@ -26,6 +26,7 @@ _FLAG_FOR_KEY = {
     "allow_client": "--allow-*",
     "routes": "--route/--upstream-*/--timeout",
     "access_log": "--access-log",
+    "autocert": "--acme-*",
 }
 
 
@@ -70,6 +71,10 @@ class Options(usage.Options):
         ["timeout", None, None, "Upstream response timeout for --route routes, e.g. 30s."],
         ["access-log", None, None, "Write access lines to this file ('-' for stdout)."],
         ["demo", None, None, "Run the self-contained demo in this directory (see 'mtlsgate demo')."],
+        ["acme-directory", None, None, "ACME directory URL (or letsencrypt, letsencrypt-staging): enables autocert."],
+        ["acme-email", None, None, "Contact email for the ACME account."],
+        ["acme-ca-file", None, None, "CA bundle to trust for the ACME server's HTTPS (private CAs, pebble)."],
+        ["acme-dns-hook", None, None, "Executable run as HOOK add|remove FQDN VALUE for dns-01."],
     ]
 
     def __init__(self) -> None:
@@ -77,6 +82,7 @@ class Options(usage.Options):
         self["cert"] = []
         self["key"] = []
         self["route"] = []
+        self["acme-domain"] = []
         for name in ("cn", "ou", "dns", "uri", "email", "fingerprint"):
             self[f"allow-{name}"] = []
         self.config: Config | None = None
@@ -92,6 +98,10 @@ class Options(usage.Options):
     def opt_route(self, text: str) -> None:
         """HOST[/PREFIX]=URL[,URL...]: route a host (or *.domain) and path prefix to upstreams; repeatable."""
         self["route"].append(parse_route_flag(text))
+
+    def opt_acme_domain(self, names: str) -> None:
+        """NAME[,NAME...]: one certificate from the ACME CA for these names; repeatable."""
+        self["acme-domain"].append([n.strip() for n in names.split(",") if n.strip()])
 
     def opt_allow_cn(self, value: str) -> None:
         """Admit client certificates with this subject CN; repeatable."""
@@ -150,6 +160,17 @@ class Options(usage.Options):
             put("allow_client", allow)
         if self["route"]:
             put("routes", [self._route(host, prefix, urls) for host, prefix, urls in self["route"]])
+        autocert = dict(data.get("autocert") or {})
+        for flag, key in (("acme-directory", "directory"), ("acme-email", "email"), ("acme-ca-file", "ca_file"),
+                          ("acme-dns-hook", "dns_hook")):  # fmt: skip
+            if self[flag] is not None:
+                autocert[key] = self[flag]
+                flagged.add("autocert")
+        if self["acme-domain"]:
+            autocert["domains"] = [group[0] if len(group) == 1 else group for group in self["acme-domain"]]
+            flagged.add("autocert")
+        if autocert:
+            data["autocert"] = autocert
         return data, flagged
 
     def _route(self, host: str, prefix: str, urls: list[str]) -> dict[str, Any]:

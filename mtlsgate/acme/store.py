@@ -1,0 +1,67 @@
+"""
+Where issued certificates live: a directory of C{NAME.pem} files, each the private key, the
+certificate and its chain (the txsni/txacme layout), which the gateway's C{certs_dir} serves.
+
+The ACME account key lives beside them as C{acme-account.key} (not C{.pem}, so that a directory
+scan for certificates passes it by).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from zope.interface import Interface, implementer
+
+from mtlsgate import pki
+
+ACCOUNT_KEY_FILE = "acme-account.key"
+
+
+class ICertificateStore(Interface):
+    """Issued certificates by name (the first identifier of the certificate, C{*} spelled C{_})."""
+
+    def get(name: str) -> tuple[Any, list[x509.Certificate]] | None:
+        """The key and chain (leaf first) stored under C{name}, or None."""
+
+    def store(name: str, key: Any, chain: list[x509.Certificate]) -> None:
+        """Replace what is stored under C{name}, atomically: a reader sees the old or the new."""
+
+    def account_key() -> Any:
+        """The ACME account's private key, made (and kept) on first use."""
+
+
+def file_name_for(name: str) -> str:
+    """C{*.example.com} -> C{_.example.com}: a wildcard as a portable file name."""
+    return name.replace("*", "_")
+
+
+@implementer(ICertificateStore)
+class DirectoryStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, file_name_for(name) + ".pem")
+
+    def get(self, name: str) -> tuple[Any, list[x509.Certificate]] | None:
+        path = self._file(name)
+        if not os.path.exists(path):
+            return None
+        key, chain = pki.load_key_and_chain(path)
+        return key, chain
+
+    def store(self, name: str, key: Any, chain: list[x509.Certificate]) -> None:
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        pki.write_private_file(self._file(name), pki.private_key_pem(key) + pki.certificates_pem(chain))
+
+    def account_key(self) -> Any:
+        path = os.path.join(self.path, ACCOUNT_KEY_FILE)
+        if os.path.exists(path):
+            return pki.load_private_key(path)
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        pki.write_private_file(path, pki.private_key_pem(key))
+        return key
