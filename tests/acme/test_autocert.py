@@ -152,6 +152,25 @@ def test_nonce_rejections_are_retried(start_pebble, start_gateway, tmp_path):
     assert "badNonce from" in log
 
 
+EAB_KEYS = {"kid-1": "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"}
+
+
+def test_external_account_binding(start_pebble, start_gateway, tmp_path):
+    https, http = free_port(), free_port()
+    pebble = start_pebble(http_port=http, tls_port=free_port(), eab=EAB_KEYS)
+    settings = autocert_settings(pebble, domains=["eab.example.test"], challenges=["http-01"])
+    missing = write_config(tmp_path / "missing.yaml", https=https, http=http, certs_dir=tmp_path / "certs", **settings)
+    gateway = start_gateway(["--config", str(missing)], port=https)
+    log = gateway.proc.wait_for_log("not issued (attempt 1)", timeout=30)
+    assert "requires external account binding (autocert.eab: key_id, mac_key)" in log
+    gateway.proc.stop()
+
+    bound = write_config(tmp_path / "bound.yaml", https=https, http=http, certs_dir=tmp_path / "certs",
+                         **settings, eab={"key_id": "kid-1", "mac_key": EAB_KEYS["kid-1"]})  # fmt: skip
+    gateway = start_gateway(["--config", str(bound)], port=https)
+    gateway.proc.wait_for_log(ISSUED, timeout=60)
+
+
 def test_a_ca_that_is_down_leaves_the_served_certificates_alone(start_gateway, tmp_path, pki):
     https = free_port()
     dead = f"https://127.0.0.1:{free_port()}/dir"

@@ -1,0 +1,74 @@
+"""The issuing service's scheduling, on a Clock: coalesced orders, back-off after failures, next wake-up."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from mtlsgate.acme.client import ACMEError
+from mtlsgate.acme.service import AcmeIssuingService
+from mtlsgate.config import Autocert
+
+
+class EmptyStore:
+    def get(self, name):
+        return None
+
+    def store(self, name, key, chain):
+        raise AssertionError("nothing is issued here")
+
+    def account_key(self):
+        raise AssertionError("no client is made here")
+
+
+class ScriptedService(AcmeIssuingService):
+    """Orders wait on Deferreds the test fires: no CA involved."""
+
+    def __init__(self, clock, **settings):
+        defaults = {"directory": "https://ca.test/dir", "domains": (("a.example.com",),), "retry_interval": 60.0, "check_interval": 3600.0}
+        super().__init__(clock, Autocert(**{**defaults, **settings}), EmptyStore(), [], installed=lambda: None)
+        self.orders: list[defer.Deferred[None]] = []
+
+    async def _order(self, names):
+        d: defer.Deferred[None] = defer.Deferred()
+        self.orders.append(d)
+        await d
+
+
+def test_concurrent_issues_of_one_certificate_share_one_order():
+    service = ScriptedService(Clock())
+    first, second = service.issue(["a.example.com"]), service.issue(["a.example.com"])
+    assert len(service.orders) == 1
+    service.orders[0].callback(None)
+    assert first.called and second.called
+
+
+def test_a_failure_backs_off_and_the_next_check_waits_for_it():
+    clock = Clock()
+    service = ScriptedService(clock)
+    service.startService()
+    clock.advance(0)  # the start-up check orders at once
+    assert len(service.orders) == 1
+    service.orders[0].errback(ACMEError("urn:ietf:params:acme:error:rateLimited: too many"))
+    retry_in = service._retry_at["a.example.com"] - clock.seconds()
+    assert 45 <= retry_in <= 75
+    clock.advance(retry_in - 1)
+    assert len(service.orders) == 1  # not before the back-off is over
+    clock.advance(1)
+    assert len(service.orders) == 2
+    service.orders[1].errback(ACMEError("again"))
+    assert 90 <= service._retry_at["a.example.com"] - clock.seconds() <= 150  # doubled
+    service.stopService()
+    assert not clock.getDelayedCalls()
+
+
+def test_success_clears_the_back_off():
+    clock = Clock()
+    service = ScriptedService(clock)
+    service.startService()
+    clock.advance(0)
+    service.orders[0].errback(ACMEError("once"))
+    clock.advance(service._retry_at["a.example.com"] - clock.seconds())
+    service.orders[1].callback(None)
+    assert "a.example.com" not in service._retry_at
+    service.stopService()
