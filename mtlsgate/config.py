@@ -453,7 +453,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
     return Config(
         address=_endpoint(data.get("address", "tcp:8443"), "address", optional=False),  # type: ignore[arg-type]
         http_address=http_address,
-        admin_address=_endpoint(data.get("admin_address"), "admin_address"),
+        admin_address=_loopback_by_default(_endpoint(data.get("admin_address"), "admin_address")),
         certificates=certificates,
         certs_dir=certs_dir,
         downstream_mtls=_downstream_mtls(data.get("downstream_mtls"), "downstream_mtls"),
@@ -463,6 +463,18 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
         source=source,
     )
+
+
+def _loopback_by_default(description: str | None) -> str | None:
+    """The admin listener binds to loopback unless an interface is named: metrics are not for the world."""
+    if description is None or "interface=" in description:
+        return description
+    kind = description.split(":", 1)[0]
+    if kind == "tcp":
+        return description + ":interface=127.0.0.1"
+    if kind == "tcp6":
+        return description + r":interface=\:\:1"
+    return description
 
 
 def read_yaml(path: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from zope.interface import implementer
 from mtlsgate.config import Route
 from mtlsgate.headers import client_response_headers, upstream_request_headers
 from mtlsgate.identity import AllowRules, Identity, printable
+from mtlsgate.metrics import GatewayMetrics
 from mtlsgate.routing import RouteTable, normalize_host, request_target_problem
 from mtlsgate.upstream import UpstreamGroup
 
@@ -299,8 +300,9 @@ class ProxyState:
 class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
-    def __init__(self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer) -> None:
+    def __init__(self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics) -> None:
         self.reactor = reactor
+        self.metrics = metrics
         self.request = request
         self.entry = entry
         self.peer = peer
@@ -350,6 +352,7 @@ class _Exchange:
     def _response(self, response: Any) -> None:
         self.pending = None
         self._cancel_timer()
+        self.metrics.upstream_responded(self.entry.route.name, self.reactor.seconds() - self.started)
         request = self.request
         if self.client_gone:
             response.deliverBody(Protocol())
@@ -414,7 +417,9 @@ class _Exchange:
         self._access(code, len(body))
 
     def _access(self, status: int, size: int) -> None:
-        write_access_line(self.request, self.peer, self.entry.route.name, self.upstream, status, size, self.reactor.seconds() - self.started)
+        route = self.entry.route.name
+        write_access_line(self.request, self.peer, route, self.upstream, status, size, self.reactor.seconds() - self.started)
+        self.metrics.request(route, status)
 
 
 def write_access_line(request: GatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float) -> None:
@@ -460,10 +465,18 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, reactor: Any, state: ProxyState) -> None:
+    def __init__(self, reactor: Any, state: ProxyState, metrics: GatewayMetrics | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.state = state
+        self.metrics = metrics or GatewayMetrics()
+
+    def _answer(self, request: GatewayRequest, peer: Peer, route: str, code: int, text: str) -> bytes:
+        """A response of the gateway's own (no upstream involved), with its access line."""
+        body = _plain(request, code, text)
+        write_access_line(request, peer, route, "-", code, len(body), 0.0)
+        self.metrics.request(route, code)
+        return body
 
     def render(self, request: GatewayRequest) -> Any:
         state = self.state
@@ -472,24 +485,18 @@ class ProxyResource(Resource):
         peer = peer_of(request.channel)
         problem = request_target_problem(path)
         if problem is not None:
-            body = _plain(request, 400, problem)
-            write_access_line(request, peer, "-", "-", 400, len(body), 0.0)
-            return body
+            return self._answer(request, peer, "-", 400, problem)
         entry = state.routes.lookup(host, path)
         if entry is None:
-            body = _plain(request, 404, "no route for this host" if not state.routes.knows_host(host) else "no route for this path")
-            write_access_line(request, peer, "-", "-", 404, len(body), 0.0)
-            return body
+            return self._answer(request, peer, "-", 404, "no route for this host" if not state.routes.knows_host(host) else "no route for this path")
         refusal = self._refusal(peer, entry.route)
         if refusal is not None:
             log.info(
                 "refused {client} ({identity}) on route {route}: {reason}",
                 client=request.getClientAddress().host, identity=peer.label, route=entry.route.name, reason=refusal,
             )
-            body = _plain(request, 403, f"client certificate {refusal}")
-            write_access_line(request, peer, entry.route.name, "-", 403, len(body), 0.0)
-            return body
-        _Exchange(self.reactor, request, entry, peer).start()
+            return self._answer(request, peer, entry.route.name, 403, f"client certificate {refusal}")
+        _Exchange(self.reactor, request, entry, peer, self.metrics).start()
         return server.NOT_DONE_YET
 
     def _refusal(self, peer: Peer, route: Route) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import attrs
@@ -19,10 +20,12 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from mtlsgate.accesslog import AccessLogService
+from mtlsgate.admin import admin_resource
 from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, TLSALPN01Responder
 from mtlsgate.acme.service import AcmeIssuingService
 from mtlsgate.acme.store import DirectoryStore
 from mtlsgate.config import Config, ConfigError
+from mtlsgate.metrics import GatewayMetrics
 from mtlsgate.pki import PKIError
 from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
 from mtlsgate.routing import RouteTable
@@ -79,8 +82,6 @@ def warn_about(config: Config) -> None:
             log.warn("route {route}: upstream over plain http://; traffic to it is not encrypted", route=route.name)
     if config.downstream_mtls.client_auth == "off":
         log.warn("client certificates are not requested (client_auth off): the gateway only terminates TLS")
-    if config.admin_address:
-        log.warn("admin_address {address}: the admin listener (/metrics, /healthz) is not built yet; nothing listens there", address=config.admin_address)
 
 
 class _Listener(Service):
@@ -138,18 +139,28 @@ class GatewayService(MultiService):
         self.reload_config = reload_config
         self.world = world
         server_tls.install(world.certificates)
-        self.resource = ProxyResource(reactor, world.proxy)
+        self.metrics = GatewayMetrics(self._expiries)
+        self.resource = ProxyResource(reactor, world.proxy, self.metrics)
         site = GatewaySite(self.resource)
         site.reactor = reactor
         config = world.config
-        self.https = _Listener(reactor, config.address, GatewayTLSFactory(server_tls, site), "HTTPS")
+        self.https = _Listener(reactor, config.address, GatewayTLSFactory(server_tls, site, metrics=self.metrics), "HTTPS")
         self.https.setServiceParent(self)
+        self.listeners = [self.https]
         self.autocert: AcmeIssuingService | None = None
         http01 = self._start_autocert(config) if config.autocert else None
         if config.http_address:
             redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port, http01))
             redirect.log = lambda request: None  # type: ignore[method-assign]
-            _Listener(reactor, config.http_address, redirect, "HTTP (redirect)").setServiceParent(self)
+            http_listener = _Listener(reactor, config.http_address, redirect, "HTTP (redirect)")
+            http_listener.setServiceParent(self)
+            self.listeners.append(http_listener)
+        if config.admin_address:
+            admin = server.Site(admin_resource(self.metrics, self.readiness))
+            admin.log = lambda request: None  # type: ignore[method-assign]
+            admin_listener = _Listener(reactor, config.admin_address, admin, "admin (/metrics, /healthz, /readyz)")
+            admin_listener.setServiceParent(self)
+            self.listeners.append(admin_listener)
         if config.access_log:
             AccessLogService(config.access_log).setServiceParent(self)
         if self.autocert is not None:
@@ -172,8 +183,27 @@ class GatewayService(MultiService):
             responders.append(http)
         if "dns-01" in settings.challenges and settings.dns_hook:
             responders.append(DNS01Responder(self.reactor, settings.dns_hook, settings.dns_resolver, settings.propagation_timeout))
-        self.autocert = AcmeIssuingService(self.reactor, settings, DirectoryStore(config.certs_dir), responders, self.refresh_certificates)
+        self.autocert = AcmeIssuingService(
+            self.reactor, settings, DirectoryStore(config.certs_dir), responders, self.refresh_certificates, metrics=self.metrics,
+        )  # fmt: skip
         return http01
+
+    def _expiries(self) -> list[tuple[str, Any]]:
+        return [(served.names[0] if served.names else served.source, served.leaf.not_valid_after_utc) for served in self.world.certificates.served]
+
+    def readiness(self) -> str | None:
+        """None when the gateway can serve; else the first reason it cannot (for /readyz)."""
+        for listener in self.listeners:
+            if listener.port is None:
+                return f"{listener.what} listener is not listening"
+        served = self.world.certificates.served
+        if all(s.source.startswith("(placeholder") for s in served):
+            return "no certificate yet (autocert has not issued one)"
+        now = datetime.now(timezone.utc)
+        for s in served:
+            if s.leaf.not_valid_after_utc <= now:
+                return f"certificate {', '.join(s.names)} from {s.source} expired at {s.leaf.not_valid_after_utc.isoformat()}"
+        return None
 
     def refresh_certificates(self) -> None:
         """Re-read the served certificates (autocert stored a new one) and swap them in."""

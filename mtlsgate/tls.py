@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from mtlsgate import pki
 from mtlsgate.config import CertificateSpec, DownstreamMTLS
+from mtlsgate.metrics import GatewayMetrics
 
 log = Logger(namespace="mtlsgate.tls")
 
@@ -296,10 +297,34 @@ class ServerTLS:
 
 
 class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
-    """Logs why a handshake failed, naming the peer and, for a refused certificate, the reason."""
+    """
+    Logs why a handshake failed, naming the peer and, for a refused certificate, the reason; counts
+    handshakes and open connections in the factory's metrics.
+    """
+
+    _counted = False
+
+    def connectionMade(self) -> None:
+        self.factory.metrics.connection_opened()
+        super().connectionMade()
+
+    def connectionLost(self, reason):  # type: ignore[no-untyped-def]
+        self.factory.metrics.connection_closed()
+        super().connectionLost(reason)
+
+    def _checkHandshakeStatus(self) -> None:
+        super()._checkHandshakeStatus()
+        if self._handshakeDone and not self._counted:
+            self._counted = True
+            failure = getattr(self._tlsConnection, "verify_failure", None)
+            if failure is None:
+                self.factory.metrics.handshake("ok")
+            else:  # enforcement: policy lets it through; requests will get 403 with this reason
+                self.factory.metrics.handshake("unverified", failure.reason)
 
     def _tlsShutdownFinished(self, reason):  # type: ignore[no-untyped-def]
-        if not self._handshakeDone and reason is not None and isinstance(reason.value, SSL.Error):
+        if not self._handshakeDone and not self._counted and reason is not None and isinstance(reason.value, SSL.Error):
+            self._counted = True
             failure = getattr(self._tlsConnection, "verify_failure", None)
             peer = self.transport.getPeer() if self.transport is not None else None
             peer_text = f"{peer.host}:{peer.port}" if peer is not None and hasattr(peer, "host") else str(peer)
@@ -308,9 +333,24 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
                     "refused client certificate from {peer}: {reason} (subject {subject})",
                     peer=peer_text, reason=failure.reason, subject=failure.subject, tls_result="rejected",
                 )
+                self.factory.metrics.handshake("rejected", failure.reason)
             else:
                 log.info("TLS handshake with {peer} failed: {error}", peer=peer_text, error=_ssl_error_text(reason.value), tls_result="failed")
+                self.factory.metrics.handshake("failed", _failure_kind(reason.value))
         super()._tlsShutdownFinished(reason)
+
+
+def _failure_kind(error: SSL.Error) -> str:
+    """A short, bounded label for a failed handshake (metrics labels must not be free text)."""
+    text = _ssl_error_text(error).lower()
+    for needle, kind in (
+        ("wrong version number", "not tls"), ("http request", "not tls"), ("unsupported protocol", "old protocol"),
+        ("no shared cipher", "no shared cipher"), ("certificate required", "no client certificate"),
+        ("peer did not return a certificate", "no client certificate"), ("alert", "alert from client"),
+    ):  # fmt: skip
+        if needle in text:
+            return kind
+    return "other"
 
 
 def _ssl_error_text(error: SSL.Error) -> str:
@@ -325,5 +365,6 @@ class GatewayTLSFactory(TLSMemoryBIOFactory):
 
     protocol = _HandshakeLoggingTLSProtocol
 
-    def __init__(self, creator: ServerTLS, wrapped: object, clock: object = None) -> None:
+    def __init__(self, creator: ServerTLS, wrapped: object, clock: object = None, metrics: GatewayMetrics | None = None) -> None:
         super().__init__(creator, False, wrapped, clock)  # type: ignore[arg-type]
+        self.metrics = metrics or GatewayMetrics()

@@ -14,10 +14,13 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -227,3 +230,23 @@ def run_python_twistd_check(args: list[str], cwd: Path) -> subprocess.CompletedP
     """Run twistd mtlsgate expecting it to refuse to start; returns the finished process."""
     argv = [*TWISTD, "-n", "--pidfile=", "--logfile=-", "mtlsgate", *args]
     return subprocess.run(argv, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The admin listener's /metrics, parsed by prometheus-client: (sample name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def admin_get(port: int, path: str) -> tuple[int, str]:
+    """Status and text of a GET on the admin listener, errors included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

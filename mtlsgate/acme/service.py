@@ -28,6 +28,7 @@ from mtlsgate.acme.client import (
 from mtlsgate.acme.responders import DNSHookError, IResponder
 from mtlsgate.acme.store import ICertificateStore
 from mtlsgate.config import Autocert
+from mtlsgate.metrics import GatewayMetrics
 
 log = Logger(namespace="mtlsgate.acme")
 
@@ -79,8 +80,10 @@ class AcmeIssuingService(Service):
     def __init__(
         self, reactor: Any, settings: Autocert, store: ICertificateStore, responders: Sequence[IResponder],
         installed: Callable[[], None], client_factory: Callable[[], ACMEClient] | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
+        self.metrics = metrics or GatewayMetrics()
         self.settings = settings
         self.store = store
         self.responders = {r.challenge_type: r for r in responders}
@@ -236,6 +239,7 @@ class AcmeIssuingService(Service):
             delay = backoff(failures, self.settings.retry_interval)
             self._retry_at[names[0]] = self.reactor.seconds() + delay
             reason = str(e) if isinstance(e, (ACMEError, DNSHookError)) else f"{type(e).__name__}: {e}"
+            self.metrics.acme_order("failed")
             log.error("certificate for {names} not issued (attempt {n}): {reason}; retrying in {delay:.0f}s", names=label, n=failures, reason=reason, delay=delay)
             raise
         self._failures.pop(names[0], None)
@@ -261,6 +265,7 @@ class AcmeIssuingService(Service):
         pem = await client.certificate_chain(final.certificate)
         chain = x509.load_pem_x509_certificates(pem)
         self.store.store(names[0], key, chain)
+        self.metrics.acme_order("issued")
         leaf = chain[0]
         log.info(
             "issued a certificate for {names} by {issuer}, valid until {until}",

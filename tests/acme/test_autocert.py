@@ -16,7 +16,7 @@ import yaml
 from cryptography import x509
 
 from tests.acme.pebble import write_dns_hook
-from tests.conftest import free_port
+from tests.conftest import free_port, scrape
 
 ISSUED = "installed the certificate for"
 
@@ -51,17 +51,18 @@ def autocert_settings(pebble, **more):
     return {"directory": pebble.directory_url, "ca_file": str(pebble.ca_file), "email": "ops@example.test", "retry_interval": "1s", **more}
 
 
-def http01_setup(start_pebble, tmp_path: Path, name: str, *, nonce_reject_percent: int = 0, **settings):
+def http01_setup(start_pebble, tmp_path: Path, name: str, *, nonce_reject_percent: int = 0, extra=None, **settings):
     """pebble validating over http-01 against the gateway's HTTP listener; returns (pebble, https port, config)."""
     https, http = free_port(), free_port()
     pebble = start_pebble(http_port=http, tls_port=free_port(), nonce_reject_percent=nonce_reject_percent)
-    config = write_config(tmp_path / "gw.yaml", https=https, http=http, certs_dir=tmp_path / "certs",
+    config = write_config(tmp_path / "gw.yaml", https=https, http=http, certs_dir=tmp_path / "certs", extra=extra or {},
                           **autocert_settings(pebble, domains=[name], challenges=["http-01"], **settings))  # fmt: skip
     return pebble, https, config
 
 
 def test_http01_issues_a_certificate_that_verifies_against_the_ca_root(start_pebble, start_gateway, tmp_path):
-    pebble, https, config = http01_setup(start_pebble, tmp_path, "web.example.test")
+    admin = free_port()
+    pebble, https, config = http01_setup(start_pebble, tmp_path, "web.example.test", extra={"admin_address": f"tcp:{admin}"})
     certs = tmp_path / "certs"
     gateway = start_gateway(["--config", str(config)], port=https)
     log = gateway.proc.wait_for_log(ISSUED, timeout=60)
@@ -71,6 +72,9 @@ def test_http01_issues_a_certificate_that_verifies_against_the_ca_root(start_peb
     assert stat.S_IMODE(os.stat(certs / "web.example.test.pem").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(certs / "acme-account.key").st_mode) == 0o600
     assert "PRIVATE KEY" not in log
+    metrics = scrape(admin)
+    assert metrics[("mtlsgate_acme_orders_total", (("result", "issued"),))] == 1
+    assert metrics[("mtlsgate_certificate_expiry_seconds", (("name", "web.example.test"),))] > 30 * 86400
 
 
 def test_tls_alpn01_is_answered_by_the_mtls_listener_itself(start_pebble, start_gateway, tmp_path, pki):

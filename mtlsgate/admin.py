@@ -1,0 +1,43 @@
+"""
+The admin listener (C{admin_address}, meant for loopback or a private network): C{/metrics} in
+Prometheus' text format, C{/healthz} (the process answers) and C{/readyz} (it can serve: listeners up,
+certificates loaded and none expired).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+
+from mtlsgate.metrics import GatewayMetrics
+
+
+class _Text(Resource):
+    isLeaf = True
+
+    def __init__(self, answer: Callable[[], tuple[int, str]]) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def render_GET(self, request: Any) -> bytes:
+        code, text = self.answer()
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return text.encode("utf-8") + b"\n"
+
+
+def admin_resource(metrics: GatewayMetrics, readiness: Callable[[], str | None]) -> Resource:
+    """C{readiness} returns None when ready, else why not (answered with 503)."""
+
+    def ready() -> tuple[int, str]:
+        problem = readiness()
+        return (200, "ready") if problem is None else (503, f"not ready: {problem}")
+
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    root.putChild(b"healthz", _Text(lambda: (200, "ok")))
+    root.putChild(b"readyz", _Text(ready))
+    return root

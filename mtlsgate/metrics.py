@@ -1,0 +1,75 @@
+"""
+The gateway's Prometheus metrics, in a registry of its own (so that several gateways in one process,
+as in tests, never share counters).  The parts of the gateway that see an event call the matching
+method; the admin listener exposes the registry at C{/metrics}.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+#: Upstream latency buckets, seconds: from a loopback hop to a slow backend.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class GatewayMetrics:
+    """
+    @param certificates: returns the certificates being served now, as C{(name, not_after)}
+        pairs, read at each scrape so the expiry gauge is never stale.
+    """
+
+    def __init__(self, certificates: Callable[[], Iterable[tuple[str, datetime]]] = lambda: ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "mtlsgate_requests", "Requests answered, by route and status code.", ["route", "status"], registry=self.registry
+        )
+        self.upstream_latency = Histogram(
+            "mtlsgate_upstream_latency_seconds", "Time from sending a request upstream to its response headers.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.handshakes = Counter(
+            "mtlsgate_tls_handshakes", "TLS handshakes on the gateway's listener, by result (ok, rejected, failed) and reason.",
+            ["result", "reason"], registry=self.registry,
+        )  # fmt: skip
+        self.connections = Gauge("mtlsgate_active_connections", "Open client connections on the TLS listener.", registry=self.registry)
+        self.acme_orders = Counter("mtlsgate_acme_orders", "ACME orders, by result (issued, failed).", ["result"], registry=self.registry)
+        self.registry.register(_ExpiryCollector(certificates))
+
+    def request(self, route: str, status: int) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+
+    def upstream_responded(self, route: str, seconds: float) -> None:
+        self.upstream_latency.labels(route=route).observe(seconds)
+
+    def handshake(self, result: str, reason: str = "") -> None:
+        self.handshakes.labels(result=result, reason=reason).inc()
+
+    def connection_opened(self) -> None:
+        self.connections.inc()
+
+    def connection_closed(self) -> None:
+        self.connections.dec()
+
+    def acme_order(self, result: str) -> None:
+        self.acme_orders.labels(result=result).inc()
+
+
+class _ExpiryCollector:
+    def __init__(self, certificates: Callable[[], Iterable[tuple[str, datetime]]]) -> None:
+        self.certificates = certificates
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "mtlsgate_certificate_expiry_seconds", "Seconds until a served certificate expires (negative: expired).", labels=["name"]
+        )
+        now = datetime.now(timezone.utc).timestamp()
+        for name, not_after in self.certificates():
+            family.add_metric([name], not_after.timestamp() - now)
+        yield family
