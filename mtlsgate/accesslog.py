@@ -1,49 +1,136 @@
 """
-The access log as a file: an observer of the C{mtlsgate.access} log namespace that writes one
-formatted line per request to a file (or stdout), in the spirit of nginx's C{access_log}.
+The access log as a file: an observer of the C{mtlsgate.access} log namespace that writes one line
+per request to a file (or stdout), in the spirit of nginx's C{access_log}, in one of two formats:
 
-The access events also reach the twistd log; this observer is for operators who want the lines on
-their own, for log shippers or C{tail -f}.
+- C{combined}: Apache/nginx "combined" with the client identity in the user field, and the route,
+  upstream, certificate CN and fingerprint, and duration appended;
+- C{json}: one JSON object per line, every field named, for log shippers.
+
+Lines are written by a thread of their own, so a slow disk never stalls the reactor; if the disk
+falls so far behind that the queue fills, lines are dropped and the drops counted in the twistd log.
+The access events also reach the twistd log.
 """
 
 from __future__ import annotations
 
+import json
+import queue
 import sys
+import threading
+from datetime import datetime, timezone
 from typing import IO, Any
 
 from twisted.application.service import Service
-from twisted.logger import ILogObserver, LogPublisher, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogPublisher, Logger, globalLogPublisher
 from zope.interface import implementer
 
 ACCESS_NAMESPACE = "mtlsgate.access"
+FORMATS = ("combined", "json")
+_QUEUE_LINES = 10000
+
+log = Logger(namespace="mtlsgate")
+
+
+def _quoted(value: Any) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_combined(event: dict[str, Any]) -> str:
+    when = datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
+    request = f"{event['method']} {event['uri']} {event['proto']}"
+    return (
+        f"{event['client']} - {event['identity']} [{when}] {_quoted(request)} {event['status']} {event['size']} "
+        f"{_quoted(event.get('referer') or '-')} {_quoted(event.get('user_agent') or '-')} "
+        f"route={event['route']} upstream={event['upstream']} cn={event['common_name']} sha256={event['fingerprint']} "
+        f"{event['duration']:.3f}s"
+    )
+
+
+def format_json(event: dict[str, Any]) -> str:
+    when = datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc).isoformat(timespec="milliseconds")
+    record = {
+        "time": when,
+        "client": event["client"],
+        "identity": event["identity"],
+        "spiffe_id": event.get("spiffe_id"),
+        "common_name": None if event["common_name"] == "-" else event["common_name"],
+        "fingerprint_sha256": None if event["fingerprint"] == "-" else event["fingerprint"],
+        "method": event["method"],
+        "uri": event["uri"],
+        "proto": event["proto"],
+        "status": event["status"],
+        "size": event["size"],
+        "referer": event.get("referer"),
+        "user_agent": event.get("user_agent"),
+        "route": event["route"],
+        "upstream": event["upstream"],
+        "duration_s": round(event["duration"], 6),
+    }
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+
+
+_FORMATTERS = {"combined": format_combined, "json": format_json}
+
+
+class _Writer(threading.Thread):
+    """Writes queued lines to the stream, flushing whenever the queue runs empty."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(name="mtlsgate-access-log", daemon=True)
+        self.stream = stream
+        self.lines: queue.Queue[str | None] = queue.Queue(maxsize=_QUEUE_LINES)
+        self.dropped = 0
+
+    def put(self, line: str) -> None:
+        try:
+            self.lines.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def run(self) -> None:
+        while True:
+            line = self.lines.get()
+            if line is None:
+                break
+            self.stream.write(line)
+            if self.lines.empty():
+                self.stream.flush()
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.lines.put(None)
+        self.join(timeout=10)
 
 
 @implementer(ILogObserver)
 class AccessLogObserver:
-    """Writes each access event as one line to C{stream}, flushed so that C{tail -f} sees it at once."""
+    """Formats each access event and hands it to the writer thread."""
 
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
+    def __init__(self, writer: _Writer, fmt: str = "combined") -> None:
+        self.writer = writer
+        self.format = _FORMATTERS[fmt]
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("log_namespace") != ACCESS_NAMESPACE:
             return
-        self.stream.write(formatEvent(event) + "\n")
-        self.stream.flush()
+        self.writer.put(self.format(event) + "\n")
 
 
 class AccessLogService(Service):
     """Opens C{path} (C{-} is stdout) on start, appending; observes C{publisher} until stopped."""
 
-    def __init__(self, path: str, publisher: LogPublisher = globalLogPublisher) -> None:
+    def __init__(self, path: str, fmt: str = "combined", publisher: LogPublisher = globalLogPublisher) -> None:
         self.path = path
+        self.fmt = fmt
         self.publisher = publisher
         self.observer: AccessLogObserver | None = None
 
     def _open(self) -> None:
         if self.observer is None:
             stream = sys.stdout if self.path == "-" else open(self.path, "a", encoding="utf-8")
-            self.observer = AccessLogObserver(stream)
+            writer = _Writer(stream)
+            writer.start()
+            self.observer = AccessLogObserver(writer, self.fmt)
 
     def privilegedStartService(self) -> None:
         # Opened before twistd drops privileges (-u/-g), as nginx opens its logs as root.
@@ -59,6 +146,10 @@ class AccessLogService(Service):
         super().stopService()
         if self.observer is not None:
             self.publisher.removeObserver(self.observer)
-            if self.observer.stream is not sys.stdout:
-                self.observer.stream.close()
+            writer = self.observer.writer
+            writer.finish()
+            if writer.dropped:
+                log.warn("access log {path}: {n} line(s) dropped because the disk fell behind", path=self.path, n=writer.dropped)
+            if writer.stream is not sys.stdout:
+                writer.stream.close()
             self.observer = None

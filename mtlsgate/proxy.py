@@ -436,12 +436,19 @@ def write_access_line(request: GatewayRequest, peer: Peer, route: str, upstream:
         method=request.method.decode("ascii", "replace"),
         uri=request.uri.decode("ascii", "replace"),
         proto=request.clientproto.decode("ascii", "replace"),
+        referer=_header_text(request, b"referer"),
+        user_agent=_header_text(request, b"user-agent"),
         status=status,
         size=size,
         route=route,
         upstream=upstream,
         duration=duration,
     )
+
+
+def _header_text(request: GatewayRequest, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return printable(value.decode("latin-1")) if value is not None else None
 
 
 def _describe(failure: Failure) -> str:

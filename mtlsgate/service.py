@@ -162,7 +162,7 @@ class GatewayService(MultiService):
             admin_listener.setServiceParent(self)
             self.listeners.append(admin_listener)
         if config.access_log:
-            AccessLogService(config.access_log).setServiceParent(self)
+            AccessLogService(config.access_log, config.access_log_format).setServiceParent(self)
         if self.autocert is not None:
             self.autocert.setServiceParent(self)  # after the listeners: validation needs them up
         self._previous_hup: Any = None

@@ -26,6 +26,7 @@ _FLAG_FOR_KEY = {
     "allow_client": "--allow-*",
     "routes": "--route/--upstream-*/--timeout",
     "access_log": "--access-log",
+    "access_log_format": "--access-log-format",
     "autocert": "--acme-*",
 }
 
@@ -70,6 +71,7 @@ class Options(usage.Options):
         ["upstream-server-name", None, None, "Name to send (SNI) and verify on upstream certificates."],
         ["timeout", None, None, "Upstream response timeout for --route routes, e.g. 30s."],
         ["access-log", None, None, "Write access lines to this file ('-' for stdout)."],
+        ["access-log-format", None, None, "combined (the default) | json."],
         ["demo", None, None, "Run the self-contained demo in this directory (see 'mtlsgate demo')."],
         ["acme-directory", None, None, "ACME directory URL (or letsencrypt, letsencrypt-staging): enables autocert."],
         ["acme-email", None, None, "Contact email for the ACME account."],
@@ -137,7 +139,8 @@ class Options(usage.Options):
             flagged.add(key)
 
         for flag, key in (("https", "address"), ("http", "http_address"), ("admin", "admin_address"),
-                          ("certs-dir", "certs_dir"), ("access-log", "access_log")):  # fmt: skip
+                          ("certs-dir", "certs_dir"), ("access-log", "access_log"),
+                          ("access-log-format", "access_log_format")):  # fmt: skip
             if self[flag] is not None:
                 put(key, self[flag])
         if self["cert"] or self["key"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import textwrap
@@ -184,3 +185,21 @@ def test_dot_segments_cannot_escape_a_route_prefix(gateway, pki):
     assert status == 400
     assert b"dot-segments" in body
     assert https_request(gateway.port, "/public/admin", ca=pki["ca"], cert=pki["alice"])[0] == 200
+
+
+def test_json_access_log_parses_and_carries_the_spiffe_id(start_gateway, pki, echo_upstream, tmp_path):
+    path = tmp_path / "access.jsonl"
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--access-log", str(path), "--access-log-format", "json"))
+    assert https_request(gateway.port, "/json?x=1", ca=pki["ca"], cert=pki["alice"], headers={"User-Agent": 'probe "1"'})[0] == 200
+    assert https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"], host="nowhere.example")[0] == 404
+    gateway.proc.stop()  # flushes and closes the file
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    first, second = records
+    assert first["spiffe_id"] == "spiffe://test/ns/prod/sa/alice"
+    assert first["common_name"] == "alice"
+    assert len(first["fingerprint_sha256"]) == 64
+    assert (first["method"], first["uri"], first["status"], first["route"]) == ("GET", "/json?x=1", 200, "localhost/")
+    assert first["user_agent"] == 'probe "1"'
+    assert first["upstream"].startswith("https://127.0.0.1:")
+    assert first["duration_s"] >= 0 and first["size"] > 0
+    assert (second["status"], second["route"], second["upstream"]) == (404, "-", "-")
