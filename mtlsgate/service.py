@@ -29,6 +29,7 @@ from mtlsgate.metrics import GatewayMetrics
 from mtlsgate.pki import PKIError
 from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
 from mtlsgate.routing import RouteTable
+from mtlsgate.summary import certificates_table, routes_table
 from mtlsgate.tls import (
     CertificateSet, ClientVerification, GatewayTLSFactory, ServedCertificate, ServerTLS, load_served_certificates,
     placeholder_certificate,
@@ -219,10 +220,15 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         warn_about(self.world.config)
         super().startService()
-        for served in self.world.certificates.served:
-            log.info("serving certificate {names} from {source}", names=", ".join(served.names), source=served.source)
-        for route in self.world.config.routes:
-            log.info("route {route} -> {to}", route=route.name, to=", ".join(route.to))
+        served = self.world.certificates.served
+        log.info("serving {n} certificate(s):\n{table}", n=len(served), table=certificates_table((s.names, s.leaf, s.source) for s in served))
+        routes = self.world.config.routes
+        if not self.world.config.allow_client.is_empty():
+            log.info("every route also requires: {rule}", rule=self.world.config.allow_client.explain())
+        if routes:
+            log.info("{n} route(s):\n{table}", n=len(routes), table=routes_table(routes))
+        else:
+            log.warn("no routes: every request will get 404")
         if self.reload_config is not None and hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
 
