@@ -111,6 +111,7 @@ class Config:
     routes: tuple[Route, ...] = ()
     access_log: str | None = None  # a file path, "-" for stdout, or None for the twistd log
     access_log_format: str = "combined"  # or "json"
+    watch_interval: float | None = 5.0  # None: reload on SIGHUP only
     autocert: Autocert | None = None
     source: str | None = attrs.field(default=None, eq=False)  # the YAML file it came from
 
@@ -331,7 +332,7 @@ def _route(data: Any, key: str) -> Route:
 
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
-    "allow_client", "routes", "access_log", "access_log_format", "autocert",
+    "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
 )  # fmt: skip
 
 _AUTOCERT_KEYS = (
@@ -461,6 +462,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         allow_client=_allow_rules(data.get("allow_client"), "allow_client"),
         routes=parsed_routes,
         access_log=_string(data.get("access_log"), "access_log"),
+        watch_interval=None if data.get("watch_interval") in ("off", False) else parse_duration(data.get("watch_interval", "5s"), "watch_interval"),
         access_log_format=_choice(data.get("access_log_format", "combined"), "access_log_format", ("combined", "json")),
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
         source=source,

@@ -25,6 +25,7 @@ from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, TLSALPN01R
 from mtlsgate.acme.service import AcmeIssuingService
 from mtlsgate.acme.store import DirectoryStore
 from mtlsgate.config import Config, ConfigError
+from mtlsgate.filewatch import FileWatch, watched_files
 from mtlsgate.metrics import GatewayMetrics
 from mtlsgate.pki import PKIError
 from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
@@ -166,7 +167,13 @@ class GatewayService(MultiService):
             AccessLogService(config.access_log, config.access_log_format).setServiceParent(self)
         if self.autocert is not None:
             self.autocert.setServiceParent(self)  # after the listeners: validation needs them up
+        if reload_config is not None and config.watch_interval is not None:
+            FileWatch(reactor, lambda: watched_files(self.world.config), self._files_changed, config.watch_interval).setServiceParent(self)
         self._previous_hup: Any = None
+
+    def _files_changed(self) -> None:
+        log.info("configuration or certificate files changed; reloading")
+        self.reload()
 
     def _start_autocert(self, config: Config) -> Callable[[str], str | None] | None:
         """Build the issuing service and its responders; returns the http-01 lookup, if any."""

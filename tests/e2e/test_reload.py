@@ -9,6 +9,7 @@ import socket
 import ssl
 
 import yaml
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.conftest import echo_json, free_port, https_request
 
@@ -86,3 +87,30 @@ def test_broken_config_on_reload_is_refused_and_the_old_one_kept(start_gateway, 
     assert "routez: unknown key" in log
     status, _, body = https_request(port, "/still", ca=pki["ca"], cert=pki["alice"])
     assert status == 200 and echo_json(body)["uri"] == "/still"
+
+
+def test_a_new_crl_takes_effect_without_a_signal(start_gateway, pki, echo_upstream, tmp_path):
+    port = free_port()
+    carol = pki["ca_obj"].issue_client("carol")
+    carol.write(str(tmp_path / "carol.pem"), str(tmp_path / "carol-key.pem"))
+    crl = tmp_path / "clients.crl"
+    crl.write_bytes(pki["ca_obj"].crl([]).public_bytes(Encoding.PEM))
+    path = _config(tmp_path, pki, echo_upstream, port)
+    config = yaml.safe_load(path.read_text())
+    config["downstream_mtls"] = {"ca_file": pki["ca"], "crl_file": str(crl)}
+    config["watch_interval"] = "1s"
+    path.write_text(yaml.safe_dump(config))
+    gateway = start_gateway(["--config", str(path)], port=port)
+    assert https_request(port, "/", ca=pki["ca"], cert=(str(tmp_path / "carol.pem"), str(tmp_path / "carol-key.pem")))[0] == 200
+
+    revoked = pki["ca_obj"].crl([carol.certificate])
+    crl.write_bytes(revoked.public_bytes(Encoding.PEM))
+    log = gateway.proc.wait_for_log("reloaded:", timeout=15)
+    assert "files changed; reloading" in log
+    try:
+        https_request(port, "/", ca=pki["ca"], cert=(str(tmp_path / "carol.pem"), str(tmp_path / "carol-key.pem")))
+    except (ssl.SSLError, ConnectionError, OSError):
+        pass
+    else:
+        raise AssertionError("a revoked certificate got through")
+    assert "refused client certificate" in gateway.proc.wait_for_log("revoked")

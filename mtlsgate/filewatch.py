@@ -1,0 +1,69 @@
+"""
+Reload on file change, the cheap way: every few seconds, stat the files a configuration was built
+from (the config file, certificates and keys, the client CA bundle, the CRL) and call back when any
+of them changed.  C{mtlsgate ca crl} or a certificate renewal by another tool then takes effect
+without a SIGHUP.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+
+from mtlsgate.config import Config
+
+Snapshot = dict[str, "tuple[int, int, int] | None"]
+
+
+def watched_files(config: Config) -> list[str]:
+    """Every file the running configuration read, except what autocert itself writes."""
+    files = [config.source] if config.source else []
+    for spec in config.certificates:
+        files += [spec.cert] + ([spec.key] if spec.key else [])
+    files += [f for f in (config.downstream_mtls.ca_file, config.downstream_mtls.crl_file) if f]
+    for route in config.routes:
+        files += [f for f in (route.tls_custom_ca_file, route.tls_client_cert_file, route.tls_client_key_file) if f]
+    return sorted(set(files))
+
+
+def snapshot(paths: Iterable[str]) -> Snapshot:
+    state: Snapshot = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            state[path] = None
+        else:
+            state[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+    return state
+
+
+class FileWatch(Service):
+    """Calls C{changed} (once per change) when any file of C{files()} changes; C{files} is re-read after each call."""
+
+    def __init__(self, reactor: Any, files: Callable[[], list[str]], changed: Callable[[], None], interval: float) -> None:
+        self.files = files
+        self.changed = changed
+        self.loop = LoopingCall(self._check)
+        self.loop.clock = reactor
+        self.interval = interval
+        self.state: Snapshot = {}
+
+    def startService(self) -> None:
+        super().startService()
+        self.state = snapshot(self.files())
+        self.loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
+
+    def _check(self) -> None:
+        now = snapshot(self.files())
+        if now != self.state:
+            self.changed()
+            self.state = snapshot(self.files())
