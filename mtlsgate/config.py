@@ -68,11 +68,42 @@ class Route:
     preserve_host_header: bool = False
     timeout: float = 30.0
     connect_timeout: float = 10.0
+    max_body_size: int | None = None  # bytes; None: unlimited
 
     @property
     def name(self) -> str:
         """A short label for logs and metrics."""
         return self.host + self.prefix
+
+
+@attrs.frozen
+class Limits:
+    """Bounds on every phase of a client connection (nginx's timeouts and buffer limits)."""
+
+    handshake_timeout: float = 10.0
+    header_timeout: float = 10.0  # from a request's first byte to the end of its headers
+    idle_timeout: float = 60.0  # no bytes in either direction on a connection between/within requests
+    max_connections: int = 10000
+    max_header_count: int = 100
+    max_line_length: int = 8192  # the request line (414 beyond) and each header line (431 beyond)
+    max_header_size: int = 32768  # request line plus all headers (400 beyond)
+
+
+@attrs.frozen
+class HSTS:
+    """Strict-Transport-Security on HTTPS responses (unless the upstream set its own)."""
+
+    max_age: int = 31536000
+    include_subdomains: bool = False
+    preload: bool = False
+
+    def header(self) -> bytes:
+        value = f"max-age={self.max_age}"
+        if self.include_subdomains:
+            value += "; includeSubDomains"
+        if self.preload:
+            value += "; preload"
+        return value.encode("ascii")
 
 
 CHALLENGE_TYPES = ("tls-alpn-01", "http-01", "dns-01")
@@ -112,6 +143,9 @@ class Config:
     access_log: str | None = None  # a file path, "-" for stdout, or None for the twistd log
     access_log_format: str = "combined"  # or "json"
     watch_interval: float | None = 5.0  # None: reload on SIGHUP only
+    limits: Limits = Limits()
+    hsts: HSTS | None = HSTS()
+    strict_permissions: bool = False  # refuse (rather than warn about) private keys readable by others
     autocert: Autocert | None = None
     source: str | None = attrs.field(default=None, eq=False)  # the YAML file it came from
 
@@ -262,7 +296,7 @@ def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
 _ROUTE_KEYS = (
     "from", "prefix", "to", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file",
     "tls_server_name", "tls_skip_verify", "allow_client", "forward_client_cert",
-    "preserve_host_header", "timeout", "connect_timeout",
+    "preserve_host_header", "timeout", "connect_timeout", "max_body_size",
 )  # fmt: skip
 
 
@@ -327,13 +361,78 @@ def _route(data: Any, key: str) -> Route:
         preserve_host_header=_boolean(data.get("preserve_host_header", False), f"{key}.preserve_host_header"),
         timeout=parse_duration(data.get("timeout", 30), f"{key}.timeout"),
         connect_timeout=parse_duration(data.get("connect_timeout", 10), f"{key}.connect_timeout"),
+        max_body_size=None if data.get("max_body_size") is None else parse_size(data["max_body_size"], f"{key}.max_body_size"),
     )
 
 
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
+    "limits", "hsts", "strict_permissions",
 )  # fmt: skip
+
+_LIMIT_KEYS = tuple(f.name for f in attrs.fields(Limits))
+_HSTS_KEYS = ("max_age", "include_subdomains", "preload")
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgKMG]i?[bB]?|[bB])?\s*$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Bytes from C{1048576}, C{"512k"}, C{"10m"}, C{"1g"} (binary units, as nginx's)."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size like 10m, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ConfigError(key, f"expected a size like 8192, 512k, 10m or 1g, got {value!r}")
+        size = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "")[:1].lower()]
+    if size <= 0:
+        raise ConfigError(key, f"must be positive, got {value!r}")
+    return size
+
+
+def _count(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(key, f"expected a positive whole number, got {value!r}")
+    return value
+
+
+def _limits(data: Any, key: str) -> Limits:
+    if data is None:
+        return Limits()
+    _check_keys(data, key, _LIMIT_KEYS)
+    defaults = Limits()
+    values: dict[str, Any] = {}
+    for name in _LIMIT_KEYS:
+        if name not in data:
+            continue
+        where = f"{key}.{name}"
+        if name.endswith("timeout"):
+            values[name] = parse_duration(data[name], where)
+        elif name.startswith("max_header_count") or name == "max_connections":
+            values[name] = _count(data[name], where)
+        else:
+            values[name] = parse_size(data[name], where)
+    limits = attrs.evolve(defaults, **values)
+    if limits.max_line_length > limits.max_header_size:
+        raise ConfigError(f"{key}.max_line_length", "cannot exceed max_header_size")
+    return limits
+
+
+def _hsts(data: Any, key: str) -> HSTS | None:
+    if data is None or data is True:
+        return HSTS()
+    if data is False or data == "off":
+        return None
+    _check_keys(data, key, _HSTS_KEYS)
+    max_age = data.get("max_age", "365d")
+    return HSTS(
+        max_age=0 if max_age == 0 else int(parse_duration(max_age, f"{key}.max_age")),
+        include_subdomains=_boolean(data.get("include_subdomains", False), f"{key}.include_subdomains"),
+        preload=_boolean(data.get("preload", False), f"{key}.preload"),
+    )
 
 _AUTOCERT_KEYS = (
     "directory", "email", "domains", "challenges", "dns_hook", "dns_resolver", "ca_file", "eab",
@@ -463,6 +562,9 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         routes=parsed_routes,
         access_log=_string(data.get("access_log"), "access_log"),
         watch_interval=None if data.get("watch_interval") in ("off", False) else parse_duration(data.get("watch_interval", "5s"), "watch_interval"),
+        limits=_limits(data.get("limits"), "limits"),
+        hsts=_hsts(data.get("hsts"), "hsts"),
+        strict_permissions=_boolean(data.get("strict_permissions", False), "strict_permissions"),
         access_log_format=_choice(data.get("access_log_format", "combined"), "access_log_format", ("combined", "json")),
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
         source=source,

@@ -112,7 +112,7 @@ def make_echo_upstream(reactor: Any, address: str, cert: str, key: str | None, c
     server_tls.install(server_tls.build(load_served_certificates([CertificateSpec(cert, key)], None), ClientVerification.load(mtls)))
     site = server.Site(EchoUpstream(reactor))
     site.log = lambda request: None  # type: ignore[method-assign]
-    return _Listener(reactor, address, GatewayTLSFactory(server_tls, site), "echo upstream (mTLS)")
+    return _Listener(reactor, address, GatewayTLSFactory(server_tls, site, reactor), "echo upstream (mTLS)")
 
 
 def prepare_demo(directory: str, port: int = 8443, upstream_port: int = 9443) -> dict[str, Any]:

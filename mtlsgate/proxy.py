@@ -22,7 +22,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from mtlsgate.config import Route
+from mtlsgate.config import HSTS, Limits, Route
 from mtlsgate.headers import client_response_headers, upstream_request_headers
 from mtlsgate.identity import AllowRules, Identity, printable
 from mtlsgate.metrics import GatewayMetrics
@@ -75,19 +75,91 @@ def peer_of(channel: Any) -> Peer:
 # --- the channel and request that stream request bodies ------------------------------------------
 
 
+_STATUS_TEXT = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+
+
 class GatewayChannel(http.HTTPChannel):
     """
     An HTTP/1.1 channel that lets a request with a body be dispatched when its headers arrive, and
     that stops parsing (and closes after the response) when a response ends before the body did.
+
+    It is stricter than twisted.web's on what a gateway must never pass on ambiguously (bare LF line
+    ends, obs-fold, any Transfer-Encoding but C{chunked}), answers over-long request lines and
+    header lines with 414 and 431, and gives a request's headers C{header_timeout} to arrive
+    (slowloris) on top of the idle timeout.
     """
 
     _discarding = False
+    _header_timer: Any = None
+    _tail = b""  # the last bytes of header data seen, to find line ends split across reads
+    limits = Limits()
+
+    def connectionMade(self) -> None:
+        limits = getattr(self.site, "limits", None) or self.limits
+        self.limits = limits
+        self.MAX_LENGTH = limits.max_line_length
+        self.maxHeaders = limits.max_header_count
+        self.totalHeadersSize = limits.max_header_size
+        super().connectionMade()
+
+    def _refuse(self, code: int, reason: str) -> None:
+        """Answer a malformed or abusive request ourselves and close: nothing goes upstream."""
+        self._cancel_header_timer()
+        peer = self.transport.getPeer() if self.transport is not None else None
+        log.info("refused a request from {peer} with {code}: {reason}", peer=getattr(peer, "host", peer), code=code, reason=reason)
+        body = reason.encode("ascii", "replace") + b"\n"
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (code, _STATUS_TEXT[code], len(body), body)
+        )
+        self.stopParsing()
+        self.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._receivedHeaderCount > self.maxHeaders:
+            self._refuse(431, f"more than {self.maxHeaders} header fields")
+        elif self._receivedHeaderSize > self.totalHeadersSize:
+            self._refuse(431, f"request line and headers larger than {self.totalHeadersSize} bytes")
+        else:
+            self._refuse(400, "malformed request")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+            self._refuse(414, f"request line longer than {self.MAX_LENGTH} bytes")
+        else:
+            self._refuse(431, f"a header line is longer than {self.MAX_LENGTH} bytes")
+
+    def _start_header_timer(self) -> None:
+        if self._header_timer is None and self.limits.header_timeout:
+            self._header_timer = self.callLater(self.limits.header_timeout, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        self._refuse(408, f"request headers not complete within {self.limits.header_timeout:g}s")
+
+    def headerReceived(self, line: bytes) -> bool:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            self._refuse(400, "only 'Transfer-Encoding: chunked' is accepted")
+            return False
+        return super().headerReceived(line)
 
     def allHeadersReceived(self) -> None:
+        self._cancel_header_timer()
         super().allHeadersReceived()
         request = self.requests[-1]
         if request.body is not None:
             request.dispatch(self._command, self._path, self._version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_header_timer()
+        super().connectionLost(reason)
 
     def stopParsing(self) -> None:
         """Ignore the rest of the client's input; the connection closes once the response is done."""
@@ -95,12 +167,26 @@ class GatewayChannel(http.HTTPChannel):
         self.persistent = False
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._discarding:
-            super().dataReceived(data)
+        if self._discarding:
+            return
+        if self.line_mode and not self._handlingRequest:
+            self._start_header_timer()
+            seen = self._tail + data
+            end = seen.find(b"\r\n\r\n")
+            head = data if end == -1 else data[: max(0, end + 4 - len(self._tail))]  # the body may hold any bytes
+            if _has_bare_lf(self._tail[-1:], head):
+                self._refuse(400, "bare LF line ending (CRLF required)")
+                return
+            self._tail = seen[-3:]
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if not self._discarding:
-            super().lineReceived(line)
+        if self._discarding:
+            return
+        if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+            self._refuse(400, "obsolete line folding in a header")
+            return
+        super().lineReceived(line)
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._discarding:
@@ -109,6 +195,21 @@ class GatewayChannel(http.HTTPChannel):
     def allContentReceived(self) -> None:
         if not self._discarding:
             super().allContentReceived()
+
+
+def _has_bare_lf(previous: bytes, data: bytes) -> bool:
+    """Whether C{data} has an LF not preceded by CR; C{previous} is the byte before it, if any."""
+    start = 0
+    while (i := data.find(b"\n", start)) != -1:
+        before = data[i - 1 : i] if i else previous
+        if before != b"\r":
+            return True
+        start = i + 1
+    return False
+
+
+class BodyTooLarge(Exception):
+    """The client sent more than the route allows."""
 
 
 @implementer(IBodyProducer)
@@ -131,10 +232,17 @@ class RequestBody:
         self.started = False
         self.complete = False
         self.stopped = False
+        self.limit: int | None = None
+        self.received = 0
+        self.too_large = False
 
     def write(self, data: bytes) -> None:
         """A chunk from the client."""
-        if self.stopped:
+        if self.stopped or self.too_large:
+            return
+        self.received += len(data)
+        if self.limit is not None and self.received > self.limit:
+            self._overflow()
             return
         if self._consumer is not None and not self._paused and not self._chunks:
             self._consumer.write(data)
@@ -150,12 +258,23 @@ class RequestBody:
         self.complete = True
         self._flush()
 
+    def _overflow(self) -> None:
+        """More than the route's max_body_size: fail the upstream request (the client gets 413)."""
+        self.too_large = True
+        self._chunks.clear()
+        self._buffered = 0
+        if self._done is not None:
+            done, self._done = self._done, None
+            done.errback(BodyTooLarge(self.limit))
+
     def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        if self.too_large:
+            return defer.fail(BodyTooLarge(self.limit))
         self.started = True
         self._consumer = consumer
-        self._done = defer.Deferred()
-        self._flush()
-        return self._done
+        done = self._done = defer.Deferred()
+        self._flush()  # may fire it at once, when the whole body is already here
+        return done
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -201,7 +320,7 @@ class GatewayRequest(server.Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         assert self.body is not None
-        self.body.write(data)
+        self.body.write(data)  # past the route's limit, dropped; the 413 stops parsing (see finish)
 
     def dispatch(self, command: bytes, path: bytes, version: bytes) -> None:
         """Start handling now, before the body has arrived."""
@@ -227,11 +346,15 @@ class GatewayRequest(server.Request):
 
 
 class GatewaySite(server.Site):
-    """A Site that builds L{GatewayChannel}s and leaves access logging to the proxy."""
+    """A Site that builds L{GatewayChannel}s (with C{limits}) and leaves access logging to the proxy."""
 
     protocol = GatewayChannel
     requestFactory = GatewayRequest
     displayTracebacks = False
+
+    def __init__(self, resource: Resource, limits: Limits = Limits()) -> None:
+        super().__init__(resource, timeout=limits.idle_timeout)
+        self.limits = limits
 
     def log(self, request: Any) -> None:
         pass
@@ -295,6 +418,7 @@ class ProxyState:
     routes: RouteTable[RouteEntry]
     global_rules: AllowRules
     require_client_certificate: bool
+    hsts: HSTS | None = None
 
 
 class _Exchange:
@@ -338,6 +462,9 @@ class _Exchange:
     def _failed(self, failure: Failure, targets: list[str], headers: Any) -> None:
         self.pending = None
         if self.client_gone:
+            return
+        if self.request.body is not None and self.request.body.too_large:
+            self._error(413, "request body too large", f"more than {self.entry.route.max_body_size} bytes")
             return
         body_started = self.request.body is not None and self.request.body.started
         if failure.check(ConnectError) and len(targets) > 1 and not body_started and not self.timed_out:
@@ -487,10 +614,15 @@ class ProxyResource(Resource):
 
     def render(self, request: GatewayRequest) -> Any:
         state = self.state
-        host = (request.getHeader(b"host") or b"").decode("ascii", "replace")
+        if state.hsts is not None and request.isSecure():
+            request.setHeader(b"strict-transport-security", state.hsts.header())
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        host = hosts[0].decode("ascii", "replace") if hosts else ""
         path = request.uri.decode("ascii", "replace")
         peer = peer_of(request.channel)
         problem = request_target_problem(path)
+        if len(hosts) > 1 or (not hosts and request.clientproto != b"HTTP/1.0"):
+            problem = "exactly one Host header is required"
         if problem is not None:
             return self._answer(request, peer, "-", 400, problem)
         entry = state.routes.lookup(host, path)
@@ -503,6 +635,12 @@ class ProxyResource(Resource):
                 client=request.getClientAddress().host, identity=peer.label, route=entry.route.name, reason=refusal,
             )
             return self._answer(request, peer, entry.route.name, 403, f"client certificate {refusal}")
+        limit = entry.route.max_body_size
+        if limit is not None and request.body is not None:
+            if request.body.length is not UNKNOWN_LENGTH and request.body.length > limit:
+                request.channel.stopParsing()
+                return self._answer(request, peer, entry.route.name, 413, f"request body larger than {limit} bytes")
+            request.body.limit = limit
         _Exchange(self.reactor, request, entry, peer, self.metrics).start()
         return server.NOT_DONE_YET
 

@@ -19,7 +19,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mtlsgate import pki
-from mtlsgate.config import CertificateSpec, DownstreamMTLS
+from mtlsgate.config import CertificateSpec, DownstreamMTLS, Limits
 from mtlsgate.metrics import GatewayMetrics
 
 log = Logger(namespace="mtlsgate.tls")
@@ -303,19 +303,43 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
     """
 
     _counted = False
+    _handshake_timer: Any = None
+
+    _open = False
 
     def connectionMade(self) -> None:
-        self.factory.metrics.connection_opened()
+        if self._open:  # TLSMemoryBIOProtocol.makeConnection ends up here twice
+            return super().connectionMade()
+        self._open = True
+        self.factory.connection_opened()
+        timeout = self.factory.limits.handshake_timeout
+        if timeout:
+            self._handshake_timer = self.factory.reactor.callLater(timeout, self._handshake_too_slow)
         super().connectionMade()
 
+    def _handshake_too_slow(self) -> None:
+        self._handshake_timer = None
+        if not self._handshakeDone:
+            peer = self.transport.getPeer() if self.transport is not None else None
+            log.info("TLS handshake with {peer} not done within {timeout:g}s; closing", peer=getattr(peer, "host", peer), timeout=self.factory.limits.handshake_timeout)
+            self._counted = True
+            self.factory.metrics.handshake("failed", "timeout")
+            self.abortConnection()
+
     def connectionLost(self, reason):  # type: ignore[no-untyped-def]
-        self.factory.metrics.connection_closed()
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        if self._open:
+            self._open = False
+            self.factory.connection_closed()
         super().connectionLost(reason)
 
     def _checkHandshakeStatus(self) -> None:
         super()._checkHandshakeStatus()
         if self._handshakeDone and not self._counted:
             self._counted = True
+            if self._handshake_timer is not None and self._handshake_timer.active():
+                self._handshake_timer.cancel()
             failure = getattr(self._tlsConnection, "verify_failure", None)
             if failure is None:
                 self.factory.metrics.handshake("ok")
@@ -365,6 +389,32 @@ class GatewayTLSFactory(TLSMemoryBIOFactory):
 
     protocol = _HandshakeLoggingTLSProtocol
 
-    def __init__(self, creator: ServerTLS, wrapped: object, clock: object = None, metrics: GatewayMetrics | None = None) -> None:
-        super().__init__(creator, False, wrapped, clock)  # type: ignore[arg-type]
+    def __init__(
+        self, creator: ServerTLS, wrapped: object, reactor: Any, metrics: GatewayMetrics | None = None, limits: Limits = Limits(),
+    ) -> None:  # fmt: skip
+        super().__init__(creator, False, wrapped, reactor)  # type: ignore[arg-type]
+        self.reactor = reactor
         self.metrics = metrics or GatewayMetrics()
+        self.limits = limits
+        self.open_connections = 0
+        self._refused_since_warning = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """Refuse connections beyond C{max_connections}: a flood degrades to refusals, not to memory exhaustion."""
+        if self.open_connections >= self.limits.max_connections:
+            self._refused_since_warning += 1
+            if self._refused_since_warning == 1 or self._refused_since_warning % 1000 == 0:
+                log.warn("{n} connection(s) refused: at max_connections ({limit})", n=self._refused_since_warning, limit=self.limits.max_connections)
+            self.metrics.handshake("refused", "max_connections")
+            return None
+        return super().buildProtocol(addr)
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+        self.metrics.connection_opened()
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+        self.metrics.connection_closed()
+        if self.open_connections < self.limits.max_connections and self._refused_since_warning:
+            self._refused_since_warning = 0
