@@ -8,6 +8,7 @@ built completely beside the old one and swapped in one step, or not at all.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from datetime import datetime, timezone
@@ -51,8 +52,32 @@ class World:
     upstreams: tuple[UpstreamGroup, ...]
 
 
+def private_key_files(config: Config) -> list[str]:
+    """Every file holding a private key the configuration reads."""
+    files = [spec.key or spec.cert for spec in config.certificates]
+    if config.certs_dir and os.path.isdir(config.certs_dir):
+        files += [os.path.join(config.certs_dir, n) for n in sorted(os.listdir(config.certs_dir)) if n.endswith((".pem", ".key"))]
+    files += [route.tls_client_key_file or route.tls_client_cert_file for route in config.routes if route.tls_client_cert_file]  # type: ignore[misc]
+    return sorted(set(files))
+
+
+def check_key_permissions(config: Config) -> None:
+    """Warn about private keys that group or others can read; with strict_permissions, refuse them."""
+    for path in private_key_files(config):
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            continue  # reported by whatever loads it
+        if mode & 0o077:
+            problem = f"{path}: private key file is readable by group or others (mode {mode:04o}); chmod 600 it"
+            if config.strict_permissions:
+                raise PKIError(f"{problem} (strict_permissions is on)")
+            log.warn("{problem}", problem=problem)
+
+
 def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
     """Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem."""
+    check_key_permissions(config)
     verification = ClientVerification.load(config.downstream_mtls)
     certificates = server_tls.build(served_certificates(config), verification)
     entries = []
@@ -63,6 +88,7 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
         routes=table,
         global_rules=config.allow_client,
         require_client_certificate=config.downstream_mtls.client_auth == "require",
+        hsts=config.hsts,
     )
     return World(config=config, verification=verification, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries))
 
@@ -143,10 +169,11 @@ class GatewayService(MultiService):
         server_tls.install(world.certificates)
         self.metrics = GatewayMetrics(self._expiries)
         self.resource = ProxyResource(reactor, world.proxy, self.metrics)
-        site = GatewaySite(self.resource)
-        site.reactor = reactor
         config = world.config
-        self.https = _Listener(reactor, config.address, GatewayTLSFactory(server_tls, site, metrics=self.metrics), "HTTPS")
+        site = GatewaySite(self.resource, config.limits)
+        site.reactor = reactor
+        tls_factory = GatewayTLSFactory(server_tls, site, reactor, metrics=self.metrics, limits=config.limits)
+        self.https = _Listener(reactor, config.address, tls_factory, "HTTPS")
         self.https.setServiceParent(self)
         self.listeners = [self.https]
         self.autocert: AcmeIssuingService | None = None

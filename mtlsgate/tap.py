@@ -27,6 +27,7 @@ _FLAG_FOR_KEY = {
     "routes": "--route/--upstream-*/--timeout",
     "access_log": "--access-log",
     "access_log_format": "--access-log-format",
+    "strict_permissions": "--strict-permissions",
     "autocert": "--acme-*",
 }
 
@@ -53,6 +54,7 @@ class Options(usage.Options):
     optFlags = [
         ["upstream-skip-verify", None, "Do not verify upstream certificates (insecure; warned at start-up)."],
         ["preserve-host", None, "Send the client's Host header upstream instead of the upstream's."],
+        ["strict-permissions", None, "Refuse private key files readable by group or others (default: warn)."],
     ]
     optParameters = [
         ["config", "c", None, "A YAML configuration file (see docs/configuration.md)."],
@@ -161,6 +163,8 @@ class Options(usage.Options):
             if self[f"allow-{flag}"]}  # fmt: skip
         if allow:
             put("allow_client", allow)
+        if self["strict-permissions"]:
+            put("strict_permissions", True)
         if self["route"]:
             put("routes", [self._route(host, prefix, urls) for host, prefix, urls in self["route"]])
         autocert = dict(data.get("autocert") or {})

@@ -160,3 +160,19 @@ def test_bad_config_file_exits_non_zero_naming_the_key(pki, tmp_path, mutate, ex
     assert expected in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "BEGIN" not in result.stdout + result.stderr  # no key material in errors
+
+
+def test_a_private_key_readable_by_others_is_warned_about_or_refused(start_gateway, pki, echo_upstream, tmp_path):
+    import shutil
+
+    key = tmp_path / "loose-key.pem"
+    shutil.copy(pki["gateway"][1], key)
+    key.chmod(0o644)
+    args = gateway_args(pki, echo_upstream)
+    args[args.index(pki["gateway"][1])] = str(key)
+    gateway = start_gateway(args)
+    assert "loose-key.pem: private key file is readable by group or others (mode 0644)" in gateway.proc.wait_for_log("chmod 600")
+    refused = run_python_twistd_check([*args, "--strict-permissions"], tmp_path)
+    assert refused.returncode != 0
+    assert "strict_permissions is on" in refused.stderr + refused.stdout
+    assert "BEGIN" not in refused.stderr + refused.stdout
