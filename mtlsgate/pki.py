@@ -174,6 +174,15 @@ def fingerprint_sha256(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+def is_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether C{issuer} names C{cert}'s issuer and its key made C{cert}'s signature (a self-signed one issues itself)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
 def private_key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
@@ -429,6 +438,17 @@ class DevCA:
 
     def crl(self, revoked: Sequence[x509.Certificate] = (), days: int = 7) -> x509.CertificateRevocationList:
         """A CRL signed by this CA listing C{revoked}, each of which this CA must have issued."""
+        for cert in revoked:
+            if cert.issuer != self.certificate.subject:
+                raise PKIError(f"cannot revoke {cert.subject.rfc4514_string()!r}: not issued by {self.certificate.subject.rfc4514_string()!r}")
+        revoked_at = _now() - _BACKDATE
+        return self.crl_for_serials([(cert.serial_number, revoked_at) for cert in revoked], days=days)
+
+    def crl_for_serials(self, entries: Sequence[tuple[int, datetime]], days: int = 7) -> x509.CertificateRevocationList:
+        """
+        A CRL signed by this CA listing C{(serial, revocation time)} entries: what C{mtlsgate ca crl}
+        needs, since it keeps serials rather than the revoked certificates themselves.
+        """
         now = _now()
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -438,10 +458,8 @@ class DevCA:
             .add_extension(x509.CRLNumber(time.time_ns() // 1000), critical=False)  # increases with every CRL
             .add_extension(_authority_key_identifier(self.certificate), critical=False)
         )
-        for cert in revoked:
-            if cert.issuer != self.certificate.subject:
-                raise PKIError(f"cannot revoke {cert.subject.rfc4514_string()!r}: not issued by {self.certificate.subject.rfc4514_string()!r}")
-            entry = x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(now - _BACKDATE).build()
+        for serial, revoked_at in entries:
+            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revoked_at).build()
             builder = builder.add_revoked_certificate(entry)
         return builder.sign(self.key, _signature_hash(self.key, None))  # type: ignore[arg-type]
 

@@ -6,7 +6,7 @@ from mtlsgate.summary import routes_table, table
 
 
 def test_table_aligns_columns():
-    assert table(("a", "bb"), [("xxx", "y")]) == "a    bb\nxxx  y"
+    assert table(("a", "bb"), [("xxx", "y")]) == "A    BB\nxxx  y"
 
 
 def test_routes_table_shows_rules_and_upstream_tls():
@@ -16,6 +16,6 @@ def test_routes_table_shows_rules_and_upstream_tls():
         Route(host="*", to=("http://127.0.0.1:9000",)),
     ]
     text = routes_table(routes)
-    assert "cn in {alice}" in text and "ca=up.pem" in text
-    assert "skip-verify!" in text and "plain http" in text
-    assert text.splitlines()[0].split() == ["host", "prefix", "upstreams", "clients", "upstream", "TLS"]
+    assert "cn in {alice}" in text and "CA up.pem" in text
+    assert "skip-verify!" in text and "none (http://)" in text
+    assert text.splitlines()[0].split() == ["HOST", "PREFIX", "UPSTREAMS", "CLIENT", "RULES", "UPSTREAM", "TLS"]
