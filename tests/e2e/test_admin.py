@@ -41,7 +41,7 @@ def test_health_and_readiness(start_gateway, pki, echo_upstream):
 
 
 def test_readiness_fails_while_autocert_has_nothing_to_serve(start_gateway, tmp_path):
-    admin, https = free_port(), free_port()
+    admin = free_port()
     dead = f"https://127.0.0.1:{free_port()}/dir"
     start_gateway(
         ["--admin", f"tcp:{admin}", "--certs-dir", str(tmp_path / "certs"), "--acme-directory", dead, "--acme-domain", "ready.example.test"],

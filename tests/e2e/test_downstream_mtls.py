@@ -36,7 +36,7 @@ def test_valid_client_certificate_is_proxied_to_the_upstream(gateway, pki):
 def test_bad_client_certificate_fails_the_handshake_with_a_logged_reason(gateway, pki, who, reason):
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         https_request(gateway.port, "/", ca=pki["ca"], cert=pki[who] if who else None)
-    log = gateway.proc.wait_for_log("TLS handshake with" if reason is None else f"refused client certificate from 127.0.0.1")
+    log = gateway.proc.wait_for_log("TLS handshake with" if reason is None else "refused client certificate from 127.0.0.1")
     if reason is not None:
         assert reason in log
 

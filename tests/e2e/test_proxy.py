@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
-import textwrap
 
 import pytest
 import yaml
