@@ -1,0 +1,58 @@
+"""Header hygiene, property-based: whatever a client sends, nothing it says about identity or hops goes upstream."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.web.http_headers import Headers
+
+from mtlsgate.headers import FRAMING, GATEWAY_OWNED, HOP_BY_HOP, client_response_headers, upstream_request_headers
+
+_SPECIAL = sorted(HOP_BY_HOP | FRAMING | GATEWAY_OWNED | {b"host", b"x-custom", b"authorization"})
+_TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12).map(str.encode)
+_NAME = st.one_of(st.sampled_from(_SPECIAL), _TOKEN).flatmap(
+    lambda name: st.sampled_from([name, name.upper(), name.title()])  # any case
+)
+_VALUE = st.binary(min_size=0, max_size=40).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b""))
+
+
+def _headers(pairs: list[tuple[bytes, bytes]], connection: list[bytes]) -> Headers:
+    headers = Headers()
+    for name, value in pairs:
+        headers.addRawHeader(name, value)
+    if connection:
+        headers.addRawHeader(b"Connection", b", ".join(connection))
+    return headers
+
+
+@given(pairs=st.lists(st.tuples(_NAME, _VALUE), max_size=20), connection=st.lists(_TOKEN, max_size=4), preserve=st.booleans())
+def test_nothing_hop_by_hop_or_identity_bearing_from_the_client_goes_upstream(pairs, connection, preserve):
+    incoming = _headers(pairs, connection)
+    out = upstream_request_headers(
+        incoming, client_ip="192.0.2.7", proto="https", identity=None, forward_client_cert=True, preserve_host=preserve
+    )
+    names = {name.lower() for name, _ in out.getAllRawHeaders()}
+    assert not names & HOP_BY_HOP
+    assert not names & FRAMING
+    assert not names & {t.lower() for t in connection} - {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+    assert out.getRawHeaders(b"x-forwarded-for") == [b"192.0.2.7"]
+    assert out.getRawHeaders(b"x-forwarded-proto") == [b"https"]
+    assert not out.hasHeader(b"x-forwarded-client-cert")  # no verified identity: no XFCC at all, never the client's
+    for owned in GATEWAY_OWNED - {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}:
+        assert not out.hasHeader(owned)
+    hosts = incoming.getRawHeaders(b"host")
+    assert out.getRawHeaders(b"x-forwarded-host") == ([hosts[0]] if hosts else None)
+    if not preserve:
+        assert not out.hasHeader(b"host")
+
+
+@given(pairs=st.lists(st.tuples(_NAME, _VALUE), max_size=20), connection=st.lists(_TOKEN, max_size=4))
+def test_responses_lose_hop_by_hop_and_framing_and_keep_the_rest(pairs, connection):
+    upstream = _headers(pairs, connection)
+    out = client_response_headers(upstream)
+    names = {name.lower() for name, _ in out.getAllRawHeaders()}
+    dropped = HOP_BY_HOP | FRAMING | {t.lower() for t in connection}
+    assert not names & dropped
+    for name, value in pairs:
+        if name.lower() not in dropped:
+            assert value in out.getRawHeaders(name)
