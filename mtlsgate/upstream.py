@@ -115,7 +115,9 @@ class UpstreamGroup:
         self.targets = route.to
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_per_host
-        self.pool.retryAutomatically = False  # a streamed body cannot be replayed
+        # Twisted retries only idempotent requests without a body, once, when a pooled connection
+        # the upstream had closed fails before any response: safe, and it hides keep-alive races.
+        self.pool.retryAutomatically = True
         self.agent = Agent(reactor, contextFactory=UpstreamTLSPolicy(route), pool=self.pool, connectTimeout=route.connect_timeout)
         self._next = itertools.cycle(range(len(self.targets)))
 

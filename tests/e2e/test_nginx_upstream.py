@@ -22,6 +22,7 @@ pid {dir}/nginx.pid;
 events {{ worker_connections 64; }}
 http {{
     access_log {dir}/access.log;
+    keepalive_timeout 1s;
     client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
     uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
     server {{
@@ -55,3 +56,13 @@ def test_gateway_presents_its_client_certificate_to_nginx(start_gateway, pki, ng
     text = body.decode()
     assert "nginx saw CN=gateway" in text
     assert "spiffe://test/ns/prod/sa/alice" in text
+
+
+def test_the_pool_recovers_when_the_upstream_closes_idle_keepalive_connections(start_gateway, pki, nginx_upstream):
+    import time
+
+    gateway = start_gateway(gateway_args(pki, nginx_upstream))
+    for _ in range(3):
+        status, _, body = https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"])
+        assert status == 200, body
+        time.sleep(1.3)  # past nginx's keepalive_timeout: the pooled connection is closed under the gateway
