@@ -107,13 +107,32 @@ class UpstreamTLSPolicy:
         return _UpstreamConnectionCreator(self._ctx, name, verify=not self.route.tls_skip_verify)
 
 
+class _RetirablePool(HTTPConnectionPool):
+    """
+    A pool that can be retired on reload: idle connections close at once, and connections still
+    carrying a request close when it ends instead of going back into a pool nobody uses.
+    """
+
+    retired = False
+
+    def retire(self) -> Any:
+        self.retired = True
+        return self.closeCachedConnections()
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        if self.retired:
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
+
+
 class UpstreamGroup:
     """A route's upstream URLs, an Agent over a persistent pool, and round-robin order with failover."""
 
     def __init__(self, reactor: Any, route: Route, max_per_host: int = 64) -> None:
         self.route = route
         self.targets = route.to
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = _RetirablePool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_per_host
         # Twisted retries only idempotent requests without a body, once, when a pooled connection
         # the upstream had closed fails before any response: safe, and it hides keep-alive races.
@@ -127,4 +146,5 @@ class UpstreamGroup:
         return list(self.targets[start:] + self.targets[:start])
 
     def close(self) -> Any:
-        return self.pool.closeCachedConnections()
+        """Retire the pool (reload or shutdown): requests in flight finish, then their connections close."""
+        return self.pool.retire()
