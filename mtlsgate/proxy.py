@@ -161,6 +161,19 @@ class GatewayChannel(http.HTTPChannel):
         self._cancel_header_timer()
         super().connectionLost(reason)
 
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        HTTP/1.0 with C{Connection: keep-alive} stays open, as nginx does (twisted.web closes it;
+        ApacheBench and older clients speak 1.0), provided the response turns out to have a
+        Content-Length: L{GatewayRequest.write} decides once the response headers are known.
+        """
+        if version == b"HTTP/1.0":
+            tokens = {t.strip().lower() for v in request.requestHeaders.getRawHeaders(b"connection", []) for t in v.split(b",")}
+            if b"keep-alive" in tokens:
+                request.http10_keepalive = True
+                return True
+        return super().checkPersistence(request, version)
+
     def stopParsing(self) -> None:
         """Ignore the rest of the client's input; the connection closes once the response is done."""
         self._discarding = True
@@ -312,6 +325,15 @@ class GatewayRequest(server.Request):
 
     body: RequestBody | None = None
     _dispatched = False
+    http10_keepalive = False
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.http10_keepalive:
+            if self.responseHeaders.hasHeader(b"content-length") and self.channel is not None and self.channel.persistent:
+                self.responseHeaders.setRawHeaders(b"connection", [b"keep-alive"])
+            elif self.channel is not None:
+                self.channel.persistent = False  # the body will end when the connection does
+        super().write(data)
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()

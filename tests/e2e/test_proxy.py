@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 
 import pytest
 import yaml
@@ -201,3 +202,19 @@ def test_json_access_log_parses_and_carries_the_spiffe_id(start_gateway, pki, ec
     assert first["upstream"].startswith("https://127.0.0.1:")
     assert first["duration_s"] >= 0 and first["size"] > 0
     assert (second["status"], second["route"], second["upstream"]) == (404, "-", "-")
+
+
+def test_http10_keepalive_is_honoured_when_the_length_is_known(gateway, pki):
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.load_cert_chain(*pki["alice"])
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=10), server_hostname="localhost") as s:
+        reader = s.makefile("rb")
+        for n in range(3):
+            s.sendall(b"GET /bytes/10 HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n")
+            assert reader.readline().startswith(b"HTTP/1.0 200"), n
+            headers = {}
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                headers[name.lower()] = value.strip()
+            assert headers["connection"].lower() == "keep-alive"
+            assert len(reader.read(int(headers["content-length"]))) == 10
