@@ -1,0 +1,256 @@
+"""
+mtlsgate beside nginx, doing the identical job on the same machine in the same run.
+
+Both gateways terminate TLS 1.3, require and verify a client certificate, and proxy over kept-alive
+mTLS connections to the same nginx upstream (a fixed 1 KiB and 1 MiB body), setting an
+X-Forwarded-Client-Cert header.  ApacheBench (ab -E, a client certificate) drives both, alternating
+runs (A B A B ...) so machine drift hits both alike; the table shows medians and mtlsgate/nginx
+ratios.  Each side gets one process: mtlsgate has no workers yet, so nginx runs worker_processes 1.
+
+    python bench/run.py            # the full run (a few minutes)
+    python bench/run.py --smoke    # seconds: keeps the harness from rotting (CI)
+
+Needs nginx and ab (apt-get install nginx apache2-utils) and the mtlsgate package importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mtlsgate.pki import DevCA  # noqa: E402
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+NGINX_COMMON = """
+user root;
+daemon off;
+worker_processes 1;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
+    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    ssl_protocols TLSv1.3;
+    keepalive_requests 1000000;
+    {body}
+}}
+"""
+
+UPSTREAM = """
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert}; ssl_certificate_key {key};
+        ssl_client_certificate {ca}; ssl_verify_client on;
+        root {dir}/www;
+        location = /1k {{ default_type text/plain; }}
+        location = /1m {{ default_type application/octet-stream; }}
+    }}
+"""
+
+NGINX_GATEWAY = """
+    upstream backend {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert}; ssl_certificate_key {key};
+        ssl_client_certificate {ca}; ssl_verify_client on;
+        location / {{
+            proxy_pass https://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host localhost;
+            proxy_set_header X-Forwarded-Client-Cert "Hash=$ssl_client_fingerprint;Subject=\\"$ssl_client_s_dn\\"";
+            proxy_ssl_certificate {client_cert}; proxy_ssl_certificate_key {client_key};
+            proxy_ssl_trusted_certificate {ca}; proxy_ssl_verify on; proxy_ssl_name localhost;
+            proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.3;
+        }}
+    }}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"a server exited early ({proc.args[0]}), status {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def start_nginx(directory: Path, body: str, port: int) -> subprocess.Popen:
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX_COMMON.format(dir=directory, body=body))
+    proc = subprocess.Popen([NGINX, "-p", str(directory), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_for(port, proc)
+    return proc
+
+
+def rss_kib(pid: int) -> int:
+    """The resident memory of C{pid} and its children (nginx's workers)."""
+    total = 0
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for p in [str(pid), *children]:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def ab(port: int, path: str, client_pem: Path, *, concurrency: int, requests: int, keepalive: bool) -> dict[str, float]:
+    argv = ["ab", "-q", "-r", "-c", str(concurrency), "-n", str(requests), "-E", str(client_pem), "-f", "TLS1.3"]
+    if keepalive:
+        argv.append("-k")
+    out = subprocess.run([*argv, f"https://127.0.0.1:{port}{path}"], capture_output=True, text=True, timeout=600).stdout
+
+    def number(pattern: str) -> float:
+        match = re.search(pattern, out)
+        return float(match.group(1)) if match else float("nan")
+
+    failed = number(r"Failed requests:\s+(\d+)") + number(r"Non-2xx responses:\s+(\d+)") if "Non-2xx" in out else number(r"Failed requests:\s+(\d+)")
+    return {
+        "rps": number(r"Requests per second:\s+([\d.]+)"),
+        "p50": number(r"\s50%\s+(\d+)"),
+        "p99": number(r"\s99%\s+(\d+)"),
+        "kbps": number(r"Transfer rate:\s+([\d.]+)"),
+        "failed": failed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny numbers, one round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs) and print it")
+    args = parser.parse_args(argv)
+    if not shutil.which("ab") or not os.path.exists(NGINX):
+        print("bench: needs nginx and ab (apt-get install nginx apache2-utils)", file=sys.stderr)
+        return 2
+    rounds = 1 if args.smoke else args.rounds
+    scale = 0.01 if args.smoke else 1.0
+
+    tmp = tempfile.mkdtemp(prefix="mtlsgate-bench-")
+    try:
+        results = run(Path(tmp), rounds, scale)
+    finally:
+        if args.keep:
+            print(f"bench: configs and logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(results, rounds)
+    return 0
+
+
+def run(d: Path, rounds: int, scale: float) -> dict[str, dict[str, list[float]]]:
+    """Start everything in C{d}, measure both sides, stop everything; the figures per side."""
+    if True:
+        ca = DevCA.create(str(d / "ca"), name="bench CA")
+        ca_pem = d / "ca" / "ca.pem"
+        files = {}
+        for name, issued in {
+            "server": ca.issue_server(["localhost", "127.0.0.1"]),
+            "gwclient": ca.issue_client("gateway"),
+            "client": ca.issue_client("alice", uris=["spiffe://bench/alice"]),
+        }.items():
+            issued.write(str(d / f"{name}.pem"), str(d / f"{name}-key.pem"))
+            files[name] = (d / f"{name}.pem", d / f"{name}-key.pem")
+        client_pem = d / "client-combined.pem"
+        client_pem.write_bytes(files["client"][0].read_bytes() + files["client"][1].read_bytes())
+        www = d / "upstream" / "www"
+        www.mkdir(parents=True)
+        (www / "1k").write_bytes(b"x" * 1024)
+        (www / "1m").write_bytes(os.urandom(1024 * 1024))
+
+        procs: list[subprocess.Popen] = []
+        try:
+            up_port, ng_port, mg_port = free_port(), free_port(), free_port()
+            cert, key = files["server"]
+            procs.append(start_nginx(d / "upstream", UPSTREAM.format(port=up_port, cert=cert, key=key, ca=ca_pem, dir=d / "upstream"), up_port))
+            nginx_gw = start_nginx(d / "nginx-gw", NGINX_GATEWAY.format(
+                port=ng_port, upstream=up_port, cert=cert, key=key, ca=ca_pem,
+                client_cert=files["gwclient"][0], client_key=files["gwclient"][1]), ng_port)  # fmt: skip
+            procs.append(nginx_gw)
+            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            mtlsgate = subprocess.Popen(
+                [*TWISTD, "-n", "--pidfile=", "--logfile", str(d / "mtlsgate.log"), "mtlsgate",
+                 "--https", f"tcp:{mg_port}:interface=127.0.0.1", "--cert", str(cert), "--key", str(key),
+                 "--client-ca", str(ca_pem), "--route", f"*=https://127.0.0.1:{up_port}", "--upstream-server-name", "localhost",
+                 "--upstream-ca", str(ca_pem), "--upstream-cert", str(files["gwclient"][0]), "--upstream-key", str(files["gwclient"][1])],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            procs.append(mtlsgate)
+            wait_for(mg_port, mtlsgate)
+            sides = {"mtlsgate": (mg_port, mtlsgate.pid), "nginx": (ng_port, nginx_gw.pid)}
+            results: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+
+            def record(side: str, figure: str, value: float) -> None:
+                results[side].setdefault(figure, []).append(value)
+
+            for side, (port, pid) in sides.items():
+                ab(port, "/1k", client_pem, concurrency=4, requests=max(20, int(2000 * scale)), keepalive=True)  # warm-up
+                record(side, "RSS idle after warm-up (MiB)", rss_kib(pid) / 1024)
+            for _ in range(rounds):
+                for side, (port, pid) in sides.items():
+                    for c, n in ((1, 2000), (32, 10000)):
+                        r = ab(port, "/1k", client_pem, concurrency=c, requests=max(50, int(n * scale)), keepalive=True)
+                        record(side, f"keep-alive req/s c={c}", r["rps"])
+                        if c == 32:
+                            record(side, "p50 ms c=32", r["p50"])
+                            record(side, "p99 ms c=32", r["p99"])
+                        record(side, "failed requests", r["failed"])
+                    r = ab(port, "/1k", client_pem, concurrency=32, requests=max(64, int(1000 * scale)), keepalive=False)
+                    record(side, "new mTLS connection+request/s c=32", r["rps"])
+                    r = ab(port, "/1m", client_pem, concurrency=4, requests=max(4, int(200 * scale)), keepalive=True)
+                    record(side, "1 MiB responses MB/s", r["kbps"] / 1024)
+                    record(side, "RSS after load (MiB)", rss_kib(pid) / 1024)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    return results
+
+
+def report(results: dict[str, dict[str, list[float]]], rounds: int) -> None:
+    figures = list(results["nginx"])
+    width = max(map(len, figures))
+    print(f"\n{'figure'.ljust(width)}  {'mtlsgate':>10}  {'nginx':>10}  {'ratio':>7}   (medians of {rounds} round(s), 1 process each)")
+    for figure in figures:
+        ours, theirs = statistics.median(results["mtlsgate"][figure]), statistics.median(results["nginx"][figure])
+        ratio = ours / theirs if theirs else float("nan")
+        print(f"{figure.ljust(width)}  {ours:10.1f}  {theirs:10.1f}  {ratio:6.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
