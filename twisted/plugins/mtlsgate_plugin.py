@@ -1,6 +1,11 @@
-"""twistd plugin: C{twistd mtlsgate ...}."""
+"""
+twistd plugins: C{twistd mtlsgate ...} (the gateway), and the C{mtls:} endpoint string for any
+Twisted server (C{twistd web --listen mtls:8443:cert=gate.pem:key=gate-key.pem:client_ca=ca.pem}).
+"""
 
 from twisted.application.service import ServiceMaker
+
+from mtlsgate.endpoint import MTLSEndpointParser
 
 mtlsgate = ServiceMaker(
     "mtlsgate",
@@ -8,3 +13,5 @@ mtlsgate = ServiceMaker(
     "A zero-trust TLS/mTLS gateway: terminate TLS, verify client certificates, proxy to mTLS upstreams.",
     "mtlsgate",
 )
+
+mtlsEndpoint = MTLSEndpointParser()
