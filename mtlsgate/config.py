@@ -140,7 +140,7 @@ class Config:
     downstream_mtls: DownstreamMTLS = DownstreamMTLS()
     allow_client: AllowRules = AllowRules()
     routes: tuple[Route, ...] = ()
-    access_log: str | None = None  # a file path, "-" for stdout, or None for the twistd log
+    access_log: str | None = None  # a file path, "-" for stdout, "off", or None for the twistd log only
     access_log_format: str = "combined"  # or "json"
     watch_interval: float | None = 5.0  # None: reload on SIGHUP only
     limits: Limits = Limits()
@@ -617,7 +617,7 @@ def _relative_to(data: Any, base: str) -> Any:
     """Resolve relative file paths in a config file against the file's own directory."""
     if isinstance(data, dict):
         return {
-            k: (os.path.join(base, v) if k in _PATH_KEYS and isinstance(v, str) and v != "-" else _relative_to(v, base))
+            k: (os.path.join(base, v) if k in _PATH_KEYS and isinstance(v, str) and v not in ("-", "off") else _relative_to(v, base))
             for k, v in data.items()
         }
     if isinstance(data, list):

@@ -441,14 +441,16 @@ class ProxyState:
     global_rules: AllowRules
     require_client_certificate: bool
     hsts: HSTS | None = None
+    log_access: bool = True  # access_log: off turns the per-request event off entirely
 
 
 class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
-    def __init__(self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics) -> None:
+    def __init__(self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics, log_access: bool = True) -> None:
         self.reactor = reactor
         self.metrics = metrics
+        self.log_access = log_access
         self.request = request
         self.entry = entry
         self.peer = peer
@@ -567,7 +569,8 @@ class _Exchange:
 
     def _access(self, status: int, size: int) -> None:
         route = self.entry.route.name
-        write_access_line(self.request, self.peer, route, self.upstream, status, size, self.reactor.seconds() - self.started)
+        if self.log_access:
+            write_access_line(self.request, self.peer, route, self.upstream, status, size, self.reactor.seconds() - self.started)
         self.metrics.request(route, status)
 
 
@@ -630,7 +633,8 @@ class ProxyResource(Resource):
     def _answer(self, request: GatewayRequest, peer: Peer, route: str, code: int, text: str) -> bytes:
         """A response of the gateway's own (no upstream involved), with its access line."""
         body = _plain(request, code, text)
-        write_access_line(request, peer, route, "-", code, len(body), 0.0)
+        if self.state.log_access:
+            write_access_line(request, peer, route, "-", code, len(body), 0.0)
         self.metrics.request(route, code)
         return body
 
@@ -663,7 +667,7 @@ class ProxyResource(Resource):
                 request.channel.stopParsing()
                 return self._answer(request, peer, entry.route.name, 413, f"request body larger than {limit} bytes")
             request.body.limit = limit
-        _Exchange(self.reactor, request, entry, peer, self.metrics).start()
+        _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access).start()
         return server.NOT_DONE_YET
 
     def _refusal(self, peer: Peer, route: Route) -> str | None:

@@ -89,6 +89,7 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
         global_rules=config.allow_client,
         require_client_certificate=config.downstream_mtls.client_auth == "require",
         hsts=config.hsts,
+        log_access=config.access_log != "off",
     )
     return World(config=config, verification=verification, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries))
 
@@ -190,7 +191,7 @@ class GatewayService(MultiService):
             admin_listener = _Listener(reactor, config.admin_address, admin, "admin (/metrics, /healthz, /readyz)")
             admin_listener.setServiceParent(self)
             self.listeners.append(admin_listener)
-        if config.access_log:
+        if config.access_log and config.access_log != "off":
             AccessLogService(config.access_log, config.access_log_format).setServiceParent(self)
         if self.autocert is not None:
             self.autocert.setServiceParent(self)  # after the listeners: validation needs them up

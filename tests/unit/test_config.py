@@ -52,3 +52,13 @@ def test_durations():
     assert parse_duration("2m", "k") == 120
     assert parse_duration(5, "k") == 5
     assert parse_duration("30d", "k") == 30 * 86400
+
+
+def test_access_log_off_is_a_value_not_a_relative_path(tmp_path):
+    from mtlsgate.config import load_config
+
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    path = tmp_path / "gw.yaml"
+    path.write_text(f"certificates: [{{cert: {cert}}}]\naccess_log: 'off'\n")
+    assert load_config(str(path)).access_log == "off"
