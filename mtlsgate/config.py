@@ -86,7 +86,8 @@ class Limits:
     max_connections: int = 10000
     max_header_count: int = 100
     max_line_length: int = 8192  # the request line (414 beyond) and each header line (431 beyond)
-    max_header_size: int = 32768  # request line plus all headers (400 beyond)
+    max_header_size: int = 32768  # request line plus all headers (431 beyond)
+    shutdown_timeout: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
 
 
 @attrs.frozen

@@ -629,6 +629,28 @@ class ProxyResource(Resource):
         self.reactor = reactor
         self.state = state
         self.metrics = metrics or GatewayMetrics()
+        self.in_flight = 0
+        self._drained: list[defer.Deferred[None]] = []
+
+    def drained(self, timeout: float) -> defer.Deferred[None]:
+        """Fires when no proxied request is in flight, or after C{timeout} seconds (shutdown)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.in_flight == 0:
+            d.callback(None)
+            return d
+        log.info("waiting up to {timeout:g}s for {n} request(s) in flight", timeout=timeout, n=self.in_flight)
+        self._drained.append(d)
+        timer = self.reactor.callLater(timeout, lambda: d.called or d.callback(None))
+        d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        return d
+
+    def _finished(self, result: Any) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
 
     def _answer(self, request: GatewayRequest, peer: Peer, route: str, code: int, text: str) -> bytes:
         """A response of the gateway's own (no upstream involved), with its access line."""
@@ -667,6 +689,8 @@ class ProxyResource(Resource):
                 request.channel.stopParsing()
                 return self._answer(request, peer, entry.route.name, 413, f"request body larger than {limit} bytes")
             request.body.limit = limit
+        self.in_flight += 1
+        request.notifyFinish().addBoth(self._finished)
         _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access).start()
         return server.NOT_DONE_YET
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import attrs
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import server
@@ -39,6 +40,8 @@ from mtlsgate.tls import (
 from mtlsgate.upstream import UpstreamGroup
 
 log = Logger(namespace="mtlsgate")
+
+_FLUSH_GRACE = 0.5  # seconds between the last request finishing and the reactor stopping
 
 
 @attrs.frozen
@@ -268,13 +271,18 @@ class GatewayService(MultiService):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
 
     def stopService(self) -> Any:
+        """Stop listening, let requests in flight finish (up to shutdown_timeout), then stop the rest."""
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
-        d = super().stopService()
-        for group in self.world.upstreams:
-            group.close()
-        return d
+        closing = defer.DeferredList([defer.maybeDeferred(listener.stopService) for listener in self.listeners])
+        closing.addCallback(lambda _: self.resource.drained(self.world.config.limits.shutdown_timeout))
+        closing.addCallback(lambda _: defer.DeferredList([defer.maybeDeferred(group.close) for group in self.world.upstreams]))
+        # The last responses may still sit in TLS write buffers (twisted aggregates small writes to
+        # the next reactor turn); the reactor aborts connections once it stops, so give them a moment.
+        closing.addCallback(lambda _: task.deferLater(self.reactor, _FLUSH_GRACE, lambda: None))
+        closing.addCallback(lambda _: super(GatewayService, self).stopService())
+        return closing
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)

@@ -114,3 +114,26 @@ def test_a_new_crl_takes_effect_without_a_signal(start_gateway, pki, echo_upstre
     else:
         raise AssertionError("a revoked certificate got through")
     assert "refused client certificate" in gateway.proc.wait_for_log("revoked")
+
+
+def test_sigterm_lets_a_request_in_flight_finish(start_gateway, pki, echo_upstream):
+    import threading
+    import time
+
+    from tests.conftest import gateway_args
+
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--timeout", "20s"))
+    result: list = []
+    slow = threading.Thread(target=lambda: result.append(https_request(gateway.port, "/slow/2", ca=pki["ca"], cert=pki["alice"])))
+    slow.start()
+    time.sleep(0.7)  # the request is at the upstream now
+    gateway.proc.signal(signal.SIGTERM)
+    gateway.proc.wait_for_log("waiting up to 30s for 1 request(s) in flight")
+    try:  # no new connections once stopping
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=2).close()
+        raise AssertionError("still listening after SIGTERM")
+    except OSError:
+        pass
+    slow.join(20)
+    assert result and result[0][0] == 200
+    assert gateway.proc.popen.wait(20) in (0, -signal.SIGTERM)  # twistd re-raises the signal it stopped on

@@ -13,7 +13,7 @@ REFERENCE = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").
 
 
 def _keys() -> list[str]:
-    return sorted(set(config._TOP_KEYS) | set(config._ROUTE_KEYS) | set(config._ALLOW_KEYS) | set(config._DOWNSTREAM_MTLS_KEYS) | set(config._AUTOCERT_KEYS))
+    return sorted(set(config._TOP_KEYS) | set(config._ROUTE_KEYS) | set(config._ALLOW_KEYS) | set(config._DOWNSTREAM_MTLS_KEYS) | set(config._AUTOCERT_KEYS) | set(config._LIMIT_KEYS))
 
 
 def _flags() -> list[str]:
