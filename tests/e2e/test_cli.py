@@ -82,6 +82,14 @@ def test_init_makes_an_ecdsa_ca_with_a_private_key_and_refuses_to_overwrite_it(t
     assert mode(ca / "ca-key.pem") == 0o600
 
 
+def test_a_ca_key_that_does_not_match_the_ca_certificate_is_one_line_naming_both(tmp_path, ca):
+    ok(mtlsgate(tmp_path, "ca", "init", "--dir", "other"))
+    (ca / "ca-key.pem").write_bytes((tmp_path / "other" / "ca-key.pem").read_bytes())
+    line = one_line_error(mtlsgate(tmp_path, "ca", "issue", "server", "x.example.com", "--dir", "ca"))
+    assert "ca/ca-key.pem" in line and "ca/ca.pem" in line and "does not match" in line
+    assert not (tmp_path / "x.example.com.pem").exists()
+
+
 def test_an_unwritable_dir_fails_with_one_line_and_leaves_nothing(tmp_path):
     (tmp_path / "plain").write_text("a regular file, so nothing can be made under it (even by root)\n")
     line = one_line_error(mtlsgate(tmp_path, "ca", "init", "--dir", "plain/sub"))
