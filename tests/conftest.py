@@ -31,10 +31,19 @@ from mtlsgate.pki import DevCA  # noqa: E402
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, never the same twice in a run (a test often asks for
+    several before any is bound, and the kernel may offer a just-released port again)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0, log: Path | None = None) -> None:

@@ -7,12 +7,13 @@ import ssl
 import pytest
 
 from tests.conftest import admin_get as get
-from tests.conftest import free_port, gateway_args, https_request, scrape
+from tests.conftest import free_port, gateway_args, https_request, scrape, wait_for_port
 
 
 def test_metrics_count_requests_handshakes_and_rejections(start_gateway, pki, echo_upstream):
     admin = free_port()
     gateway = start_gateway(gateway_args(pki, echo_upstream, "--admin", f"tcp:{admin}"))
+    wait_for_port(admin, gateway.proc.popen, log=gateway.proc.log)
     before = scrape(admin)
     assert ("mtlsgate_active_connections", ()) in before
 
@@ -35,7 +36,8 @@ def test_metrics_count_requests_handshakes_and_rejections(start_gateway, pki, ec
 
 def test_health_and_readiness(start_gateway, pki, echo_upstream):
     admin = free_port()
-    start_gateway(gateway_args(pki, echo_upstream, "--admin", f"tcp:{admin}"))
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--admin", f"tcp:{admin}"))
+    wait_for_port(admin, gateway.proc.popen, log=gateway.proc.log)
     assert get(admin, "/healthz") == (200, "ok\n")
     assert get(admin, "/readyz") == (200, "ready\n")
 
@@ -43,9 +45,10 @@ def test_health_and_readiness(start_gateway, pki, echo_upstream):
 def test_readiness_fails_while_autocert_has_nothing_to_serve(start_gateway, tmp_path):
     admin = free_port()
     dead = f"https://127.0.0.1:{free_port()}/dir"
-    start_gateway(
+    gateway = start_gateway(
         ["--admin", f"tcp:{admin}", "--certs-dir", str(tmp_path / "certs"), "--acme-directory", dead, "--acme-domain", "ready.example.test"],
     )  # fmt: skip
+    wait_for_port(admin, gateway.proc.popen, log=gateway.proc.log)
     code, text = get(admin, "/readyz")
     assert code == 503
     assert "no certificate yet" in text

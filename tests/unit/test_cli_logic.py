@@ -16,7 +16,11 @@ from mtlsgate.config import Config, DownstreamMTLS, Route
 from mtlsgate.identity import AllowRules, Identity
 from mtlsgate.pki import DevCA, PKIError, is_issued_by, key_matches_certificate
 
-NOW = datetime.now(timezone.utc)
+
+def _now() -> datetime:
+    """The time now: a module-level constant would be minutes stale by the time a long suite gets here."""
+    return datetime.now(timezone.utc)
+
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def alice(ca):
 
 
 def _valid(ca: DevCA, days: float, before: float = 1) -> x509.Certificate:
-    return ca.issue("x", dns=["x.test"], server=True, not_before=NOW - timedelta(days=before), not_after=NOW + timedelta(days=days)).certificate
+    return ca.issue("x", dns=["x.test"], server=True, not_before=_now() - timedelta(days=before), not_after=_now() + timedelta(days=days)).certificate
 
 
 # --- pki additions ---------------------------------------------------------------------------------
@@ -46,7 +50,7 @@ def test_is_issued_by_checks_the_signature_not_just_the_name(ca, alice):
 
 def test_crl_for_serials_lists_each_serial_with_its_date(ca):
     when = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
-    crl = ca.crl_for_serials([(1234, when), (2**150, NOW)], days=3)
+    crl = ca.crl_for_serials([(1234, when), (2**150, _now())], days=3)
     assert crl.get_revoked_certificate_by_serial_number(1234).revocation_date_utc == when
     assert crl.get_revoked_certificate_by_serial_number(2**150) is not None
     assert crl.is_signature_valid(ca.certificate.public_key())
@@ -148,7 +152,7 @@ def test_write_files_removes_what_it_created_when_a_later_write_fails(tmp_path):
 
 
 def test_revocations_round_trip(tmp_path):
-    entries = [Revocation(serial=0xABC, revoked_at=NOW.replace(microsecond=0), subject="CN=alice"), Revocation(serial=2**159 + 1, revoked_at=NOW.replace(microsecond=0))]
+    entries = [Revocation(serial=0xABC, revoked_at=_now().replace(microsecond=0), subject="CN=alice"), Revocation(serial=2**159 + 1, revoked_at=_now().replace(microsecond=0))]
     path = tmp_path / "revoked.json"
     path.write_bytes(ca_cli.revocations_json(entries))
     assert ca_cli.read_revocations(str(path)) == entries
@@ -192,18 +196,18 @@ def test_route_verdict_is_global_and_route_rules(alice):
 
 
 def test_verification_problems(ca, alice):
-    assert ca_cli.verification_problems([alice.certificate], [ca.certificate], [], NOW) == []
-    assert ca_cli.verification_problems([alice.certificate], [ca.certificate], [ca.crl([alice.certificate])], NOW) == ["revoked"]
-    assert ca_cli.verification_problems([alice.certificate], [ca.certificate], [DevCA.create(name="other").crl()], NOW) == ["no CRL for issuer"]
-    assert ca_cli.verification_problems([alice.certificate], [DevCA.create(name="logic CA").certificate], [], NOW) == ["untrusted issuer"]
+    assert ca_cli.verification_problems([alice.certificate], [ca.certificate], [], _now()) == []
+    assert ca_cli.verification_problems([alice.certificate], [ca.certificate], [ca.crl([alice.certificate])], _now()) == ["revoked"]
+    assert ca_cli.verification_problems([alice.certificate], [ca.certificate], [DevCA.create(name="other").crl()], _now()) == ["no CRL for issuer"]
+    assert ca_cli.verification_problems([alice.certificate], [DevCA.create(name="logic CA").certificate], [], _now()) == ["untrusted issuer"]
     server = ca.issue_server(["s.test"]).certificate
-    assert ca_cli.verification_problems([server], [ca.certificate], [], NOW) == ["not a client certificate (extended key usage)"]
-    assert ca_cli.verification_problems([alice.certificate], [ca.certificate], [], NOW + timedelta(days=100)) == ["expired"]
+    assert ca_cli.verification_problems([server], [ca.certificate], [], _now()) == ["not a client certificate (extended key usage)"]
+    assert ca_cli.verification_problems([alice.certificate], [ca.certificate], [], _now() + timedelta(days=100)) == ["expired"]
     inter = ca.issue_intermediate("logic inter 2")
     leaf = inter.issue_client("deep")
-    assert ca_cli.verification_problems([leaf.certificate, *leaf.chain], [ca.certificate], [], NOW) == []
-    assert ca_cli.verification_problems([leaf.certificate], [ca.certificate], [], NOW) == ["untrusted issuer"]
-    assert ca_cli.verification_problems([leaf.certificate], [inter.certificate], [], NOW) == []  # intermediates are anchors too
+    assert ca_cli.verification_problems([leaf.certificate, *leaf.chain], [ca.certificate], [], _now()) == []
+    assert ca_cli.verification_problems([leaf.certificate], [ca.certificate], [], _now()) == ["untrusted issuer"]
+    assert ca_cli.verification_problems([leaf.certificate], [inter.certificate], [], _now()) == []  # intermediates are anchors too
 
 
 # --- check -----------------------------------------------------------------------------------------
@@ -215,10 +219,10 @@ def test_format_table_aligns_columns_without_trailing_spaces():
 
 
 def test_days_left_rounds_up_and_names_expired(ca):
-    assert summary.days_left(_valid(ca, 10), NOW) == "10"
-    assert summary.days_left(_valid(ca, 0.5), NOW) == "1"
-    assert summary.days_left(_valid(ca, 10), NOW + timedelta(days=11)) == "EXPIRED"
-    assert summary.days_left(_valid(ca, 10, before=-1), NOW) == "not yet valid"
+    assert summary.days_left(_valid(ca, 10), _now()) == "10"
+    assert summary.days_left(_valid(ca, 0.5), _now()) == "1"
+    assert summary.days_left(_valid(ca, 10), _now() + timedelta(days=11)) == "EXPIRED"
+    assert summary.days_left(_valid(ca, 10, before=-1), _now()) == "not yet valid"
 
 
 def test_serial_hex_is_as_openssl_prints_it():
@@ -227,11 +231,11 @@ def test_serial_hex_is_as_openssl_prints_it():
 
 
 def test_validity_findings(ca):
-    assert check.validity_findings("f", _valid(ca, 100), NOW).lines == []
-    assert check.validity_findings("f", _valid(ca, 10), NOW).lines == [("warning", f"f: expires in 10 day(s), on {(NOW + timedelta(days=10)):%Y-%m-%d}")]
-    (level, message), = check.validity_findings("f", _valid(ca, 10), NOW + timedelta(days=12)).lines
+    assert check.validity_findings("f", _valid(ca, 100), _now()).lines == []
+    assert check.validity_findings("f", _valid(ca, 10), _now()).lines == [("warning", f"f: expires in 10 day(s), on {(_now() + timedelta(days=10)):%Y-%m-%d}")]
+    (level, message), = check.validity_findings("f", _valid(ca, 10), _now() + timedelta(days=12)).lines
     assert level == "error" and "f: expired on" in message
-    (level, message), = check.validity_findings("f", _valid(ca, 10, before=-2), NOW).lines
+    (level, message), = check.validity_findings("f", _valid(ca, 10, before=-2), _now()).lines
     assert level == "error" and "not valid until" in message
 
 
@@ -269,7 +273,7 @@ def _checker(tmp_path, ca: DevCA, crls) -> check.Checker:
         downstream_mtls=DownstreamMTLS(ca_file=str(tmp_path / "ca.pem"), crl_file=str(tmp_path / "crl.pem"), client_auth="require"),
         routes=(Route(host="a.test", to=("https://127.0.0.1:9",)),),
     )
-    checker = check.Checker(config, NOW)
+    checker = check.Checker(config, _now())
     checker.run()
     return checker
 
@@ -288,7 +292,7 @@ def test_checker_judges_crls(tmp_path, ca):
 def test_checker_reports_an_expired_crl(tmp_path, ca):
     crl = ca.crl(days=1)
     checker = _checker(tmp_path, ca, [crl])
-    checker.now = NOW + timedelta(days=2)
+    checker.now = _now() + timedelta(days=2)
     checker.findings = check.Findings()
     checker.check_downstream()
     (level, message), = checker.findings.lines
