@@ -52,7 +52,8 @@ class _Bytes:
 
 class EchoUpstream(resource.Resource):
     """
-    Answers C{GET /bytes/N} with N bytes, C{/slow/S} after S seconds, and anything else with a JSON
+    Answers C{GET /bytes/N} with N bytes, C{/slow/S} after S seconds, C{/stall/N} with N bytes of a
+    2N-byte body and then silence, and anything else with a JSON
     echo of the method, path, headers, a hash of the body, and the client certificate it verified.
     """
 
@@ -71,6 +72,10 @@ class EchoUpstream(resource.Resource):
             if request.method == b"HEAD":
                 return b""
             request.registerProducer(_Bytes(request, size), False)
+            return server.NOT_DONE_YET
+        if parts[0] == "stall" and len(parts) == 2 and parts[1].isdigit():
+            request.setHeader(b"content-length", b"%d" % (2 * int(parts[1])))
+            request.write(b"x" * int(parts[1]))  # half the body, then silence
             return server.NOT_DONE_YET
         if parts[0] == "slow" and len(parts) == 2:
             call = self.reactor.callLater(float(parts[1]), self._finish, request)

@@ -386,30 +386,63 @@ class GatewaySite(server.Site):
 
 
 @implementer(IPushProducer)
-class _ResponseRelay(Protocol):
-    """Upstream response body to the client, pausing the upstream when the client reads slowly."""
+class UpstreamStalled(Exception):
+    """The upstream sent nothing for the route's timeout in the middle of a response body."""
 
-    def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None]) -> None:
+
+class _ResponseRelay(Protocol):
+    """
+    Upstream response body to the client, pausing the upstream when the client reads slowly, and
+    cutting off an upstream that goes silent mid-body for C{stall_timeout} seconds (the time the
+    client itself holds things up does not count).
+    """
+
+    def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: Any, stall_timeout: float) -> None:
         self.request = request
         self._done = done
         self.bytes = 0
+        self._reactor = reactor
+        self._stall_timeout = stall_timeout
+        self._stall_timer: Any = None
+        self._stalled = False
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
+        self._watch()
+
+    def _watch(self) -> None:
+        self._unwatch()
+        self._stall_timer = self._reactor.callLater(self._stall_timeout, self._stall)
+
+    def _unwatch(self) -> None:
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        self._stall_timer = None
+
+    def _stall(self) -> None:
+        self._stall_timer = None
+        self._stalled = True
+        self.transport.stopProducing()  # closes the upstream connection; connectionLost follows
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes += len(data)
+        self._watch()
         self.request.write(data)
 
     def connectionLost(self, reason: Failure) -> None:
+        self._unwatch()
         if not self.request._disconnected:
             self.request.unregisterProducer()
+        if self._stalled:
+            reason = Failure(UpstreamStalled(f"no bytes for {self._stall_timeout:g}s in the middle of the response body"))
         self._done(None if reason.check(ResponseDone, http.PotentialDataLoss) else reason)
 
     def pauseProducing(self) -> None:
+        self._unwatch()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self._watch()
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -518,7 +551,7 @@ class _Exchange:
             request.setHeader(b"content-length", b"%d" % response.length)
         if not response.headers.hasHeader(b"server"):
             request.setHeader(b"server", b"mtlsgate")
-        self.relay = _ResponseRelay(request, self._relayed)
+        self.relay = _ResponseRelay(request, self._relayed, self.reactor, self.entry.route.timeout)
         response.deliverBody(self.relay)
 
     def _relayed(self, failure: Failure | None) -> None:

@@ -218,3 +218,23 @@ def test_http10_keepalive_is_honoured_when_the_length_is_known(gateway, pki):
                 headers[name.lower()] = value.strip()
             assert headers["connection"].lower() == "keep-alive"
             assert len(reader.read(int(headers["content-length"]))) == 10
+
+
+def test_an_upstream_that_goes_silent_mid_body_is_cut_off_after_the_route_timeout(gateway, pki):
+    import time
+
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.load_cert_chain(*pki["alice"])
+    started = time.monotonic()
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=15), server_hostname="localhost") as s:
+        s.sendall(b"GET /stall/1000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        received = b""
+        try:
+            while chunk := s.recv(65536):
+                received += chunk
+        except (ssl.SSLError, ConnectionError):
+            pass
+    assert received.startswith(b"HTTP/1.1 200") and b"Content-Length: 2000" in received
+    assert time.monotonic() - started < 10  # cut off, not left hanging: the client sees a short body
+    assert "UpstreamStalled: no bytes for 2s" in gateway.proc.wait_for_log("broke off the response")
+    assert https_request(gateway.port, "/after", ca=pki["ca"], cert=pki["alice"])[0] == 200
