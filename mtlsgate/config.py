@@ -412,9 +412,9 @@ def _limits(data: Any, key: str) -> Limits:
         where = f"{key}.{name}"
         if name.endswith("timeout"):
             values[name] = parse_duration(data[name], where)
-        elif name.startswith("max_header_count") or name == "max_connections":
+        elif name in ("max_header_count", "max_connections"):
             values[name] = _count(data[name], where)
-        else:
+        else:  # the byte sizes: max_line_length, max_header_size
             values[name] = parse_size(data[name], where)
     limits = attrs.evolve(defaults, **values)
     if limits.max_line_length > limits.max_header_size:

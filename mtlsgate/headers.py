@@ -13,7 +13,6 @@ from typing import Iterable
 
 from twisted.web.http_headers import Headers
 
-from mtlsgate.identity import Identity, xfcc_element
 
 HOP_BY_HOP = frozenset(
     b"connection keep-alive proxy-connection proxy-authenticate proxy-authorization te trailer "
@@ -48,11 +47,13 @@ def upstream_request_headers(
     *,
     client_ip: str,
     proto: str,
-    identity: Identity | None,
-    forward_client_cert: bool,
+    xfcc: bytes | None,
     preserve_host: bool,
 ) -> Headers:
-    """The headers to send upstream for a client request that arrived with C{incoming}."""
+    """
+    The headers to send upstream for a client request that arrived with C{incoming}; C{xfcc} is the
+    verified client's X-Forwarded-Client-Cert value (None: the header is not sent at all).
+    """
     drop = HOP_BY_HOP | FRAMING | GATEWAY_OWNED | _connection_tokens(incoming)
     if not preserve_host:
         drop = drop | {b"host"}
@@ -62,8 +63,8 @@ def upstream_request_headers(
     out.setRawHeaders(b"x-forwarded-proto", [proto.encode("ascii")])
     if host:
         out.setRawHeaders(b"x-forwarded-host", [host[0]])
-    if forward_client_cert and identity is not None:
-        out.setRawHeaders(b"x-forwarded-client-cert", [xfcc_element(identity).encode("ascii")])
+    if xfcc is not None:
+        out.setRawHeaders(b"x-forwarded-client-cert", [xfcc])
     return out
 
 

@@ -22,9 +22,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from mtlsgate.config import HSTS, Limits, Route
+from mtlsgate.config import Limits, Route
 from mtlsgate.headers import client_response_headers, upstream_request_headers
-from mtlsgate.identity import AllowRules, Identity, printable
+from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.metrics import GatewayMetrics
 from mtlsgate.routing import RouteTable, normalize_host, request_target_problem
 from mtlsgate.upstream import UpstreamGroup
@@ -45,6 +45,11 @@ class Peer:
 
     identity: Identity | None
     refusal: str | None  # why the presented certificate did not verify (policy enforcement)
+    xfcc: bytes | None = None  # the identity as an X-Forwarded-Client-Cert value, built once per connection
+
+    @classmethod
+    def verified(cls, identity: Identity) -> Peer:
+        return cls(identity=identity, refusal=None, xfcc=xfcc_element(identity).encode("ascii"))
 
     @property
     def label(self) -> str:
@@ -67,7 +72,7 @@ def peer_of(channel: Any) -> Peer:
             if failure is not None:
                 peer = Peer(identity=None, refusal=failure.reason)
             elif certificate is not None:
-                peer = Peer(identity=Identity.from_certificate(certificate), refusal=None)
+                peer = Peer.verified(Identity.from_certificate(certificate))
         channel._mtlsgate_peer = peer
     return peer
 
@@ -473,7 +478,7 @@ class ProxyState:
     routes: RouteTable[RouteEntry]
     global_rules: AllowRules
     require_client_certificate: bool
-    hsts: HSTS | None = None
+    hsts_header: bytes | None = None  # Strict-Transport-Security for HTTPS responses
     log_access: bool = True  # access_log: off turns the per-request event off entirely
 
 
@@ -503,8 +508,7 @@ class _Exchange:
             request.requestHeaders,
             client_ip=request.getClientAddress().host,
             proto="https" if request.isSecure() else "http",
-            identity=self.peer.identity,
-            forward_client_cert=route.forward_client_cert == "xfcc",
+            xfcc=self.peer.xfcc if route.forward_client_cert == "xfcc" else None,
             preserve_host=route.preserve_host_header,
         )
         self._attempt(self.entry.upstreams.order(), headers)
@@ -695,8 +699,8 @@ class ProxyResource(Resource):
 
     def render(self, request: GatewayRequest) -> Any:
         state = self.state
-        if state.hsts is not None and request.isSecure():
-            request.setHeader(b"strict-transport-security", state.hsts.header())
+        if state.hsts_header is not None and request.isSecure():
+            request.setHeader(b"strict-transport-security", state.hsts_header)
         hosts = request.requestHeaders.getRawHeaders(b"host") or []
         host = hosts[0].decode("ascii", "replace") if hosts else ""
         path = request.uri.decode("ascii", "replace")

@@ -91,7 +91,7 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
         routes=table,
         global_rules=config.allow_client,
         require_client_certificate=config.downstream_mtls.client_auth == "require",
-        hsts=config.hsts,
+        hsts_header=config.hsts.header() if config.hsts is not None else None,
         log_access=config.access_log != "off",
     )
     return World(config=config, verification=verification, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries))
@@ -236,7 +236,7 @@ class GatewayService(MultiService):
             if listener.port is None:
                 return f"{listener.what} listener is not listening"
         served = self.world.certificates.served
-        if all(s.source.startswith("(placeholder") for s in served):
+        if all(s.placeholder for s in served):
             return "no certificate yet (autocert has not issued one)"
         now = datetime.now(timezone.utc)
         for s in served:

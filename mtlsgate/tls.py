@@ -81,6 +81,7 @@ class ServedCertificate:
     key: object
     chain: tuple[x509.Certificate, ...]
     source: str
+    placeholder: bool = False  # autocert's stand-in until a real certificate is issued
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -104,7 +105,7 @@ def placeholder_certificate() -> ServedCertificate:
     have some certificate for the CA's TLS-ALPN-01 validator to reach the ALPN callback.
     """
     key, certificate = pki.self_signed("mtlsgate certificate pending (autocert)")
-    return ServedCertificate(key=key, chain=(certificate,), source="(placeholder until autocert issues a certificate)")
+    return ServedCertificate(key=key, chain=(certificate,), source="(placeholder until autocert issues a certificate)", placeholder=True)
 
 
 def load_served_certificates(specs: Sequence[CertificateSpec], certs_dir: str | None) -> list[ServedCertificate]:

@@ -228,7 +228,7 @@ class ACMEClient:
         identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name) for name in names]
         order = messages.NewOrder(identifiers=identifiers)
         if replaces is not None:
-            order = _with_field(order, "replaces", replaces)
+            order = _Extended(order, "replaces", replaces)
         response, body = await self._post(directory["newOrder"], order)
         location = response.headers.getRawHeaders(b"location")
         if not location:
@@ -392,10 +392,6 @@ class _Extended(jose.JSONDeSerializable):
     @classmethod
     def from_json(cls, jobj: Any) -> Any:
         raise NotImplementedError
-
-
-def _with_field(message: jose.JSONDeSerializable, name: str, value: Any) -> jose.JSONDeSerializable:
-    return _Extended(message, name, value)
 
 
 def _problem(content: bytes) -> messages.Error | None:

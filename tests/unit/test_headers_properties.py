@@ -25,20 +25,21 @@ def _headers(pairs: list[tuple[bytes, bytes]], connection: list[bytes]) -> Heade
     return headers
 
 
-@given(pairs=st.lists(st.tuples(_NAME, _VALUE), max_size=20), connection=st.lists(_TOKEN, max_size=4), preserve=st.booleans())
-def test_nothing_hop_by_hop_or_identity_bearing_from_the_client_goes_upstream(pairs, connection, preserve):
+@given(
+    pairs=st.lists(st.tuples(_NAME, _VALUE), max_size=20), connection=st.lists(_TOKEN, max_size=4), preserve=st.booleans(),
+    xfcc=st.sampled_from([None, b'Hash=00ff;Subject="CN=alice"']),
+)  # fmt: skip
+def test_nothing_hop_by_hop_or_identity_bearing_from_the_client_goes_upstream(pairs, connection, preserve, xfcc):
     incoming = _headers(pairs, connection)
-    out = upstream_request_headers(
-        incoming, client_ip="192.0.2.7", proto="https", identity=None, forward_client_cert=True, preserve_host=preserve
-    )
+    out = upstream_request_headers(incoming, client_ip="192.0.2.7", proto="https", xfcc=xfcc, preserve_host=preserve)
     names = {name.lower() for name, _ in out.getAllRawHeaders()}
     assert not names & HOP_BY_HOP
     assert not names & FRAMING
     assert not names & {t.lower() for t in connection} - {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
     assert out.getRawHeaders(b"x-forwarded-for") == [b"192.0.2.7"]
     assert out.getRawHeaders(b"x-forwarded-proto") == [b"https"]
-    assert not out.hasHeader(b"x-forwarded-client-cert")  # no verified identity: no XFCC at all, never the client's
-    for owned in GATEWAY_OWNED - {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}:
+    assert out.getRawHeaders(b"x-forwarded-client-cert") == ([xfcc] if xfcc else None)  # ours or none, never the client's
+    for owned in GATEWAY_OWNED - {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-client-cert"}:
         assert not out.hasHeader(owned)
     hosts = incoming.getRawHeaders(b"host")
     assert out.getRawHeaders(b"x-forwarded-host") == ([hosts[0]] if hosts else None)
