@@ -14,6 +14,7 @@ The access events also reach the twistd log.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import sys
 import threading
@@ -65,6 +66,7 @@ def format_json(event: dict[str, Any]) -> str:
         "route": event["route"],
         "upstream": event["upstream"],
         "duration_s": round(event["duration"], 6),
+        "pid": os.getpid(),
     }
     return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
 
@@ -127,7 +129,8 @@ class AccessLogService(Service):
 
     def _open(self) -> None:
         if self.observer is None:
-            stream = sys.stdout if self.path == "-" else open(self.path, "a", encoding="utf-8")
+            # Line-buffered: one write(2) per line, so workers appending to one file never interleave.
+            stream = sys.stdout if self.path == "-" else open(self.path, "a", encoding="utf-8", buffering=1)
             writer = _Writer(stream)
             writer.start()
             self.observer = AccessLogObserver(writer, self.fmt)

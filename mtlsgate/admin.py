@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
-
-from mtlsgate.metrics import GatewayMetrics
 
 
 class _Text(Resource):
@@ -29,7 +28,7 @@ class _Text(Resource):
         return text.encode("utf-8") + b"\n"
 
 
-def admin_resource(metrics: GatewayMetrics, readiness: Callable[[], str | None]) -> Resource:
+def admin_resource(registry: CollectorRegistry, readiness: Callable[[], str | None]) -> Resource:
     """C{readiness} returns None when ready, else why not (answered with 503)."""
 
     def ready() -> tuple[int, str]:
@@ -37,7 +36,7 @@ def admin_resource(metrics: GatewayMetrics, readiness: Callable[[], str | None])
         return (200, "ready") if problem is None else (503, f"not ready: {problem}")
 
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    root.putChild(b"metrics", MetricsResource(registry=registry))
     root.putChild(b"healthz", _Text(lambda: (200, "ok")))
     root.putChild(b"readyz", _Text(ready))
     return root

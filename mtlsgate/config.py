@@ -18,6 +18,7 @@ import attrs
 import yaml
 
 from mtlsgate.identity import AllowRules
+from mtlsgate.sockets import parse_tcp_listen
 
 
 class ConfigError(Exception):
@@ -148,6 +149,7 @@ class Config:
     hsts: HSTS | None = HSTS()
     strict_permissions: bool = False  # refuse (rather than warn about) private keys readable by others
     autocert: Autocert | None = None
+    workers: int = 1  # processes serving the TLS listener (nginx's worker_processes)
     source: str | None = attrs.field(default=None, eq=False)  # the YAML file it came from
 
 
@@ -369,7 +371,7 @@ def _route(data: Any, key: str) -> Route:
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
-    "limits", "hsts", "strict_permissions",
+    "limits", "hsts", "strict_permissions", "workers",
 )  # fmt: skip
 
 _LIMIT_KEYS = tuple(f.name for f in attrs.fields(Limits))
@@ -568,8 +570,28 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         strict_permissions=_boolean(data.get("strict_permissions", False), "strict_permissions"),
         access_log_format=_choice(data.get("access_log_format", "combined"), "access_log_format", ("combined", "json")),
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
+        workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443")),
         source=source,
     )
+
+
+_MAX_WORKERS = 64
+
+
+def _workers(value: Any, address: Any) -> int:
+    """C{workers}: a count, or C{auto} for one per core; more than one needs a tcp/tcp6 C{address}."""
+    if value == "auto":
+        count = os.cpu_count() or 1
+    elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_WORKERS:
+        raise ConfigError("workers", f"expected a number of processes from 1 to {_MAX_WORKERS}, or auto; got {value!r}")
+    else:
+        count = value
+    if count > 1:
+        try:
+            parse_tcp_listen(address)
+        except ValueError as e:
+            raise ConfigError("address", f"{e} (workers: {value} shares one TCP port between processes)") from None
+    return count
 
 
 def _loopback_by_default(description: str | None) -> str | None:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 #: Upstream latency buckets, seconds: from a loopback hop to a slow backend.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -35,7 +36,10 @@ class GatewayMetrics:
             "mtlsgate_tls_handshakes", "TLS handshakes on the gateway's listener, by result (ok, rejected, failed) and reason.",
             ["result", "reason"], registry=self.registry,
         )  # fmt: skip
-        self.connections = Gauge("mtlsgate_active_connections", "Open client connections on the TLS listener.", registry=self.registry)
+        self.connections = Gauge(
+            "mtlsgate_active_connections", "Open client connections on the TLS listener.", registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.acme_orders = Counter("mtlsgate_acme_orders", "ACME orders, by result (issued, failed).", ["result"], registry=self.registry)
         self.registry.register(_ExpiryCollector(certificates))
 
@@ -56,6 +60,32 @@ class GatewayMetrics:
 
     def acme_order(self, result: str) -> None:
         self.acme_orders.labels(result=result).inc()
+
+
+def worker_group_registry(
+    directory: str, certificates: Callable[[], Iterable[tuple[str, datetime]]], workers: Callable[[], int],
+) -> CollectorRegistry:  # fmt: skip
+    """
+    The parent's view of a worker group: every worker's metrics summed from prometheus_client's
+    multiprocess files in C{directory} (workers run with C{PROMETHEUS_MULTIPROC_DIR} set to it), plus
+    the certificate expiry and the number of workers running.
+    """
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    registry.register(_ExpiryCollector(certificates))
+    registry.register(_WorkersCollector(workers))
+    return registry
+
+
+class _WorkersCollector:
+    def __init__(self, running: Callable[[], int]) -> None:
+        self.running = running
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily("mtlsgate_workers", "Worker processes running.", value=self.running())
 
 
 class _ExpiryCollector:

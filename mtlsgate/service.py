@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -23,7 +24,7 @@ from twisted.web import server
 
 from mtlsgate.accesslog import AccessLogService
 from mtlsgate.admin import admin_resource
-from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, TLSALPN01Responder
+from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, PublishedValidations, TLSALPN01Responder
 from mtlsgate.acme.service import AcmeIssuingService
 from mtlsgate.acme.store import DirectoryStore
 from mtlsgate.config import Config, ConfigError
@@ -42,6 +43,12 @@ from mtlsgate.upstream import UpstreamGroup
 log = Logger(namespace="mtlsgate")
 
 _FLUSH_GRACE = 0.5  # seconds between the last request finishing and the reactor stopping
+_STORE_WATCH_INTERVAL = 5.0  # how often workers without autocert look for new certificates
+
+
+def tls_alpn_publish_dir(certs_dir: str) -> str:
+    """Where the autocert worker publishes TLS-ALPN-01 validation certificates for its siblings."""
+    return os.path.join(certs_dir, ".tls-alpn-01")
 
 
 @attrs.frozen
@@ -105,6 +112,17 @@ def served_certificates(config: Config) -> list[ServedCertificate]:
     return served
 
 
+def certificate_problem(served: Sequence[ServedCertificate]) -> str | None:
+    """Why these certificates cannot serve (none issued yet, one expired), or None."""
+    if all(s.placeholder for s in served):
+        return "no certificate yet (autocert has not issued one)"
+    now = datetime.now(timezone.utc)
+    for s in served:
+        if s.leaf.not_valid_after_utc <= now:
+            return f"certificate {', '.join(s.names)} from {s.source} expired at {s.leaf.not_valid_after_utc.isoformat()}"
+    return None
+
+
 def warn_about(config: Config) -> None:
     """Start-up warnings for settings that weaken security on request."""
     for route in config.routes:
@@ -116,14 +134,32 @@ def warn_about(config: Config) -> None:
         log.warn("client certificates are not requested (client_auth off): the gateway only terminates TLS")
 
 
-class _Listener(Service):
-    """Listens on an endpoint string; binding happens in privilegedStartService (before twistd -u)."""
+@attrs.frozen
+class WorkerRole:
+    """
+    What one process of a worker group does (L{mtlsgate.workers}): it serves the TLS listener the
+    parent bound (C{https_fd}); only one worker holds the HTTP listener and runs autocert, the others
+    pick up what autocert stores by watching C{certs_dir}.
+    """
 
-    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
+    index: int
+    https_fd: int
+    http_fd: int | None = None
+    acme: bool = False
+
+
+class _Listener(Service):
+    """
+    Listens on an endpoint string, or adopts a socket a parent process bound (C{adopt_fd});
+    binding happens in privilegedStartService (before twistd -u).
+    """
+
+    def __init__(self, reactor: Any, description: str, factory: Any, what: str, adopt_fd: int | None = None) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
         self.what = what
+        self.adopt_fd = adopt_fd
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -137,6 +173,13 @@ class _Listener(Service):
             self._listen()
 
     def _listen(self) -> None:
+        if self.adopt_fd is not None:
+            probe = socket.socket(fileno=os.dup(self.adopt_fd))
+            family = probe.family
+            probe.close()
+            self.port = self.reactor.adoptStreamPort(self.adopt_fd, family, self.factory)
+            os.close(self.adopt_fd)  # the port holds a duplicate
+            return
         endpoint = serverFromString(self.reactor, self.description)
         d = endpoint.listen(self.factory)
         result: list[Any] = []
@@ -161,15 +204,26 @@ class _Listener(Service):
         return getattr(self.port.getHost(), "port", None) if self.port is not None else None
 
 
+def admin_listener_for(reactor: Any, address: str, registry: Any, readiness: Callable[[], str | None]) -> _Listener:
+    """The admin listener (C{/metrics}, C{/healthz}, C{/readyz}), not yet started."""
+    admin = server.Site(admin_resource(registry, readiness))
+    admin.log = lambda request: None  # type: ignore[method-assign]
+    return _Listener(reactor, address, admin, "admin (/metrics, /healthz, /readyz)")
+
+
 class GatewayService(MultiService):
     """The gateway: listeners plus the current L{World}, reloadable with L{reload} (SIGHUP)."""
 
-    def __init__(self, reactor: Any, world: World, server_tls: ServerTLS, reload_config: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self, reactor: Any, world: World, server_tls: ServerTLS, reload_config: Callable[[], Config] | None = None,
+        worker: WorkerRole | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.reactor = reactor
         self.server_tls = server_tls
         self.reload_config = reload_config
         self.world = world
+        self.worker = worker
         server_tls.install(world.certificates)
         self.metrics = GatewayMetrics(self._expiries)
         self.resource = ProxyResource(reactor, world.proxy, self.metrics)
@@ -177,21 +231,24 @@ class GatewayService(MultiService):
         site = GatewaySite(self.resource, config.limits)
         site.reactor = reactor
         tls_factory = GatewayTLSFactory(server_tls, site, reactor, metrics=self.metrics, limits=config.limits)
-        self.https = _Listener(reactor, config.address, tls_factory, "HTTPS")
+        self.https = _Listener(reactor, config.address, tls_factory, "HTTPS", worker.https_fd if worker else None)
         self.https.setServiceParent(self)
         self.listeners = [self.https]
         self.autocert: AcmeIssuingService | None = None
-        http01 = self._start_autocert(config) if config.autocert else None
-        if config.http_address:
+        http01 = None
+        if config.autocert is not None:
+            if worker is None or worker.acme:
+                http01 = self._start_autocert(config)
+            else:
+                self._follow_autocert(config)
+        if config.http_address and (worker is None or worker.http_fd is not None):
             redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port, http01))
             redirect.log = lambda request: None  # type: ignore[method-assign]
-            http_listener = _Listener(reactor, config.http_address, redirect, "HTTP (redirect)")
+            http_listener = _Listener(reactor, config.http_address, redirect, "HTTP (redirect)", worker.http_fd if worker else None)
             http_listener.setServiceParent(self)
             self.listeners.append(http_listener)
-        if config.admin_address:
-            admin = server.Site(admin_resource(self.metrics, self.readiness))
-            admin.log = lambda request: None  # type: ignore[method-assign]
-            admin_listener = _Listener(reactor, config.admin_address, admin, "admin (/metrics, /healthz, /readyz)")
+        if config.admin_address and worker is None:  # a worker group's parent serves the admin listener
+            admin_listener = admin_listener_for(reactor, config.admin_address, self.metrics.registry, self.readiness)
             admin_listener.setServiceParent(self)
             self.listeners.append(admin_listener)
         if config.access_log and config.access_log != "off":
@@ -201,6 +258,19 @@ class GatewayService(MultiService):
         if reload_config is not None and config.watch_interval is not None:
             FileWatch(reactor, lambda: watched_files(self.world.config), self._files_changed, config.watch_interval).setServiceParent(self)
         self._previous_hup: Any = None
+
+    def _follow_autocert(self, config: Config) -> None:
+        """A worker without autocert: serve what the autocert worker stores and the validations it publishes."""
+        assert config.autocert is not None and config.certs_dir is not None
+        if "tls-alpn-01" in config.autocert.challenges:
+            self.server_tls.acme_validation = PublishedValidations(tls_alpn_publish_dir(config.certs_dir))
+        certs_dir = config.certs_dir
+
+        def stored() -> list[str]:
+            names = sorted(os.listdir(certs_dir)) if os.path.isdir(certs_dir) else []
+            return [certs_dir] + [os.path.join(certs_dir, n) for n in names if n.endswith(".pem")]
+
+        FileWatch(self.reactor, stored, self.refresh_certificates, config.watch_interval or _STORE_WATCH_INTERVAL).setServiceParent(self)
 
     def _files_changed(self) -> None:
         log.info("configuration or certificate files changed; reloading")
@@ -213,7 +283,7 @@ class GatewayService(MultiService):
         responders: list[Any] = []
         http01 = None
         if "tls-alpn-01" in settings.challenges:
-            alpn = TLSALPN01Responder()
+            alpn = TLSALPN01Responder(tls_alpn_publish_dir(config.certs_dir) if self.worker is not None else None)
             self.server_tls.acme_validation = alpn
             responders.append(alpn)
         if "http-01" in settings.challenges and config.http_address:
@@ -235,14 +305,7 @@ class GatewayService(MultiService):
         for listener in self.listeners:
             if listener.port is None:
                 return f"{listener.what} listener is not listening"
-        served = self.world.certificates.served
-        if all(s.placeholder for s in served):
-            return "no certificate yet (autocert has not issued one)"
-        now = datetime.now(timezone.utc)
-        for s in served:
-            if s.leaf.not_valid_after_utc <= now:
-                return f"certificate {', '.join(s.names)} from {s.source} expired at {s.leaf.not_valid_after_utc.isoformat()}"
-        return None
+        return certificate_problem(self.world.certificates.served)
 
     def refresh_certificates(self) -> None:
         """Re-read the served certificates (autocert stored a new one) and swap them in."""
@@ -314,11 +377,13 @@ class GatewayService(MultiService):
         return True
 
 
-def make_gateway(reactor: Any, config: Config, reload_config: Callable[[], Config] | None = None) -> GatewayService:
+def make_gateway(
+    reactor: Any, config: Config, reload_config: Callable[[], Config] | None = None, worker: WorkerRole | None = None,
+) -> GatewayService:
     """Build the whole gateway service, or raise L{ConfigError}/L{PKIError} before anything listens."""
     server_tls = ServerTLS()
     world = build_world(reactor, config, server_tls)
-    return GatewayService(reactor, world, server_tls, reload_config)
+    return GatewayService(reactor, world, server_tls, reload_config, worker)
 
 
 def fail(message: str) -> None:

@@ -8,12 +8,16 @@ in L{Options.postOptions}: a bad value stops twistd with a one-line usage error 
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from twisted.python import usage
 
 from mtlsgate.config import Config, ConfigError, config_from_mapping, load_config
 from mtlsgate.pki import PKIError
+
+if TYPE_CHECKING:
+    from mtlsgate.service import WorkerRole
 
 # Which flags feed which top-level key, so errors can name the flag the user actually typed.
 _FLAG_FOR_KEY = {
@@ -29,6 +33,7 @@ _FLAG_FOR_KEY = {
     "access_log_format": "--access-log-format",
     "strict_permissions": "--strict-permissions",
     "autocert": "--acme-*",
+    "workers": "--workers",
 }
 
 
@@ -79,6 +84,7 @@ class Options(usage.Options):
         ["acme-email", None, None, "Contact email for the ACME account."],
         ["acme-ca-file", None, None, "CA bundle to trust for the ACME server's HTTPS (private CAs, pebble)."],
         ["acme-dns-hook", None, None, "Executable run as HOOK add|remove FQDN VALUE for dns-01."],
+        ["workers", None, None, "Processes serving the TLS listener: a number, or auto (one per core) [default: 1]."],
     ]
 
     def __init__(self) -> None:
@@ -90,6 +96,14 @@ class Options(usage.Options):
         for name in ("cn", "ou", "dns", "uri", "email", "fingerprint"):
             self[f"allow-{name}"] = []
         self.config: Config | None = None
+        #: Set by L{mtlsgate.worker}: this process is one worker of a group.
+        self.worker: WorkerRole | None = None
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Keep the flags as given: a worker group hands them to every worker."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_cert(self, path: str) -> None:
         """A certificate file (leaf + chain) to serve; repeatable, the first is the default."""
@@ -165,6 +179,8 @@ class Options(usage.Options):
             put("allow_client", allow)
         if self["strict-permissions"]:
             put("strict_permissions", True)
+        if self["workers"] is not None:
+            put("workers", int(self["workers"]) if self["workers"].isdigit() else self["workers"])
         if self["route"]:
             put("routes", [self._route(host, prefix, urls) for host, prefix, urls in self["route"]])
         autocert = dict(data.get("autocert") or {})
@@ -219,9 +235,16 @@ class Options(usage.Options):
             self.config = self.load()
             from twisted.internet import reactor
 
-            from mtlsgate.service import make_gateway
+            from mtlsgate.service import build_world, make_gateway
 
-            self.service = make_gateway(reactor, self.config, self.load)
+            if self.config.workers > 1 and self.worker is None:
+                from mtlsgate.tls import ServerTLS
+                from mtlsgate.workers import WorkerGroup
+
+                build_world(reactor, self.config, ServerTLS())  # every file loads, before any worker starts
+                self.service = WorkerGroup(reactor, self.config, self.argv, self.load)
+            else:
+                self.service = make_gateway(reactor, self.config, self.load, self.worker)
         except (ConfigError, PKIError) as e:
             raise usage.UsageError(str(e)) from None
 

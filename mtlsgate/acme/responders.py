@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any
 
 from cryptography import x509
@@ -73,25 +74,69 @@ def validation_certificate(name: str, key_authorization: str) -> tuple[Any, x509
     return pki.self_signed("ACME TLS-ALPN-01 challenge", [name], [(identifier, True)])
 
 
+_PUBLISHABLE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,252})$")
+
+
+def _published_file(directory: str, server_name: str | None) -> str | None:
+    """Where a validation certificate for C{server_name} is published; None for a name that is not a plain host name."""
+    name = (server_name or "").lower().rstrip(".")
+    if not _PUBLISHABLE_NAME.match(name) or ".." in name:
+        return None
+    return os.path.join(directory, name + ".pem")
+
+
 @implementer(IResponder)
 class TLSALPN01Responder:
-    """Validation certificates by name, for the TLS listener's ALPN callback (L{certificate_for})."""
+    """
+    Validation certificates by name, for the TLS listener's ALPN callback (L{certificate_for}).
+
+    With C{publish_dir}, each one is also written there (0600) while the validation lasts, so that
+    sibling worker processes, which share the TLS port, can present it too (L{PublishedValidations}).
+    """
 
     challenge_type = "tls-alpn-01"
 
-    def __init__(self) -> None:
+    def __init__(self, publish_dir: str | None = None) -> None:
         self._certificates: dict[str, tuple[Any, x509.Certificate]] = {}
+        self.publish_dir = publish_dir
 
     def start_responding(self, name: str, token: str, key_authorization: str) -> None:
-        self._certificates[name.lower()] = validation_certificate(name, key_authorization)
+        key, certificate = self._certificates[name.lower()] = validation_certificate(name, key_authorization)
+        path = _published_file(self.publish_dir, name) if self.publish_dir else None
+        if path is not None:
+            os.makedirs(self.publish_dir, mode=0o700, exist_ok=True)  # type: ignore[arg-type]
+            pki.write_private_file(path, pki.private_key_pem(key) + pki.certificates_pem([certificate]))
 
     def stop_responding(self, name: str, token: str, key_authorization: str) -> None:
         self._certificates.pop(name.lower(), None)
+        path = _published_file(self.publish_dir, name) if self.publish_dir else None
+        if path is not None and os.path.exists(path):
+            os.unlink(path)
 
     def certificate_for(self, server_name: str | None) -> tuple[Any, x509.Certificate] | None:
         if not server_name:
             return None
         return self._certificates.get(server_name.lower().rstrip("."))
+
+
+class PublishedValidations:
+    """
+    The TLS-ALPN-01 validation certificates another worker published (L{TLSALPN01Responder}'s
+    C{publish_dir}).  Read from disk only when a client offers C{acme-tls/1}: a CA's validator, rarely.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def certificate_for(self, server_name: str | None) -> tuple[Any, x509.Certificate] | None:
+        path = _published_file(self.directory, server_name)
+        if path is None or not os.path.exists(path):
+            return None
+        try:
+            key, chain = pki.load_key_and_chain(path)
+        except (OSError, pki.PKIError):
+            return None  # being replaced or removed just now
+        return key, chain[0]
 
 
 class DNSHookError(Exception):

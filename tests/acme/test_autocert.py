@@ -94,6 +94,34 @@ def test_tls_alpn01_is_answered_by_the_mtls_listener_itself(start_pebble, start_
         raise ssl.SSLError("handshake passed without a client certificate")
 
 
+def test_with_workers_one_issues_and_every_worker_serves_the_certificate(start_pebble, start_gateway, tmp_path, pki):
+    """The validator may reach either worker; the worker without autocert picks the certificate up from certs_dir."""
+    import time
+
+    https = free_port()
+    pebble = start_pebble(http_port=free_port(), tls_port=https)
+    config = write_config(
+        tmp_path / "gw.yaml", https=https, certs_dir=tmp_path / "certs",
+        extra={"downstream_mtls": {"ca_file": pki["ca"]}, "workers": 2},
+        **autocert_settings(pebble, domains=["workers.example.test"], challenges=["tls-alpn-01"]),
+    )  # fmt: skip
+    gateway = start_gateway(["--config", str(config)], port=https)
+    gateway.proc.wait_for_log(ISSUED, timeout=60)
+    trust = pebble.root_pem() + pebble.intermediate_pem()
+    deadline = time.monotonic() + 20
+    while True:  # 20 new connections in a row, spread over both workers, all get the issued certificate
+        try:
+            for _ in range(20):
+                served_certificate(https, "workers.example.test", trust, client=pki["alice"])
+            break
+        except ssl.SSLError:
+            assert time.monotonic() < deadline, "a worker still serves the placeholder"
+            time.sleep(0.5)
+    out = gateway.proc.output()
+    assert out.count(ISSUED) == 1 and "[worker-0]" in out and "[worker-1]" in out
+    assert not list((tmp_path / "certs" / ".tls-alpn-01").glob("*.pem"))  # published only while validating
+
+
 def test_dns01_issues_a_wildcard_with_its_apex(start_pebble, start_gateway, tmp_path):
     https = free_port()
     pebble = start_pebble(http_port=free_port(), tls_port=free_port())

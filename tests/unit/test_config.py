@@ -32,6 +32,10 @@ def test_minimal_config_has_strict_defaults(pki):
         ({"routes": [{"from": "https://a", "to": "https://b"}, {"from": "https://a", "to": "https://c"}]}, "routes[1].from", "duplicates"),
         ({"downstream_mtls": {"client_auth": "require"}}, "downstream_mtls.ca_file", "required"),
         ({"downstream_mtls": {"max_verify_depth": 0}}, "downstream_mtls.max_verify_depth", "1 to 16"),
+        ({"workers": 0}, "workers", "from 1 to 64, or auto"),
+        ({"workers": "many"}, "workers", "from 1 to 64, or auto"),
+        ({"workers": 2, "address": "unix:/tmp/gate.sock"}, "address", "only a tcp: or tcp6: listener"),
+        ({"workers": 2, "address": "tcp:8443:reuseport=1"}, "address", "'reuseport' is not supported"),
     ],
 )
 def test_errors_name_the_key(pki, extra, key, words):
@@ -62,3 +66,10 @@ def test_access_log_off_is_a_value_not_a_relative_path(tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text(f"certificates: [{{cert: {cert}}}]\naccess_log: 'off'\n")
     assert load_config(str(path)).access_log == "off"
+
+
+def test_workers_auto_is_one_per_core(pki):
+    import os
+
+    assert config_from_mapping(base(pki)).workers == 1
+    assert config_from_mapping(base(pki, workers="auto")).workers == (os.cpu_count() or 1)

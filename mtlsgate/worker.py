@@ -1,0 +1,69 @@
+"""
+One worker process of a group (L{mtlsgate.workers}), started by the parent as
+C{python -m mtlsgate.worker --index N [--http] [--acme] -- FLAGS...}, where FLAGS are the
+C{twistd mtlsgate} flags the parent was given.
+
+It adopts the listening sockets the parent passed, sends its log events to the parent as JSON, and
+otherwise runs the same L{GatewayService} as a single-process gateway: SIGHUP reloads it, SIGTERM
+drains it.  It dies with its parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent dies, so a killed parent leaves no orphan serving."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's stop still reaches every worker
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mtlsgate.worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--http", action="store_true", help="serve the HTTP listener (fd 5)")
+    parser.add_argument("--acme", action="store_true", help="run autocert")
+    parser.add_argument("flags", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    _die_with_parent()
+    if os.getppid() == 1:
+        sys.exit("mtlsgate worker: the parent is gone")
+
+    from twisted.internet import reactor
+    from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+    from twisted.python import usage
+
+    from mtlsgate.service import WorkerRole
+    from mtlsgate.tap import Options
+    from mtlsgate.workers import EVENTS_FD, HTTP_FD, HTTPS_FD
+
+    events = os.fdopen(EVENTS_FD, "w", encoding="utf-8")
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(events)], redirectStandardIO=False)
+    options = Options()
+    options.worker = WorkerRole(index=args.index, https_fd=HTTPS_FD, http_fd=HTTP_FD if args.http else None, acme=args.acme)
+    try:
+        options.parseOptions(flags)
+    except usage.UsageError as e:
+        sys.exit(f"mtlsgate worker {args.index}: {e}")
+    service = options.service
+    service.privilegedStartService()
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    Logger(namespace="mtlsgate.workers").info(
+        "worker {index} serving (pid {pid})", index=args.index, pid=os.getpid(), mtlsgate_worker_ready=True
+    )
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

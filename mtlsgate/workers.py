@@ -1,0 +1,270 @@
+"""
+C{workers: N}: nginx's master/worker model as a Twisted service.
+
+The parent (the twistd process) binds the listening sockets, so ports below 1024 work with
+C{twistd -u/-g}, and runs no TLS itself.  It starts N worker processes (C{python -m mtlsgate.worker},
+each given its own C{SO_REUSEPORT} socket of the TLS port, see L{mtlsgate.sockets}) and:
+
+- restarts a worker that dies, after a back-off that grows while it keeps dying young;
+- forwards SIGHUP, so every worker reloads its configuration and certificates;
+- on stop (SIGTERM), has every worker drain (C{limits.shutdown_timeout}), then exits;
+- serves the admin listener, summing the workers' metrics (prometheus_client's multiprocess mode);
+- relays the workers' log events into its own log, tagged C{worker-N}.
+
+Worker 0 alone holds the plain-HTTP listener and runs autocert; the other workers pick up the
+certificates it stores by watching C{certs_dir}, and the TLS-ALPN-01 validation certificates it
+publishes there, since a CA's validator may reach any of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from typing import Any, Callable
+
+from prometheus_client import multiprocess
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+
+from mtlsgate.config import Config, ConfigError
+from mtlsgate.metrics import worker_group_registry
+from mtlsgate.pki import PKIError
+from mtlsgate.service import admin_listener_for, certificate_problem, served_certificates
+from mtlsgate.sockets import listening_socket, parse_tcp_listen, reuse_port_group
+
+log = Logger(namespace="mtlsgate.workers")
+
+#: The worker's file descriptors: its log events (JSON, to the parent), the TLS socket, the HTTP socket.
+EVENTS_FD, HTTPS_FD, HTTP_FD = 3, 4, 5
+
+_FIRST_DELAY = 0.5  # seconds before restarting a worker that died
+_MAX_DELAY = 30.0
+_YOUNG = 10.0  # a worker that dies younger than this doubles its next delay
+_KILL_GRACE = 10.0  # seconds past shutdown_timeout before a worker that will not stop is killed
+
+
+class _Worker(ProcessProtocol):
+    """One worker process: relays its output and log events, and tells the group when it ends."""
+
+    def __init__(self, group: WorkerGroup, index: int) -> None:
+        self.group = group
+        self.index = index
+        self.started = group.reactor.seconds()
+        self.ready = False
+        self.pid: int | None = None
+        self._partial: dict[int, bytes] = {}
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[attr-defined]
+        self.transport.closeStdin()  # type: ignore[attr-defined]
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        lines = (self._partial.pop(fd, b"") + data).split(b"\n")
+        if lines[-1]:
+            self._partial[fd] = lines[-1]
+        for line in lines[:-1]:
+            self._line(fd, line)
+
+    def _line(self, fd: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").lstrip("\x1e").rstrip("\r")
+        if not text:
+            return
+        if fd == EVENTS_FD:
+            try:
+                event = eventFromJSON(text)
+            except ValueError:
+                log.warn("worker {index}: unreadable log event {text!r}", index=self.index, text=text[:200])
+                return
+            if event.get("mtlsgate_worker_ready"):
+                self.ready = True
+            event["log_system"] = f"worker-{self.index}"
+            globalLogPublisher(event)
+        elif fd == 2:
+            log.error("worker {index} (stderr): {text}", index=self.index, text=text, log_system=f"worker-{self.index}")
+        else:
+            log.info("{text}", text=text, log_system=f"worker-{self.index}")
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._partial.items():
+            self._line(fd, rest)
+        self._partial.clear()
+        self.group.ended(self, reason)
+
+
+class WorkerGroup(MultiService):
+    """
+    @param argv: the C{twistd mtlsgate} flags, handed to every worker unchanged (so each builds the
+        same configuration the parent validated).
+    @param reload_config: re-reads the configuration, for the parent's own view of certificates.
+    """
+
+    def __init__(self, reactor: Any, config: Config, argv: list[str], reload_config: Callable[[], Config] | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.argv = argv
+        self.reload_config = reload_config
+        self.count = config.workers
+        self.workers: dict[int, _Worker] = {}
+        self.https_sockets: list[socket.socket] = []
+        self.http_socket: socket.socket | None = None
+        self.metrics_dir: str | None = None
+        self.stopping = False
+        self._delays: dict[int, float] = {}
+        self._all_ended: defer.Deferred[None] | None = None
+        self._previous_hup: Any = None
+        if config.admin_address:
+            self.metrics_dir = tempfile.mkdtemp(prefix="mtlsgate-metrics-")
+            registry = worker_group_registry(self.metrics_dir, self._expiries, lambda: len(self.workers))
+            admin_listener_for(reactor, config.admin_address, registry, self.readiness).setServiceParent(self)
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        if not self.https_sockets:
+            self._bind()
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
+        try:
+            self.https_sockets = reuse_port_group(parse_tcp_listen(self.config.address), self.count)
+            if self.config.http_address:
+                self.http_socket = listening_socket(parse_tcp_listen(self.config.http_address))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"mtlsgate: cannot listen for the worker group: {e}") from None
+        host, port = self.https_sockets[0].getsockname()[:2]
+        log.info("HTTPS listening on {host}:{port} ({n} workers, one SO_REUSEPORT socket each)", host=host, port=port, n=self.count)
+
+    def startService(self) -> None:
+        if not self.https_sockets:
+            self._bind()
+        super().startService()
+        for index in range(self.count):
+            self._spawn(index)
+        if hasattr(signal, "SIGHUP"):
+            self._previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+
+    def _spawn(self, index: int) -> None:
+        if self.stopping:
+            return
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", EVENTS_FD: "r", HTTPS_FD: self.https_sockets[index].fileno()}
+        args = [sys.executable, "-m", "mtlsgate.worker", "--index", str(index)]
+        if index == 0:
+            if self.http_socket is not None:
+                fds[HTTP_FD] = self.http_socket.fileno()
+                args.append("--http")
+            if self.config.autocert is not None:
+                args.append("--acme")
+        env = dict(os.environ)
+        if self.metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        worker = _Worker(self, index)
+        self.reactor.spawnProcess(worker, sys.executable, args + ["--", *self.argv], env=env, path=os.getcwd(), childFDs=fds)
+        self.workers[index] = worker
+        log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    # --- while running -------------------------------------------------------------------------
+
+    def ended(self, worker: _Worker, reason: Failure) -> None:
+        """A worker process ended: restart it (unless stopping), after a back-off if it died young."""
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if self.metrics_dir is not None and worker.pid is not None:
+            multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
+        how = _exit_text(reason)
+        if self.stopping:
+            log.info("worker {index} (pid {pid}) {how}", index=worker.index, pid=worker.pid, how=how)
+            if not self.workers and self._all_ended is not None:
+                self._all_ended.callback(None)
+            return
+        lived = self.reactor.seconds() - worker.started
+        delay = _FIRST_DELAY if lived >= _YOUNG else min(self._delays.get(worker.index, _FIRST_DELAY / 2) * 2, _MAX_DELAY)
+        self._delays[worker.index] = delay
+        log.warn("worker {index} (pid {pid}) {how}; restarting it in {delay}s", index=worker.index, pid=worker.pid, how=how, delay=delay)
+        self.reactor.callLater(delay, self._spawn, worker.index)
+
+    def reload(self) -> None:
+        """SIGHUP: every worker reloads (each refuses a broken configuration and keeps its own)."""
+        log.info("SIGHUP: asking {n} worker(s) to reload", n=len(self.workers))
+        for worker in list(self.workers.values()):
+            _signal(worker, "HUP")
+        if self.reload_config is not None:
+            try:
+                self.config = self.reload_config()
+            except (ConfigError, PKIError, OSError):
+                pass  # the workers say why, each in its own words
+
+    def _expiries(self) -> list[tuple[str, Any]]:
+        try:
+            served = served_certificates(self.config)
+        except (PKIError, OSError):
+            return []
+        return [(s.names[0] if s.names else s.source, s.leaf.not_valid_after_utc) for s in served]
+
+    def readiness(self) -> str | None:
+        """None when every worker is serving and the certificates can serve; else why not."""
+        waiting = [index for index in range(self.count) if not (index in self.workers and self.workers[index].ready)]
+        if waiting:
+            return f"worker(s) {', '.join(map(str, waiting))} not serving yet"
+        try:
+            return certificate_problem(served_certificates(self.config))
+        except (PKIError, OSError) as e:
+            return str(e)
+
+    # --- stop ----------------------------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Every worker drains and exits (killed if it outstays shutdown_timeout); then the sockets close."""
+        self.stopping = True
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
+        d = defer.maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self._stop_workers())
+        d.addBoth(self._close)
+        return d
+
+    def _stop_workers(self) -> defer.Deferred[None] | None:
+        if not self.workers:
+            return None
+        self._all_ended = defer.Deferred()
+        for worker in list(self.workers.values()):
+            _signal(worker, "TERM")
+        kill = self.reactor.callLater(self.config.limits.shutdown_timeout + _KILL_GRACE, self._kill_stragglers)
+        self._all_ended.addBoth(lambda result: (kill.cancel() if kill.active() else None, result)[1])
+        return self._all_ended
+
+    def _kill_stragglers(self) -> None:
+        for worker in list(self.workers.values()):
+            log.warn("worker {index} (pid {pid}) did not stop in time; killing it", index=worker.index, pid=worker.pid)
+            _signal(worker, "KILL")
+
+    def _close(self, result: Any) -> Any:
+        for sock in self.https_sockets + ([self.http_socket] if self.http_socket else []):
+            sock.close()
+        self.https_sockets, self.http_socket = [], None
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        return result
+
+
+def _signal(worker: _Worker, name: str) -> None:
+    try:
+        worker.transport.signalProcess(name)  # type: ignore[attr-defined]
+    except ProcessExitedAlready:
+        pass
+
+
+def _exit_text(reason: Failure) -> str:
+    signal_number = getattr(reason.value, "signal", None)
+    if signal_number:
+        return f"was killed by {signal.Signals(signal_number).name}"
+    return f"exited with status {getattr(reason.value, 'exitCode', '?')}"

@@ -1,0 +1,73 @@
+"""The worker group's pure parts: endpoint parsing for shared sockets, and the restart back-off on a Clock."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from mtlsgate.config import config_from_mapping
+from mtlsgate.sockets import TCPListen, parse_tcp_listen, reuse_port_group
+from mtlsgate.workers import WorkerGroup, _Worker
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("tcp:8443", TCPListen(socket.AF_INET, "0.0.0.0", 8443)),
+        ("tcp:port=8443:interface=127.0.0.1:backlog=64", TCPListen(socket.AF_INET, "127.0.0.1", 8443, 64)),
+        (r"tcp6:8443:interface=\:\:1", TCPListen(socket.AF_INET6, "::1", 8443)),
+        ("tcp6:8443", TCPListen(socket.AF_INET6, "::", 8443)),
+    ],
+)
+def test_tcp_endpoints_parse_as_twisted_reads_them(text, expected):
+    assert parse_tcp_listen(text) == expected
+
+
+def test_a_reuse_port_group_shares_one_port():
+    group = reuse_port_group(parse_tcp_listen("tcp:0:interface=127.0.0.1"), 3)
+    try:
+        assert len({sock.getsockname() for sock in group}) == 1
+    finally:
+        for sock in group:
+            sock.close()
+
+
+def _group(pki, clock: Clock) -> WorkerGroup:
+    config = config_from_mapping({"certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}], "workers": 2})
+    group = WorkerGroup(clock, config, [])
+    group._spawn = lambda index: group.workers.__setitem__(index, _Worker(group, index))  # type: ignore[method-assign]
+    return group
+
+
+def _kill(group: WorkerGroup, index: int) -> None:
+    group.ended(group.workers[index], Failure(ProcessTerminated(signal=9)))
+
+
+def test_a_worker_dying_young_waits_longer_each_time_and_a_long_life_resets_it(pki):
+    clock = Clock()
+    group = _group(pki, clock)
+    group._spawn(0)
+    delays = []
+    for _ in range(8):
+        _kill(group, 0)
+        (call,) = clock.getDelayedCalls()
+        delays.append(call.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    clock.advance(60)  # this one lived a minute
+    _kill(group, 0)
+    (call,) = clock.getDelayedCalls()
+    assert call.getTime() - clock.seconds() == 0.5
+
+
+def test_no_restart_while_stopping(pki):
+    clock = Clock()
+    group = _group(pki, clock)
+    group._spawn(1)
+    group.stopping = True
+    group.ended(group.workers[1], Failure(ProcessDone(0)))
+    assert not clock.getDelayedCalls() and not group.workers
