@@ -5,10 +5,16 @@ Both gateways terminate TLS 1.3, require and verify a client certificate, and pr
 mTLS connections to the same nginx upstream (a fixed 1 KiB and 1 MiB body), setting an
 X-Forwarded-Client-Cert header.  ApacheBench (ab -E, a client certificate) drives both, alternating
 runs (A B A B ...) so machine drift hits both alike; the table shows medians and mtlsgate/nginx
-ratios.  Each side gets one process: mtlsgate has no workers yet, so nginx runs worker_processes 1.
+ratios.  Both sides get the same number of processes: mtlsgate --workers N, nginx worker_processes N
+(default: one per core).
 
-    python bench/run.py            # the full run (a few minutes)
-    python bench/run.py --smoke    # seconds: keeps the harness from rotting (CI)
+Besides ab's figures: resumed connections (openssl s_time -reuse, timed from outside, since s_time
+counts whole seconds), the added latency at c=1 over going straight to the upstream, and memory per
+idle TLS connection (N handshaken connections held open, RSS before and after).
+
+    python bench/run.py                 # the full run (a few minutes)
+    python bench/run.py --workers 1     # one process each
+    python bench/run.py --smoke         # seconds: keeps the harness from rotting (CI)
 
 Needs nginx and ab (apt-get install nginx apache2-utils) and the mtlsgate package importable.
 """
@@ -20,11 +26,13 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,12 +46,14 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 NGINX_COMMON = """
 user root;
 daemon off;
-worker_processes 1;
+worker_processes {workers};
+worker_rlimit_nofile 40000;
 error_log {dir}/error.log warn;
 pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 20000; }}
 http {{
     access_log off;
+    client_header_timeout 300s;
     client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
     uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
     ssl_protocols TLSv1.3;
@@ -102,10 +112,10 @@ def wait_for(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
     raise SystemExit(f"nothing listens on {port}")
 
 
-def start_nginx(directory: Path, body: str, port: int) -> subprocess.Popen:
+def start_nginx(directory: Path, body: str, port: int, workers: int = 1) -> subprocess.Popen:
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "nginx.conf"
-    conf.write_text(NGINX_COMMON.format(dir=directory, body=body))
+    conf.write_text(NGINX_COMMON.format(dir=directory, body=body, workers=workers))
     proc = subprocess.Popen([NGINX, "-p", str(directory), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     wait_for(port, proc)
     return proc
@@ -140,8 +150,39 @@ def ab(port: int, path: str, client_pem: Path, *, concurrency: int, requests: in
         "p50": number(r"\s50%\s+(\d+)"),
         "p99": number(r"\s99%\s+(\d+)"),
         "kbps": number(r"Transfer rate:\s+([\d.]+)"),
+        "mean_ms": number(r"Time per request:\s+([\d.]+) \[ms\] \(mean\)"),
         "failed": failed,
     }
+
+
+def resumed(port: int, client: tuple[Path, Path], seconds: float) -> tuple[float, float]:
+    """Connections per second with session resumption (s_time -reuse, c=1, a request each), and the share resumed."""
+    argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-cert", str(client[0]), "-key", str(client[1]),
+            "-reuse", "-time", str(max(1, round(seconds))), "-www", "/1k"]  # fmt: skip
+    started = time.monotonic()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    elapsed = time.monotonic() - started
+    match = re.search(r"(\d+) connections in [\d.]+ real seconds", out.split("session id reuse")[-1])
+    count = int(match.group(1)) if match else 0
+    marks = out.split("session id reuse")[-1]
+    reused, new = marks.count("r"), marks.count("*")
+    return count / elapsed, 100.0 * reused / max(1, reused + new)
+
+
+def hold_idle(port: int, ca: Path, client: tuple[Path, Path], count: int) -> list[ssl.SSLSocket]:
+    """C{count} mTLS connections, handshaken and left idle (no request)."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(client[0]), str(client[1]))
+
+    def one(_: int) -> ssl.SSLSocket | None:
+        try:
+            return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=60), server_hostname="localhost")
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(16) as pool:
+        return [s for s in pool.map(one, range(count)) if s is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny numbers, one round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs) and print it")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes per side [default: one per core]")
+    parser.add_argument("--affinity", choices=("connection", "client_ip"), default="connection", help="mtlsgate's worker_affinity")
+    parser.add_argument("--idle", type=int, default=10000, help="idle TLS connections to hold for the memory figure")
     args = parser.parse_args(argv)
     if not shutil.which("ab") or not os.path.exists(NGINX):
         print("bench: needs nginx and ab (apt-get install nginx apache2-utils)", file=sys.stderr)
@@ -158,17 +202,17 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.mkdtemp(prefix="mtlsgate-bench-")
     try:
-        results = run(Path(tmp), rounds, scale)
+        results = run(Path(tmp), rounds, scale, args.workers, 100 if args.smoke else args.idle, args.affinity)
     finally:
         if args.keep:
             print(f"bench: configs and logs kept in {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    report(results, rounds)
+    report(results, rounds, args.workers)
     return 0
 
 
-def run(d: Path, rounds: int, scale: float) -> dict[str, dict[str, list[float]]]:
+def run(d: Path, rounds: int, scale: float, workers: int, idle: int, affinity: str = "connection") -> dict[str, dict[str, list[float]]]:
     """Start everything in C{d}, measure both sides, stop everything; the figures per side."""
     if True:
         ca = DevCA.create(str(d / "ca"), name="bench CA")
@@ -195,11 +239,13 @@ def run(d: Path, rounds: int, scale: float) -> dict[str, dict[str, list[float]]]
             procs.append(start_nginx(d / "upstream", UPSTREAM.format(port=up_port, cert=cert, key=key, ca=ca_pem, dir=d / "upstream"), up_port))
             nginx_gw = start_nginx(d / "nginx-gw", NGINX_GATEWAY.format(
                 port=ng_port, upstream=up_port, cert=cert, key=key, ca=ca_pem,
-                client_cert=files["gwclient"][0], client_key=files["gwclient"][1]), ng_port)  # fmt: skip
+                client_cert=files["gwclient"][0], client_key=files["gwclient"][1]), ng_port, workers)  # fmt: skip
+            (d / "mtlsgate.yaml").write_text("limits: {max_connections: 20000, idle_timeout: 300s}\n")
             procs.append(nginx_gw)
             env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
             mtlsgate = subprocess.Popen(
-                [*TWISTD, "-n", "--pidfile=", "--logfile", str(d / "mtlsgate.log"), "mtlsgate",
+                [*TWISTD, "-n", "--pidfile=", "--logfile", str(d / "mtlsgate.log"), "mtlsgate", "--config", str(d / "mtlsgate.yaml"),
+                 "--workers", str(workers), "--worker-affinity", affinity,
                  "--https", f"tcp:{mg_port}:interface=127.0.0.1", "--cert", str(cert), "--key", str(key),
                  "--client-ca", str(ca_pem), "--route", f"*=https://127.0.0.1:{up_port}", "--upstream-server-name", "localhost",
                  "--upstream-ca", str(ca_pem), "--upstream-cert", str(files["gwclient"][0]), "--upstream-key", str(files["gwclient"][1]), "--access-log", "off"],
@@ -207,6 +253,7 @@ def run(d: Path, rounds: int, scale: float) -> dict[str, dict[str, list[float]]]
             )  # fmt: skip
             procs.append(mtlsgate)
             wait_for(mg_port, mtlsgate)
+            _wait_for_log(d / "mtlsgate.log", f"worker {workers - 1} serving" if workers > 1 else "route(s)")
             sides = {"mtlsgate": (mg_port, mtlsgate.pid), "nginx": (ng_port, nginx_gw.pid)}
             results: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
 
@@ -227,9 +274,23 @@ def run(d: Path, rounds: int, scale: float) -> dict[str, dict[str, list[float]]]
                         record(side, "failed requests", r["failed"])
                     r = ab(port, "/1k", client_pem, concurrency=32, requests=max(64, int(1000 * scale)), keepalive=False)
                     record(side, "new mTLS connection+request/s c=32", r["rps"])
+                    rate, share = resumed(port, files["client"], max(1.0, 5 * scale))
+                    record(side, "resumed mTLS connection+request/s c=1", rate)
+                    record(side, "resumed share of those (%)", share)
                     r = ab(port, "/1m", client_pem, concurrency=4, requests=max(4, int(200 * scale)), keepalive=True)
                     record(side, "1 MiB responses MB/s", r["kbps"] / 1024)
+                    r = ab(port, "/1k", client_pem, concurrency=1, requests=max(50, int(2000 * scale)), keepalive=True)
+                    direct = ab(up_port, "/1k", client_pem, concurrency=1, requests=max(50, int(2000 * scale)), keepalive=True)
+                    record(side, "added latency c=1, mean ms over direct", r["mean_ms"] - direct["mean_ms"])
                     record(side, "RSS after load (MiB)", rss_kib(pid) / 1024)
+            for side, (port, pid) in sides.items():  # once: the memory of idle connections
+                before = rss_kib(pid)
+                held = hold_idle(port, ca_pem, files["client"], idle)
+                time.sleep(1)
+                record(side, f"idle mTLS connections held (of {idle})", len(held))
+                record(side, "RSS per 1,000 idle connections (MiB)", (rss_kib(pid) - before) / 1024 / max(1, len(held)) * 1000)
+                for sock in held:
+                    sock.close()
         finally:
             for proc in procs:
                 proc.terminate()
@@ -242,10 +303,19 @@ def run(d: Path, rounds: int, scale: float) -> dict[str, dict[str, list[float]]]
     return results
 
 
-def report(results: dict[str, dict[str, list[float]]], rounds: int) -> None:
+def _wait_for_log(path: Path, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"bench: {text!r} not in {path} after {timeout}s")
+
+
+def report(results: dict[str, dict[str, list[float]]], rounds: int, workers: int) -> None:
     figures = list(results["nginx"])
     width = max(map(len, figures))
-    print(f"\n{'figure'.ljust(width)}  {'mtlsgate':>10}  {'nginx':>10}  {'ratio':>7}   (medians of {rounds} round(s), 1 process each)")
+    print(f"\n{'figure'.ljust(width)}  {'mtlsgate':>10}  {'nginx':>10}  {'ratio':>7}   (medians of {rounds} round(s), {workers} process(es) each)")
     for figure in figures:
         ours, theirs = statistics.median(results["mtlsgate"][figure]), statistics.median(results["nginx"][figure])
         ratio = ours / theirs if theirs else float("nan")

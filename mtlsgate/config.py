@@ -150,6 +150,7 @@ class Config:
     strict_permissions: bool = False  # refuse (rather than warn about) private keys readable by others
     autocert: Autocert | None = None
     workers: int = 1  # processes serving the TLS listener (nginx's worker_processes)
+    worker_affinity: str = "connection"  # or "client_ip": a client's connections all reach one worker
     source: str | None = attrs.field(default=None, eq=False)  # the YAML file it came from
 
 
@@ -371,7 +372,7 @@ def _route(data: Any, key: str) -> Route:
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
-    "limits", "hsts", "strict_permissions", "workers",
+    "limits", "hsts", "strict_permissions", "workers", "worker_affinity",
 )  # fmt: skip
 
 _LIMIT_KEYS = tuple(f.name for f in attrs.fields(Limits))
@@ -571,6 +572,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         access_log_format=_choice(data.get("access_log_format", "combined"), "access_log_format", ("combined", "json")),
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
         workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443")),
+        worker_affinity=_choice(data.get("worker_affinity", "connection"), "worker_affinity", ("connection", "client_ip")),
         source=source,
     )
 

@@ -10,6 +10,7 @@ parent; connections queued on it wait for its replacement instead of being refus
 
 from __future__ import annotations
 
+import ctypes
 import socket
 
 import attrs
@@ -100,3 +101,52 @@ def reuse_port_group(where: TCPListen, count: int) -> list[socket.socket]:
             sock.close()
         raise
     return group
+
+
+# Classic BPF, for SO_ATTACH_REUSEPORT_CBPF: which socket of a group takes a new connection.
+_SO_ATTACH_REUSEPORT_CBPF = 51
+_SKF_NET_OFF = -0x100000  # loads relative to the IP header (the program starts past the TCP header)
+_LD_W_ABS, _LD_B_ABS = 0x20, 0x30
+_RSH_K, _MUL_K, _MOD_K = 0x74, 0x24, 0x94
+_JEQ_K, _JA = 0x15, 0x05
+_RET_A = 0x16
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _k(value: int) -> int:
+    return value & 0xFFFFFFFF
+
+
+def client_address_program(count: int) -> list[tuple[int, int, int, int]]:
+    """
+    (code, jt, jf, k) instructions: the index of the socket for a connection is a hash of the client's
+    address (IPv4, or the last 32 bits of IPv6) modulo C{count}.  The same client always reaches the
+    same worker, so the session tickets that worker issued resume.
+    """
+    return [
+        (_LD_B_ABS, 0, 0, _k(_SKF_NET_OFF)),  # the IP version nibble
+        (_RSH_K, 0, 0, 4),
+        (_JEQ_K, 0, 2, 6),
+        (_LD_W_ABS, 0, 0, _k(_SKF_NET_OFF + 20)),  # IPv6: the source address's last word
+        (_JA, 0, 0, 1),
+        (_LD_W_ABS, 0, 0, _k(_SKF_NET_OFF + 12)),  # IPv4: the source address
+        (_MUL_K, 0, 0, 2654435761),  # Knuth's multiplicative hash: neighbouring addresses spread out
+        (_RSH_K, 0, 0, 16),
+        (_MOD_K, 0, 0, count),
+        (_RET_A, 0, 0, 0),
+    ]
+
+
+def steer_by_client_address(group: list[socket.socket]) -> None:
+    """Attach L{client_address_program} to a C{SO_REUSEPORT} group (Linux 4.5+); OSError if the kernel refuses."""
+    program = client_address_program(len(group))
+    filters = (_SockFilter * len(program))(*(_SockFilter(*instruction) for instruction in program))
+    fprog = _SockFprog(len(program), ctypes.cast(filters, ctypes.POINTER(_SockFilter)))
+    group[0].setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))

@@ -34,6 +34,7 @@ _FLAG_FOR_KEY = {
     "strict_permissions": "--strict-permissions",
     "autocert": "--acme-*",
     "workers": "--workers",
+    "worker_affinity": "--worker-affinity",
 }
 
 
@@ -85,6 +86,7 @@ class Options(usage.Options):
         ["acme-ca-file", None, None, "CA bundle to trust for the ACME server's HTTPS (private CAs, pebble)."],
         ["acme-dns-hook", None, None, "Executable run as HOOK add|remove FQDN VALUE for dns-01."],
         ["workers", None, None, "Processes serving the TLS listener: a number, or auto (one per core) [default: 1]."],
+        ["worker-affinity", None, None, "connection (the default) | client_ip: every connection of a client reaches one worker."],
     ]
 
     def __init__(self) -> None:
@@ -156,7 +158,7 @@ class Options(usage.Options):
 
         for flag, key in (("https", "address"), ("http", "http_address"), ("admin", "admin_address"),
                           ("certs-dir", "certs_dir"), ("access-log", "access_log"),
-                          ("access-log-format", "access_log_format")):  # fmt: skip
+                          ("access-log-format", "access_log_format"), ("worker-affinity", "worker_affinity")):  # fmt: skip
             if self[flag] is not None:
                 put(key, self[flag])
         if self["cert"] or self["key"]:

@@ -38,7 +38,7 @@ from mtlsgate.config import Config, ConfigError
 from mtlsgate.metrics import worker_group_registry
 from mtlsgate.pki import PKIError
 from mtlsgate.service import admin_listener_for, certificate_problem, served_certificates
-from mtlsgate.sockets import listening_socket, parse_tcp_listen, reuse_port_group
+from mtlsgate.sockets import listening_socket, parse_tcp_listen, reuse_port_group, steer_by_client_address
 
 log = Logger(namespace="mtlsgate.workers")
 
@@ -136,12 +136,18 @@ class WorkerGroup(MultiService):
     def _bind(self) -> None:
         try:
             self.https_sockets = reuse_port_group(parse_tcp_listen(self.config.address), self.count)
+            if self.config.worker_affinity == "client_ip":
+                steer_by_client_address(self.https_sockets)
             if self.config.http_address:
                 self.http_socket = listening_socket(parse_tcp_listen(self.config.http_address))
         except (OSError, ValueError) as e:
             raise SystemExit(f"mtlsgate: cannot listen for the worker group: {e}") from None
         host, port = self.https_sockets[0].getsockname()[:2]
-        log.info("HTTPS listening on {host}:{port} ({n} workers, one SO_REUSEPORT socket each)", host=host, port=port, n=self.count)
+        log.info(
+            "HTTPS listening on {host}:{port} ({n} workers, one SO_REUSEPORT socket each; a new connection goes to {how})",
+            host=host, port=port, n=self.count,
+            how="the worker its client's address hashes to" if self.config.worker_affinity == "client_ip" else "any worker",
+        )  # fmt: skip
 
     def startService(self) -> None:
         if not self.https_sockets:

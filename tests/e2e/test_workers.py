@@ -142,3 +142,46 @@ def test_a_killed_worker_is_restarted_and_the_other_carries_on(start_gateway, pk
         assert https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"])[0] == 200
     for conn in by_pid.values():
         conn.close()
+
+
+def _resume(port: int, pki, session, source: str = "127.0.0.1") -> tuple[bool, ssl.SSLSession, dict]:
+    """One request on a new connection offering C{session}; (resumed?, the new session, the echo)."""
+    ctx = _client_context(pki)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn.sock = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+    conn.request("GET", "/", headers={"Host": "localhost"})
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    resumed, new_session = conn.sock.session_reused, conn.sock.session
+    conn.close()
+    return resumed, new_session, body
+
+
+_CONTEXTS: dict[str, ssl.SSLContext] = {}
+
+
+def _client_context(pki) -> ssl.SSLContext:
+    """One client context for all connections: Python resumes only sessions of the same context."""
+    if "alice" not in _CONTEXTS:
+        ctx = ssl.create_default_context(cafile=pki["ca"])
+        ctx.load_cert_chain(*pki["alice"])
+        _CONTEXTS["alice"] = ctx
+    return _CONTEXTS["alice"]
+
+
+def test_client_ip_affinity_sends_a_client_back_to_the_worker_that_can_resume_its_session(start_gateway, pki, echo_upstream, tmp_path):
+    gateway, access = _start(start_gateway, pki, echo_upstream, tmp_path, "--worker-affinity", "client_ip")
+    workers_seen = set()
+    for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        before = len(_wait_for_lines(access, 0))
+        resumed, session, _ = _resume(gateway.port, pki, None, source)
+        assert not resumed
+        for _ in range(8):
+            resumed, _, body = _resume(gateway.port, pki, session, source)
+            assert resumed, f"a connection from {source} was not resumed"
+            assert "spiffe://test/ns/prod/sa/alice" in body["headers"]["x-forwarded-client-cert"][0]  # the identity survives resumption
+        pids = _wait_for_lines(access, before + 9)[before:]
+        assert len(set(pids)) == 1, f"{source}'s connections went to several workers: {pids}"
+        workers_seen.add(pids[0])
+    assert len(workers_seen) == 2  # the four addresses hash to both workers

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from mtlsgate.config import config_from_mapping
-from mtlsgate.sockets import TCPListen, parse_tcp_listen, reuse_port_group
+from mtlsgate.sockets import TCPListen, parse_tcp_listen, reuse_port_group, steer_by_client_address
 from mtlsgate.workers import WorkerGroup, _Worker
 
 
@@ -71,3 +71,27 @@ def test_no_restart_while_stopping(pki):
     group.stopping = True
     group.ended(group.workers[1], Failure(ProcessDone(0)))
     assert not clock.getDelayedCalls() and not group.workers
+
+
+def test_client_address_steering_sends_each_address_to_one_socket_of_the_group():
+    group = reuse_port_group(parse_tcp_listen("tcp:0:interface=127.0.0.1"), 2)
+    steer_by_client_address(group)
+    port = group[0].getsockname()[1]
+    landed: dict[str, set[int]] = {}
+    try:
+        for source in ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"] * 3:
+            with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)):
+                for index, sock in enumerate(group):
+                    sock.settimeout(0.2)
+                    try:
+                        accepted, _ = sock.accept()
+                    except TimeoutError:
+                        continue
+                    accepted.close()
+                    landed.setdefault(source, set()).add(index)
+                    break
+    finally:
+        for sock in group:
+            sock.close()
+    assert all(len(indexes) == 1 for indexes in landed.values()), landed
+    assert len(landed) == 4 and set().union(*landed.values()) == {0, 1}
