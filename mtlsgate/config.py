@@ -145,6 +145,7 @@ class Config:
     access_log: str | None = None  # a file path, "-" for stdout, "off", or None for the twistd log only
     access_log_format: str = "combined"  # or "json"
     watch_interval: float | None = 5.0  # None: reload on SIGHUP only
+    session_ticket_rotation: float | None = 12 * 3600.0  # None: a ticket key lives until the next reload
     limits: Limits = Limits()
     hsts: HSTS | None = HSTS()
     strict_permissions: bool = False  # refuse (rather than warn about) private keys readable by others
@@ -372,7 +373,7 @@ def _route(data: Any, key: str) -> Route:
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
-    "limits", "hsts", "strict_permissions", "workers", "worker_affinity",
+    "limits", "hsts", "strict_permissions", "workers", "worker_affinity", "session_ticket_rotation",
 )  # fmt: skip
 
 _LIMIT_KEYS = tuple(f.name for f in attrs.fields(Limits))
@@ -566,6 +567,8 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         routes=parsed_routes,
         access_log=_string(data.get("access_log"), "access_log"),
         watch_interval=None if data.get("watch_interval") in ("off", False) else parse_duration(data.get("watch_interval", "5s"), "watch_interval"),
+        session_ticket_rotation=None if data.get("session_ticket_rotation") in ("off", False)
+        else parse_duration(data.get("session_ticket_rotation", "12h"), "session_ticket_rotation"),
         limits=_limits(data.get("limits"), "limits"),
         hsts=_hsts(data.get("hsts"), "hsts"),
         strict_permissions=_boolean(data.get("strict_permissions", False), "strict_permissions"),

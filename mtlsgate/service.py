@@ -259,6 +259,28 @@ class GatewayService(MultiService):
             FileWatch(reactor, lambda: watched_files(self.world.config), self._files_changed, config.watch_interval).setServiceParent(self)
         self._previous_hup: Any = None
 
+    _ticket_rotation: task.LoopingCall | None = None
+
+    def rotate_session_ticket_key(self) -> None:
+        """
+        New server contexts for the same certificates: OpenSSL gives each context a fresh random
+        session-ticket key (pyOpenSSL cannot set one), so tickets issued before stop resuming and a
+        stolen key exposes at most one rotation period of sessions.  Connections open carry on.
+        """
+        world = self.world
+        certificates = self.server_tls.build(world.certificates.served, world.verification)
+        self.world = attrs.evolve(world, certificates=certificates)
+        self.server_tls.install(certificates)
+        log.info("session-ticket key rotated (every {period:.0f}s)", period=world.config.session_ticket_rotation)
+
+    def _restart_ticket_rotation(self, period: float | None) -> None:
+        if self._ticket_rotation is not None and self._ticket_rotation.running:
+            self._ticket_rotation.stop()
+        if period is not None:
+            self._ticket_rotation = task.LoopingCall(self.rotate_session_ticket_key)
+            self._ticket_rotation.clock = self.reactor
+            self._ticket_rotation.start(period, now=False)
+
     def _follow_autocert(self, config: Config) -> None:
         """A worker without autocert: serve what the autocert worker stores and the validations it publishes."""
         assert config.autocert is not None and config.certs_dir is not None
@@ -332,12 +354,15 @@ class GatewayService(MultiService):
             log.warn("no routes: every request will get 404")
         if self.reload_config is not None and hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
+        self._restart_ticket_rotation(self.world.config.session_ticket_rotation)
 
     def stopService(self) -> Any:
         """Stop listening, let requests in flight finish (up to shutdown_timeout), then stop the rest."""
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
+        if self._ticket_rotation is not None and self._ticket_rotation.running:
+            self._ticket_rotation.stop()
         closing = defer.DeferredList([defer.maybeDeferred(listener.stopService) for listener in self.listeners])
         closing.addCallback(lambda _: self.resource.drained(self.world.config.limits.shutdown_timeout))
         closing.addCallback(lambda _: defer.DeferredList([defer.maybeDeferred(group.close) for group in self.world.upstreams]))
@@ -368,6 +393,8 @@ class GatewayService(MultiService):
         for group in old.upstreams:
             group.close()
         warn_about(config)
+        if config.session_ticket_rotation != old_config.session_ticket_rotation:
+            self._restart_ticket_rotation(config.session_ticket_rotation)
         if listeners_changed:
             log.warn("reload: listener addresses or autocert settings changed; those take effect on restart")
         log.info(
