@@ -85,6 +85,7 @@ class UpstreamTLSPolicy:
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_options(SSL.OP_NO_COMPRESSION | getattr(SSL, "OP_NO_RENEGOTIATION", 0))
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # pooled idle connections hold no record buffers
         ctx.set_cipher_list(CIPHERS)
         if route.tls_skip_verify:
             ctx.set_verify(SSL.VERIFY_NONE)
