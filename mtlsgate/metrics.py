@@ -42,12 +42,20 @@ class GatewayMetrics:
         )  # fmt: skip
         self.acme_orders = Counter("mtlsgate_acme_orders", "ACME orders, by result (issued, failed).", ["result"], registry=self.registry)
         self.registry.register(_ExpiryCollector(certificates))
+        self._request_children: dict[tuple[str, int], Any] = {}
+        self._latency_children: dict[str, Any] = {}
 
     def request(self, route: str, status: int) -> None:
-        self.requests.labels(route=route, status=str(status)).inc()
+        child = self._request_children.get((route, status))
+        if child is None:  # .labels() validates and locks on every call: look each child up once
+            child = self._request_children[route, status] = self.requests.labels(route=route, status=str(status))
+        child.inc()
 
     def upstream_responded(self, route: str, seconds: float) -> None:
-        self.upstream_latency.labels(route=route).observe(seconds)
+        child = self._latency_children.get(route)
+        if child is None:
+            child = self._latency_children[route] = self.upstream_latency.labels(route=route)
+        child.observe(seconds)
 
     def handshake(self, result: str, reason: str = "") -> None:
         self.handshakes.labels(result=result, reason=reason).inc()

@@ -107,6 +107,21 @@ class GatewayChannel(http.HTTPChannel):
         self.totalHeadersSize = limits.max_header_size
         super().connectionMade()
 
+    _host: Any = None
+    _secure: bool | None = None
+
+    def getHost(self) -> Any:
+        """Asked by every request (twisted.web's Request.__init__): one getsockname per connection, not per request."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def isSecure(self) -> bool:
+        """Asked twice per request; the interface adaptation behind it is not free."""
+        if self._secure is None:
+            self._secure = super().isSecure()
+        return self._secure
+
     def _refuse(self, code: int, reason: str) -> None:
         """Answer a malformed or abusive request ourselves and close: nothing goes upstream."""
         self._cancel_header_timer()
