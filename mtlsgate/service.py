@@ -342,6 +342,8 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         warn_about(self.world.config)
+        if self.worker is None and self.world.config.workers > 1:
+            log.warn("workers: {n} is a 'twistd mtlsgate' feature; this gateway (a .tac file?) runs as one process", n=self.world.config.workers)
         super().startService()
         served = self.world.certificates.served
         log.info("serving {n} certificate(s):\n{table}", n=len(served), table=certificates_table((s.names, s.leaf, s.source) for s in served))
