@@ -25,7 +25,12 @@ from mtlsgate.metrics import GatewayMetrics
 log = Logger(namespace="mtlsgate.tls")
 
 # ECDHE key exchange with AEAD ciphers only, for TLS 1.2; TLS 1.3 suites are all AEAD already.
-CIPHERS = b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
+# @SECLEVEL=2, whatever the library's default: keys of 112-bit strength or more (RSA >= 2048, EC >= 224)
+# and no SHA-1 signatures, in our certificates, the peer's, and every chain verified.
+CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:"
+    b"ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:@SECLEVEL=2"
+)
 _OPTIONS = (
     SSL.OP_NO_COMPRESSION
     | SSL.OP_CIPHER_SERVER_PREFERENCE
@@ -50,6 +55,9 @@ _REASONS = {
     23: "revoked",
     24: "invalid CA certificate",
     26: "not a client certificate (extended key usage)",  # INVALID_PURPOSE
+    66: "key too small",  # EE_KEY_TOO_SMALL: RSA/DSA/DH under 2048 bits at security level 2
+    67: "CA key too small",  # CA_KEY_TOO_SMALL
+    68: "weak signature digest (e.g. SHA-1)",  # CA_MD_TOO_WEAK
 }
 
 

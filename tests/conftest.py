@@ -136,12 +136,27 @@ def pki(tmp_path_factory) -> dict[str, Any]:
     write("expired", ca.issue("expired", uris=["spiffe://test/expired"], client=True, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1)))
     write("revoked", ca.issue_client("revoked", uris=["spiffe://test/revoked"]))
     write("server_only", ca.issue("server-only", dns=["server-only.test"], server=True))
+    write("weak_rsa", ca.issue("weak-rsa", client=True, rsa=True, rsa_bits=1024))
+    files["sha1_signed"] = _sha1_signed_client(d, files["alice"][1])
     crl = ca.crl([files["revoked_obj"].certificate])
     from cryptography.hazmat.primitives.serialization import Encoding
 
     (d / "clients.crl").write_bytes(crl.public_bytes(Encoding.PEM))
     files["crl"] = str(d / "clients.crl")
     return files
+
+
+def _sha1_signed_client(d: Path, key: str) -> tuple[str, str]:
+    """A client certificate the test CA signed with SHA-1 (by openssl: cryptography refuses SHA-1 signatures)."""
+    csr, cert, ext = d / "sha1.csr", d / "sha1_signed.pem", d / "sha1.ext"
+    ext.write_text("extendedKeyUsage=clientAuth\nbasicConstraints=critical,CA:FALSE\n")
+    subprocess.run(["openssl", "req", "-new", "-key", key, "-subj", "/CN=sha1-signed", "-out", str(csr)], check=True, capture_output=True)
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(d / "ca" / "ca.pem"), "-CAkey", str(d / "ca" / "ca-key.pem"),
+         "-sha1", "-days", "30", "-extfile", str(ext), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert), key
 
 
 def https_request(

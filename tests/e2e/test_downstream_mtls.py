@@ -41,6 +41,21 @@ def test_bad_client_certificate_fails_the_handshake_with_a_logged_reason(gateway
         assert reason in log
 
 
+@pytest.mark.parametrize("who, reason", [("weak_rsa", "key too small"), ("sha1_signed", "weak signature digest")])
+def test_weak_client_certificates_are_refused_with_a_logged_reason(gateway, pki, who, reason):
+    """openssl s_client at security level 0, so that the client sends what a modern client would not."""
+    import subprocess
+
+    cert, key = pki[who]
+    subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{gateway.port}", "-servername", "localhost", "-cert", cert, "-key", key,
+         "-cipher", "DEFAULT:@SECLEVEL=0", "-CAfile", pki["ca"]],
+        input=b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n", capture_output=True, timeout=20,
+    )  # fmt: skip
+    log = gateway.proc.wait_for_log("refused client certificate from 127.0.0.1")
+    assert reason in log
+
+
 @pytest.fixture
 def policy_gateway(start_gateway, pki, echo_upstream):
     return start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"], "--enforcement", "policy"))
