@@ -26,6 +26,7 @@ import sys
 import tempfile
 from typing import Any, Callable
 
+import attrs
 from prometheus_client import multiprocess
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -204,9 +205,12 @@ class WorkerGroup(MultiService):
             _signal(worker, "HUP")
         if self.reload_config is not None:
             try:
-                self.config = self.reload_config()
+                config = self.reload_config()
             except (ConfigError, PKIError, OSError):
-                pass  # the workers say why, each in its own words
+                return  # the workers say why, each in its own words
+            if (config.workers, config.worker_affinity, config.address) != (self.count, self.config.worker_affinity, self.config.address):
+                log.warn("reload: workers, worker_affinity and address take effect on restart")
+            self.config = attrs.evolve(config, workers=self.count, worker_affinity=self.config.worker_affinity, address=self.config.address)
 
     def _expiries(self) -> list[tuple[str, Any]]:
         try:
