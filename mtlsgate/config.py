@@ -69,6 +69,7 @@ class Route:
     timeout: float = 30.0
     connect_timeout: float = 10.0
     max_body_size: int | None = None  # bytes; None: unlimited
+    max_response_header_size: int = 65536  # the upstream's status line and headers (502 beyond)
 
     @property
     def name(self) -> str:
@@ -297,7 +298,7 @@ def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
 _ROUTE_KEYS = (
     "from", "prefix", "to", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file",
     "tls_server_name", "tls_skip_verify", "allow_client", "forward_client_cert",
-    "preserve_host_header", "timeout", "connect_timeout", "max_body_size",
+    "preserve_host_header", "timeout", "connect_timeout", "max_body_size", "max_response_header_size",
 )  # fmt: skip
 
 
@@ -363,6 +364,7 @@ def _route(data: Any, key: str) -> Route:
         timeout=parse_duration(data.get("timeout", 30), f"{key}.timeout"),
         connect_timeout=parse_duration(data.get("connect_timeout", 10), f"{key}.connect_timeout"),
         max_body_size=None if data.get("max_body_size") is None else parse_size(data["max_body_size"], f"{key}.max_body_size"),
+        max_response_header_size=parse_size(data.get("max_response_header_size", "64k"), f"{key}.max_response_header_size"),
     )
 
 

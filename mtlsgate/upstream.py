@@ -8,6 +8,7 @@ for another route.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 from typing import Any
@@ -16,10 +17,13 @@ from cryptography import x509
 from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
+from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.python.failure import Failure
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from mtlsgate import pki
@@ -107,6 +111,62 @@ class UpstreamTLSPolicy:
         return _UpstreamConnectionCreator(self._ctx, name, verify=not self.route.tls_skip_verify)
 
 
+class ResponseHeadersTooLarge(Exception):
+    """An upstream's status line and headers went past the route's C{max_response_header_size}."""
+
+
+def _end_of_headers(data: bytes) -> int | None:
+    """Where the blank line ending a header block ends in C{data} (LF or CRLF line ends, as Twisted parses), or None."""
+    ends = [i + len(blank) for blank in (b"\n\n", b"\n\r\n") if (i := data.find(blank)) != -1]
+    return min(ends) if ends else None
+
+
+class _BoundedClientProtocol(HTTP11ClientProtocol):
+    """
+    Twisted's client parser accepts response headers without a total limit (any number of lines of
+    up to 16 KiB each), so an upstream could make the gateway hold any amount of memory before a
+    response starts.  This counts the bytes of each response's status line and headers and gives
+    the response up past C{max_header_size}: the request fails with L{ResponseHeadersTooLarge}
+    (a 502 for the client) and the connection is closed, never pooled.
+    """
+
+    def __init__(self, quiescentCallback: Any, max_header_size: int) -> None:
+        super().__init__(quiescentCallback)
+        self._max_header_size = max_header_size
+        self._header_bytes = 0
+        self._tail = b""  # the last bytes of header data seen, to find a blank line split across reads
+
+    def request(self, request: Any) -> defer.Deferred[IResponse]:
+        self._header_bytes, self._tail = 0, b""
+        d = super().request(request)
+        if self._parser is not None:
+            # One line may take the whole allowance (Twisted's own line limit would only drop the connection).
+            self._parser.MAX_LENGTH = self._max_header_size
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is not None and parser.state in (STATUS, HEADER):
+            seen = self._tail + data
+            end = _end_of_headers(seen)
+            self._header_bytes += len(data) if end is None else max(0, end - len(self._tail))
+            self._tail = seen[-2:]
+            if self._header_bytes > self._max_header_size:
+                error = ResponseHeadersTooLarge(f"response headers larger than {self._max_header_size} bytes (max_response_header_size)")
+                self._giveUp(Failure(error))
+                return
+        super().dataReceived(data)
+
+
+class _BoundedClientFactory(_HTTP11ClientFactory):
+    def __init__(self, quiescentCallback: Any, metadata: Any, max_header_size: int) -> None:
+        super().__init__(quiescentCallback, metadata)
+        self._max_header_size = max_header_size
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _BoundedClientProtocol(self._quiescentCallback, self._max_header_size)
+
+
 class _RetirablePool(HTTPConnectionPool):
     """
     A pool that can be retired on reload: idle connections close at once, and connections still
@@ -134,6 +194,7 @@ class UpstreamGroup:
         self.targets = route.to
         self.pool = _RetirablePool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_per_host
+        self.pool._factory = functools.partial(_BoundedClientFactory, max_header_size=route.max_response_header_size)
         # Twisted retries only idempotent requests without a body, once, when a pooled connection
         # the upstream had closed fails before any response: safe, and it hides keep-alive races.
         self.pool.retryAutomatically = True

@@ -30,6 +30,7 @@ def test_minimal_config_has_strict_defaults(pki):
         ({"routes": [{"from": "https://a", "to": "https://b", "tls_custom_ca_file": "/nope"}]}, "routes[0].tls_custom_ca_file", "no such file"),
         ({"routes": [{"from": "https://a", "to": "https://b", "allow_client": {"fingerprint_sha256": ["abc"]}}]}, "routes[0].allow_client.fingerprint_sha256[0]", "64 hex"),
         ({"routes": [{"from": "https://a", "to": "https://b"}, {"from": "https://a", "to": "https://c"}]}, "routes[1].from", "duplicates"),
+        ({"routes": [{"from": "https://a", "to": "https://b", "max_response_header_size": "lots"}]}, "routes[0].max_response_header_size", "size like"),
         ({"downstream_mtls": {"client_auth": "require"}}, "downstream_mtls.ca_file", "required"),
         ({"downstream_mtls": {"max_verify_depth": 0}}, "downstream_mtls.max_verify_depth", "1 to 16"),
     ],
