@@ -52,6 +52,17 @@ class DownstreamMTLS:
 
 
 @attrs.frozen
+class HealthCheck:
+    """Active health checks of a route's upstreams (nginx's health_check, Caddy's health_uri)."""
+
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_threshold: int = 2  # failed checks in a row that take an upstream out of rotation
+    healthy_threshold: int = 1  # passed checks in a row that bring it back
+
+
+@attrs.frozen
 class Route:
     """One entry of the route table and everything needed to reach its upstreams."""
 
@@ -70,6 +81,7 @@ class Route:
     connect_timeout: float = 10.0
     max_body_size: int | None = None  # bytes; None: unlimited
     max_response_header_size: int = 65536  # the upstream's status line and headers (502 beyond)
+    health_check: HealthCheck | None = None
 
     @property
     def name(self) -> str:
@@ -299,7 +311,27 @@ _ROUTE_KEYS = (
     "from", "prefix", "to", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file",
     "tls_server_name", "tls_skip_verify", "allow_client", "forward_client_cert",
     "preserve_host_header", "timeout", "connect_timeout", "max_body_size", "max_response_header_size",
+    "health_check",
 )  # fmt: skip
+
+_HEALTH_CHECK_KEYS = ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold")
+
+
+def _health_check(data: Any, key: str) -> HealthCheck | None:
+    if data is None:
+        return None
+    _check_keys(data, key, _HEALTH_CHECK_KEYS)
+    path = _string(data.get("path", "/"), f"{key}.path", optional=False)
+    assert path is not None
+    if not path.startswith("/") or any(c in path for c in " \r\n#"):
+        raise ConfigError(f"{key}.path", f"expected a path starting with '/' (a query is allowed), got {path!r}")
+    return HealthCheck(
+        path=path,
+        interval=parse_duration(data.get("interval", "5s"), f"{key}.interval"),
+        timeout=parse_duration(data.get("timeout", "2s"), f"{key}.timeout"),
+        unhealthy_threshold=_count(data.get("unhealthy_threshold", 2), f"{key}.unhealthy_threshold"),
+        healthy_threshold=_count(data.get("healthy_threshold", 1), f"{key}.healthy_threshold"),
+    )
 
 
 def parse_from(value: Any, key: str) -> str:
@@ -365,6 +397,7 @@ def _route(data: Any, key: str) -> Route:
         connect_timeout=parse_duration(data.get("connect_timeout", 10), f"{key}.connect_timeout"),
         max_body_size=None if data.get("max_body_size") is None else parse_size(data["max_body_size"], f"{key}.max_body_size"),
         max_response_header_size=parse_size(data.get("max_response_header_size", "64k"), f"{key}.max_response_header_size"),
+        health_check=_health_check(data.get("health_check"), f"{key}.health_check"),
     )
 
 

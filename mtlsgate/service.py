@@ -258,6 +258,8 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         warn_about(self.world.config)
         super().startService()
+        for group in self.world.upstreams:
+            group.start()
         served = self.world.certificates.served
         log.info("serving {n} certificate(s):\n{table}", n=len(served), table=certificates_table((s.names, s.leaf, s.source) for s in served))
         routes = self.world.config.routes
@@ -302,6 +304,8 @@ class GatewayService(MultiService):
         self.world = world
         self.server_tls.install(world.certificates)
         self.resource.state = world.proxy
+        for group in world.upstreams:
+            group.start(replacing=old.upstreams)
         for group in old.upstreams:
             group.close()
         warn_about(config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import itertools
-from typing import Any
+from typing import Any, Iterable, TypeVar
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from mtlsgate import pki
 from mtlsgate.config import Route
+from mtlsgate.healthcheck import HealthChecker, http_probe
 from mtlsgate.tls import CIPHERS
 
 log = Logger(namespace="mtlsgate.upstream")
@@ -167,6 +168,15 @@ class _BoundedClientFactory(_HTTP11ClientFactory):
         return _BoundedClientProtocol(self._quiescentCallback, self._max_header_size)
 
 
+_Pool = TypeVar("_Pool", bound=HTTPConnectionPool)
+
+
+def _bounded_pool(pool: _Pool, route: Route) -> _Pool:
+    """C{pool}, making connections that hold response headers to the route's C{max_response_header_size}."""
+    pool._factory = functools.partial(_BoundedClientFactory, max_header_size=route.max_response_header_size)
+    return pool
+
+
 class _RetirablePool(HTTPConnectionPool):
     """
     A pool that can be retired on reload: idle connections close at once, and connections still
@@ -187,25 +197,55 @@ class _RetirablePool(HTTPConnectionPool):
 
 
 class UpstreamGroup:
-    """A route's upstream URLs, an Agent over a persistent pool, and round-robin order with failover."""
+    """
+    A route's upstream URLs, an Agent over a persistent pool, round-robin order with failover, and,
+    with C{health_check}, the checker that takes dead upstreams out of that order.
+    """
 
     def __init__(self, reactor: Any, route: Route, max_per_host: int = 64) -> None:
         self.route = route
         self.targets = route.to
-        self.pool = _RetirablePool(reactor, persistent=True)
+        policy = UpstreamTLSPolicy(route)
+        self.pool = _bounded_pool(_RetirablePool(reactor, persistent=True), route)
         self.pool.maxPersistentPerHost = max_per_host
-        self.pool._factory = functools.partial(_BoundedClientFactory, max_header_size=route.max_response_header_size)
         # Twisted retries only idempotent requests without a body, once, when a pooled connection
         # the upstream had closed fails before any response: safe, and it hides keep-alive races.
         self.pool.retryAutomatically = True
-        self.agent = Agent(reactor, contextFactory=UpstreamTLSPolicy(route), pool=self.pool, connectTimeout=route.connect_timeout)
-        self._next = itertools.cycle(range(len(self.targets)))
+        self.agent = Agent(reactor, contextFactory=policy, pool=self.pool, connectTimeout=route.connect_timeout)
+        self._turn = itertools.count()
+        self.checker: HealthChecker | None = None
+        if route.health_check is not None:
+            # A fresh connection per check (same TLS policy as requests): it proves the upstream
+            # still accepts connections, and check connections never mix with the request pool.
+            checks = Agent(reactor, contextFactory=policy, pool=_bounded_pool(HTTPConnectionPool(reactor, persistent=False), route),
+                           connectTimeout=min(route.connect_timeout, route.health_check.timeout))  # fmt: skip
+            self.checker = HealthChecker(reactor, route.name, route.to, route.health_check, http_probe(checks, route.health_check.path))
 
     def order(self) -> list[str]:
-        """All targets, starting with the next one in round-robin order (the rest are failover)."""
-        start = next(self._next)
-        return list(self.targets[start:] + self.targets[:start])
+        """
+        The targets up (all of them when none is: better a try than a certain 502), starting with
+        the next one in round-robin order; the rest are failover.
+        """
+        targets = list(self.targets)
+        if self.checker is not None:
+            targets = [t for t in targets if self.checker.is_up(t)] or targets
+        start = next(self._turn) % len(targets)
+        return targets[start:] + targets[:start]
+
+    def start(self, replacing: Iterable[UpstreamGroup] = ()) -> None:
+        """
+        Start health checks, if the route has them; on reload, C{replacing} are the old world's
+        groups, whose knowledge of which upstreams are down carries over to the same route's.
+        """
+        if self.checker is None:
+            return
+        for old in replacing:
+            if old.route.name == self.route.name and old.checker is not None:
+                self.checker.inherit(old.checker)
+        self.checker.start()
 
     def close(self) -> Any:
-        """Retire the pool (reload or shutdown): requests in flight finish, then their connections close."""
+        """Stop health checks and retire the pool (reload or shutdown): requests in flight finish, then their connections close."""
+        if self.checker is not None:
+            self.checker.stop()
         return self.pool.retire()

@@ -79,11 +79,12 @@ class Proc:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+    def wait_for_log(self, text: str, timeout: float = 10.0, after: int = 0) -> str:
+        """The output once C{text} is in it (past its first C{after} characters)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self.output()
-            if text in out:
+            if text in out[after:]:
                 return out
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in log after {timeout}s:\n{self.output()}")
@@ -181,15 +182,20 @@ def echo_json(body: bytes) -> dict[str, Any]:
 @pytest.fixture
 def echo_upstream(procs, pki, tmp_path):
     """The project's mTLS echo upstream, requiring a client certificate from the test CA."""
-    port = free_port()
+    return start_echo_upstream(procs, pki, tmp_path)[0]
+
+
+def start_echo_upstream(procs: list[Proc], pki: dict[str, Any], tmp_path: Path, port: int | None = None) -> tuple[int, Proc]:
+    """Start an echo upstream (on C{port}, or a free one) that the test's C{procs} will stop; returns its port and process."""
+    port = port or free_port()
     proc = Proc(
         [sys.executable, "-m", "mtlsgate.demo", "upstream", "--listen", f"tcp:{port}:interface=127.0.0.1",
          "--cert", pki["upstream"][0], "--key", pki["upstream"][1], "--client-ca", pki["ca"]],
-        tmp_path / f"upstream-{port}.log",
+        tmp_path / f"upstream-{port}-{len(procs)}.log",
     )  # fmt: skip
     procs.append(proc)
     wait_for_port(port, proc.popen, log=proc.log)
-    return port
+    return port, proc
 
 
 class Gateway:
