@@ -160,6 +160,7 @@ class Config:
     limits: Limits = Limits()
     hsts: HSTS | None = HSTS()
     strict_permissions: bool = False  # refuse (rather than warn about) private keys readable by others
+    unknown_sni: str = "default"  # or "reject": fail handshakes for names no certificate carries
     autocert: Autocert | None = None
     source: str | None = attrs.field(default=None, eq=False)  # the YAML file it came from
 
@@ -404,7 +405,7 @@ def _route(data: Any, key: str) -> Route:
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
-    "limits", "hsts", "strict_permissions",
+    "limits", "hsts", "strict_permissions", "unknown_sni",
 )  # fmt: skip
 
 _LIMIT_KEYS = tuple(f.name for f in attrs.fields(Limits))
@@ -601,6 +602,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         limits=_limits(data.get("limits"), "limits"),
         hsts=_hsts(data.get("hsts"), "hsts"),
         strict_permissions=_boolean(data.get("strict_permissions", False), "strict_permissions"),
+        unknown_sni=_choice(data.get("unknown_sni", "default"), "unknown_sni", ("default", "reject")),
         access_log_format=_choice(data.get("access_log_format", "combined"), "access_log_format", ("combined", "json")),
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
         source=source,

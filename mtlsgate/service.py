@@ -82,7 +82,7 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
     """Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem."""
     check_key_permissions(config)
     verification = ClientVerification.load(config.downstream_mtls)
-    certificates = server_tls.build(served_certificates(config), verification)
+    certificates = server_tls.build(served_certificates(config), verification, config.unknown_sni)
     entries = []
     for route in config.routes:
         entries.append(RouteEntry(route=route, upstreams=UpstreamGroup(reactor, route)))
@@ -248,7 +248,7 @@ class GatewayService(MultiService):
         """Re-read the served certificates (autocert stored a new one) and swap them in."""
         world = self.world
         try:
-            certificates = self.server_tls.build(served_certificates(world.config), world.verification)
+            certificates = self.server_tls.build(served_certificates(world.config), world.verification, world.config.unknown_sni)
         except (PKIError, OSError) as e:
             log.error("new certificates not installed, keeping the served ones: {error}", error=str(e))
             return

@@ -82,7 +82,8 @@ def test_tls_alpn01_is_answered_by_the_mtls_listener_itself(start_pebble, start_
     pebble = start_pebble(http_port=free_port(), tls_port=https)
     config = write_config(
         tmp_path / "gw.yaml", https=https, certs_dir=tmp_path / "certs",
-        extra={"downstream_mtls": {"ca_file": pki["ca"]}},  # the validator has no client certificate
+        # The validator has no client certificate, and asks for a name no certificate carries yet.
+        extra={"downstream_mtls": {"ca_file": pki["ca"]}, "unknown_sni": "reject"},
         **autocert_settings(pebble, domains=["alpn.example.test"], challenges=["tls-alpn-01"]),
     )  # fmt: skip
     gateway = start_gateway(["--config", str(config)], port=https)
@@ -92,6 +93,8 @@ def test_tls_alpn01_is_answered_by_the_mtls_listener_itself(start_pebble, start_
     with pytest.raises(ssl.SSLError):  # mTLS still holds for everyone else
         served_certificate(https, "alpn.example.test", pebble.root_pem() + pebble.intermediate_pem())
         raise ssl.SSLError("handshake passed without a client certificate")
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):  # names under validation only, not any name
+        served_certificate(https, "other.example.test", client=pki["alice"])
 
 
 def test_dns01_issues_a_wildcard_with_its_apex(start_pebble, start_gateway, tmp_path):

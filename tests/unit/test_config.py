@@ -35,6 +35,7 @@ def test_minimal_config_has_strict_defaults(pki):
         ({"routes": [{"from": "https://a", "to": "https://b", "health_check": {"path": "healthz"}}]}, "routes[0].health_check.path", "starting with '/'"),
         ({"routes": [{"from": "https://a", "to": "https://b", "health_check": {"unhealthy_threshold": 0}}]}, "routes[0].health_check.unhealthy_threshold", "positive whole number"),
         ({"routes": [{"from": "https://a", "to": "https://b", "health_check": {"timeout": "2 seconds"}}]}, "routes[0].health_check.timeout", "duration"),
+        ({"unknown_sni": "drop"}, "unknown_sni", "default, reject"),
         ({"downstream_mtls": {"client_auth": "require"}}, "downstream_mtls.ca_file", "required"),
         ({"downstream_mtls": {"max_verify_depth": 0}}, "downstream_mtls.max_verify_depth", "1 to 16"),
     ],
