@@ -160,6 +160,8 @@ class _BoundedClientProtocol(HTTP11ClientProtocol):
 
 
 class _BoundedClientFactory(_HTTP11ClientFactory):
+    noisy = False  # one per upstream connection (and health check): "Starting factory" lines would flood the log
+
     def __init__(self, quiescentCallback: Any, metadata: Any, max_header_size: int) -> None:
         super().__init__(quiescentCallback, metadata)
         self._max_header_size = max_header_size
