@@ -53,6 +53,17 @@ class DownstreamMTLS:
 
 
 @attrs.frozen
+class HealthCheck:
+    """Active health checks of a route's upstreams (nginx's health_check, Caddy's health_uri)."""
+
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_threshold: int = 2  # failed checks in a row that take an upstream out of rotation
+    healthy_threshold: int = 1  # passed checks in a row that bring it back
+
+
+@attrs.frozen
 class Route:
     """One entry of the route table and everything needed to reach its upstreams."""
 
@@ -70,6 +81,8 @@ class Route:
     timeout: float = 30.0
     connect_timeout: float = 10.0
     max_body_size: int | None = None  # bytes; None: unlimited
+    max_response_header_size: int = 65536  # the upstream's status line and headers (502 beyond)
+    health_check: HealthCheck | None = None
 
     @property
     def name(self) -> str:
@@ -149,6 +162,7 @@ class Config:
     limits: Limits = Limits()
     hsts: HSTS | None = HSTS()
     strict_permissions: bool = False  # refuse (rather than warn about) private keys readable by others
+    unknown_sni: str = "default"  # or "reject": fail handshakes for names no certificate carries
     autocert: Autocert | None = None
     workers: int = 1  # processes serving the TLS listener (nginx's worker_processes)
     worker_affinity: str = "connection"  # or "client_ip": a client's connections all reach one worker
@@ -301,8 +315,28 @@ def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
 _ROUTE_KEYS = (
     "from", "prefix", "to", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file",
     "tls_server_name", "tls_skip_verify", "allow_client", "forward_client_cert",
-    "preserve_host_header", "timeout", "connect_timeout", "max_body_size",
+    "preserve_host_header", "timeout", "connect_timeout", "max_body_size", "max_response_header_size",
+    "health_check",
 )  # fmt: skip
+
+_HEALTH_CHECK_KEYS = ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold")
+
+
+def _health_check(data: Any, key: str) -> HealthCheck | None:
+    if data is None:
+        return None
+    _check_keys(data, key, _HEALTH_CHECK_KEYS)
+    path = _string(data.get("path", "/"), f"{key}.path", optional=False)
+    assert path is not None
+    if not path.startswith("/") or any(c in path for c in " \r\n#"):
+        raise ConfigError(f"{key}.path", f"expected a path starting with '/' (a query is allowed), got {path!r}")
+    return HealthCheck(
+        path=path,
+        interval=parse_duration(data.get("interval", "5s"), f"{key}.interval"),
+        timeout=parse_duration(data.get("timeout", "2s"), f"{key}.timeout"),
+        unhealthy_threshold=_count(data.get("unhealthy_threshold", 2), f"{key}.unhealthy_threshold"),
+        healthy_threshold=_count(data.get("healthy_threshold", 1), f"{key}.healthy_threshold"),
+    )
 
 
 def parse_from(value: Any, key: str) -> str:
@@ -367,6 +401,8 @@ def _route(data: Any, key: str) -> Route:
         timeout=parse_duration(data.get("timeout", 30), f"{key}.timeout"),
         connect_timeout=parse_duration(data.get("connect_timeout", 10), f"{key}.connect_timeout"),
         max_body_size=None if data.get("max_body_size") is None else parse_size(data["max_body_size"], f"{key}.max_body_size"),
+        max_response_header_size=parse_size(data.get("max_response_header_size", "64k"), f"{key}.max_response_header_size"),
+        health_check=_health_check(data.get("health_check"), f"{key}.health_check"),
     )
 
 
@@ -374,6 +410,7 @@ _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
     "limits", "hsts", "strict_permissions", "workers", "worker_affinity", "session_ticket_rotation",
+    "unknown_sni",
 )  # fmt: skip
 
 _LIMIT_KEYS = tuple(f.name for f in attrs.fields(Limits))
@@ -572,6 +609,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         limits=_limits(data.get("limits"), "limits"),
         hsts=_hsts(data.get("hsts"), "hsts"),
         strict_permissions=_boolean(data.get("strict_permissions", False), "strict_permissions"),
+        unknown_sni=_choice(data.get("unknown_sni", "default"), "unknown_sni", ("default", "reject")),
         access_log_format=_choice(data.get("access_log_format", "combined"), "access_log_format", ("combined", "json")),
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
         workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443")),

@@ -9,6 +9,7 @@ development and tests: ECDSA P-256 keys by default, intermediates, short-lived l
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import re
@@ -132,13 +133,28 @@ def key_matches_certificate(key: PrivateKey, cert: x509.Certificate) -> bool:
 # --- writing ----------------------------------------------------------------------------------------
 
 
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _write_problem(path: str, e: OSError) -> PKIError:
+    """A failed write, said so that nobody has to wonder about the file that was there."""
+    if isinstance(e, FileNotFoundError):  # no such directory: there was no file before either
+        return _os_problem(path, e, "write")
+    room = " (disk full, quota or file size limit)" if e.errno in _NO_ROOM else ""
+    return PKIError(f"{path}: cannot write ({e.strerror or type(e).__name__}){room}; the file there before, if any, is unchanged")
+
+
 def _write_atomically(path: str, data: bytes, mode: int) -> None:
-    """Readers see the old file or the whole new one, never a partial write, and never a key with loose permissions."""
+    """
+    Readers see the old file or the whole new one, never a partial write, and never a key with
+    loose permissions; a failed write (a full disk) leaves the old file as it was and no
+    temporary file behind.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     except OSError as e:
-        raise _os_problem(path, e, "write") from None
+        raise _write_problem(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)  # mkstemp creates 0600, so a key is never readable by others
@@ -150,7 +166,7 @@ def _write_atomically(path: str, data: bytes, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         if isinstance(e, OSError):
-            raise _os_problem(path, e, "write") from None
+            raise _write_problem(path, e) from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable, where the platform allows it
         dir_fd = os.open(directory, os.O_RDONLY)

@@ -89,7 +89,7 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
     """Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem."""
     check_key_permissions(config)
     verification = ClientVerification.load(config.downstream_mtls)
-    certificates = server_tls.build(served_certificates(config), verification)
+    certificates = server_tls.build(served_certificates(config), verification, config.unknown_sni)
     entries = []
     for route in config.routes:
         entries.append(RouteEntry(route=route, upstreams=UpstreamGroup(reactor, route)))
@@ -268,7 +268,7 @@ class GatewayService(MultiService):
         stolen key exposes at most one rotation period of sessions.  Connections open carry on.
         """
         world = self.world
-        certificates = self.server_tls.build(world.certificates.served, world.verification)
+        certificates = self.server_tls.build(world.certificates.served, world.verification, world.config.unknown_sni)
         self.world = attrs.evolve(world, certificates=certificates)
         self.server_tls.install(certificates)
         log.info("session-ticket key rotated (every {period:.0f}s)", period=world.config.session_ticket_rotation)
@@ -333,7 +333,7 @@ class GatewayService(MultiService):
         """Re-read the served certificates (autocert stored a new one) and swap them in."""
         world = self.world
         try:
-            certificates = self.server_tls.build(served_certificates(world.config), world.verification)
+            certificates = self.server_tls.build(served_certificates(world.config), world.verification, world.config.unknown_sni)
         except (PKIError, OSError) as e:
             log.error("new certificates not installed, keeping the served ones: {error}", error=str(e))
             return
@@ -345,6 +345,8 @@ class GatewayService(MultiService):
         if self.worker is None and self.world.config.workers > 1:
             log.warn("workers: {n} is a 'twistd mtlsgate' feature; this gateway (a .tac file?) runs as one process", n=self.world.config.workers)
         super().startService()
+        for group in self.world.upstreams:
+            group.start()
         served = self.world.certificates.served
         log.info("serving {n} certificate(s):\n{table}", n=len(served), table=certificates_table((s.names, s.leaf, s.source) for s in served))
         routes = self.world.config.routes
@@ -392,6 +394,8 @@ class GatewayService(MultiService):
         self.world = world
         self.server_tls.install(world.certificates)
         self.resource.state = world.proxy
+        for group in world.upstreams:
+            group.start(replacing=old.upstreams)
         for group in old.upstreams:
             group.close()
         warn_about(config)

@@ -32,6 +32,7 @@ _FLAG_FOR_KEY = {
     "access_log": "--access-log",
     "access_log_format": "--access-log-format",
     "strict_permissions": "--strict-permissions",
+    "unknown_sni": "--unknown-sni",
     "autocert": "--acme-*",
     "workers": "--workers",
     "worker_affinity": "--worker-affinity",
@@ -80,6 +81,7 @@ class Options(usage.Options):
         ["timeout", None, None, "Upstream response timeout for --route routes, e.g. 30s."],
         ["access-log", None, None, "Write access lines to this file ('-' for stdout)."],
         ["access-log-format", None, None, "combined (the default) | json."],
+        ["unknown-sni", None, None, "default (serve the first certificate) | reject (unrecognized_name alert)."],
         ["demo", None, None, "Run the self-contained demo in this directory (see 'mtlsgate demo')."],
         ["acme-directory", None, None, "ACME directory URL (or letsencrypt, letsencrypt-staging): enables autocert."],
         ["acme-email", None, None, "Contact email for the ACME account."],
@@ -158,7 +160,8 @@ class Options(usage.Options):
 
         for flag, key in (("https", "address"), ("http", "http_address"), ("admin", "admin_address"),
                           ("certs-dir", "certs_dir"), ("access-log", "access_log"),
-                          ("access-log-format", "access_log_format"), ("worker-affinity", "worker_affinity")):  # fmt: skip
+                          ("access-log-format", "access_log_format"), ("worker-affinity", "worker_affinity"),
+                          ("unknown-sni", "unknown_sni")):  # fmt: skip
             if self[flag] is not None:
                 put(key, self[flag])
         if self["cert"] or self["key"]:

@@ -7,6 +7,7 @@ whose certificate set can be swapped at run time without touching open connectio
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Iterable, Sequence
 
 import attrs
@@ -20,6 +21,7 @@ from zope.interface import implementer
 
 from mtlsgate import pki
 from mtlsgate.config import CertificateSpec, DownstreamMTLS, Limits
+from mtlsgate.identity import printable
 from mtlsgate.metrics import GatewayMetrics
 
 log = Logger(namespace="mtlsgate.tls")
@@ -77,9 +79,36 @@ class VerifyFailure:
 
 
 class GatewayConnection(SSL.Connection):
-    """An C{SSL.Connection} that remembers the first client-certificate verification failure."""
+    """
+    An C{SSL.Connection} that remembers the first client-certificate verification failure, and the
+    server name it refused (C{unknown_sni: reject}).
+    """
 
     verify_failure: VerifyFailure | None = None
+    refused_server_name: str | None = None
+
+
+class UnknownServerName(Exception):
+    """A ClientHello asked for a name no served certificate carries, and C{unknown_sni} is C{reject}."""
+
+
+def _keep_refusals_out_of_excepthook() -> None:
+    """
+    pyOpenSSL hands an exception raised in the SNI callback to C{sys.excepthook} (a traceback on
+    stderr, which twistd logs as errors) before it answers with the alert.  A refused name is the
+    expected outcome, logged on one line of its own, so the hook passes over L{UnknownServerName}
+    and hands everything else on as before.  Installed once, when a set that rejects is installed.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "passes_over_unknown_server_names", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not isinstance(value, UnknownServerName):
+            previous(kind, value, tb)
+
+    hook.passes_over_unknown_server_names = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 @attrs.frozen
@@ -223,9 +252,13 @@ class CertificateSet:
     """
     Contexts by server name: exact, then C{*.} wildcard one label up, then the default (the first
     certificate).  Immutable once built; a reload builds a new one.
+
+    @ivar reject_unknown: refuse handshakes that ask for a name none of the certificates carries
+        (C{unknown_sni: reject}) instead of answering them with the default certificate.
     """
 
-    def __init__(self, contexts: Iterable[tuple[ServedCertificate, SSL.Context]]) -> None:
+    def __init__(self, contexts: Iterable[tuple[ServedCertificate, SSL.Context]], reject_unknown: bool = False) -> None:
+        self.reject_unknown = reject_unknown
         self.served: list[ServedCertificate] = []
         self._by_name: dict[str, SSL.Context] = {}
         self.default: SSL.Context | None = None
@@ -238,14 +271,19 @@ class CertificateSet:
         if self.default is None:
             raise pki.PKIError("no certificate to serve")
 
+    def lookup(self, server_name: str) -> SSL.Context | None:
+        """The context of the certificate for this name (exact, then wildcard), or None."""
+        name = server_name.lower().rstrip(".")
+        ctx = self._by_name.get(name)
+        if ctx is None and "." in name:
+            ctx = self._by_name.get("*." + name.split(".", 1)[1])
+        return ctx
+
     def context_for(self, server_name: str | None) -> SSL.Context:
-        if server_name:
-            name = server_name.lower().rstrip(".")
-            ctx = self._by_name.get(name)
-            if ctx is None and "." in name:
-                ctx = self._by_name.get("*." + name.split(".", 1)[1])
-            if ctx is not None:
-                return ctx
+        """The context for this name, else the default (no SNI at all always gets the default)."""
+        ctx = self.lookup(server_name) if server_name else None
+        if ctx is not None:
+            return ctx
         assert self.default is not None
         return self.default
 
@@ -264,9 +302,10 @@ class ServerTLS:
         #: validation C{(key, certificate)} for a name under validation, or None.
         self.acme_validation: Any = None
 
-    def build(self, served: Sequence[ServedCertificate], verification: ClientVerification | None) -> CertificateSet:
+    def build(self, served: Sequence[ServedCertificate], verification: ClientVerification | None, unknown_sni: str = "default") -> CertificateSet:
         """Build (not install) a certificate set whose contexts route SNI and ALPN through this creator."""
-        return CertificateSet((s, build_server_context(s, verification, self._on_servername, self._select_alpn)) for s in served)
+        contexts = ((s, build_server_context(s, verification, self._on_servername, self._select_alpn)) for s in served)
+        return CertificateSet(contexts, reject_unknown=unknown_sni == "reject")
 
     def _select_alpn(self, conn: SSL.Connection, offered: list[bytes]) -> bytes:
         """
@@ -286,6 +325,8 @@ class ServerTLS:
         return _select_http1(conn, offered)
 
     def install(self, certificates: CertificateSet) -> None:
+        if certificates.reject_unknown:
+            _keep_refusals_out_of_excepthook()
         self._certificates = certificates
 
     @property
@@ -293,12 +334,22 @@ class ServerTLS:
         assert self._certificates is not None, "ServerTLS used before a certificate set was installed"
         return self._certificates
 
-    def _on_servername(self, conn: SSL.Connection) -> None:
+    def _on_servername(self, conn: GatewayConnection) -> None:
         raw = conn.get_servername()
         name = raw.decode("ascii", "replace") if raw else None
-        ctx = self.certificates.context_for(name)
+        certificates = self.certificates
+        if name and certificates.reject_unknown and certificates.lookup(name) is None and not self._under_validation(name):
+            conn.refused_server_name = name
+            # pyOpenSSL turns an exception here into SSL_TLSEXT_ERR_ALERT_FATAL, and OpenSSL's
+            # alert for a refused server name is unrecognized_name (112): the handshake ends there.
+            raise UnknownServerName(name)
+        ctx = certificates.context_for(name)
         if ctx is not conn.get_context():
             conn.set_context(ctx)
+
+    def _under_validation(self, name: str) -> bool:
+        """Whether autocert is proving this name with TLS-ALPN-01 (before any certificate for it exists)."""
+        return self.acme_validation is not None and self.acme_validation.certificate_for(name) is not None
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         connection = GatewayConnection(self.certificates.default, None)
@@ -362,12 +413,19 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
             failure = getattr(self._tlsConnection, "verify_failure", None)
             peer = self.transport.getPeer() if self.transport is not None else None
             peer_text = f"{peer.host}:{peer.port}" if peer is not None and hasattr(peer, "host") else str(peer)
+            refused_name = getattr(self._tlsConnection, "refused_server_name", None)
             if failure is not None:
                 log.info(
                     "refused client certificate from {peer}: {reason} (subject {subject})",
                     peer=peer_text, reason=failure.reason, subject=failure.subject, tls_result="rejected",
                 )
                 self.factory.metrics.handshake("rejected", failure.reason)
+            elif refused_name is not None:
+                log.info(
+                    "refused TLS handshake from {peer}: no certificate for the server name {name} it asked for (unknown_sni: reject)",
+                    peer=peer_text, name=printable(refused_name), tls_result="refused",
+                )  # fmt: skip
+                self.factory.metrics.handshake("refused", "unknown_sni")
             else:
                 log.info("TLS handshake with {peer} failed: {error}", peer=peer_text, error=_ssl_error_text(reason.value), tls_result="failed")
                 self.factory.metrics.handshake("failed", _failure_kind(reason.value))

@@ -8,23 +8,28 @@ for another route.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
-from typing import Any
+from typing import Any, Iterable, TypeVar
 
 from cryptography import x509
 from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web.client import URI, Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from twisted.python.failure import Failure
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from mtlsgate import pki
 from mtlsgate.config import Route
+from mtlsgate.healthcheck import HealthChecker, http_probe
 from mtlsgate.tls import CIPHERS
 
 log = Logger(namespace="mtlsgate.upstream")
@@ -109,6 +114,73 @@ class UpstreamTLSPolicy:
         return _UpstreamConnectionCreator(self._ctx, name, verify=not self.route.tls_skip_verify)
 
 
+class ResponseHeadersTooLarge(Exception):
+    """An upstream's status line and headers went past the route's C{max_response_header_size}."""
+
+
+def _end_of_headers(data: bytes) -> int | None:
+    """Where the blank line ending a header block ends in C{data} (LF or CRLF line ends, as Twisted parses), or None."""
+    ends = [i + len(blank) for blank in (b"\n\n", b"\n\r\n") if (i := data.find(blank)) != -1]
+    return min(ends) if ends else None
+
+
+class _BoundedClientProtocol(HTTP11ClientProtocol):
+    """
+    Twisted's client parser accepts response headers without a total limit (any number of lines of
+    up to 16 KiB each), so an upstream could make the gateway hold any amount of memory before a
+    response starts.  This counts the bytes of each response's status line and headers and gives
+    the response up past C{max_header_size}: the request fails with L{ResponseHeadersTooLarge}
+    (a 502 for the client) and the connection is closed, never pooled.
+    """
+
+    def __init__(self, quiescentCallback: Any, max_header_size: int) -> None:
+        super().__init__(quiescentCallback)
+        self._max_header_size = max_header_size
+        self._header_bytes = 0
+        self._tail = b""  # the last bytes of header data seen, to find a blank line split across reads
+
+    def request(self, request: Any) -> defer.Deferred[IResponse]:
+        self._header_bytes, self._tail = 0, b""
+        d = super().request(request)
+        if self._parser is not None:
+            # One line may take the whole allowance (Twisted's own line limit would only drop the connection).
+            self._parser.MAX_LENGTH = self._max_header_size
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is not None and parser.state in (STATUS, HEADER):
+            seen = self._tail + data
+            end = _end_of_headers(seen)
+            self._header_bytes += len(data) if end is None else max(0, end - len(self._tail))
+            self._tail = seen[-2:]
+            if self._header_bytes > self._max_header_size:
+                error = ResponseHeadersTooLarge(f"response headers larger than {self._max_header_size} bytes (max_response_header_size)")
+                self._giveUp(Failure(error))
+                return
+        super().dataReceived(data)
+
+
+class _BoundedClientFactory(_HTTP11ClientFactory):
+    noisy = False  # one per upstream connection (and health check): "Starting factory" lines would flood the log
+
+    def __init__(self, quiescentCallback: Any, metadata: Any, max_header_size: int) -> None:
+        super().__init__(quiescentCallback, metadata)
+        self._max_header_size = max_header_size
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _BoundedClientProtocol(self._quiescentCallback, self._max_header_size)
+
+
+_Pool = TypeVar("_Pool", bound=HTTPConnectionPool)
+
+
+def _bounded_pool(pool: _Pool, route: Route) -> _Pool:
+    """C{pool}, making connections that hold response headers to the route's C{max_response_header_size}."""
+    pool._factory = functools.partial(_BoundedClientFactory, max_header_size=route.max_response_header_size)
+    return pool
+
+
 class _RetirablePool(HTTPConnectionPool):
     """
     A pool that can be retired on reload: idle connections close at once, and connections still
@@ -154,25 +226,55 @@ class _EndpointPerOrigin:
 
 
 class UpstreamGroup:
-    """A route's upstream URLs, an Agent over a persistent pool, and round-robin order with failover."""
+    """
+    A route's upstream URLs, an Agent over a persistent pool, round-robin order with failover, and,
+    with C{health_check}, the checker that takes dead upstreams out of that order.
+    """
 
     def __init__(self, reactor: Any, route: Route, max_per_host: int = 64) -> None:
         self.route = route
         self.targets = route.to
-        self.pool = _RetirablePool(reactor, persistent=True)
+        policy = UpstreamTLSPolicy(route)
+        self.pool = _bounded_pool(_RetirablePool(reactor, persistent=True), route)
         self.pool.maxPersistentPerHost = max_per_host
         # Twisted retries only idempotent requests without a body, once, when a pooled connection
         # the upstream had closed fails before any response: safe, and it hides keep-alive races.
         self.pool.retryAutomatically = True
-        endpoints = _EndpointPerOrigin(reactor, UpstreamTLSPolicy(route), route.connect_timeout)
-        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
-        self._next = itertools.cycle(range(len(self.targets)))
+        self.agent = Agent.usingEndpointFactory(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout), pool=self.pool)
+        self._turn = itertools.count()
+        self.checker: HealthChecker | None = None
+        if route.health_check is not None:
+            # A fresh connection per check (same TLS policy as requests): it proves the upstream
+            # still accepts connections, and check connections never mix with the request pool.
+            checks = Agent(reactor, contextFactory=policy, pool=_bounded_pool(HTTPConnectionPool(reactor, persistent=False), route),
+                           connectTimeout=min(route.connect_timeout, route.health_check.timeout))  # fmt: skip
+            self.checker = HealthChecker(reactor, route.name, route.to, route.health_check, http_probe(checks, route.health_check.path))
 
     def order(self) -> list[str]:
-        """All targets, starting with the next one in round-robin order (the rest are failover)."""
-        start = next(self._next)
-        return list(self.targets[start:] + self.targets[:start])
+        """
+        The targets up (all of them when none is: better a try than a certain 502), starting with
+        the next one in round-robin order; the rest are failover.
+        """
+        targets = list(self.targets)
+        if self.checker is not None:
+            targets = [t for t in targets if self.checker.is_up(t)] or targets
+        start = next(self._turn) % len(targets)
+        return targets[start:] + targets[:start]
+
+    def start(self, replacing: Iterable[UpstreamGroup] = ()) -> None:
+        """
+        Start health checks, if the route has them; on reload, C{replacing} are the old world's
+        groups, whose knowledge of which upstreams are down carries over to the same route's.
+        """
+        if self.checker is None:
+            return
+        for old in replacing:
+            if old.route.name == self.route.name and old.checker is not None:
+                self.checker.inherit(old.checker)
+        self.checker.start()
 
     def close(self) -> Any:
-        """Retire the pool (reload or shutdown): requests in flight finish, then their connections close."""
+        """Stop health checks and retire the pool (reload or shutdown): requests in flight finish, then their connections close."""
+        if self.checker is not None:
+            self.checker.stop()
         return self.pool.retire()

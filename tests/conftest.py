@@ -5,14 +5,17 @@ nginx) started per test and always stopped.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -68,22 +71,41 @@ def subprocess_env() -> dict[str, str]:
 
 
 class Proc:
-    """A started process whose output goes to a log file; stopped at teardown."""
+    """
+    A started process whose output goes to a log file; stopped at teardown.  With C{pipe}, the
+    output reaches the file through a pipe and this process writes it (for a process whose own
+    file writes are limited, as with RLIMIT_FSIZE); C{preexec_fn} runs in the child before exec.
+    """
 
-    def __init__(self, argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None,
+        pipe: bool = False, preexec_fn: Any = None,
+    ) -> None:  # fmt: skip
         self.argv = argv
         self.log = log
         self._out = open(log, "wb")
-        self.popen = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, cwd=cwd, env=env or subprocess_env())
+        stdout = subprocess.PIPE if pipe else self._out
+        self.popen = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.STDOUT, cwd=cwd, env=env or subprocess_env(), preexec_fn=preexec_fn)
+        self._copier: threading.Thread | None = None
+        if pipe:
+            self._copier = threading.Thread(target=self._copy, daemon=True)
+            self._copier.start()
+
+    def _copy(self) -> None:
+        assert self.popen.stdout is not None
+        while chunk := self.popen.stdout.read1(65536):
+            self._out.write(chunk)
+            self._out.flush()
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+    def wait_for_log(self, text: str, timeout: float = 10.0, after: int = 0) -> str:
+        """The output once C{text} is in it (past its first C{after} characters)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self.output()
-            if text in out:
+            if text in out[after:]:
                 return out
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in log after {timeout}s:\n{self.output()}")
@@ -99,6 +121,8 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        if self._copier is not None:
+            self._copier.join(10)
         self._out.close()
         return self.popen.returncode
 
@@ -196,15 +220,20 @@ def echo_json(body: bytes) -> dict[str, Any]:
 @pytest.fixture
 def echo_upstream(procs, pki, tmp_path):
     """The project's mTLS echo upstream, requiring a client certificate from the test CA."""
-    port = free_port()
+    return start_echo_upstream(procs, pki, tmp_path)[0]
+
+
+def start_echo_upstream(procs: list[Proc], pki: dict[str, Any], tmp_path: Path, port: int | None = None) -> tuple[int, Proc]:
+    """Start an echo upstream (on C{port}, or a free one) that the test's C{procs} will stop; returns its port and process."""
+    port = port or free_port()
     proc = Proc(
         [sys.executable, "-m", "mtlsgate.demo", "upstream", "--listen", f"tcp:{port}:interface=127.0.0.1",
          "--cert", pki["upstream"][0], "--key", pki["upstream"][1], "--client-ca", pki["ca"]],
-        tmp_path / f"upstream-{port}.log",
+        tmp_path / f"upstream-{port}-{len(procs)}.log",
     )  # fmt: skip
     procs.append(proc)
     wait_for_port(port, proc.popen, log=proc.log)
-    return port
+    return port, proc
 
 
 class Gateway:
@@ -217,8 +246,15 @@ class Gateway:
 def start_gateway(procs, tmp_path):
     """Start C{twistd -n mtlsgate ARGS} on a free port; returns a L{Gateway} once it listens."""
 
-    def start(args: list[str], *, port: int | None = None, tac: Path | None = None, env: dict[str, str] | None = None) -> Gateway:
-        """With C{port}, the config (file or tac) names the listener; otherwise --https is added."""
+    def start(
+        args: list[str], *, port: int | None = None, tac: Path | None = None, env: dict[str, str] | None = None,
+        file_size_limit: int | None = None,
+    ) -> Gateway:  # fmt: skip
+        """
+        With C{port}, the config (file or tac) names the listener; otherwise --https is added.  With
+        C{file_size_limit}, the gateway starts with RLIMIT_FSIZE (soft) at that many bytes, its own
+        writes to regular files fail past it as on a full disk, and its log goes through a pipe.
+        """
         argv = [*TWISTD, "-n", "--pidfile=", "--logfile=-"]
         if tac is not None:
             argv += ["-y", str(tac)]
@@ -230,13 +266,19 @@ def start_gateway(procs, tmp_path):
             argv += args
         full_env = subprocess_env()
         full_env.update(env or {})
-        proc = Proc(argv, tmp_path / f"gateway-{port}.log", cwd=tmp_path, env=full_env)
+        limit = None if file_size_limit is None else functools.partial(_limit_file_size, file_size_limit)
+        proc = Proc(argv, tmp_path / f"gateway-{port}.log", cwd=tmp_path, env=full_env, pipe=limit is not None, preexec_fn=limit)
         procs.append(proc)
         assert port is not None
         wait_for_port(port, proc.popen, log=proc.log)
         return Gateway(proc, port)
 
     return start
+
+
+def _limit_file_size(size: int) -> None:
+    """In a child before exec: files it writes stop at C{size} bytes (EFBIG; Python ignores SIGXFSZ)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def gateway_args(pki: dict[str, Any], upstream_port: int, *extra: str) -> list[str]:

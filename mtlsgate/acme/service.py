@@ -36,6 +36,10 @@ DEFAULT_RENEW_BEFORE = 30 * 86400.0
 MAX_BACKOFF = 86400.0
 
 
+class NotStored(Exception):
+    """The CA issued a certificate but the store could not keep it (a full disk); it is kept for the next try."""
+
+
 def renewal_due(certificate: x509.Certificate, renew_before: float | None) -> datetime:
     """
     When to renew: C{renew_before} ahead of expiry; by default 30 days ahead, or a third of the
@@ -95,6 +99,7 @@ class AcmeIssuingService(Service):
         self._failures: dict[str, int] = {}
         self._retry_at: dict[str, float] = {}
         self._renew_at: dict[tuple[str, int], datetime] = {}  # (name, serial) -> when, fixed once chosen
+        self._unstored: dict[str, tuple[Any, list[x509.Certificate]]] = {}  # issued, but the store refused it
         self._timer: Any = None
         self._checking: defer.Deferred[None] | None = None
 
@@ -238,14 +243,51 @@ class AcmeIssuingService(Service):
             self._failures[names[0]] = failures
             delay = backoff(failures, self.settings.retry_interval)
             self._retry_at[names[0]] = self.reactor.seconds() + delay
-            reason = str(e) if isinstance(e, (ACMEError, DNSHookError)) else f"{type(e).__name__}: {e}"
+            reason = str(e) if isinstance(e, (ACMEError, DNSHookError, NotStored)) else f"{type(e).__name__}: {e}"
             self.metrics.acme_order("failed")
-            log.error("certificate for {names} not issued (attempt {n}): {reason}; retrying in {delay:.0f}s", names=label, n=failures, reason=reason, delay=delay)
+            what = "issued but not stored" if isinstance(e, NotStored) else "not issued"
+            log.error(
+                "certificate for {names} {what} (attempt {n}): {reason}; retrying in {delay:.0f}s",
+                names=label, what=what, n=failures, reason=reason, delay=delay,
+            )  # fmt: skip
             raise
         self._failures.pop(names[0], None)
         self._retry_at.pop(names[0], None)
 
     async def _order(self, names: tuple[str, ...]) -> None:
+        """Obtain a certificate (or take the one issued last time but not stored) and keep it."""
+        kept = self._unstored.pop(names[0], None)
+        if kept is not None and kept[1][0].not_valid_after_utc.timestamp() > self.reactor.seconds():
+            log.info("storing the certificate for {names} issued earlier, without a new order", names=", ".join(names))
+        else:
+            kept = await self._obtain(names)
+        await self._keep(names, *kept)
+
+    async def _keep(self, names: tuple[str, ...], key: Any, chain: list[x509.Certificate]) -> None:
+        """
+        Store, then install.  A certificate the store refuses (a full disk) is held on to and
+        stored at the next attempt instead of ordering again (CAs limit duplicate certificates:
+        Let's Encrypt allows five a week); what is served meanwhile is untouched.
+        """
+        label = ", ".join(names)
+        try:
+            self.store.store(names[0], key, chain)
+        except Exception as e:
+            self._unstored[names[0]] = (key, chain)
+            raise NotStored(str(e)) from e
+        self.metrics.acme_order("issued")
+        leaf = chain[0]
+        log.info(
+            "issued a certificate for {names} by {issuer}, valid until {until}",
+            names=label, issuer=leaf.issuer.rfc4514_string(), until=leaf.not_valid_after_utc.isoformat(),
+        )  # fmt: skip
+        self.installed()
+        renew = await self._renewal_time(leaf)
+        self._renew_at[(names[0], leaf.serial_number)] = renew
+        log.info("installed the certificate for {names}; next renewal at {when}", names=label, when=renew.isoformat())
+
+    async def _obtain(self, names: tuple[str, ...]) -> tuple[Any, list[x509.Certificate]]:
+        """Order, validate and finalize at the CA: a new key and its chain (leaf first)."""
         label = ", ".join(names)
         client = await self._registered_client()
         replaces = None
@@ -263,18 +305,7 @@ class AcmeIssuingService(Service):
         key = new_certificate_key(self.settings.key_type)
         final = await client.finalize(order_url, order, make_csr(key, names))
         pem = await client.certificate_chain(final.certificate)
-        chain = x509.load_pem_x509_certificates(pem)
-        self.store.store(names[0], key, chain)
-        self.metrics.acme_order("issued")
-        leaf = chain[0]
-        log.info(
-            "issued a certificate for {names} by {issuer}, valid until {until}",
-            names=label, issuer=leaf.issuer.rfc4514_string(), until=leaf.not_valid_after_utc.isoformat(),
-        )  # fmt: skip
-        self.installed()
-        renew = await self._renewal_time(leaf)
-        self._renew_at[(names[0], leaf.serial_number)] = renew
-        log.info("installed the certificate for {names}; next renewal at {when}", names=label, when=renew.isoformat())
+        return key, x509.load_pem_x509_certificates(pem)
 
     async def _authorize(self, client: ACMEClient, url: str) -> None:
         authz = await client.authorization(url)

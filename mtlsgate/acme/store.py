@@ -54,14 +54,21 @@ class DirectoryStore:
         return key, chain
 
     def store(self, name: str, key: Any, chain: list[x509.Certificate]) -> None:
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        """Replace C{NAME.pem} atomically; on failure (a full disk) it stays as it was, and L{pki.PKIError} names it."""
+        self._make_directory()
         pki.write_private_file(self._file(name), pki.private_key_pem(key) + pki.certificates_pem(chain))
+
+    def _make_directory(self) -> None:
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise pki.PKIError(f"{self.path}: cannot make the certificate directory ({e.strerror or type(e).__name__})") from None
 
     def account_key(self) -> Any:
         path = os.path.join(self.path, ACCOUNT_KEY_FILE)
         if os.path.exists(path):
             return pki.load_private_key(path)
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self._make_directory()
         key = ec.generate_private_key(ec.SECP256R1())
         pki.write_private_file(path, pki.private_key_pem(key))
         return key

@@ -6,6 +6,7 @@ Autocert end to end: the real twistd gateway gets real certificates from a real 
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import ssl
 import stat
@@ -82,7 +83,8 @@ def test_tls_alpn01_is_answered_by_the_mtls_listener_itself(start_pebble, start_
     pebble = start_pebble(http_port=free_port(), tls_port=https)
     config = write_config(
         tmp_path / "gw.yaml", https=https, certs_dir=tmp_path / "certs",
-        extra={"downstream_mtls": {"ca_file": pki["ca"]}},  # the validator has no client certificate
+        # The validator has no client certificate, and asks for a name no certificate carries yet.
+        extra={"downstream_mtls": {"ca_file": pki["ca"]}, "unknown_sni": "reject"},
         **autocert_settings(pebble, domains=["alpn.example.test"], challenges=["tls-alpn-01"]),
     )  # fmt: skip
     gateway = start_gateway(["--config", str(config)], port=https)
@@ -92,6 +94,8 @@ def test_tls_alpn01_is_answered_by_the_mtls_listener_itself(start_pebble, start_
     with pytest.raises(ssl.SSLError):  # mTLS still holds for everyone else
         served_certificate(https, "alpn.example.test", pebble.root_pem() + pebble.intermediate_pem())
         raise ssl.SSLError("handshake passed without a client certificate")
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):  # names under validation only, not any name
+        served_certificate(https, "other.example.test", client=pki["alice"])
 
 
 def test_with_workers_one_issues_and_every_worker_serves_the_certificate(start_pebble, start_gateway, tmp_path, pki):
@@ -175,6 +179,38 @@ def test_renewal_replaces_the_served_certificate_without_a_restart(start_pebble,
             assert tls.recv(100).startswith(b"HTTP/1.1 404")  # still served, on the old certificate
             assert x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number == first.serial_number
     assert served_certificate(https, "renew.example.test").serial_number != first.serial_number
+
+
+def test_a_renewal_the_disk_has_no_room_for_leaves_the_served_certificate_until_it_has(start_pebble, start_gateway, tmp_path):
+    _, https, config = http01_setup(start_pebble, tmp_path, "full.example.test")
+    first = start_gateway(["--config", str(config)], port=https)
+    first.proc.wait_for_log(ISSUED, timeout=60)
+    first.proc.stop()
+    certs = tmp_path / "certs"
+    path = certs / "full.example.test.pem"
+    before = path.read_bytes()
+    old = x509.load_pem_x509_certificates(before)[0]
+
+    # Started again due for renewal at once, and with room for 512 bytes per file: the renewed
+    # certificate cannot be written (EFBIG, as on a full disk); the gateway's log goes through a pipe.
+    settings = yaml.safe_load(config.read_text())
+    settings["autocert"]["renew_before"] = "36500d"
+    config.write_text(yaml.safe_dump(settings))
+    gateway = start_gateway(["--config", str(config)], port=https, file_size_limit=512)
+    log = gateway.proc.wait_for_log("certificate for full.example.test issued but not stored (attempt 1)", timeout=60)
+    assert f"{path}: cannot write (File too large) (disk full, quota or file size limit)" in log
+    assert "Traceback" not in log
+    assert path.read_bytes() == before
+    assert [p.name for p in certs.iterdir() if p.name.startswith(".")] == []
+    assert served_certificate(https, "full.example.test").serial_number == old.serial_number
+
+    resource.prlimit(gateway.proc.popen.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    log = gateway.proc.wait_for_log(ISSUED, timeout=60)
+    until_stored = log[: log.index(ISSUED)]
+    assert "storing the certificate for full.example.test issued earlier, without a new order" in until_stored
+    assert until_stored.count("ordered a certificate for full.example.test") == 1  # one order, stored on a later try
+    assert served_certificate(https, "full.example.test").serial_number != old.serial_number  # renewed, without a restart
+    assert x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number != old.serial_number
 
 
 def test_nonce_rejections_are_retried(start_pebble, start_gateway, tmp_path):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 
 import pytest
 
-from tests.conftest import gateway_args
+from tests.conftest import free_port, gateway_args, scrape, wait_for_port
 
 
 def served_certificate(port: int, server_name: str | None, ca: str, cert: tuple[str, str]) -> dict:
@@ -25,6 +26,11 @@ def _names(info: dict) -> set[str]:
 
 @pytest.fixture
 def sni_gateway(start_gateway, pki, echo_upstream, tmp_path):
+    return start_sni_gateway(start_gateway, pki, echo_upstream, tmp_path)
+
+
+def start_sni_gateway(start_gateway, pki, echo_upstream, tmp_path, *extra: str):
+    """The test CA's localhost certificate (the default), *.apps.example.com and exact.apps.example.com."""
     ca = pki["ca_obj"]
     inter = ca.issue_intermediate("test intermediate")
     files = []
@@ -35,7 +41,7 @@ def sni_gateway(start_gateway, pki, echo_upstream, tmp_path):
         cert, key = str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}-key.pem")
         issued.write(cert, key)
         files += ["--cert", cert, "--key", key]
-    return start_gateway(gateway_args(pki, echo_upstream, *files))
+    return start_gateway(gateway_args(pki, echo_upstream, *files, *extra))
 
 
 @pytest.mark.parametrize(
@@ -84,3 +90,39 @@ def test_cbc_only_client_is_refused(sni_gateway, pki):
     with socket.create_connection(("127.0.0.1", sni_gateway.port)) as sock:
         with pytest.raises(ssl.SSLError):
             ctx.wrap_socket(sock, server_hostname="localhost")
+
+
+@pytest.mark.parametrize(
+    "server_name, expected",
+    [
+        ("localhost", "localhost"),
+        ("exact.apps.example.com", "exact.apps.example.com"),
+        ("WEB.apps.example.com.", "*.apps.example.com"),  # names match case-insensitively, trailing dot or not
+        (None, "localhost"),  # no SNI at all (a client connecting by IP address): still the default
+    ],
+)
+def test_unknown_sni_reject_still_serves_every_name_a_certificate_carries(start_gateway, pki, echo_upstream, tmp_path, server_name, expected):
+    gateway = start_sni_gateway(start_gateway, pki, echo_upstream, tmp_path, "--unknown-sni", "reject")
+    assert expected in _names(served_certificate(gateway.port, server_name, pki["ca"], pki["alice"]))
+
+
+def test_unknown_sni_reject_fails_the_handshake_with_unrecognized_name(start_gateway, pki, echo_upstream, tmp_path):
+    admin = free_port()
+    gateway = start_sni_gateway(start_gateway, pki, echo_upstream, tmp_path, "--unknown-sni", "reject", "--admin", f"tcp:{admin}")
+    wait_for_port(admin, gateway.proc.popen, log=gateway.proc.log)
+    for name in ("unknown.example.org", "a.b.apps.example.com"):  # a wildcard covers one label only
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            served_certificate(gateway.port, name, pki["ca"], pki["alice"])
+    s_client = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{gateway.port}", "-servername", "unknown.example",
+         "-CAfile", pki["ca"], "-cert", pki["alice"][0], "-key", pki["alice"][1]],
+        input=b"", capture_output=True, timeout=30,
+    )  # fmt: skip
+    output = (s_client.stdout + s_client.stderr).decode(errors="replace")
+    assert "unrecognized name" in output and "alert number 112" in output
+    assert "no peer certificate available" in output  # no certificate was shown to it
+    log = gateway.proc.wait_for_log("the server name unknown.example it asked for")
+    assert "refused TLS handshake from 127.0.0.1:" in log and "(unknown_sni: reject)" in log
+    assert "Traceback" not in log
+    assert scrape(admin)[("mtlsgate_tls_handshakes_total", (("reason", "unknown_sni"), ("result", "refused")))] == 3
+    assert "localhost" in _names(served_certificate(gateway.port, "localhost", pki["ca"], pki["alice"]))  # and it goes on serving

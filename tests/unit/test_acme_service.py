@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from mtlsgate.acme.client import ACMEError
-from mtlsgate.acme.service import AcmeIssuingService
+from mtlsgate.acme.service import AcmeIssuingService, renewal_due
+from mtlsgate.acme.store import DirectoryStore
 from mtlsgate.config import Autocert
 
 
@@ -72,3 +76,50 @@ def test_success_clears_the_back_off():
     service.orders[1].callback(None)
     assert "a.example.com" not in service._retry_at
     service.stopService()
+
+
+class IssuingService(AcmeIssuingService):
+    """Certificates from a local CA instead of an ACME order (counted); storing and installing are the service's own."""
+
+    def __init__(self, clock, store, ca, installed):
+        settings = Autocert(directory="https://ca.test/dir", domains=(("a.example.com",),), retry_interval=60.0, check_interval=3600.0)
+        super().__init__(clock, settings, store, [], installed=lambda: installed.append(store.get("a.example.com")))
+        self.ca = ca
+        self.obtained: list = []
+
+    async def _obtain(self, names):
+        issued = self.ca.issue_server(list(names))
+        self.obtained.append(issued.certificate)
+        return issued.key, [issued.certificate]
+
+    async def _renewal_time(self, leaf):
+        return renewal_due(leaf, None)
+
+
+def test_a_certificate_the_store_cannot_write_is_logged_and_stored_at_the_next_try_without_a_new_order(tmp_path, pki):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the certificate directory's parent should be")
+    clock = Clock()
+    clock.advance(time.time())
+    installed: list = []
+    store = DirectoryStore(str(blocked / "certs"))
+    service = IssuingService(clock, store, pki["ca_obj"], installed)
+    with capturedLogs() as events:
+        service.startService()
+        clock.advance(0)
+    assert len(service.obtained) == 1 and installed == []  # nothing half-stored was installed
+    [error] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+    assert error.startswith("certificate for a.example.com issued but not stored (attempt 1): ")
+    assert f"{blocked / 'certs'}: cannot make the certificate directory (Not a directory)" in error and "retrying in" in error
+    retry_in = service._retry_at["a.example.com"] - clock.seconds()
+    assert 45 <= retry_in <= 75  # the usual back-off
+
+    blocked.unlink()  # room again
+    with capturedLogs() as events:
+        clock.advance(retry_in)
+    assert len(service.obtained) == 1  # the certificate already issued was stored: no second order at the CA
+    assert [stored[1][0] for stored in installed] == service.obtained
+    assert any("issued earlier, without a new order" in formatEvent(e) for e in events)
+    assert "a.example.com" not in service._retry_at
+    service.stopService()
+    assert not clock.getDelayedCalls()

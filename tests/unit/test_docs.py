@@ -13,7 +13,11 @@ REFERENCE = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").
 
 
 def _keys() -> list[str]:
-    return sorted(set(config._TOP_KEYS) | set(config._ROUTE_KEYS) | set(config._ALLOW_KEYS) | set(config._DOWNSTREAM_MTLS_KEYS) | set(config._AUTOCERT_KEYS) | set(config._LIMIT_KEYS))
+    lists = (
+        config._TOP_KEYS, config._ROUTE_KEYS, config._ALLOW_KEYS, config._DOWNSTREAM_MTLS_KEYS, config._AUTOCERT_KEYS,
+        config._LIMIT_KEYS, config._HEALTH_CHECK_KEYS,
+    )  # fmt: skip
+    return sorted(set().union(*lists))
 
 
 def _flags() -> list[str]:
