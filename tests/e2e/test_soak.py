@@ -5,6 +5,9 @@ stable within 10 % after warm-up.  CI runs it for MTLSGATE_SOAK_SECONDS (default
 version is the same test with a bigger number:
 
     MTLSGATE_SOAK_SECONDS=1800 python -m pytest -m soak -s tests/e2e/test_soak.py
+
+MTLSGATE_SOAK_WORKERS=2 runs the gateway with two workers (SIGHUP forwarded to both; RSS and fds
+summed over the parent and its workers).
 """
 
 from __future__ import annotations
@@ -25,10 +28,21 @@ from tests.conftest import free_port, https_request
 pytestmark = pytest.mark.soak
 
 SECONDS = float(os.environ.get("MTLSGATE_SOAK_SECONDS", "45"))
+WORKERS = int(os.environ.get("MTLSGATE_SOAK_WORKERS", "1"))
 RELOAD_EVERY = 3.0
 
 
 def _status(pid: int) -> dict[str, int]:
+    """RSS and open fds of C{pid} and its children (the workers, with MTLSGATE_SOAK_WORKERS)."""
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    total = {"rss_kib": 0, "fds": 0}
+    for each in [pid, *map(int, children)]:
+        for key, value in _one_status(each).items():
+            total[key] += value
+    return total
+
+
+def _one_status(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/status") as f:
         fields = dict(line.split(":", 1) for line in f)
     return {"rss_kib": int(fields["VmRSS"].split()[0]), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
@@ -81,6 +95,7 @@ def test_load_with_certificate_rotation_and_reloads(start_gateway, pki, echo_ups
         "certificates": [{"cert": str(cert), "key": str(key)}],
         "downstream_mtls": {"ca_file": pki["ca"]},
         "watch_interval": "off",
+        "workers": WORKERS,
         "routes": [{
             "from": "https://localhost", "to": [f"https://127.0.0.1:{echo_upstream}"], "tls_custom_ca_file": pki["ca"],
             "tls_client_cert_file": pki["gateway_client"][0], "tls_client_key_file": pki["gateway_client"][1],
@@ -90,6 +105,8 @@ def test_load_with_certificate_rotation_and_reloads(start_gateway, pki, echo_ups
     path.write_text(yaml.safe_dump(config))
     gateway = start_gateway(["--config", str(path)], port=port)
     pid = gateway.proc.popen.pid
+    if WORKERS > 1:
+        gateway.proc.wait_for_log(f"worker {WORKERS - 1} serving", timeout=30)
 
     stop = threading.Event()
     loads = [Load(port, pki, keepalive=True, stop=stop), Load(port, pki, keepalive=True, stop=stop), Load(port, pki, keepalive=False, stop=stop)]
@@ -112,10 +129,10 @@ def test_load_with_certificate_rotation_and_reloads(start_gateway, pki, echo_ups
 
     requests = sum(load.ok for load in loads)
     failures = [f for load in loads for f in load.failures]
-    print(f"\nsoak {SECONDS:.0f}s: {requests} requests, {reloads} reloads, {len(failures)} failures, "
+    print(f"\nsoak {SECONDS:.0f}s, {WORKERS} worker(s): {requests} requests, {reloads} reloads, {len(failures)} failures, "
           f"RSS {start['rss_kib']} -> {end['rss_kib']} KiB, fds {start['fds']} -> {end['fds']}")
     assert failures == []
     assert requests > 0
-    assert gateway.proc.output().count("reloaded:") >= reloads - 1
+    assert gateway.proc.output().count("reloaded:") >= (reloads - 1) * WORKERS
     assert end["fds"] <= start["fds"] + 4
     assert end["rss_kib"] <= start["rss_kib"] * 1.10
