@@ -95,3 +95,17 @@ def test_a_reload_that_revokes_a_client_is_not_bypassed_by_resumption(start_gate
     with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
         client.get(gateway.port)
     assert "revoked" in gateway.proc.wait_for_log("revoked", timeout=10)
+
+
+def test_a_rotation_keeps_refusing_unknown_server_names(start_gateway, pki, echo_upstream, tmp_path):
+    config = _config(tmp_path, session_ticket_rotation="1s", unknown_sni="reject")
+    gateway = start_gateway(["--config", str(config), *gateway_args(pki, echo_upstream)])
+    _next_rotation(gateway)
+    _next_rotation(gateway)
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.check_hostname = False
+    ctx.load_cert_chain(*pki["alice"])
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
+            ctx.wrap_socket(raw, server_hostname="unknown.example").close()
+    assert _Client(pki, "alice").get(gateway.port)[0] is False  # the served name still works
