@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--http", action="store_true", help="serve the HTTP listener (fd 5)")
     parser.add_argument("--acme", action="store_true", help="run autocert")
+    parser.add_argument("--parent", type=int, help="the supervising process's pid")
     parser.add_argument("flags", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
     _die_with_parent()
-    if os.getppid() == 1:
+    if args.parent is not None and os.getppid() != args.parent:  # it died before PDEATHSIG was set
         sys.exit("mtlsgate worker: the parent is gone")
 
     from twisted.internet import reactor

@@ -163,7 +163,7 @@ class WorkerGroup(MultiService):
         if self.stopping:
             return
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", EVENTS_FD: "r", HTTPS_FD: self.https_sockets[index].fileno()}
-        args = [sys.executable, "-m", "mtlsgate.worker", "--index", str(index)]
+        args = [sys.executable, "-m", "mtlsgate.worker", "--index", str(index), "--parent", str(os.getpid())]
         if index == 0:
             if self.http_socket is not None:
                 fds[HTTP_FD] = self.http_socket.fileno()
