@@ -612,7 +612,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         unknown_sni=_choice(data.get("unknown_sni", "default"), "unknown_sni", ("default", "reject")),
         access_log_format=_choice(data.get("access_log_format", "combined"), "access_log_format", ("combined", "json")),
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
-        workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443")),
+        workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443"), http_address),
         worker_affinity=_choice(data.get("worker_affinity", "connection"), "worker_affinity", ("connection", "client_ip")),
         source=source,
     )
@@ -621,8 +621,8 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
 _MAX_WORKERS = 64
 
 
-def _workers(value: Any, address: Any) -> int:
-    """C{workers}: a count, or C{auto} for one per core; more than one needs a tcp/tcp6 C{address}."""
+def _workers(value: Any, address: Any, http_address: str | None) -> int:
+    """C{workers}: a count, or C{auto} for one per core; more than one needs tcp/tcp6 listeners."""
     if value == "auto":
         count = os.cpu_count() or 1
     elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_WORKERS:
@@ -630,10 +630,12 @@ def _workers(value: Any, address: Any) -> int:
     else:
         count = value
     if count > 1:
-        try:
-            parse_tcp_listen(address)
-        except ValueError as e:
-            raise ConfigError("address", f"{e} (workers: {value} shares one TCP port between processes)") from None
+        for key, description in (("address", address), ("http_address", http_address)):
+            try:
+                if description is not None:
+                    parse_tcp_listen(description)
+            except ValueError as e:
+                raise ConfigError(key, f"{e} (workers: {value} shares one TCP port between processes)") from None
     return count
 
 

@@ -142,6 +142,7 @@ class WorkerGroup(MultiService):
             if self.config.http_address:
                 self.http_socket = listening_socket(parse_tcp_listen(self.config.http_address))
         except (OSError, ValueError) as e:
+            self._close(None)
             raise SystemExit(f"mtlsgate: cannot listen for the worker group: {e}") from None
         host, port = self.https_sockets[0].getsockname()[:2]
         log.info(

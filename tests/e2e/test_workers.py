@@ -185,3 +185,19 @@ def test_client_ip_affinity_sends_a_client_back_to_the_worker_that_can_resume_it
         assert len(set(pids)) == 1, f"{source}'s connections went to several workers: {pids}"
         workers_seen.add(pids[0])
     assert len(workers_seen) == 2  # the four addresses hash to both workers
+
+
+def test_a_port_in_use_stops_the_group_before_any_worker_starts(pki, tmp_path):
+    from tests.conftest import run_python_twistd_check
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_python_twistd_check(
+            ["--https", f"tcp:{port}:interface=127.0.0.1", "--workers", "2", "--cert", pki["gateway"][0], "--key", pki["gateway"][1]],
+            tmp_path,
+        )
+    assert result.returncode != 0
+    assert "cannot listen for the worker group" in result.stdout + result.stderr
+    assert "worker 0 started" not in result.stdout + result.stderr

@@ -42,6 +42,7 @@ def test_minimal_config_has_strict_defaults(pki):
         ({"workers": "many"}, "workers", "from 1 to 64, or auto"),
         ({"workers": 2, "address": "unix:/tmp/gate.sock"}, "address", "only a tcp: or tcp6: listener"),
         ({"workers": 2, "address": "tcp:8443:reuseport=1"}, "address", "'reuseport' is not supported"),
+        ({"workers": 2, "http_address": "unix:/tmp/redirect.sock"}, "http_address", "only a tcp: or tcp6: listener"),
     ],
 )
 def test_errors_name_the_key(pki, extra, key, words):
