@@ -23,10 +23,10 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from mtlsgate.accesslog import AccessLogService
-from mtlsgate.admin import admin_resource
 from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, PublishedValidations, TLSALPN01Responder
 from mtlsgate.acme.service import AcmeIssuingService
 from mtlsgate.acme.store import DirectoryStore
+from mtlsgate.admin import admin_resource
 from mtlsgate.config import Config, ConfigError
 from mtlsgate.filewatch import FileWatch, watched_files
 from mtlsgate.metrics import GatewayMetrics
@@ -35,7 +35,12 @@ from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RedirectToHTT
 from mtlsgate.routing import RouteTable
 from mtlsgate.summary import certificates_table, routes_table
 from mtlsgate.tls import (
-    CertificateSet, ClientVerification, GatewayTLSFactory, ServedCertificate, ServerTLS, load_served_certificates,
+    CertificateSet,
+    ClientVerification,
+    GatewayTLSFactory,
+    ServedCertificate,
+    ServerTLS,
+    load_served_certificates,
     placeholder_certificate,
 )  # fmt: skip
 from mtlsgate.upstream import UpstreamGroup
@@ -121,6 +126,11 @@ def certificate_problem(served: Sequence[ServedCertificate]) -> str | None:
         if s.leaf.not_valid_after_utc <= now:
             return f"certificate {', '.join(s.names)} from {s.source} expired at {s.leaf.not_valid_after_utc.isoformat()}"
     return None
+
+
+def certificate_expiries(served: Sequence[ServedCertificate]) -> list[tuple[str, datetime]]:
+    """(first name, or the file, and not-after) of each certificate, for the expiry metric."""
+    return [(s.names[0] if s.names else s.source, s.leaf.not_valid_after_utc) for s in served]
 
 
 def warn_about(config: Config) -> None:
@@ -267,13 +277,18 @@ class GatewayService(MultiService):
         session-ticket key (pyOpenSSL cannot set one), so tickets issued before stop resuming and a
         stolen key exposes at most one rotation period of sessions.  Connections open carry on.
         """
+        self._swap_certificates(self.world.certificates.served)
+        log.info("session-ticket key rotated (every {period:.0f}s)", period=self.world.config.session_ticket_rotation)
+
+    def _swap_certificates(self, served: Sequence[ServedCertificate]) -> None:
+        """Build contexts for C{served} and install them (raises L{PKIError} and leaves the old ones on a problem)."""
         world = self.world
-        certificates = self.server_tls.build(world.certificates.served, world.verification, world.config.unknown_sni)
+        certificates = self.server_tls.build(served, world.verification, world.config.unknown_sni)
         self.world = attrs.evolve(world, certificates=certificates)
         self.server_tls.install(certificates)
-        log.info("session-ticket key rotated (every {period:.0f}s)", period=world.config.session_ticket_rotation)
 
     def _restart_ticket_rotation(self, period: float | None) -> None:
+        """Stop the rotation timer, and start it again with C{period} (None: leave it stopped)."""
         if self._ticket_rotation is not None and self._ticket_rotation.running:
             self._ticket_rotation.stop()
         if period is not None:
@@ -319,8 +334,8 @@ class GatewayService(MultiService):
         )  # fmt: skip
         return http01
 
-    def _expiries(self) -> list[tuple[str, Any]]:
-        return [(served.names[0] if served.names else served.source, served.leaf.not_valid_after_utc) for served in self.world.certificates.served]
+    def _expiries(self) -> list[tuple[str, datetime]]:
+        return certificate_expiries(self.world.certificates.served)
 
     def readiness(self) -> str | None:
         """None when the gateway can serve; else the first reason it cannot (for /readyz)."""
@@ -331,14 +346,10 @@ class GatewayService(MultiService):
 
     def refresh_certificates(self) -> None:
         """Re-read the served certificates (autocert stored a new one) and swap them in."""
-        world = self.world
         try:
-            certificates = self.server_tls.build(served_certificates(world.config), world.verification, world.config.unknown_sni)
+            self._swap_certificates(served_certificates(self.world.config))
         except (PKIError, OSError) as e:
             log.error("new certificates not installed, keeping the served ones: {error}", error=str(e))
-            return
-        self.world = attrs.evolve(world, certificates=certificates)
-        self.server_tls.install(certificates)
 
     def startService(self) -> None:
         warn_about(self.world.config)
@@ -365,8 +376,7 @@ class GatewayService(MultiService):
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
-        if self._ticket_rotation is not None and self._ticket_rotation.running:
-            self._ticket_rotation.stop()
+        self._restart_ticket_rotation(None)
         closing = defer.DeferredList([defer.maybeDeferred(listener.stopService) for listener in self.listeners])
         closing.addCallback(lambda _: self.resource.drained(self.world.config.limits.shutdown_timeout))
         closing.addCallback(lambda _: defer.DeferredList([defer.maybeDeferred(group.close) for group in self.world.upstreams]))

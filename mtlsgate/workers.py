@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from mtlsgate.config import Config, ConfigError
 from mtlsgate.metrics import worker_group_registry
 from mtlsgate.pki import PKIError
-from mtlsgate.service import admin_listener_for, certificate_problem, served_certificates
+from mtlsgate.service import admin_listener_for, certificate_expiries, certificate_problem, served_certificates
 from mtlsgate.sockets import listening_socket, parse_tcp_listen, reuse_port_group, steer_by_client_address
 
 log = Logger(namespace="mtlsgate.workers")
@@ -218,7 +218,7 @@ class WorkerGroup(MultiService):
             served = served_certificates(self.config)
         except (PKIError, OSError):
             return []
-        return [(s.names[0] if s.names else s.source, s.leaf.not_valid_after_utc) for s in served]
+        return certificate_expiries(served)
 
     def readiness(self) -> str | None:
         """None when every worker is serving and the certificates can serve; else why not."""

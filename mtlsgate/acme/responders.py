@@ -122,7 +122,9 @@ class TLSALPN01Responder:
 class PublishedValidations:
     """
     The TLS-ALPN-01 validation certificates another worker published (L{TLSALPN01Responder}'s
-    C{publish_dir}).  Read from disk only when a client offers C{acme-tls/1}: a CA's validator, rarely.
+    C{publish_dir}).  Looked up when a client offers C{acme-tls/1} (a CA's validator, rarely) and,
+    with C{unknown_sni: reject}, for a name no certificate carries: one stat, a read only while a
+    validation is on.
     """
 
     def __init__(self, directory: str) -> None:
