@@ -35,10 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from mtlsgate.pki import DevCA  # noqa: E402
+from mtlsgate.pki import DevCA
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -242,14 +239,13 @@ def run(d: Path, rounds: int, scale: float, workers: int, idle: int, affinity: s
                 client_cert=files["gwclient"][0], client_key=files["gwclient"][1]), ng_port, workers)  # fmt: skip
             (d / "mtlsgate.yaml").write_text("limits: {max_connections: 20000, idle_timeout: 300s}\n")
             procs.append(nginx_gw)
-            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
             mtlsgate = subprocess.Popen(
                 [*TWISTD, "-n", "--pidfile=", "--logfile", str(d / "mtlsgate.log"), "mtlsgate", "--config", str(d / "mtlsgate.yaml"),
                  "--workers", str(workers), "--worker-affinity", affinity,
                  "--https", f"tcp:{mg_port}:interface=127.0.0.1", "--cert", str(cert), "--key", str(key),
                  "--client-ca", str(ca_pem), "--route", f"*=https://127.0.0.1:{up_port}", "--upstream-server-name", "localhost",
                  "--upstream-ca", str(ca_pem), "--upstream-cert", str(files["gwclient"][0]), "--upstream-key", str(files["gwclient"][1]), "--access-log", "off"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
             )  # fmt: skip
             procs.append(mtlsgate)
             wait_for(mg_port, mtlsgate)

@@ -10,11 +10,13 @@ import http.client
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import urllib.error
@@ -25,10 +27,16 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import mtlsgate
+from mtlsgate.pki import DevCA
 
-from mtlsgate.pki import DevCA  # noqa: E402
+#: The checkout, for the files that are not part of the package (docs/, bench/).  CI copies tests/
+#: out of the checkout and runs them against the installed wheel, naming the checkout here.
+ROOT = Path(os.environ.get("MTLSGATE_CHECKOUT") or Path(__file__).resolve().parent.parent)
+
+#: Where the mtlsgate under test comes from: the installed wheel in CI, the checkout (or an
+#: editable install) in development.  Subprocesses run this same copy, never another.
+PACKAGE_DIR = Path(mtlsgate.__file__).resolve().parent
 
 #: How the tests run twistd: the installed console script may belong to another Python, so use ours.
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -63,11 +71,49 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
     raise RuntimeError(f"nothing listening on {port} after {timeout}s")
 
 
+def _importable_without_path(directory: Path) -> bool:
+    """Whether a fresh interpreter of ours finds packages in C{directory} on its own (site-packages)."""
+    paths = sysconfig.get_paths()
+    return any(directory == Path(paths[key]).resolve() for key in ("purelib", "platlib"))
+
+
 def subprocess_env() -> dict[str, str]:
+    """
+    The environment for every process a test starts (twistd, mtlsgate, python -m mtlsgate.*): no
+    PYTHONPATH of the caller's, and only when the tests run against a checkout (not an installed
+    copy), that checkout, so a subprocess never runs another mtlsgate than the tests import.
+    """
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("PYTHONPATH", None)
+    source = PACKAGE_DIR.parent
+    if not _importable_without_path(source):
+        env["PYTHONPATH"] = str(source)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(*tools): the external programs a test runs; skipped where absent, failed under CI=true")
+
+
+@pytest.fixture(autouse=True)
+def _needed_tools(request: pytest.FixtureRequest) -> None:
+    """
+    C{@pytest.mark.needs("nginx", "ab")}: a developer without a tool gets a skip; CI, which installs
+    every tool, gets a failure, since a skip there would hide a broken install step.
+    """
+    for marker in request.node.iter_markers("needs"):
+        missing = [tool for tool in marker.args if not find_tool(tool)]
+        if missing:
+            message = f"{', '.join(missing)} not installed (.ci/run installs it)"
+            if os.environ.get("CI") == "true":
+                pytest.fail(message + ": under CI this is a broken install step, not a skip", pytrace=False)
+            pytest.skip(message)
+
+
+def find_tool(name: str) -> str | None:
+    """The path of an external program: on PATH, or in /usr/sbin (nginx, for a user without it on PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
 class Proc:

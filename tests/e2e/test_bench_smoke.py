@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 
 from tests.conftest import ROOT, subprocess_env
 
-pytestmark = pytest.mark.skipif(shutil.which("ab") is None or shutil.which("nginx") is None, reason="needs ab and nginx (.ci/run installs them)")
+pytestmark = pytest.mark.needs("ab", "nginx")
 
 
 def test_bench_smoke_run_prints_a_table_of_ratios():

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 
-from tests.conftest import Proc, free_port, gateway_args, https_request, wait_for_port
+from tests.conftest import Proc, find_tool, free_port, gateway_args, https_request, wait_for_port
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NGINX = find_tool("nginx") or "nginx"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is installed by .ci/run")
+pytestmark = pytest.mark.needs("nginx")
 
 CONF = """
 user root;

@@ -7,14 +7,13 @@ compression, a complete chain and HSTS.  The full verdict is recorded in docs/se
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
 
 from tests.conftest import gateway_args
 
-pytestmark = pytest.mark.skipif(shutil.which("testssl") is None, reason="testssl.sh is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.needs("testssl")
 
 
 def test_testssl_finds_nothing_weak(start_gateway, pki, echo_upstream, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -15,6 +14,7 @@ from mtlsgate.ca_cli import CommandError, Revocation
 from mtlsgate.config import Config, DownstreamMTLS, Route
 from mtlsgate.identity import AllowRules, Identity
 from mtlsgate.pki import DevCA, PKIError, is_issued_by, key_matches_certificate
+from tests.conftest import ROOT
 
 
 def _now() -> datetime:
@@ -336,6 +336,6 @@ def _options(parser, prefix: str = "mtlsgate") -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("command, option", _options(cli.parser()))
 def test_every_subcommand_and_option_is_documented(command, option):
-    reference = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    reference = (ROOT / "docs" / "cli.md").read_text()
     assert f"`{command}" in reference
     assert f"`{option}" in reference

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from mtlsgate import config
 from mtlsgate.tap import Options
+from tests.conftest import ROOT
 
-REFERENCE = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+REFERENCE = (ROOT / "docs" / "configuration.md").read_text()
 
 
 def _keys() -> list[str]:
