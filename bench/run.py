@@ -244,7 +244,8 @@ def run(d: Path, rounds: int, scale: float, workers: int, idle: int, affinity: s
                  "--workers", str(workers), "--worker-affinity", affinity,
                  "--https", f"tcp:{mg_port}:interface=127.0.0.1", "--cert", str(cert), "--key", str(key),
                  "--client-ca", str(ca_pem), "--route", f"*=https://127.0.0.1:{up_port}", "--upstream-server-name", "localhost",
-                 "--upstream-ca", str(ca_pem), "--upstream-cert", str(files["gwclient"][0]), "--upstream-key", str(files["gwclient"][1]), "--access-log", "off"],
+                 "--upstream-ca", str(ca_pem), "--upstream-cert", str(files["gwclient"][0]), "--upstream-key", str(files["gwclient"][1]),
+                 "--access-log", "off"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
             )  # fmt: skip
             procs.append(mtlsgate)

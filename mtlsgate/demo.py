@@ -90,8 +90,10 @@ class EchoUpstream(resource.Resource):
     def _echo(self, request: server.Request) -> bytes:
         digest = hashlib.sha256()
         size = 0
-        request.content.seek(0)
-        while chunk := request.content.read(1 << 20):
+        content = request.content
+        assert content is not None
+        content.seek(0)
+        while chunk := content.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
         peer = peer_of(request.channel)

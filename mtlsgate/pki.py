@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey]
+SignatureHash = Union[hashes.SHA256, hashes.SHA384, hashes.SHA512]
+"""The digests the development CA signs with (SHA-256 unless asked)."""
 _KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
 
 _Validity = tuple[datetime, datetime]
@@ -265,7 +267,7 @@ def _new_key(rsa_bits: int | None) -> PrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _signature_hash(key: PrivateKey, requested: hashes.HashAlgorithm | None) -> hashes.HashAlgorithm | None:
+def _signature_hash(key: PrivateKey, requested: SignatureHash | None) -> SignatureHash | None:
     if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
         return None  # EdDSA hashes internally
     return requested or hashes.SHA256()
@@ -392,7 +394,7 @@ class DevCA:
         ou: Sequence[str] = (), organization: Sequence[str] = (),
         server: bool = False, client: bool = False,
         days: int = 90, not_before: datetime | None = None, not_after: datetime | None = None,
-        rsa: bool = False, rsa_bits: int = 2048, hash_algorithm: hashes.HashAlgorithm | None = None,
+        rsa: bool = False, rsa_bits: int = 2048, hash_algorithm: SignatureHash | None = None,
     ) -> IssuedCertificate:  # fmt: skip
         """
         A leaf certificate with a new key. Names are not validated here (tests may want odd ones); see
@@ -500,7 +502,7 @@ def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIden
 
 def _sign(
     subject: x509.Name, public_key: CertificatePublicKeyTypes, issuer: x509.Certificate | None, signing_key: PrivateKey,
-    validity: _Validity, extensions: _Extensions, hash_algorithm: hashes.HashAlgorithm | None = None,
+    validity: _Validity, extensions: _Extensions, hash_algorithm: SignatureHash | None = None,
 ) -> x509.Certificate:  # fmt: skip
     """A certificate signed by C{issuer}'s key C{signing_key}; self-signed when C{issuer} is None."""
     if issuer is None:

@@ -72,7 +72,7 @@ def private_key_files(config: Config) -> list[str]:
     files = [spec.key or spec.cert for spec in config.certificates]
     if config.certs_dir and os.path.isdir(config.certs_dir):
         files += [os.path.join(config.certs_dir, n) for n in sorted(os.listdir(config.certs_dir)) if n.endswith((".pem", ".key"))]
-    files += [route.tls_client_key_file or route.tls_client_cert_file for route in config.routes if route.tls_client_cert_file]  # type: ignore[misc]
+    files += [route.tls_client_key_file or route.tls_client_cert_file for route in config.routes if route.tls_client_cert_file]
     return sorted(set(files))
 
 

@@ -64,8 +64,9 @@ class _Worker(ProcessProtocol):
         self._partial: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[attr-defined]
-        self.transport.closeStdin()  # type: ignore[attr-defined]
+        assert self.transport is not None
+        self.pid = self.transport.pid
+        self.transport.closeStdin()
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         lines = (self._partial.pop(fd, b"") + data).split(b"\n")
@@ -269,7 +270,8 @@ class WorkerGroup(MultiService):
 
 def _signal(worker: _Worker, name: str) -> None:
     try:
-        worker.transport.signalProcess(name)  # type: ignore[attr-defined]
+        if worker.transport is not None:
+            worker.transport.signalProcess(name)
     except ProcessExitedAlready:
         pass
 

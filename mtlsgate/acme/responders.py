@@ -172,7 +172,8 @@ class DNS01Responder:
     def _resolver(self) -> Any:
         if self.resolver_address is not None:
             return dns_client.Resolver(servers=[self.resolver_address], reactor=self.reactor)
-        return dns_client.createResolver(reactor=self.reactor)
+        # The system's resolvers (resolv.conf), on our reactor: createResolver() takes no reactor.
+        return dns_client.Resolver(resolv="/etc/resolv.conf", reactor=self.reactor)
 
     async def _run_hook(self, action: str, fqdn: str, value: str) -> None:
         try:

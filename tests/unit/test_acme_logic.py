@@ -117,3 +117,15 @@ def test_autocert_config_groups_names_into_certificates(tmp_path):
     assert config.autocert.domains == (("a.example.com",), ("b.example.com", "www.b.example.com"))
     assert config.autocert.directory == "https://acme-staging-v02.api.letsencrypt.org/directory"
     assert config.certificates == ()
+
+
+def test_dns01_without_a_configured_resolver_asks_the_systems_on_our_reactor():
+    """Regression (found by mypy): createResolver() takes no reactor, so this raised TypeError."""
+    from twisted.internet.task import Clock
+    from twisted.names.client import Resolver
+
+    from mtlsgate.acme.responders import DNS01Responder
+
+    clock = Clock()
+    resolver = DNS01Responder(clock, hook="/bin/true")._resolver()
+    assert isinstance(resolver, Resolver)
