@@ -27,6 +27,7 @@ from mtlsgate.headers import client_response_headers, upstream_request_headers
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.metrics import GatewayMetrics
 from mtlsgate.routing import RouteTable, normalize_host, request_target_problem
+from mtlsgate.tls import peer_verdict
 from mtlsgate.upstream import UpstreamGroup
 
 log = Logger(namespace="mtlsgate.proxy")
@@ -67,12 +68,11 @@ def peer_of(channel: Any) -> Peer:
         get_handle = getattr(channel.transport, "getHandle", None)
         connection = get_handle() if get_handle is not None else None
         if connection is not None and hasattr(connection, "get_peer_certificate"):
-            failure = getattr(connection, "verify_failure", None)
-            certificate = connection.get_peer_certificate(as_cryptography=True)
-            if failure is not None:
-                peer = Peer(identity=None, refusal=failure.reason)
-            elif certificate is not None:
-                peer = Peer.verified(Identity.from_certificate(certificate))
+            verdict = peer_verdict(connection)  # from a verification that also holds for resumed sessions
+            if verdict.refusal is not None:
+                peer = Peer(identity=None, refusal=verdict.refusal)
+            elif verdict.certificate is not None:
+                peer = Peer.verified(Identity.from_certificate(verdict.certificate))
         channel._mtlsgate_peer = peer
     return peer
 

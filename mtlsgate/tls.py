@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import OrderedDict
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 from OpenSSL.crypto import X509StoreFlags
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -42,6 +45,10 @@ _OPTIONS = (
 ALPN_HTTP1 = b"http/1.1"
 ALPN_ACME_TLS = b"acme-tls/1"  # RFC 8737
 
+#: The gateway's own refusals, on top of OpenSSL's verification (X509_V_ERR codes are positive).
+MULTIPLE_COMMON_NAMES = "more than one common name"
+_ERRNO_MULTIPLE_COMMON_NAMES = -1
+
 # X509_V_ERR_* codes to the reasons users see (403 page, logs, metrics labels).
 _REASONS = {
     2: "untrusted issuer",  # UNABLE_TO_GET_ISSUER_CERT
@@ -57,6 +64,7 @@ _REASONS = {
     23: "revoked",
     24: "invalid CA certificate",
     26: "not a client certificate (extended key usage)",  # INVALID_PURPOSE
+    _ERRNO_MULTIPLE_COMMON_NAMES: MULTIPLE_COMMON_NAMES,
     66: "key too small",  # EE_KEY_TOO_SMALL: RSA/DSA/DH under 2048 bits at security level 2
     67: "CA key too small",  # CA_KEY_TOO_SMALL
     68: "weak signature digest (e.g. SHA-1)",  # CA_MD_TOO_WEAK
@@ -78,14 +86,117 @@ class VerifyFailure:
     subject: str
 
 
+#: A resumed session whose certificate did not verify in a full handshake under the trust settings in force.
+UNVERIFIED_RESUMPTION = "not verified in a full handshake with the current trust settings (resumed TLS session)"
+
+
+class VerifiedCertificates:
+    """
+    SHA-256 fingerprints of the client certificates that verified in a full handshake on one
+    certificate set: the verdict a resumed session is judged by.  OpenSSL runs no verification on
+    a resumed handshake, and the verdict it keeps in the session is useless here (pyOpenSSL records
+    success for every certificate the verify callback lets through, as C{enforcement: policy} does).
+    A set lives exactly as long as the session-ticket key and session cache of its contexts (a reload
+    or a ticket-key rotation makes new ones), so a record never outlives the trust settings it was
+    made under.  Bounded: past C{limit}, the least recently used record goes, and a session resumed
+    with that certificate is refused until the client makes a full handshake (fail closed).
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def record(self, fingerprint: bytes) -> None:
+        self._seen[fingerprint] = None
+        self._seen.move_to_end(fingerprint)
+        while len(self._seen) > self.limit:
+            self._seen.popitem(last=False)
+
+    def __contains__(self, fingerprint: object) -> bool:
+        if fingerprint not in self._seen:
+            return False
+        self._seen.move_to_end(fingerprint)  # type: ignore[arg-type]
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+def certificate_verdict(failure: VerifyFailure | None, witnessed: bool, recorded: bool, validity: tuple[datetime, datetime], now: datetime) -> str | None:
+    """
+    Why the client certificate of a finished handshake must not be trusted, or None to trust it.
+
+    Trusted only on evidence from this gateway: a full verification on this connection that found
+    nothing wrong (C{witnessed}, no C{failure}); or, when no verification ran (a resumed session),
+    a record that the same certificate verified in a full handshake under the trust settings in
+    force (C{recorded}), and the certificate still within its validity.  Anything else is refused,
+    so a session made by a refused handshake, or by one no longer on record, admits no one.
+    """
+    if failure is not None:
+        return failure.reason
+    if witnessed:
+        return None
+    if not recorded:
+        return UNVERIFIED_RESUMPTION
+    not_before, not_after = validity
+    if now < not_before:
+        return reason_for_verify_error(9)
+    if now > not_after:
+        return reason_for_verify_error(10)
+    return None
+
+
+@attrs.frozen
+class PeerVerdict:
+    """The client certificate of a finished handshake (None: none presented) and why it is refused (None: trusted)."""
+
+    certificate: x509.Certificate | None
+    refusal: str | None
+
+
 class GatewayConnection(SSL.Connection):
     """
-    An C{SSL.Connection} that remembers the first client-certificate verification failure, and the
-    server name it refused (C{unknown_sni: reject}).
+    An C{SSL.Connection} that remembers the first client-certificate verification failure, whether a
+    verification ran at all on this connection, and the server name it refused (C{unknown_sni: reject}).
     """
 
     verify_failure: VerifyFailure | None = None
+    verification_witnessed = False
+    verified_certificates: VerifiedCertificates | None = None  # of the certificate set it was accepted on
     refused_server_name: str | None = None
+    _verdict: PeerVerdict | None = None
+
+    def peer_verdict(self, now: datetime | None = None) -> PeerVerdict:
+        """
+        The verdict on the peer's certificate, once the handshake is done; made once per connection.
+        A full verification that passed is recorded for the sessions it hands out (see
+        L{VerifiedCertificates}); a resumed session is judged by that record (L{certificate_verdict}).
+        """
+        if self._verdict is None:
+            self._verdict = _judge(self, now or datetime.now(timezone.utc))
+        return self._verdict
+
+
+def _judge(conn: GatewayConnection, now: datetime) -> PeerVerdict:
+    certificate = conn.get_peer_certificate(as_cryptography=True)
+    if certificate is None:
+        return PeerVerdict(None, None)
+    fingerprint = certificate.fingerprint(hashes.SHA256())
+    verified = conn.verified_certificates
+    recorded = verified is not None and fingerprint in verified
+    validity = (certificate.not_valid_before_utc, certificate.not_valid_after_utc)
+    refusal = certificate_verdict(conn.verify_failure, conn.verification_witnessed, recorded, validity, now)
+    if refusal is None and conn.verification_witnessed and verified is not None:
+        verified.record(fingerprint)
+    return PeerVerdict(certificate, refusal)
+
+
+def peer_verdict(connection: object) -> PeerVerdict:
+    """The verdict on any connection's peer: a connection this module did not make is trusted with nothing."""
+    if isinstance(connection, GatewayConnection):
+        return connection.peer_verdict()
+    certificate = getattr(connection, "get_peer_certificate", lambda **kw: None)(as_cryptography=True)
+    return PeerVerdict(certificate, None if certificate is None else UNVERIFIED_RESUMPTION)
 
 
 class UnknownServerName(Exception):
@@ -183,8 +294,28 @@ class ClientVerification:
         return self.settings.enforcement == "reject_connection"
 
 
+def _common_name_count(cert: object) -> int:
+    try:
+        return len(cert.to_cryptography().subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))  # type: ignore[attr-defined]
+    except Exception:
+        return 0  # an unparseable subject: OpenSSL's own checks decide
+
+
 def _verify_callback(rejects: bool) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+    """
+    The verify callback: records the first failure (a certificate with two CNs is one, at depth 0:
+    routes authorize on one CN while XFCC's Subject names another first), and that a verification
+    ran on this connection.  Under C{policy} the handshake goes on, and the connection is switched
+    to C{OP_NO_TICKET}: with OpenSSL 3 the TLS 1.3 ticket it then sends does not resume (measured,
+    and held by tests/adversarial/test_resumption_bypass.py).  A TLS 1.2 ticket was already promised
+    in the ServerHello, before the certificate arrived, and pyOpenSSL has no call to withdraw it or
+    to drop a cached session: whatever resumes, L{certificate_verdict} decides.
+    """
+
     def verify(conn: GatewayConnection, cert: object, errno: int, depth: int, ok: int) -> bool:
+        conn.verification_witnessed = True
+        if ok and depth == 0 and _common_name_count(cert) > 1:
+            ok, errno = 0, _ERRNO_MULTIPLE_COMMON_NAMES
         if ok:
             return True
         if conn.verify_failure is None:
@@ -193,6 +324,8 @@ def _verify_callback(rejects: bool) -> Callable[[SSL.Connection, object, int, in
             except Exception:
                 subject = "?"
             conn.verify_failure = VerifyFailure(reason_for_verify_error(errno), errno, depth, subject)
+        if not rejects:
+            conn.set_options(SSL.OP_NO_TICKET)
         return not rejects
 
     return verify
@@ -259,6 +392,8 @@ class CertificateSet:
 
     def __init__(self, contexts: Iterable[tuple[ServedCertificate, SSL.Context]], reject_unknown: bool = False) -> None:
         self.reject_unknown = reject_unknown
+        #: Client certificates verified in full handshakes on these contexts, for the sessions they resume.
+        self.verified_clients = VerifiedCertificates()
         self.served: list[ServedCertificate] = []
         self._by_name: dict[str, SSL.Context] = {}
         self.default: SSL.Context | None = None
@@ -352,7 +487,10 @@ class ServerTLS:
         return self.acme_validation is not None and self.acme_validation.certificate_for(name) is not None
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        connection = GatewayConnection(self.certificates.default, None)
+        certificates = self.certificates
+        # The session cache and ticket key are the default context's: sessions resume only on this set.
+        connection = GatewayConnection(certificates.default, None)
+        connection.verified_certificates = certificates.verified_clients
         connection.set_app_data(tlsProtocol)
         return connection
 
@@ -401,11 +539,11 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
             self._counted = True
             if self._handshake_timer is not None and self._handshake_timer.active():
                 self._handshake_timer.cancel()
-            failure = getattr(self._tlsConnection, "verify_failure", None)
-            if failure is None:
+            refusal = peer_verdict(self._tlsConnection).refusal
+            if refusal is None:
                 self.factory.metrics.handshake("ok")
-            else:  # enforcement: policy lets it through; requests will get 403 with this reason
-                self.factory.metrics.handshake("unverified", failure.reason)
+            else:  # enforcement: policy lets it through (or a session resumed); requests will get 403 with this reason
+                self.factory.metrics.handshake("unverified", refusal)
 
     def _tlsShutdownFinished(self, reason):  # type: ignore[no-untyped-def]
         if not self._handshakeDone and not self._counted and reason is not None and isinstance(reason.value, SSL.Error):
