@@ -71,7 +71,7 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
     raise RuntimeError(f"nothing listening on {port} after {timeout}s")
 
 
-def _importable_without_path(directory: Path) -> bool:
+def importable_without_path(directory: Path) -> bool:
     """Whether a fresh interpreter of ours finds packages in C{directory} on its own (site-packages)."""
     paths = sysconfig.get_paths()
     return any(directory == Path(paths[key]).resolve() for key in ("purelib", "platlib"))
@@ -86,7 +86,7 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     source = PACKAGE_DIR.parent
-    if not _importable_without_path(source):
+    if not importable_without_path(source):
         env["PYTHONPATH"] = str(source)
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import PACKAGE_DIR, ROOT, TWISTD, subprocess_env
+from tests.conftest import PACKAGE_DIR, ROOT, TWISTD, importable_without_path, subprocess_env
 
 SOURCE_MODULES = sorted(
     ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
@@ -48,6 +48,7 @@ def test_subprocesses_run_the_same_mtlsgate_as_the_tests(tmp_path):
 
 @pytest.mark.skipif(os.environ.get("MTLSGATE_EXPECT_INSTALLED") != "1", reason="set by .ci/test, which runs against the installed wheel")
 def test_ci_tests_the_installed_wheel_not_the_checkout():
-    assert not str(PACKAGE_DIR).startswith(str(ROOT.resolve()) + os.sep), f"mtlsgate was imported from the checkout: {PACKAGE_DIR}"
+    assert PACKAGE_DIR != (ROOT / "mtlsgate").resolve(), f"mtlsgate was imported from the checkout: {PACKAGE_DIR}"
+    assert importable_without_path(PACKAGE_DIR.parent), f"mtlsgate is not in this interpreter's site-packages: {PACKAGE_DIR}"
     assert "PYTHONPATH" not in subprocess_env(), "subprocesses would be pointed at a source tree"
-    assert all(not os.path.realpath(p or ".").startswith(str(ROOT.resolve())) for p in sys.path), sys.path
+    assert str(ROOT.resolve()) not in {os.path.realpath(p or ".") for p in sys.path}, sys.path
