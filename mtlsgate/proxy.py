@@ -6,6 +6,7 @@ authorizes on the client certificate, and relays the exchange to an upstream.
 
 from __future__ import annotations
 
+import re
 from io import BytesIO
 from typing import Any, Callable
 
@@ -165,8 +166,9 @@ class GatewayChannel(http.HTTPChannel):
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
-            self._refuse(400, "only 'Transfer-Encoding: chunked' is accepted")
+        problem = header_field_problem(name, value.strip(b" \t"))
+        if problem is not None:
+            self._refuse(400, problem)
             return False
         return super().headerReceived(line)
 
@@ -216,9 +218,15 @@ class GatewayChannel(http.HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._discarding:
             return
-        if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+        first_line = self._HTTPChannel__first_line  # type: ignore[attr-defined]
+        if line[:1] in (b" ", b"\t") and not first_line:
             self._refuse(400, "obsolete line folding in a header")
             return
+        if first_line and line and self.persistent:
+            problem = request_line_problem(line)
+            if problem is not None:
+                self._refuse(400, problem)
+                return
         super().lineReceived(line)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -228,6 +236,47 @@ class GatewayChannel(http.HTTPChannel):
     def allContentReceived(self) -> None:
         if not self._discarding:
             super().allContentReceived()
+
+
+_VISIBLE_ASCII = bytes(range(0x21, 0x7F))
+_CONTROLS = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"  # every CTL but HTAB
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_DIGITS = re.compile(rb"[0-9]+\Z")
+_MAX_CONTENT_LENGTH = 2**63 - 1  # nginx's off_t bound; larger values mean nothing to anyone downstream
+
+
+def request_line_problem(line: bytes) -> str | None:
+    """
+    Why a request line must be refused before twisted.web parses it, or None (twisted.web refuses
+    what else is malformed).  The request target is visible ASCII only (RFC 9112 3.2): twisted.web
+    lets 0x7F-0xB0 through (an octal/decimal slip), which the upstream URL would then carry.
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return None
+    stray = parts[1].translate(None, _VISIBLE_ASCII)
+    if stray:
+        return f"byte 0x{stray[0]:02X} in the request target (only visible ASCII is allowed)"
+    return None
+
+
+def header_field_problem(name: bytes, value: bytes) -> str | None:
+    """
+    Why a header field (C{value} without its surrounding whitespace) must be refused, or None.  Names
+    are RFC 9110 tokens; values carry no control character but HTAB (obs-text, 0x80-0xFF, is passed
+    on, as nginx and Go do); Content-Length is 1*DIGIT below 2^63; Transfer-Encoding is chunked.
+    """
+    if not _TOKEN.match(name):
+        return f"header name {name.decode('latin-1')!r} is not a token"
+    if len(value.translate(None, _CONTROLS)) != len(value):
+        first = next(b for b in value if b in _CONTROLS)
+        return f"control character 0x{first:02X} in the value of header {name.decode('ascii')}"
+    lowered = name.lower()
+    if lowered == b"content-length" and (not _DIGITS.match(value) or int(value) > _MAX_CONTENT_LENGTH):
+        return "Content-Length must be decimal digits only, below 2^63"
+    if lowered == b"transfer-encoding" and value.lower() != b"chunked":
+        return "only 'Transfer-Encoding: chunked' is accepted"
+    return None
 
 
 def _has_bare_lf(previous: bytes, data: bytes) -> bool:
@@ -371,6 +420,18 @@ class GatewayRequest(server.Request):
         self.path = path.split(b"?", 1)[0]
         self.args = {}
         self.process()
+
+    def process(self) -> None:
+        """twisted.web answers a C{*} target itself (as TwistedWeb, without the gateway's headers): here the resource does."""
+        if self.path != b"*":
+            super().process()
+            return
+        self.site = self.channel.site
+        self.prepath, self.postpath = [], []
+        try:
+            self.render(self.site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.body is not None:
@@ -668,6 +729,10 @@ def _describe(failure: Failure) -> str:
     return f"{error.__class__.__name__}: {failure.getErrorMessage()}"
 
 
+_NOT_FORWARDED = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
+_ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
 class ProxyResource(Resource):
     """
     The gateway's only resource: route by Host and path, authorize the client certificate for the
@@ -720,6 +785,9 @@ class ProxyResource(Resource):
         host = hosts[0].decode("ascii", "replace") if hosts else ""
         path = request.uri.decode("ascii", "replace")
         peer = peer_of(request.channel)
+        own = self._own_answer(request, peer)
+        if own is not None:
+            return own
         problem = request_target_problem(path)
         if len(hosts) > 1 or (not hosts and request.clientproto != b"HTTP/1.0"):
             problem = "exactly one Host header is required"
@@ -745,6 +813,22 @@ class ProxyResource(Resource):
         request.notifyFinish().addBoth(self._finished)
         _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access).start()
         return server.NOT_DONE_YET
+
+    def _own_answer(self, request: GatewayRequest, peer: Peer) -> bytes | None:
+        """
+        CONNECT and TRACE (and IIS's TRACK), in any case, are never forwarded: 405.  C{OPTIONS *} is
+        about the gateway itself: 200 with C{Allow}; C{*} with another method is a 400.
+        """
+        method = request.method.upper()
+        if method in _NOT_FORWARDED:
+            request.setHeader(b"allow", _ALLOW)
+            return self._answer(request, peer, "-", 405, f"{method.decode('ascii')} is not forwarded by this gateway")
+        if request.uri == b"*":
+            if request.method != b"OPTIONS":
+                return self._answer(request, peer, "-", 400, "'*' is a request target for OPTIONS only")
+            request.setHeader(b"allow", _ALLOW)
+            return self._answer(request, peer, "-", 200, "methods the gateway forwards are in Allow")
+        return None
 
     def _refusal(self, peer: Peer, route: Route) -> str | None:
         if peer.refusal is not None:
