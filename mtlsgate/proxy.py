@@ -317,6 +317,15 @@ class RequestBody:
         self.limit: int | None = None
         self.received = 0
         self.too_large = False
+        self.on_change: Callable[[], None] | None = None  # told when who the upload waits on may have changed
+
+    def waiting_on_client(self) -> bool:
+        """Whether the upload waits for the client's bytes (the upstream takes all it is given), not on the upstream."""
+        return self._consumer is not None and not self._paused and not self._chunks and not self.complete
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def write(self, data: bytes) -> None:
         """A chunk from the client."""
@@ -334,11 +343,13 @@ class RequestBody:
         if self._buffered > _HIGH_WATER and not self._network_paused:
             self._network_paused = True
             self._network.pauseProducing()
+        self._changed()
 
     def finish(self) -> None:
         """The client sent the whole body."""
         self.complete = True
         self._flush()
+        self._changed()
 
     def _overflow(self) -> None:
         """More than the route's max_body_size: fail the upstream request (the client gets 413)."""
@@ -356,14 +367,17 @@ class RequestBody:
         self._consumer = consumer
         done = self._done = defer.Deferred()
         self._flush()  # may fire it at once, when the whole body is already here
+        self._changed()
         return done
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._changed()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._flush()
+        self._changed()
 
     def stopProducing(self) -> None:
         """The upstream went away: drop what is buffered, and let the client's bytes drain."""
@@ -371,6 +385,7 @@ class RequestBody:
         self._chunks.clear()
         self._consumer = None
         self._resume_network()
+        self._changed()
 
     def _flush(self) -> None:
         while self._chunks and self._consumer is not None and not self._paused:
@@ -427,6 +442,7 @@ class GatewayRequest(server.Request):
             super().process()
             return
         self.site = self.channel.site
+        self.setHeader(b"date", http.datetimeToString())
         self.prepath, self.postpath = [], []
         try:
             self.render(self.site.resource)
@@ -574,7 +590,11 @@ class _Exchange:
         self.pending: defer.Deferred[Any] | None = None
         self.timed_out = False
         self.client_gone = False
-        self.timer = reactor.callLater(entry.route.timeout, self._timeout)
+        self.accounted = False  # the access line and the request metric, once per request
+        self.waiting = True  # for the upstream's response headers (the route timeout applies)
+        self.timer: Any = None
+        if request.body is not None:
+            request.body.on_change = self._upload_changed
         request.notifyFinish().addErrback(self._client_lost)
 
     def start(self) -> None:
@@ -594,6 +614,7 @@ class _Exchange:
         url = targets[0].encode("ascii") + self.request.uri
         d = self.entry.upstreams.agent.request(self.request.method, url, headers, self.request.body)
         self.pending = d
+        self._upload_changed()
         d.addCallbacks(self._response, lambda f: self._failed(f, targets, headers))
 
     def _failed(self, failure: Failure, targets: list[str], headers: Any) -> None:
@@ -615,7 +636,7 @@ class _Exchange:
 
     def _response(self, response: Any) -> None:
         self.pending = None
-        self._cancel_timer()
+        self._stop_waiting()
         self.metrics.upstream_responded(self.entry.route.name, self.reactor.seconds() - self.started)
         request = self.request
         if self.client_gone:
@@ -641,16 +662,33 @@ class _Exchange:
         if failure is not None:
             # The status line is gone already: all that is left is to cut the client off.
             log.warn("upstream {upstream} broke off the response: {error}", upstream=self.upstream, error=_describe(failure))
+            self._access(self.request.code, size)  # the status the client got, cut short; not also a 499
             self.client_gone = True
             self.request.channel.stopParsing()
             self.request.channel.transport.abortConnection()
         else:
             self.request.finish()
-        self._access(self.request.code, size)
+            self._access(self.request.code, size)
+
+    def _upload_changed(self) -> None:
+        """
+        The route timeout counts only the time the gateway waits on the upstream: to connect, to take
+        the body (buffered bytes it does not read), to answer once the body is sent.  While the
+        upload waits for the client's next bytes the clock stops (the idle timeout bounds the client)
+        and starts afresh when the wait is the upstream's again.
+        """
+        if not self.waiting:
+            return
+        body = self.request.body
+        if body is not None and body.waiting_on_client():
+            self._cancel_timer()
+        elif self.timer is None:
+            self.timer = self.reactor.callLater(self.entry.route.timeout, self._timeout)
 
     def _timeout(self) -> None:
         self.timer = None
         self.timed_out = True
+        self.waiting = False
         if self.pending is not None:
             self.pending.cancel()
 
@@ -659,9 +697,13 @@ class _Exchange:
             self.timer.cancel()
         self.timer = None
 
+    def _stop_waiting(self) -> None:
+        self.waiting = False
+        self._cancel_timer()
+
     def _client_lost(self, failure: Failure) -> None:
         self.client_gone = True
-        self._cancel_timer()
+        self._stop_waiting()
         if self.pending is not None:
             self.pending.cancel()
         if self.relay is not None and self.relay.transport is not None:
@@ -669,7 +711,7 @@ class _Exchange:
         self._access(499, self.relay.bytes if self.relay else 0)
 
     def _error(self, code: int, text: str, detail: str) -> None:
-        self._cancel_timer()
+        self._stop_waiting()
         log.warn(
             "{code} for {method} {uri} on route {route} via {upstream}: {detail}",
             code=code, method=self.request.method.decode("ascii", "replace"), uri=self.request.uri.decode("ascii", "replace"),
@@ -681,6 +723,10 @@ class _Exchange:
         self._access(code, len(body))
 
     def _access(self, status: int, size: int) -> None:
+        """Log and count the request, once: a response cut off by the upstream is not also the client's 499."""
+        if self.accounted:
+            return
+        self.accounted = True
         route = self.entry.route.name
         if self.log_access:
             write_access_line(self.request, self.peer, route, self.upstream, status, size, self.reactor.seconds() - self.started)
