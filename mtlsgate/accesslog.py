@@ -18,6 +18,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -75,13 +76,21 @@ _FORMATTERS = {"combined": format_combined, "json": format_json}
 
 
 class _Writer(threading.Thread):
-    """Writes queued lines to the stream, flushing whenever the queue runs empty."""
+    """
+    Writes queued lines to the stream, flushing whenever the queue runs empty.  A write error (a full
+    disk, a removed NFS mount) loses that line, is logged once per run of errors, and the thread goes
+    on; shutdown never waits on it for longer than L{finish}'s timeout.
+    """
 
     def __init__(self, stream: IO[str]) -> None:
         super().__init__(name="mtlsgate-access-log", daemon=True)
         self.stream = stream
         self.lines: queue.Queue[str | None] = queue.Queue(maxsize=_QUEUE_LINES)
         self.dropped = 0
+        self.failed = 0  # lines lost to write errors
+        self._failing = 0  # lines lost in the current run of errors
+        self._in_burst = False
+        self._stopping = False
 
     def put(self, line: str) -> None:
         try:
@@ -90,18 +99,39 @@ class _Writer(threading.Thread):
             self.dropped += 1
 
     def run(self) -> None:
-        while True:
+        while not self._stopping:
             line = self.lines.get()
             if line is None:
                 break
-            self.stream.write(line)
+            self._attempt(self.stream.write, line)
             if self.lines.empty():
-                self.stream.flush()
-        self.stream.flush()
+                self._attempt(self.stream.flush)
+        self._attempt(self.stream.flush)
 
-    def finish(self) -> None:
-        self.lines.put(None)
-        self.join(timeout=10)
+    def _attempt(self, operation: Any, *args: Any) -> None:
+        try:
+            operation(*args)
+        except Exception as error:  # an OSError mostly; a ValueError once the stream is closed
+            lost = 1 if args else 0
+            self.failed += lost
+            self._failing += lost
+            if not self._in_burst:
+                self._in_burst = True
+                log.error("access log: writing failed ({error}); lines are lost until it works again", error=f"{error.__class__.__name__}: {error}")
+        else:
+            if self._in_burst and args:
+                log.info("access log: writing works again; {n} line(s) were lost", n=self._failing)
+                self._in_burst = False
+                self._failing = 0
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """Write what is queued and stop, within C{timeout} seconds whatever the disk does."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.lines.put(None, timeout=timeout)
+        except queue.Full:
+            self._stopping = True  # wedged in a write: let it end there, lines still queued are lost
+        self.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 @implementer(ILogObserver)
@@ -153,6 +183,11 @@ class AccessLogService(Service):
             writer.finish()
             if writer.dropped:
                 log.warn("access log {path}: {n} line(s) dropped because the disk fell behind", path=self.path, n=writer.dropped)
-            if writer.stream is not sys.stdout:
-                writer.stream.close()
+            if writer.failed:
+                log.warn("access log {path}: {n} line(s) lost to write errors", path=self.path, n=writer.failed)
+            if writer.stream is not sys.stdout and not writer.is_alive():
+                try:
+                    writer.stream.close()
+                except Exception as error:
+                    log.warn("access log {path}: closing failed: {error}", path=self.path, error=error)
             self.observer = None

@@ -12,10 +12,13 @@ from typing import Any, Callable, Iterable
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
 from mtlsgate.config import Config
 
 Snapshot = dict[str, "tuple[int, int, int] | None"]
+
+log = Logger(namespace="mtlsgate.filewatch")
 
 
 def watched_files(config: Config) -> list[str]:
@@ -63,7 +66,25 @@ class FileWatch(Service):
             self.loop.stop()
 
     def _check(self) -> None:
-        now = snapshot(self.files())
-        if now != self.state:
-            self.changed()
-            self.state = snapshot(self.files())
+        """
+        The snapshot is taken before C{changed} runs, so a file replaced while it runs is seen at the
+        next check; an unexpected error is logged and the watch goes on (a LoopingCall whose function
+        raises stops for good).
+        """
+        try:
+            now = snapshot(self.files())
+            if now == self.state:
+                return
+            self.state = now
+            try:
+                self.changed()
+            finally:
+                self.state = self._after_change(now)
+        except Exception:
+            log.failure("handling a change of watched files failed; still watching")
+
+    def _after_change(self, before: Snapshot) -> Snapshot:
+        """The files to watch after a change (C{changed} may have named new ones): known ones keep their earlier snapshot."""
+        files = self.files()
+        new = snapshot(f for f in files if f not in before)
+        return {f: before[f] if f in before else new[f] for f in files}

@@ -6,6 +6,7 @@ authorizes on the client certificate, and relays the exchange to an upstream.
 
 from __future__ import annotations
 
+import re
 from io import BytesIO
 from typing import Any, Callable
 
@@ -165,8 +166,9 @@ class GatewayChannel(http.HTTPChannel):
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
-            self._refuse(400, "only 'Transfer-Encoding: chunked' is accepted")
+        problem = header_field_problem(name, value.strip(b" \t"))
+        if problem is not None:
+            self._refuse(400, problem)
             return False
         return super().headerReceived(line)
 
@@ -216,9 +218,15 @@ class GatewayChannel(http.HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._discarding:
             return
-        if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+        first_line = self._HTTPChannel__first_line  # type: ignore[attr-defined]
+        if line[:1] in (b" ", b"\t") and not first_line:
             self._refuse(400, "obsolete line folding in a header")
             return
+        if first_line and line and self.persistent:
+            problem = request_line_problem(line)
+            if problem is not None:
+                self._refuse(400, problem)
+                return
         super().lineReceived(line)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -228,6 +236,47 @@ class GatewayChannel(http.HTTPChannel):
     def allContentReceived(self) -> None:
         if not self._discarding:
             super().allContentReceived()
+
+
+_VISIBLE_ASCII = bytes(range(0x21, 0x7F))
+_CONTROLS = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"  # every CTL but HTAB
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_DIGITS = re.compile(rb"[0-9]+\Z")
+_MAX_CONTENT_LENGTH = 2**63 - 1  # nginx's off_t bound; larger values mean nothing to anyone downstream
+
+
+def request_line_problem(line: bytes) -> str | None:
+    """
+    Why a request line must be refused before twisted.web parses it, or None (twisted.web refuses
+    what else is malformed).  The request target is visible ASCII only (RFC 9112 3.2): twisted.web
+    lets 0x7F-0xB0 through (an octal/decimal slip), which the upstream URL would then carry.
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return None
+    stray = parts[1].translate(None, _VISIBLE_ASCII)
+    if stray:
+        return f"byte 0x{stray[0]:02X} in the request target (only visible ASCII is allowed)"
+    return None
+
+
+def header_field_problem(name: bytes, value: bytes) -> str | None:
+    """
+    Why a header field (C{value} without its surrounding whitespace) must be refused, or None.  Names
+    are RFC 9110 tokens; values carry no control character but HTAB (obs-text, 0x80-0xFF, is passed
+    on, as nginx and Go do); Content-Length is 1*DIGIT below 2^63; Transfer-Encoding is chunked.
+    """
+    if not _TOKEN.match(name):
+        return f"header name {name.decode('latin-1')!r} is not a token"
+    if len(value.translate(None, _CONTROLS)) != len(value):
+        first = next(b for b in value if b in _CONTROLS)
+        return f"control character 0x{first:02X} in the value of header {name.decode('ascii')}"
+    lowered = name.lower()
+    if lowered == b"content-length" and (not _DIGITS.match(value) or int(value) > _MAX_CONTENT_LENGTH):
+        return "Content-Length must be decimal digits only, below 2^63"
+    if lowered == b"transfer-encoding" and value.lower() != b"chunked":
+        return "only 'Transfer-Encoding: chunked' is accepted"
+    return None
 
 
 def _has_bare_lf(previous: bytes, data: bytes) -> bool:
@@ -268,6 +317,15 @@ class RequestBody:
         self.limit: int | None = None
         self.received = 0
         self.too_large = False
+        self.on_change: Callable[[], None] | None = None  # told when who the upload waits on may have changed
+
+    def waiting_on_client(self) -> bool:
+        """Whether the upload waits for the client's bytes (the upstream takes all it is given), not on the upstream."""
+        return self._consumer is not None and not self._paused and not self._chunks and not self.complete
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def write(self, data: bytes) -> None:
         """A chunk from the client."""
@@ -285,11 +343,13 @@ class RequestBody:
         if self._buffered > _HIGH_WATER and not self._network_paused:
             self._network_paused = True
             self._network.pauseProducing()
+        self._changed()
 
     def finish(self) -> None:
         """The client sent the whole body."""
         self.complete = True
         self._flush()
+        self._changed()
 
     def _overflow(self) -> None:
         """More than the route's max_body_size: fail the upstream request (the client gets 413)."""
@@ -307,14 +367,17 @@ class RequestBody:
         self._consumer = consumer
         done = self._done = defer.Deferred()
         self._flush()  # may fire it at once, when the whole body is already here
+        self._changed()
         return done
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._changed()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._flush()
+        self._changed()
 
     def stopProducing(self) -> None:
         """The upstream went away: drop what is buffered, and let the client's bytes drain."""
@@ -322,6 +385,7 @@ class RequestBody:
         self._chunks.clear()
         self._consumer = None
         self._resume_network()
+        self._changed()
 
     def _flush(self) -> None:
         while self._chunks and self._consumer is not None and not self._paused:
@@ -371,6 +435,19 @@ class GatewayRequest(server.Request):
         self.path = path.split(b"?", 1)[0]
         self.args = {}
         self.process()
+
+    def process(self) -> None:
+        """twisted.web answers a C{*} target itself (as TwistedWeb, without the gateway's headers): here the resource does."""
+        if self.path != b"*":
+            super().process()
+            return
+        self.site = self.channel.site
+        self.setHeader(b"date", http.datetimeToString())
+        self.prepath, self.postpath = [], []
+        try:
+            self.render(self.site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.body is not None:
@@ -513,7 +590,11 @@ class _Exchange:
         self.pending: defer.Deferred[Any] | None = None
         self.timed_out = False
         self.client_gone = False
-        self.timer = reactor.callLater(entry.route.timeout, self._timeout)
+        self.accounted = False  # the access line and the request metric, once per request
+        self.waiting = True  # for the upstream's response headers (the route timeout applies)
+        self.timer: Any = None
+        if request.body is not None:
+            request.body.on_change = self._upload_changed
         request.notifyFinish().addErrback(self._client_lost)
 
     def start(self) -> None:
@@ -533,6 +614,7 @@ class _Exchange:
         url = targets[0].encode("ascii") + self.request.uri
         d = self.entry.upstreams.agent.request(self.request.method, url, headers, self.request.body)
         self.pending = d
+        self._upload_changed()
         d.addCallbacks(self._response, lambda f: self._failed(f, targets, headers))
 
     def _failed(self, failure: Failure, targets: list[str], headers: Any) -> None:
@@ -554,7 +636,7 @@ class _Exchange:
 
     def _response(self, response: Any) -> None:
         self.pending = None
-        self._cancel_timer()
+        self._stop_waiting()
         self.metrics.upstream_responded(self.entry.route.name, self.reactor.seconds() - self.started)
         request = self.request
         if self.client_gone:
@@ -580,16 +662,33 @@ class _Exchange:
         if failure is not None:
             # The status line is gone already: all that is left is to cut the client off.
             log.warn("upstream {upstream} broke off the response: {error}", upstream=self.upstream, error=_describe(failure))
+            self._access(self.request.code, size)  # the status the client got, cut short; not also a 499
             self.client_gone = True
             self.request.channel.stopParsing()
             self.request.channel.transport.abortConnection()
         else:
             self.request.finish()
-        self._access(self.request.code, size)
+            self._access(self.request.code, size)
+
+    def _upload_changed(self) -> None:
+        """
+        The route timeout counts only the time the gateway waits on the upstream: to connect, to take
+        the body (buffered bytes it does not read), to answer once the body is sent.  While the
+        upload waits for the client's next bytes the clock stops (the idle timeout bounds the client)
+        and starts afresh when the wait is the upstream's again.
+        """
+        if not self.waiting:
+            return
+        body = self.request.body
+        if body is not None and body.waiting_on_client():
+            self._cancel_timer()
+        elif self.timer is None:
+            self.timer = self.reactor.callLater(self.entry.route.timeout, self._timeout)
 
     def _timeout(self) -> None:
         self.timer = None
         self.timed_out = True
+        self.waiting = False
         if self.pending is not None:
             self.pending.cancel()
 
@@ -598,9 +697,13 @@ class _Exchange:
             self.timer.cancel()
         self.timer = None
 
+    def _stop_waiting(self) -> None:
+        self.waiting = False
+        self._cancel_timer()
+
     def _client_lost(self, failure: Failure) -> None:
         self.client_gone = True
-        self._cancel_timer()
+        self._stop_waiting()
         if self.pending is not None:
             self.pending.cancel()
         if self.relay is not None and self.relay.transport is not None:
@@ -608,7 +711,7 @@ class _Exchange:
         self._access(499, self.relay.bytes if self.relay else 0)
 
     def _error(self, code: int, text: str, detail: str) -> None:
-        self._cancel_timer()
+        self._stop_waiting()
         log.warn(
             "{code} for {method} {uri} on route {route} via {upstream}: {detail}",
             code=code, method=self.request.method.decode("ascii", "replace"), uri=self.request.uri.decode("ascii", "replace"),
@@ -620,6 +723,10 @@ class _Exchange:
         self._access(code, len(body))
 
     def _access(self, status: int, size: int) -> None:
+        """Log and count the request, once: a response cut off by the upstream is not also the client's 499."""
+        if self.accounted:
+            return
+        self.accounted = True
         route = self.entry.route.name
         if self.log_access:
             write_access_line(self.request, self.peer, route, self.upstream, status, size, self.reactor.seconds() - self.started)
@@ -666,6 +773,10 @@ def _describe(failure: Failure) -> str:
         except (IndexError, TypeError):
             return f"TLS: {error}"
     return f"{error.__class__.__name__}: {failure.getErrorMessage()}"
+
+
+_NOT_FORWARDED = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
+_ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 class ProxyResource(Resource):
@@ -720,6 +831,9 @@ class ProxyResource(Resource):
         host = hosts[0].decode("ascii", "replace") if hosts else ""
         path = request.uri.decode("ascii", "replace")
         peer = peer_of(request.channel)
+        own = self._own_answer(request, peer)
+        if own is not None:
+            return own
         problem = request_target_problem(path)
         if len(hosts) > 1 or (not hosts and request.clientproto != b"HTTP/1.0"):
             problem = "exactly one Host header is required"
@@ -745,6 +859,22 @@ class ProxyResource(Resource):
         request.notifyFinish().addBoth(self._finished)
         _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access).start()
         return server.NOT_DONE_YET
+
+    def _own_answer(self, request: GatewayRequest, peer: Peer) -> bytes | None:
+        """
+        CONNECT and TRACE (and IIS's TRACK), in any case, are never forwarded: 405.  C{OPTIONS *} is
+        about the gateway itself: 200 with C{Allow}; C{*} with another method is a 400.
+        """
+        method = request.method.upper()
+        if method in _NOT_FORWARDED:
+            request.setHeader(b"allow", _ALLOW)
+            return self._answer(request, peer, "-", 405, f"{method.decode('ascii')} is not forwarded by this gateway")
+        if request.uri == b"*":
+            if request.method != b"OPTIONS":
+                return self._answer(request, peer, "-", 400, "'*' is a request target for OPTIONS only")
+            request.setHeader(b"allow", _ALLOW)
+            return self._answer(request, peer, "-", 200, "methods the gateway forwards are in Allow")
+        return None
 
     def _refusal(self, peer: Peer, route: Route) -> str | None:
         if peer.refusal is not None:

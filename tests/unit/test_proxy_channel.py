@@ -1,0 +1,242 @@
+"""
+The gateway's HTTP channel, request and exchange in memory: a L{GatewaySite} on a StringTransport, a
+MemoryReactorClock for the timers, and a scripted upstream in place of the Agent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
+
+from mtlsgate.config import Route
+from mtlsgate.identity import AllowRules
+from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RouteEntry, header_field_problem, request_line_problem
+from mtlsgate.routing import RouteTable
+
+H = b"Host: localhost\r\n"
+
+
+class Consumer:
+    """The upstream connection's end of the request body."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class Upstream:
+    """Stands in for the route's UpstreamGroup and its Agent: records each request, answers when told."""
+
+    def __init__(self) -> None:
+        self.agent = self
+        self.requests: list[tuple[bytes, bytes, Any, Any]] = []
+        self.pending: list[defer.Deferred[Any]] = []
+        self.consumer = Consumer()
+
+    def order(self) -> list[str]:
+        return ["https://upstream.test"]
+
+    def request(self, method: bytes, url: bytes, headers: Any, body: Any) -> defer.Deferred[Any]:
+        self.requests.append((method, url, headers, body))
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append(d)
+        if body is not None:
+            body.startProducing(self.consumer)
+        return d
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+
+    def request(self, route: str, status: int) -> None:
+        self.requests.append((route, status))
+
+    def upstream_responded(self, route: str, seconds: float) -> None:
+        pass
+
+
+class Gateway:
+    """One client connection to an in-memory gateway with one route to a scripted upstream."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.reactor = MemoryReactorClock()
+        self.upstream = Upstream()
+        self.metrics = Metrics()
+        route = Route(host="localhost", timeout=timeout)
+        table = RouteTable([("localhost", "/", RouteEntry(route=route, upstreams=self.upstream))])  # type: ignore[arg-type]
+        state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False, hsts_header=b"max-age=60")
+        site = GatewaySite(ProxyResource(self.reactor, state, self.metrics))  # type: ignore[arg-type]
+        site.reactor = self.reactor
+        self.channel = site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+        self.access: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self._observe)
+
+    def _observe(self, event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "mtlsgate.access":
+            self.access.append(event)
+
+    def close(self) -> None:
+        globalLogPublisher.removeObserver(self._observe)
+
+    def send(self, data: bytes) -> bytes:
+        self.channel.dataReceived(data)
+        return self.transport.value()
+
+
+@pytest.fixture
+def gateway():
+    g = Gateway()
+    yield g
+    g.close()
+
+
+# --- framing ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("byte", [0x00, 0x09, 0x7F, 0x80, 0xA0, 0xB0, 0xFF])
+def test_a_request_target_byte_outside_visible_ascii_is_a_400_and_nothing_goes_upstream(gateway, byte):
+    answer = gateway.send(b"GET /a" + bytes([byte]) + b" HTTP/1.1\r\n" + H + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"request target" in answer
+    assert gateway.upstream.requests == [] and gateway.transport.disconnecting
+
+
+def test_request_line_problem_knows_visible_ascii():
+    assert request_line_problem(b"GET /" + bytes(range(0x21, 0x7F)) + b" HTTP/1.1") is None
+    assert request_line_problem(b"GET /\x7f HTTP/1.1") == "byte 0x7F in the request target (only visible ASCII is allowed)"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        (b"Content-Length", b"9223372036854775807", None),
+        (b"Content-Length", b"9223372036854775808", "Content-Length must be decimal digits only, below 2^63"),
+        (b"Content-Length", b"+1", "Content-Length must be decimal digits only, below 2^63"),
+        (b"Content-Length", "\u0661".encode(), "Content-Length must be decimal digits only, below 2^63"),
+        (b"X-A", b"a\tb\x80\xff", None),
+        (b"X-A", b"a\x0bb", "control character 0x0B in the value of header X-A"),
+        (b"X-A", b"a\x7f", "control character 0x7F in the value of header X-A"),
+        (b"X A", b"v", "header name 'X A' is not a token"),
+        (b"", b"v", "header name '' is not a token"),
+        (b"Transfer-Encoding", b"gzip, chunked", "only 'Transfer-Encoding: chunked' is accepted"),
+    ],
+)
+def test_header_field_problem(name, value, problem):
+    assert header_field_problem(name, value) == problem
+
+
+def test_a_content_length_of_2_63_is_a_400_and_nothing_goes_upstream(gateway):
+    answer = gateway.send(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 9223372036854775808\r\n\r\nhello")
+    assert answer.startswith(b"HTTP/1.1 400 ") and gateway.upstream.requests == []
+
+
+def test_a_vertical_tab_in_a_header_value_is_a_400_and_nothing_goes_upstream(gateway):
+    answer = gateway.send(b"GET / HTTP/1.1\r\n" + H + b"X-A: a\x0bb\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and gateway.upstream.requests == []
+
+
+@pytest.mark.parametrize("method", [b"CONNECT", b"TRACE", b"track"])
+def test_connect_and_trace_get_405_with_allow_from_the_gateway(gateway, method):
+    answer = gateway.send(method + b" / HTTP/1.1\r\n" + H + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: GET, HEAD" in answer and b"Server: mtlsgate\r\n" in answer
+    assert gateway.upstream.requests == [] and gateway.metrics.requests == [("-", 405)]
+
+
+def test_options_star_is_the_gateways_own_answer(gateway):
+    answer = gateway.send(b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"Allow: " in answer and b"TwistedWeb" not in answer
+    assert b"\r\nDate: " in answer and gateway.upstream.requests == []  # HSTS (HTTPS only): tests/adversarial
+
+
+# --- one access line and one count per request ---------------------------------------------------
+
+
+class UpstreamTransport:
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
+
+
+class Response:
+    code = 200
+    phrase = b"OK"
+    length = 10
+
+    def __init__(self) -> None:
+        self.headers = Headers()
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(UpstreamTransport())
+
+
+def test_a_response_the_upstream_cuts_off_is_logged_and_counted_once(gateway):
+    gateway.send(b"GET /cut HTTP/1.1\r\n" + H + b"\r\n")
+    response = Response()
+    gateway.upstream.pending[0].callback(response)
+    response.protocol.dataReceived(b"hello")
+    response.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionAborted())])))
+    gateway.channel.connectionLost(Failure(ConnectionAborted()))  # the abort the gateway asked for
+    assert gateway.metrics.requests == [("localhost/", 200)]
+    assert [(e["status"], e["size"]) for e in gateway.access] == [(200, 5)]
+
+
+def test_a_client_that_goes_away_is_logged_and_counted_once_as_499(gateway):
+    gateway.send(b"GET /gone HTTP/1.1\r\n" + H + b"\r\n")
+    gateway.channel.connectionLost(Failure(ConnectionAborted()))
+    assert gateway.metrics.requests == [("localhost/", 499)] and [e["status"] for e in gateway.access] == [499]
+
+
+# --- the route timeout is the upstream's time, not the client's upload ----------------------------
+
+
+@pytest.fixture
+def slow():
+    g = Gateway(timeout=1.0)
+    yield g
+    g.close()
+
+
+def test_a_slow_upload_is_not_a_504_and_the_timeout_runs_once_the_body_is_sent(slow):
+    slow.send(b"POST /up HTTP/1.1\r\n" + H + b"Content-Length: 8\r\n\r\n")
+    for _ in range(8):  # one byte every 0.5s: 4s of upload on a 1s route timeout
+        slow.reactor.advance(0.5)
+        assert slow.send(b"x") == b""
+    assert slow.upstream.consumer.data == b"x" * 8
+    slow.reactor.advance(0.9)
+    assert slow.transport.value() == b""
+    slow.reactor.advance(0.2)
+    assert slow.transport.value().startswith(b"HTTP/1.1 504 ")
+    assert slow.metrics.requests == [("localhost/", 504)]
+
+
+def test_an_upstream_that_stops_taking_the_body_gets_a_504(slow):
+    slow.send(b"POST /up HTTP/1.1\r\n" + H + b"Content-Length: 8\r\n\r\nxx")
+    body = slow.upstream.requests[0][3]
+    body.pauseProducing()  # the upstream connection's buffers are full
+    slow.send(b"xx")
+    slow.reactor.advance(1.1)
+    assert slow.transport.value().startswith(b"HTTP/1.1 504 ")
+
+
+def test_a_request_without_a_body_times_out_after_the_route_timeout(slow):
+    slow.send(b"GET /wait HTTP/1.1\r\n" + H + b"\r\n")
+    slow.reactor.advance(0.9)
+    assert slow.transport.value() == b""
+    slow.reactor.advance(0.2)
+    assert slow.transport.value().startswith(b"HTTP/1.1 504 ")
