@@ -7,8 +7,6 @@ only the gateway's.
 
 from __future__ import annotations
 
-import pytest
-
 from mtlsgate.headers import FRAMING, GATEWAY_OWNED, HOP_BY_HOP
 from mtlsgate.identity import parse_xfcc
 from tests.adversarial.gateway_fixture import echoed, get, raw_request, two_routes  # noqa: F401 (fixture)
@@ -39,9 +37,9 @@ def test_other_headers_go_through(two_routes, pki):
     assert status == 200 and echoed(body)["headers"]["x-request-id"] == ["42"]
 
 
-@pytest.mark.parametrize("name", [b"X Forwarded For", b"X-Forwarded-For\x00", b"X(For)", b"X/For", b"X\x7fFor", b"X\xe9For", b""])
-def test_a_header_name_that_is_not_a_token_is_refused(two_routes, pki, name):
-    head = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + name + b": 6.6.6.6\r\n\r\n"
-    status, body = raw_request(two_routes.port, pki, "alice", head)
-    assert status == 400
-    assert b'"uri"' not in body
+def test_a_header_name_that_is_not_a_token_is_refused(two_routes, pki):
+    for name in [b"X Forwarded For", b"X-Forwarded-For\x00", b"X(For)", b"X/For", b"X\x7fFor", b"X\xe9For", b""]:
+        head = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + name + b": 6.6.6.6\r\n\r\n"
+        status, body = raw_request(two_routes.port, pki, "alice", head)
+        assert status == 400, name
+        assert b'"uri"' not in body

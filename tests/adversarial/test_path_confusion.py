@@ -10,8 +10,6 @@ not read as C{/admin}.
 
 from __future__ import annotations
 
-import pytest
-
 from tests.adversarial.gateway_fixture import PREFIXES, echoed, get, two_routes  # noqa: F401 (fixture)
 from tests.adversarial.upstream_model import upstream_route
 
@@ -24,14 +22,18 @@ SPELLINGS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("target", SPELLINGS, ids=[t.decode("latin-1") for t in SPELLINGS])
-def test_alice_never_reaches_admin_by_another_spelling(two_routes, pki, target):
-    status, body = get(two_routes.port, pki, "alice", target)
-    if status in (400, 403):
-        return
-    assert status == 200, (status, body[:200])
-    received = echoed(body)["uri"].encode("utf-8")
-    assert upstream_route(PREFIXES, received) == "/", f"{target!r} reached the upstream as {received!r}, which is /admin to a normalising upstream"
+def test_alice_never_reaches_admin_by_another_spelling(two_routes, pki):
+    """One gateway for all the spellings (each its own connection); every one that gets through is listed."""
+    bypasses = []
+    for target in SPELLINGS:
+        status, body = get(two_routes.port, pki, "alice", target)
+        if status in (400, 403):
+            continue
+        assert status == 200, (target, status, body[:200])
+        received = echoed(body)["uri"].encode("utf-8")
+        if upstream_route(PREFIXES, received) != "/":
+            bypasses.append(f"{target!r} reached the upstream as {received!r}, which is /admin to a normalising upstream")
+    assert not bypasses, "\n".join(bypasses)
 
 
 def test_what_is_routed_is_what_is_forwarded(two_routes, pki):
@@ -46,8 +48,11 @@ def test_what_is_routed_is_what_is_forwarded(two_routes, pki):
     assert status == 403  # routed as /admin: bob's
 
 
-@pytest.mark.parametrize("target", [b"/admin%2fusers", b"/x/../admin", b"/admin;x", b"/a\\b", b"/admin#x", b"/a%00"])
-def test_refusals_say_why(two_routes, pki, target):
-    status, body = get(two_routes.port, pki, "bob", target)
-    assert status == 400
-    assert b"400 Bad Request: " in body and len(body.strip()) > len(b"400 Bad Request: ")
+def test_refusals_say_why(two_routes, pki):
+    for target in [b"/admin%2fusers", b"/x/../admin", b"/admin;x", b"/a\\b", b"/admin#x", b"/a%00", b"/caf\xc3\xa9", b"/a%zz"]:
+        status, body = get(two_routes.port, pki, "bob", target)
+        assert status == 400, target
+        assert b'"uri"' not in body and body.strip(), body  # a reason, never the upstream's echo
+    status, body = get(two_routes.port, pki, "bob", b"/admin%2fusers")
+    assert (status, body) == (400, b"400 Bad Request: an encoded '/' (%2F) is not allowed in the path\n")
+    two_routes.proc.wait_for_log("refused the request target /a%zz")
