@@ -31,8 +31,8 @@ _RAW_OK = _UNRESERVED | frozenset(b"!$&'()*+,=:@")
 _REFUSED_ESCAPES = {0x2F: "an encoded '/' (%2F)", 0x5C: "an encoded '\\' (%5C)", 0x3B: "an encoded ';' (%3B)", 0x23: "an encoded '#' (%23)",
                     0x3F: "an encoded '?' (%3F)"}  # fmt: skip
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-# The common case, handled without a byte-by-byte walk: plain segments, none empty, none starting with '.'.
-_PLAIN = re.compile(rb"(?:/[A-Za-z0-9\-_~!$&'()*+,=:@][A-Za-z0-9\-._~!$&'()*+,=:@]*)*/?")
+# The common case, handled without a byte-by-byte walk: raw pchar segments, none empty, none '.' or '..'.
+_PLAIN = re.compile(rb"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9\-._~!$&'()*+,=:@]+)*/?")
 _VISIBLE = re.compile(rb"[\x21-\x7e]*")
 
 

@@ -119,3 +119,13 @@ def test_any_bytes_are_normalised_or_refused_with_a_reason(raw):
                                             ("/a/../b", False), ("/a;b", False), ("/café", False), ("/a?b", False), ("/a b", False)])  # fmt: skip
 def test_route_prefixes_must_be_in_normal_form(prefix, ok):
     assert (prefix_problem(prefix) is None) == ok
+
+
+@settings(max_examples=1000, deadline=None)
+@given(TARGETS)
+def test_the_fast_path_agrees_with_the_full_walk(target):
+    from mtlsgate.pathnorm import _PLAIN, _normalize_path
+
+    path = target.partition(b"?")[0].partition(b"#")[0]
+    if _PLAIN.fullmatch(path) is not None:
+        assert _normalize_path(path) == (path, path.decode("ascii"))
