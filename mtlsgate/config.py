@@ -18,6 +18,7 @@ import attrs
 import yaml
 
 from mtlsgate.identity import AllowRules
+from mtlsgate.pathnorm import prefix_problem
 from mtlsgate.sockets import parse_tcp_listen
 
 
@@ -376,6 +377,8 @@ def _route(data: Any, key: str) -> Route:
     assert prefix is not None
     if not prefix.startswith("/"):
         raise ConfigError(f"{key}.prefix", f"must start with '/', got {prefix!r}")
+    if (problem := prefix_problem(prefix)) is not None:  # a prefix no normal request path can match
+        raise ConfigError(f"{key}.prefix", f"{prefix!r}: {problem}")
     targets = data.get("to")
     if isinstance(targets, str):
         targets = [targets]

@@ -3,15 +3,20 @@ Header hygiene for a reverse proxy, as pure functions over L{Headers}.
 
 Upstream bound: hop-by-hop headers (RFC 9110 7.6.1, plus whatever the client's Connection header
 names) and framing headers go (the Agent frames the body itself); every forwarding header the client
-sent is removed, whatever its case, so identity headers can never be spoofed; then the gateway's own
-X-Forwarded-* and X-Forwarded-Client-Cert are set.  Client bound: hop-by-hop and framing go too.
+sent is removed, whatever its case, so identity headers can never be spoofed; so is every header
+whose name holds C{_} (nginx's C{underscores_in_headers off}): WSGI and CGI servers read
+C{X_Forwarded_For} as C{X-Forwarded-For}, so a client could otherwise put a forged value next to the
+gateway's.  Then the gateway's own X-Forwarded-* and X-Forwarded-Client-Cert are set.  Client bound: hop-by-hop and framing go too.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
+from twisted.logger import Logger
 from twisted.web.http_headers import Headers
+
+log = Logger(namespace="mtlsgate.headers")
 
 
 HOP_BY_HOP = frozenset(
@@ -33,10 +38,13 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def _copy_without(headers: Headers, drop: Iterable[bytes]) -> Headers:
+def _copy_without(headers: Headers, drop: Iterable[bytes], underscores: bool = True) -> Headers:
     dropped = frozenset(drop)
     out = Headers()
     for name, values in headers.getAllRawHeaders():
+        if not underscores and b"_" in name:
+            log.debug("dropped the request header {name!r}: '_' in a header name", name=name)
+            continue
         if name.lower() not in dropped:
             out.setRawHeaders(name, list(values))
     return out
@@ -57,7 +65,7 @@ def upstream_request_headers(
     drop = HOP_BY_HOP | FRAMING | GATEWAY_OWNED | _connection_tokens(incoming)
     if not preserve_host:
         drop = drop | {b"host"}
-    out = _copy_without(incoming, drop)
+    out = _copy_without(incoming, drop, underscores=False)
     host = incoming.getRawHeaders(b"host")
     out.setRawHeaders(b"x-forwarded-for", [client_ip.encode("ascii")])
     out.setRawHeaders(b"x-forwarded-proto", [proto.encode("ascii")])

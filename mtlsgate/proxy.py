@@ -27,7 +27,8 @@ from mtlsgate.config import Limits, Route
 from mtlsgate.headers import client_response_headers, upstream_request_headers
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.metrics import GatewayMetrics
-from mtlsgate.routing import RouteTable, normalize_host, request_target_problem
+from mtlsgate.pathnorm import PathRefused, normalize_target
+from mtlsgate.routing import RouteTable, normalize_host
 from mtlsgate.tls import peer_verdict
 from mtlsgate.upstream import UpstreamGroup
 
@@ -577,8 +578,12 @@ class ProxyState:
 class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
-    def __init__(self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics, log_access: bool = True) -> None:
+    def __init__(
+        self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics, log_access: bool = True,
+        target: bytes | None = None,
+    ) -> None:  # fmt: skip
         self.reactor = reactor
+        self.target = request.uri if target is None else target  # the normal form that was routed: exactly what goes upstream
         self.metrics = metrics
         self.log_access = log_access
         self.request = request
@@ -611,7 +616,7 @@ class _Exchange:
 
     def _attempt(self, targets: list[str], headers: Any) -> None:
         self.upstream = targets[0]
-        url = targets[0].encode("ascii") + self.request.uri
+        url = targets[0].encode("ascii") + self.target  # Agent re-parses it: pathnorm's normal form round-trips unchanged (a unit test holds it)
         d = self.entry.upstreams.agent.request(self.request.method, url, headers, self.request.body)
         self.pending = d
         self._upload_changed()
@@ -757,6 +762,11 @@ def write_access_line(request: GatewayRequest, peer: Peer, route: str, upstream:
     )
 
 
+def _loggable(raw: bytes) -> str:
+    """Client bytes for a log line: printable ASCII as is, the rest escaped."""
+    return raw[:512].decode("latin-1").encode("unicode_escape").decode("ascii")
+
+
 def _header_text(request: GatewayRequest, name: bytes) -> str | None:
     value = request.getHeader(name)
     return printable(value.decode("latin-1")) if value is not None else None
@@ -829,17 +839,18 @@ class ProxyResource(Resource):
             request.setHeader(b"strict-transport-security", state.hsts_header)
         hosts = request.requestHeaders.getRawHeaders(b"host") or []
         host = hosts[0].decode("ascii", "replace") if hosts else ""
-        path = request.uri.decode("ascii", "replace")
         peer = peer_of(request.channel)
         own = self._own_answer(request, peer)
         if own is not None:
             return own
-        problem = request_target_problem(path)
         if len(hosts) > 1 or (not hosts and request.clientproto != b"HTTP/1.0"):
-            problem = "exactly one Host header is required"
-        if problem is not None:
-            return self._answer(request, peer, "-", 400, problem)
-        entry = state.routes.lookup(host, path)
+            return self._answer(request, peer, "-", 400, "exactly one Host header is required")
+        try:
+            target = normalize_target(request.uri)
+        except PathRefused as e:
+            log.info("refused the request target {uri} from {client}: {reason}", uri=_loggable(request.uri), client=request.getClientAddress().host, reason=e.reason)
+            return self._answer(request, peer, "-", 400, e.reason)
+        entry = state.routes.lookup(host, target.route_path)
         if entry is None:
             return self._answer(request, peer, "-", 404, "no route for this host" if not state.routes.knows_host(host) else "no route for this path")
         refusal = self._refusal(peer, entry.route)
@@ -857,7 +868,7 @@ class ProxyResource(Resource):
             request.body.limit = limit
         self.in_flight += 1
         request.notifyFinish().addBoth(self._finished)
-        _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access).start()
+        _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access, target.forward).start()
         return server.NOT_DONE_YET
 
     def _own_answer(self, request: GatewayRequest, peer: Peer) -> bytes | None:

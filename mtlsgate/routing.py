@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Generic, Iterable, TypeVar
 
+from mtlsgate.pathnorm import PathRefused, normalize_target
+
 T = TypeVar("T")
 
 
@@ -34,23 +36,11 @@ def prefix_matches(prefix: str, path: str) -> bool:
 
 
 def request_target_problem(target: str) -> str | None:
-    """
-    Why a request target cannot be routed safely, or None.
-
-    Prefix routing with per-route allow rules is only sound if the upstream resolves the same path
-    the gateway matched.  C{/public/../admin} matches C{/public} here but is C{/admin} to most
-    upstreams, so dot-segments, encoded or not, are refused instead of guessed at; so is the
-    absolute form (C{GET http://host/ HTTP/1.1}), which a gateway that is not a forward proxy has no
-    use for.
-    """
-    if not target.startswith("/"):
-        return "the request target must be a path starting with '/'"
-    path = target.split("?", 1)[0]
-    decoded = path.replace("%2e", ".").replace("%2E", ".")
-    if any(segment in (".", "..") for segment in decoded.split("/")):
-        return "dot-segments ('.', '..') are not allowed in the path"
-    if "\\" in path or "%5c" in path.lower():
-        return "backslashes are not allowed in the path"
+    """Why a request target cannot be routed safely, or None (see L{mtlsgate.pathnorm} for the rules)."""
+    try:
+        normalize_target(target.encode("latin-1", "replace"))
+    except PathRefused as e:
+        return e.reason
     return None
 
 
