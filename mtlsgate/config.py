@@ -50,6 +50,7 @@ class DownstreamMTLS:
     enforcement: str = "reject_connection"  # or "policy"
     max_verify_depth: int = 2
     client_auth: str = "off"  # "require", "optional" or "off"
+    crl_check: str = "chain"  # "chain": every certificate of the client's chain; "leaf": the client's certificate only
 
 
 @attrs.frozen
@@ -288,7 +289,7 @@ def _certificates(data: Any, key: str) -> tuple[CertificateSpec, ...]:
     return tuple(specs)
 
 
-_DOWNSTREAM_MTLS_KEYS = ("ca_file", "crl_file", "enforcement", "max_verify_depth", "client_auth")
+_DOWNSTREAM_MTLS_KEYS = ("ca_file", "crl_file", "enforcement", "max_verify_depth", "client_auth", "crl_check")
 
 
 def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
@@ -309,6 +310,7 @@ def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
         enforcement=_choice(data.get("enforcement", "reject_connection"), f"{key}.enforcement", ("reject_connection", "policy")),
         max_verify_depth=depth,
         client_auth=client_auth,
+        crl_check=_choice(data.get("crl_check", "chain"), f"{key}.crl_check", ("chain", "leaf")),
     )
 
 

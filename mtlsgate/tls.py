@@ -162,17 +162,43 @@ def load_served_certificates(specs: Sequence[CertificateSpec], certs_dir: str | 
 
 @attrs.frozen
 class ClientVerification:
-    """Downstream mTLS settings, with the CRLs already parsed."""
+    """
+    Downstream mTLS settings, with the CRLs already parsed.  With C{crl_check: chain} (the default)
+    every certificate of a client's chain is checked against the CRL of its issuer, so a revoked
+    intermediate keeps out everything under it; each CA of the bundle must then have its CRL in the
+    file, or loading fails with one line naming the CA and the file.
+
+    @ivar anchors: SHA-256 fingerprints of the bundle's CAs that are not self-signed: with partial-chain
+        verification a client's chain stops at them, so OpenSSL cannot find their issuer's CRL for them.
+    @ivar revoked_anchors: those of the anchors that a CRL in the file, signed by their issuer in the
+        bundle, lists: what OpenSSL cannot see for them, checked here.
+    """
 
     settings: DownstreamMTLS
     crls: tuple[x509.CertificateRevocationList, ...] = ()
+    anchors: frozenset[str] = frozenset()
+    revoked_anchors: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, settings: DownstreamMTLS) -> ClientVerification:
         crls = tuple(pki.load_crls(settings.crl_file)) if settings.crl_file else ()
-        if settings.ca_file:
-            pki.load_certificates(settings.ca_file)  # fail early, naming the file, on an empty bundle
-        return cls(settings=settings, crls=crls)
+        bundle = pki.load_certificates(settings.ca_file) if settings.ca_file else []  # fail early, naming the file, on an empty bundle
+        if not (crls and settings.crl_check == "chain"):
+            return cls(settings=settings, crls=crls)
+        assert settings.crl_file is not None
+        for ca in bundle:
+            if not any(_is_crl_of(crl, ca) for crl in crls):
+                raise pki.PKIError(
+                    f"{settings.crl_file}: no CRL from CA {printable(ca.subject.rfc4514_string())} of {settings.ca_file} "
+                    "(crl_check: chain needs one from every CA in the bundle; crl_check: leaf checks client certificates only)"
+                )
+        anchors = [ca for ca in bundle if not pki.is_issued_by(ca, ca)]
+        revoked = [ca for ca in anchors if _revoked_by_issuer(ca, bundle, crls)]
+        return cls(
+            settings=settings, crls=crls,
+            anchors=frozenset(pki.fingerprint_sha256(ca) for ca in anchors),
+            revoked_anchors=frozenset(pki.fingerprint_sha256(ca) for ca in revoked),
+        )  # fmt: skip
 
     @property
     def enabled(self) -> bool:
@@ -182,9 +208,42 @@ class ClientVerification:
     def rejects_at_handshake(self) -> bool:
         return self.settings.enforcement == "reject_connection"
 
+    @property
+    def checks_chain(self) -> bool:
+        return bool(self.crls) and self.settings.crl_check == "chain"
 
-def _verify_callback(rejects: bool) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+
+def _is_crl_of(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    """Whether C{ca} issued and signed C{crl}."""
+    return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+
+
+def _revoked_by_issuer(ca: x509.Certificate, bundle: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList]) -> bool:
+    """Whether a CRL signed by C{ca}'s issuer (in the bundle) lists C{ca}."""
+    issuers = [other for other in bundle if other is not ca and pki.is_issued_by(ca, other)]
+    return any(
+        crl.get_revoked_certificate_by_serial_number(ca.serial_number) is not None
+        for crl in crls for issuer in issuers if _is_crl_of(crl, issuer)
+    )  # fmt: skip
+
+
+_NO_CRL_FOR_ANCHOR = (3, 33)  # UNABLE_TO_GET_CRL, UNABLE_TO_GET_CRL_ISSUER
+_REVOKED = 23
+
+
+def _verify_callback(rejects: bool, verification: ClientVerification | None = None) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+    anchors = verification.anchors if verification is not None and verification.checks_chain else frozenset()
+    revoked_anchors = verification.revoked_anchors if verification is not None else frozenset()
+
     def verify(conn: GatewayConnection, cert: object, errno: int, depth: int, ok: int) -> bool:
+        if not ok and errno in _NO_CRL_FOR_ANCHOR and anchors:
+            # A chain that ends at a trusted intermediate of the bundle (partial chain): OpenSSL has no
+            # issuer to check that intermediate's CRL with; its revocation was looked up at load time.
+            fingerprint = pki.fingerprint_sha256(cert.to_cryptography())  # type: ignore[attr-defined]
+            if fingerprint in anchors:
+                if fingerprint not in revoked_anchors:
+                    return True
+                errno = _REVOKED
         if ok:
             return True
         if conn.verify_failure is None:
@@ -233,8 +292,10 @@ def build_server_context(
             store.add_crl(crl)
         if verification.crls:
             flags |= X509StoreFlags.CRL_CHECK
+        if verification.checks_chain:
+            flags |= X509StoreFlags.CRL_CHECK_ALL  # a revoked intermediate keeps out everything under it
         store.set_flags(flags)
-        ctx.set_verify(mode, _verify_callback(verification.rejects_at_handshake))
+        ctx.set_verify(mode, _verify_callback(verification.rejects_at_handshake, verification))
         ctx.set_verify_depth(settings.max_verify_depth)
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
