@@ -86,6 +86,7 @@ class GatewayConnection(SSL.Connection):
 
     verify_failure: VerifyFailure | None = None
     refused_server_name: str | None = None
+    offered_acme_tls: bool = False  # the client offered acme-tls/1 (RFC 8737): the connection never carries HTTP
 
 
 class UnknownServerName(Exception):
@@ -374,6 +375,8 @@ class ServerTLS:
         validation certificate on this connection only.  The CA's validator has no client
         certificate, so client verification is lifted for that connection; it never carries HTTP.
         """
+        if ALPN_ACME_TLS in offered:
+            conn.offered_acme_tls = True  # type: ignore[attr-defined]
         if ALPN_ACME_TLS in offered and self.acme_validation is not None:
             raw = conn.get_servername()
             found = self.acme_validation.certificate_for(raw.decode("ascii", "replace") if raw else None)
@@ -467,6 +470,21 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
                 self.factory.metrics.handshake("ok")
             else:  # enforcement: policy lets it through; requests will get 403 with this reason
                 self.factory.metrics.handshake("unverified", failure.reason)
+            if _validation_only(self._tlsConnection):
+                self._close_after_validation()
+
+    def _close_after_validation(self) -> None:
+        """
+        RFC 8737: an acme-tls/1 connection is for the handshake only.  Send close_notify and close,
+        before any byte the client sent after its Finished reaches the HTTP side.
+        """
+        peer = self.transport.getPeer() if self.transport is not None else None
+        log.info("closed the acme-tls/1 connection from {peer} after its handshake (RFC 8737)", peer=getattr(peer, "host", peer))
+        try:
+            self._tlsConnection.shutdown()
+        except SSL.Error:
+            pass
+        self._tlsShutdownFinished(None)  # no more application data is read; the transport closes once close_notify is out
 
     def _tlsShutdownFinished(self, reason):  # type: ignore[no-untyped-def]
         if not self._handshakeDone and not self._counted and reason is not None and isinstance(reason.value, SSL.Error):
@@ -491,6 +509,11 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
                 log.info("TLS handshake with {peer} failed: {error}", peer=peer_text, error=_ssl_error_text(reason.value), tls_result="failed")
                 self.factory.metrics.handshake("failed", _failure_kind(reason.value))
         super()._tlsShutdownFinished(reason)
+
+
+def _validation_only(conn: SSL.Connection) -> bool:
+    """A connection whose client offered acme-tls/1 and did not get http/1.1: a CA's validator (or someone acting as one)."""
+    return getattr(conn, "offered_acme_tls", False) and conn.get_alpn_proto_negotiated() != ALPN_HTTP1
 
 
 def _failure_kind(error: SSL.Error) -> str:
