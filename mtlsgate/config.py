@@ -259,6 +259,18 @@ def _endpoint(value: Any, key: str, optional: bool = True) -> str | None:
     return description
 
 
+def _ip_endpoint(value: Any, key: str) -> str:
+    """
+    The TLS listener's endpoint: client identity, X-Forwarded-For, the access log and worker
+    affinity all need an IP peer, so a UNIX socket is refused here rather than failing every request.
+    """
+    description = _endpoint(value, key, optional=False)
+    assert description is not None
+    if description.split(":", 1)[0].strip().lower() == "unix":
+        raise ConfigError(key, f"a UNIX socket is not supported for the TLS listener (clients are identified by IP address); use tcp: or tcp6:, got {description!r}")
+    return description
+
+
 # --- sections ----------------------------------------------------------------------------------
 
 _ALLOW_KEYS = ("cn", "ou", "dns", "uri", "email", "fingerprint_sha256")
@@ -596,7 +608,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
             raise ConfigError(f"routes[{i}].from", f"duplicates routes[{seen[route.host, route.prefix]}] ({route.host} {route.prefix})")
         seen[route.host, route.prefix] = i
     return Config(
-        address=_endpoint(data.get("address", "tcp:8443"), "address", optional=False),  # type: ignore[arg-type]
+        address=_ip_endpoint(data.get("address", "tcp:8443"), "address"),
         http_address=http_address,
         admin_address=_loopback_by_default(_endpoint(data.get("admin_address"), "admin_address")),
         certificates=certificates,
