@@ -236,6 +236,9 @@ class Checker:
             self._check_crl(mtls.crl_file, crl, bundle)
         for ca in bundle:
             if not any(crl.issuer == ca.subject for crl in crls):
+                if mtls.crl_check == "chain":  # the gateway refuses to start (crl_check: chain)
+                    self.findings.error(f"downstream_mtls.crl_file: {mtls.crl_file}: no CRL from {_subject(ca)}; crl_check: chain needs one from every CA")
+                    continue
                 self.findings.warning(
                     f"downstream_mtls.crl_file: {mtls.crl_file}: no CRL from {_subject(ca)}; "
                     "client certificates it issued directly will be refused (no CRL for issuer)"

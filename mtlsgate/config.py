@@ -51,6 +51,7 @@ class DownstreamMTLS:
     enforcement: str = "reject_connection"  # or "policy"
     max_verify_depth: int = 2
     client_auth: str = "off"  # "require", "optional" or "off"
+    crl_check: str = "chain"  # "chain": every certificate of the client's chain; "leaf": the client's certificate only
 
 
 @attrs.frozen
@@ -259,6 +260,18 @@ def _endpoint(value: Any, key: str, optional: bool = True) -> str | None:
     return description
 
 
+def _ip_endpoint(value: Any, key: str) -> str:
+    """
+    The TLS listener's endpoint: client identity, X-Forwarded-For, the access log and worker
+    affinity all need an IP peer, so a UNIX socket is refused here rather than failing every request.
+    """
+    description = _endpoint(value, key, optional=False)
+    assert description is not None
+    if description.split(":", 1)[0].strip().lower() == "unix":
+        raise ConfigError(key, f"a UNIX socket is not supported for the TLS listener (clients are identified by IP address); use tcp: or tcp6:, got {description!r}")
+    return description
+
+
 # --- sections ----------------------------------------------------------------------------------
 
 _ALLOW_KEYS = ("cn", "ou", "dns", "uri", "email", "fingerprint_sha256")
@@ -289,7 +302,7 @@ def _certificates(data: Any, key: str) -> tuple[CertificateSpec, ...]:
     return tuple(specs)
 
 
-_DOWNSTREAM_MTLS_KEYS = ("ca_file", "crl_file", "enforcement", "max_verify_depth", "client_auth")
+_DOWNSTREAM_MTLS_KEYS = ("ca_file", "crl_file", "enforcement", "max_verify_depth", "client_auth", "crl_check")
 
 
 def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
@@ -310,6 +323,7 @@ def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
         enforcement=_choice(data.get("enforcement", "reject_connection"), f"{key}.enforcement", ("reject_connection", "policy")),
         max_verify_depth=depth,
         client_auth=client_auth,
+        crl_check=_choice(data.get("crl_check", "chain"), f"{key}.crl_check", ("chain", "leaf")),
     )
 
 
@@ -597,7 +611,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
             raise ConfigError(f"routes[{i}].from", f"duplicates routes[{seen[route.host, route.prefix]}] ({route.host} {route.prefix})")
         seen[route.host, route.prefix] = i
     return Config(
-        address=_endpoint(data.get("address", "tcp:8443"), "address", optional=False),  # type: ignore[arg-type]
+        address=_ip_endpoint(data.get("address", "tcp:8443"), "address"),
         http_address=http_address,
         admin_address=_loopback_by_default(_endpoint(data.get("admin_address"), "admin_address")),
         certificates=certificates,

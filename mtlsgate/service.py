@@ -22,6 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import server
 
+from mtlsgate import fdlimit
 from mtlsgate.accesslog import AccessLogService
 from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, PublishedValidations, TLSALPN01Responder
 from mtlsgate.acme.service import AcmeIssuingService
@@ -420,10 +421,30 @@ class GatewayService(MultiService):
         return True
 
 
+def fit_to_descriptors(config: Config) -> Config:
+    """
+    Raise the soft descriptor limit to the hard one, and lower C{max_connections} (with a warning) to
+    what the descriptors allow: a flood of idle connections then meets the connection limit, not EMFILE.
+    """
+    before, nofile = fdlimit.raise_soft_limit()
+    if nofile > before:
+        log.info("file descriptors: soft limit raised from {before} to {after} (the hard limit)", before=before, after=nofile)
+    ceiling = fdlimit.connection_ceiling(nofile)
+    if config.limits.max_connections <= ceiling:
+        return config
+    log.warn(
+        "max_connections lowered from {wanted} to {ceiling}: the descriptor limit (RLIMIT_NOFILE) is {nofile}, and each connection "
+        "may need {per} (client and upstream) beside {reserved} reserved; raise LimitNOFILE (systemd) or ulimit -n to allow more",
+        wanted=config.limits.max_connections, ceiling=ceiling, nofile=nofile, per=fdlimit.PER_CONNECTION, reserved=fdlimit.RESERVED,
+    )  # fmt: skip
+    return attrs.evolve(config, limits=attrs.evolve(config.limits, max_connections=ceiling))
+
+
 def make_gateway(
     reactor: Any, config: Config, reload_config: Callable[[], Config] | None = None, worker: WorkerRole | None = None,
 ) -> GatewayService:
     """Build the whole gateway service, or raise L{ConfigError}/L{PKIError} before anything listens."""
+    config = fit_to_descriptors(config)
     server_tls = ServerTLS()
     world = build_world(reactor, config, server_tls)
     return GatewayService(reactor, world, server_tls, reload_config, worker)

@@ -26,7 +26,7 @@ _FLAG_FOR_KEY = {
     "admin_address": "--admin",
     "certificates": "--cert/--key",
     "certs_dir": "--certs-dir",
-    "downstream_mtls": "--client-ca/--crl/--client-auth/--enforcement/--max-verify-depth",
+    "downstream_mtls": "--client-ca/--crl/--crl-check/--client-auth/--enforcement/--max-verify-depth",
     "allow_client": "--allow-*",
     "routes": "--route/--upstream-*/--timeout",
     "access_log": "--access-log",
@@ -71,6 +71,7 @@ class Options(usage.Options):
         ["certs-dir", None, None, "A directory of NAME.pem files (key + certificate + chain) to serve."],
         ["client-ca", None, None, "CA bundle that client certificates must chain to (enables mTLS)."],
         ["crl", None, None, "A CRL file (PEM or DER); revoked client certificates are refused."],
+        ["crl-check", None, None, "chain (every certificate of the client's chain, the default) | leaf (the client's own only)."],
         ["client-auth", None, None, "require | optional | off [default: require when --client-ca is given]."],
         ["enforcement", None, None, "reject_connection (handshake alert) | policy (403 with the reason)."],
         ["max-verify-depth", None, None, "Maximum client certificate chain depth [default: 2].", int],
@@ -171,7 +172,7 @@ class Options(usage.Options):
             put("certificates", [{"cert": c, "key": k} if k else {"cert": c} for c, k in zip(self["cert"], keys)])
         mtls = dict(data.get("downstream_mtls") or {})
         for flag, key in (("client-ca", "ca_file"), ("crl", "crl_file"), ("client-auth", "client_auth"),
-                          ("enforcement", "enforcement"), ("max-verify-depth", "max_verify_depth")):  # fmt: skip
+                          ("enforcement", "enforcement"), ("max-verify-depth", "max_verify_depth"), ("crl-check", "crl_check")):  # fmt: skip
             if self[flag] is not None:
                 mtls[key] = self[flag]
                 flagged.add("downstream_mtls")

@@ -164,6 +164,7 @@ class GatewayConnection(SSL.Connection):
     verification_witnessed = False
     verified_certificates: VerifiedCertificates | None = None  # of the certificate set it was accepted on
     refused_server_name: str | None = None
+    offered_acme_tls: bool = False  # the client offered acme-tls/1 (RFC 8737): the connection never carries HTTP
     _verdict: PeerVerdict | None = None
 
     def peer_verdict(self, now: datetime | None = None) -> PeerVerdict:
@@ -273,17 +274,43 @@ def load_served_certificates(specs: Sequence[CertificateSpec], certs_dir: str | 
 
 @attrs.frozen
 class ClientVerification:
-    """Downstream mTLS settings, with the CRLs already parsed."""
+    """
+    Downstream mTLS settings, with the CRLs already parsed.  With C{crl_check: chain} (the default)
+    every certificate of a client's chain is checked against the CRL of its issuer, so a revoked
+    intermediate keeps out everything under it; each CA of the bundle must then have its CRL in the
+    file, or loading fails with one line naming the CA and the file.
+
+    @ivar anchors: SHA-256 fingerprints of the bundle's CAs that are not self-signed: with partial-chain
+        verification a client's chain stops at them, so OpenSSL cannot find their issuer's CRL for them.
+    @ivar revoked_anchors: those of the anchors that a CRL in the file, signed by their issuer in the
+        bundle, lists: what OpenSSL cannot see for them, checked here.
+    """
 
     settings: DownstreamMTLS
     crls: tuple[x509.CertificateRevocationList, ...] = ()
+    anchors: frozenset[str] = frozenset()
+    revoked_anchors: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, settings: DownstreamMTLS) -> ClientVerification:
         crls = tuple(pki.load_crls(settings.crl_file)) if settings.crl_file else ()
-        if settings.ca_file:
-            pki.load_certificates(settings.ca_file)  # fail early, naming the file, on an empty bundle
-        return cls(settings=settings, crls=crls)
+        bundle = pki.load_certificates(settings.ca_file) if settings.ca_file else []  # fail early, naming the file, on an empty bundle
+        if not (crls and settings.crl_check == "chain"):
+            return cls(settings=settings, crls=crls)
+        assert settings.crl_file is not None
+        for ca in bundle:
+            if not any(_is_crl_of(crl, ca) for crl in crls):
+                raise pki.PKIError(
+                    f"{settings.crl_file}: no CRL from CA {printable(ca.subject.rfc4514_string())} of {settings.ca_file} "
+                    "(crl_check: chain needs one from every CA in the bundle; crl_check: leaf checks client certificates only)"
+                )
+        anchors = [ca for ca in bundle if not pki.is_issued_by(ca, ca)]
+        revoked = [ca for ca in anchors if _revoked_by_issuer(ca, bundle, crls)]
+        return cls(
+            settings=settings, crls=crls,
+            anchors=frozenset(pki.fingerprint_sha256(ca) for ca in anchors),
+            revoked_anchors=frozenset(pki.fingerprint_sha256(ca) for ca in revoked),
+        )  # fmt: skip
 
     @property
     def enabled(self) -> bool:
@@ -293,6 +320,28 @@ class ClientVerification:
     def rejects_at_handshake(self) -> bool:
         return self.settings.enforcement == "reject_connection"
 
+    @property
+    def checks_chain(self) -> bool:
+        return bool(self.crls) and self.settings.crl_check == "chain"
+
+
+def _is_crl_of(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    """Whether C{ca} issued and signed C{crl}."""
+    return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+
+
+def _revoked_by_issuer(ca: x509.Certificate, bundle: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList]) -> bool:
+    """Whether a CRL signed by C{ca}'s issuer (in the bundle) lists C{ca}."""
+    issuers = [other for other in bundle if other is not ca and pki.is_issued_by(ca, other)]
+    return any(
+        crl.get_revoked_certificate_by_serial_number(ca.serial_number) is not None
+        for crl in crls for issuer in issuers if _is_crl_of(crl, issuer)
+    )  # fmt: skip
+
+
+_NO_CRL_FOR_ANCHOR = (3, 33)  # UNABLE_TO_GET_CRL, UNABLE_TO_GET_CRL_ISSUER
+_REVOKED = 23
+
 
 def _common_name_count(cert: object) -> int:
     try:
@@ -301,7 +350,7 @@ def _common_name_count(cert: object) -> int:
         return 0  # an unparseable subject: OpenSSL's own checks decide
 
 
-def _verify_callback(rejects: bool) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+def _verify_callback(rejects: bool, verification: ClientVerification | None = None) -> Callable[[SSL.Connection, object, int, int, int], bool]:
     """
     The verify callback: records the first failure (a certificate with two CNs is one, at depth 0:
     routes authorize on one CN while XFCC's Subject names another first), and that a verification
@@ -312,10 +361,21 @@ def _verify_callback(rejects: bool) -> Callable[[SSL.Connection, object, int, in
     to drop a cached session: whatever resumes, L{certificate_verdict} decides.
     """
 
+    anchors = verification.anchors if verification is not None and verification.checks_chain else frozenset()
+    revoked_anchors = verification.revoked_anchors if verification is not None else frozenset()
+
     def verify(conn: GatewayConnection, cert: object, errno: int, depth: int, ok: int) -> bool:
         conn.verification_witnessed = True
         if ok and depth == 0 and _common_name_count(cert) > 1:
             ok, errno = 0, _ERRNO_MULTIPLE_COMMON_NAMES
+        if not ok and errno in _NO_CRL_FOR_ANCHOR and anchors:
+            # A chain that ends at a trusted intermediate of the bundle (partial chain): OpenSSL has no
+            # issuer to check that intermediate's CRL with; its revocation was looked up at load time.
+            fingerprint = pki.fingerprint_sha256(cert.to_cryptography())  # type: ignore[attr-defined]
+            if fingerprint in anchors:
+                if fingerprint not in revoked_anchors:
+                    return True
+                errno = _REVOKED
         if ok:
             return True
         if conn.verify_failure is None:
@@ -366,8 +426,10 @@ def build_server_context(
             store.add_crl(crl)
         if verification.crls:
             flags |= X509StoreFlags.CRL_CHECK
+        if verification.checks_chain:
+            flags |= X509StoreFlags.CRL_CHECK_ALL  # a revoked intermediate keeps out everything under it
         store.set_flags(flags)
-        ctx.set_verify(mode, _verify_callback(verification.rejects_at_handshake))
+        ctx.set_verify(mode, _verify_callback(verification.rejects_at_handshake, verification))
         ctx.set_verify_depth(settings.max_verify_depth)
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
@@ -448,6 +510,8 @@ class ServerTLS:
         validation certificate on this connection only.  The CA's validator has no client
         certificate, so client verification is lifted for that connection; it never carries HTTP.
         """
+        if ALPN_ACME_TLS in offered:
+            conn.offered_acme_tls = True  # type: ignore[attr-defined]
         if ALPN_ACME_TLS in offered and self.acme_validation is not None:
             raw = conn.get_servername()
             found = self.acme_validation.certificate_for(raw.decode("ascii", "replace") if raw else None)
@@ -544,6 +608,21 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
                 self.factory.metrics.handshake("ok")
             else:  # enforcement: policy lets it through (or a session resumed); requests will get 403 with this reason
                 self.factory.metrics.handshake("unverified", refusal)
+            if _validation_only(self._tlsConnection):
+                self._close_after_validation()
+
+    def _close_after_validation(self) -> None:
+        """
+        RFC 8737: an acme-tls/1 connection is for the handshake only.  Send close_notify and close,
+        before any byte the client sent after its Finished reaches the HTTP side.
+        """
+        peer = self.transport.getPeer() if self.transport is not None else None
+        log.info("closed the acme-tls/1 connection from {peer} after its handshake (RFC 8737)", peer=getattr(peer, "host", peer))
+        try:
+            self._tlsConnection.shutdown()
+        except SSL.Error:
+            pass
+        self._tlsShutdownFinished(None)  # no more application data is read; the transport closes once close_notify is out
 
     def _tlsShutdownFinished(self, reason):  # type: ignore[no-untyped-def]
         if not self._handshakeDone and not self._counted and reason is not None and isinstance(reason.value, SSL.Error):
@@ -568,6 +647,11 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
                 log.info("TLS handshake with {peer} failed: {error}", peer=peer_text, error=_ssl_error_text(reason.value), tls_result="failed")
                 self.factory.metrics.handshake("failed", _failure_kind(reason.value))
         super()._tlsShutdownFinished(reason)
+
+
+def _validation_only(conn: SSL.Connection) -> bool:
+    """A connection whose client offered acme-tls/1 and did not get http/1.1: a CA's validator (or someone acting as one)."""
+    return getattr(conn, "offered_acme_tls", False) and conn.get_alpn_proto_negotiated() != ALPN_HTTP1
 
 
 def _failure_kind(error: SSL.Error) -> str:

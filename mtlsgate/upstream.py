@@ -19,7 +19,8 @@ from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.error import TimeoutError
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
@@ -124,6 +125,7 @@ def _end_of_headers(data: bytes) -> int | None:
     return min(ends) if ends else None
 
 
+@implementer(IHandshakeListener)
 class _BoundedClientProtocol(HTTP11ClientProtocol):
     """
     Twisted's client parser accepts response headers without a total limit (any number of lines of
@@ -138,6 +140,26 @@ class _BoundedClientProtocol(HTTP11ClientProtocol):
         self._max_header_size = max_header_size
         self._header_bytes = 0
         self._tail = b""  # the last bytes of header data seen, to find a blank line split across reads
+        self._handshake_waiters: list[defer.Deferred[None]] | None = []  # None once the TLS handshake is done
+
+    def when_handshake_done(self) -> defer.Deferred[None]:
+        """Fires when the TLS handshake under this protocol completes; fails if the connection is lost first."""
+        if self._handshake_waiters is None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._handshake_waiters.append(d)
+        return d
+
+    def handshakeCompleted(self) -> None:
+        waiters, self._handshake_waiters = self._handshake_waiters or [], None
+        for d in waiters:
+            d.callback(None)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        waiters, self._handshake_waiters = self._handshake_waiters or [], None
+        for d in waiters:
+            d.errback(reason)
+        super().connectionLost(reason)
 
     def request(self, request: Any) -> defer.Deferred[IResponse]:
         self._header_bytes, self._tail = 0, b""
@@ -200,6 +222,61 @@ class _RetirablePool(HTTPConnectionPool):
         super()._putConnection(key, connection)
 
 
+@implementer(IStreamClientEndpoint)
+class _HandshakeBoundedEndpoint:
+    """
+    A TLS endpoint whose connection is made only once the TLS handshake is done, with C{timeout}
+    bounding the TCP connection and the handshake together: an upstream that accepts TCP and never
+    speaks TLS fails with L{TimeoutError} (a C{ConnectError}, so the request moves on to the next
+    upstream) after C{connect_timeout}, not after the route's whole C{timeout}.
+    """
+
+    def __init__(self, reactor: Any, tls: IStreamClientEndpoint, timeout: float) -> None:
+        self._reactor = reactor
+        self._tls = tls
+        self._timeout = timeout
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        connecting = self._tls.connect(factory)
+        connected: list[Any] = []
+        timed_out: list[bool] = []
+
+        def abort() -> None:
+            if not connected:
+                connecting.cancel()
+            elif connected[0].transport is not None:
+                connected[0].transport.abortConnection()
+
+        result: defer.Deferred[Any] = defer.Deferred(lambda _: abort())
+
+        def too_slow() -> None:
+            timed_out.append(True)
+            abort()
+
+        timer = self._reactor.callLater(self._timeout, too_slow)
+
+        def handshake(protocol: Any) -> defer.Deferred[Any]:
+            connected.append(protocol)
+            return protocol.when_handshake_done().addCallback(lambda _: protocol)
+
+        def done(outcome: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if result.called:  # cancelled by the request's own timeout or the client leaving
+                if not isinstance(outcome, Failure) and outcome.transport is not None:
+                    outcome.transport.abortConnection()
+                return
+            if isinstance(outcome, Failure):
+                if timed_out:
+                    outcome = Failure(TimeoutError(string=f"TCP connection and TLS handshake not done within {self._timeout:g}s (connect_timeout)"))
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        connecting.addCallback(handshake).addBoth(done)
+        return result
+
+
 @implementer(IAgentEndpointFactory)
 class _EndpointPerOrigin:
     """
@@ -221,6 +298,8 @@ class _EndpointPerOrigin:
             endpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, **kwargs)
             if uri.scheme == b"https":
                 endpoint = wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
+                if self.connect_timeout is not None:
+                    endpoint = _HandshakeBoundedEndpoint(self.reactor, endpoint, self.connect_timeout)
             self._endpoints[key] = endpoint
         return endpoint
 

@@ -294,12 +294,13 @@ def start_gateway(procs, tmp_path):
 
     def start(
         args: list[str], *, port: int | None = None, tac: Path | None = None, env: dict[str, str] | None = None,
-        file_size_limit: int | None = None,
+        file_size_limit: int | None = None, nofile: tuple[int, int] | None = None,
     ) -> Gateway:  # fmt: skip
         """
         With C{port}, the config (file or tac) names the listener; otherwise --https is added.  With
         C{file_size_limit}, the gateway starts with RLIMIT_FSIZE (soft) at that many bytes, its own
-        writes to regular files fail past it as on a full disk, and its log goes through a pipe.
+        writes to regular files fail past it as on a full disk, and its log goes through a pipe.  With
+        C{nofile}, it starts with RLIMIT_NOFILE at that (soft, hard).
         """
         argv = [*TWISTD, "-n", "--pidfile=", "--logfile=-"]
         if tac is not None:
@@ -313,7 +314,9 @@ def start_gateway(procs, tmp_path):
         full_env = subprocess_env()
         full_env.update(env or {})
         limit = None if file_size_limit is None else functools.partial(_limit_file_size, file_size_limit)
-        proc = Proc(argv, tmp_path / f"gateway-{port}.log", cwd=tmp_path, env=full_env, pipe=limit is not None, preexec_fn=limit)
+        if nofile is not None:
+            limit = functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, nofile)
+        proc = Proc(argv, tmp_path / f"gateway-{port}.log", cwd=tmp_path, env=full_env, pipe=file_size_limit is not None, preexec_fn=limit)
         procs.append(proc)
         assert port is not None
         wait_for_port(port, proc.popen, log=proc.log)

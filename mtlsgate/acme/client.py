@@ -38,6 +38,8 @@ BAD_NONCE = "urn:ietf:params:acme:error:badNonce"
 # RFC 8555 6.5: a badNonce answer is retried with the nonce it carries.  A healthy CA rejects a nonce
 # rarely; 10 in a row means something else is wrong (pebble's tests reject 60 %: 0.6^10 is 0.6 %).
 _MAX_NONCE_RETRIES = 10
+#: The longest one HTTP exchange with the CA may take (certbot's default is 45 s).
+REQUEST_TIMEOUT = 60.0
 
 #: Well-known directories, usable by name in C{autocert.directory}.
 DIRECTORY_PRESETS = {
@@ -118,11 +120,14 @@ class ACMEClient:
 
     @param http: a L{treq.client.HTTPClient} whose agent trusts the CA's HTTPS (see L{http_client}).
     @param poll_limit: the longest single wait while polling; C{Retry-After} is honoured up to it.
+    @param request_timeout: the longest one HTTP exchange with the CA may take, connection, answer and
+        body together; past it the exchange is cancelled and fails with L{ACMEError}, which the
+        issuing service retries with its back-off (a hanging CA never stalls renewal).
     """
 
     def __init__(
         self, reactor: Any, http: Any, directory_url: str, account_key: Any,
-        *, poll_interval: float = 1.0, poll_limit: float = 30.0, poll_timeout: float = 300.0,
+        *, poll_interval: float = 1.0, poll_limit: float = 30.0, poll_timeout: float = 300.0, request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:  # fmt: skip
         self.reactor = reactor
         self.http = http
@@ -133,14 +138,42 @@ class ACMEClient:
         self.poll_interval = poll_interval
         self.poll_limit = poll_limit
         self.poll_timeout = poll_timeout
+        self.request_timeout = request_timeout
         self._nonces: list[str] = []
 
     # --- transport ------------------------------------------------------------------------------
 
+    async def _exchange(self, method: str, url: str, send: Callable[[], Any]) -> tuple[Any, bytes]:
+        """
+        One HTTP exchange (C{send()} gives the response Deferred), its body read too, bounded by
+        C{request_timeout}: a CA that accepts and never answers, or never finishes a body, is given up.
+        """
+
+        async def whole() -> tuple[Any, bytes]:
+            response = await send()
+            return response, await response.content()
+
+        exchange = defer.Deferred.fromCoroutine(whole())
+        timed_out: list[bool] = []
+
+        def give_up() -> None:
+            timed_out.append(True)
+            exchange.cancel()  # Agent reports a cancelled request as ResponseNeverReceived, hence the flag
+
+        timer = self.reactor.callLater(self.request_timeout, give_up)
+        try:
+            return await exchange
+        except Exception:
+            if timed_out:
+                raise ACMEError(f"{method} {url}: no answer from the CA within {self.request_timeout:g}s") from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
+
     async def _directory(self) -> messages.Directory:
         if self.directory is None:
-            response = await self.http.get(self.directory_url, headers={"Accept": "application/json"})
-            body = await response.content()
+            response, body = await self._exchange("GET", self.directory_url, lambda: self.http.get(self.directory_url, headers={"Accept": "application/json"}))
             if response.code != 200:
                 raise ACMEError(f"directory {self.directory_url}: HTTP {response.code}", status=response.code)
             try:
@@ -157,8 +190,7 @@ class ACMEClient:
     async def _nonce(self) -> str:
         if not self._nonces:
             directory = await self._directory()
-            response = await self.http.head(directory["newNonce"])
-            await response.content()
+            response, _ = await self._exchange("HEAD", directory["newNonce"], lambda: self.http.head(directory["newNonce"]))
             self._keep_nonce(response)
             if not self._nonces:
                 raise ACMEError(f"newNonce {directory['newNonce']}: no Replay-Nonce header")
@@ -179,8 +211,8 @@ class ACMEClient:
             headers = {"Content-Type": JOSE_JSON}
             if accept:
                 headers["Accept"] = accept
-            response = await self.http.post(url, data=signed.json_dumps().encode(), headers=headers)
-            content = await response.content()
+            data = signed.json_dumps().encode()
+            response, content = await self._exchange("POST", url, lambda: self.http.post(url, data=data, headers=headers))
             self._keep_nonce(response)
             if response.code < 400:
                 return response, content
@@ -304,8 +336,7 @@ class ACMEClient:
         except KeyError:
             return None
         url = f"{base.rstrip('/')}/{ari_certificate_id(certificate)}"
-        response = await self.http.get(url, headers={"Accept": "application/json"})
-        body = await response.content()
+        response, body = await self._exchange("GET", url, lambda: self.http.get(url, headers={"Accept": "application/json"}))
         if response.code != 200:
             log.info("renewal info {url}: HTTP {code}; using the configured renewal time", url=url, code=response.code)
             return None

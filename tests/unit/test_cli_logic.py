@@ -282,7 +282,7 @@ def test_checker_judges_crls(tmp_path, ca):
     assert _checker(tmp_path, ca, [ca.crl()]).findings.lines == []
     other = DevCA.create(name="elsewhere")
     lines = _checker(tmp_path, ca, [other.crl()]).findings.lines
-    assert [level for level, _ in lines] == ["warning", "warning"]
+    assert [level for level, _ in lines] == ["warning", "error"]  # crl_check: chain refuses to start without it
     assert "issuer is not in downstream_mtls.ca_file" in lines[0][1] and "no CRL from CN=logic CA" in lines[1][1]
     twin = DevCA(certificate=ca.certificate, key=DevCA.create().key)  # signs in the CA's name with another key
     (level, message), = _checker(tmp_path, ca, [twin.crl()]).findings.lines
