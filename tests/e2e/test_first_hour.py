@@ -1,0 +1,81 @@
+"""
+The first hour of a new user (issue #11): the documented spellings work as written, errors are one
+line that says how to fix them, and the commands an installed user is told to run exist.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TWISTD, free_port, gateway_args, https_request, run_python_twistd_check, subprocess_env
+
+CLI = [sys.executable, "-c", "from mtlsgate.cli import main; import sys; sys.exit(main())"]
+
+
+def mtlsgate(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+
+
+def yaml_text(pki, port: int, upstream_port: int, extra: str = "") -> str:
+    """A config file as a user writes it by hand (not yaml.safe_dump, which would quote 'off')."""
+    return (
+        f"address: tcp:{port}:interface=127.0.0.1\n"
+        f"certificates:\n  - {{cert: {pki['gateway'][0]}, key: {pki['gateway'][1]}}}\n"
+        f"downstream_mtls:\n  ca_file: {pki['ca']}\n"
+        f"routes:\n  - from: https://localhost\n    to: https://127.0.0.1:{upstream_port}\n"
+        f"    tls_custom_ca_file: {pki['ca']}\n"
+        f"    tls_client_cert_file: {pki['gateway_client'][0]}\n    tls_client_key_file: {pki['gateway_client'][1]}\n"
+        + extra
+    )
+
+
+# --- 1. `access_log: off` as documented, unquoted ----------------------------------------------------
+
+
+def test_access_log_off_unquoted_starts_and_serves_without_access_lines(start_gateway, pki, echo_upstream, tmp_path):
+    port = free_port()
+    path = tmp_path / "mtlsgate.yaml"
+    path.write_text(yaml_text(pki, port, echo_upstream, "access_log: off\nwatch_interval: off\nhsts: off\n"))
+    gateway = start_gateway(["--config", str(path)], port=port)
+    status, headers, _ = https_request(port, "/unquoted-off", ca=pki["ca"], cert=pki["alice"])
+    assert status == 200
+    assert "strict-transport-security" not in headers
+    assert "/unquoted-off" not in gateway.proc.output()  # no access line
+
+
+# --- 2. a config error under twistd is one line ------------------------------------------------------
+
+
+def _one_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) == 1, result.stdout + result.stderr
+    assert lines[0].startswith("mtlsgate: ")
+    return lines[0]
+
+
+def test_a_config_error_under_twistd_is_one_line_naming_the_key(pki, tmp_path):
+    path = tmp_path / "mtlsgate.yaml"
+    path.write_text(yaml_text(pki, free_port(), 1, "downstream_mtls:\n  ca_file: " + pki["ca"] + "\n  enforcment: policy\n").replace(
+        f"downstream_mtls:\n  ca_file: {pki['ca']}\nroutes", "routes", 1))
+    line = _one_line(run_python_twistd_check(["--config", str(path)], tmp_path))
+    assert line == "mtlsgate: downstream_mtls.enforcment: unknown key (did you mean 'enforcement'?)"
+
+
+def test_a_bad_flag_value_under_twistd_is_one_line_naming_the_flag(pki, tmp_path):
+    line = _one_line(run_python_twistd_check(["--https", f"tcp:{free_port()}", *gateway_args(pki, 1, "--client-auth", "sometimes")], tmp_path))
+    assert "client_auth" in line and "--client-auth" in line
+
+
+def test_a_malformed_flag_under_twistd_is_one_line(pki, tmp_path):
+    line = _one_line(run_python_twistd_check(["--https", f"tcp:{free_port()}", "--route", "nonsense"], tmp_path))
+    assert "--route" in line and "twistd mtlsgate --help" in line
+
+
+def test_cert_without_key_says_pass_key(pki, tmp_path):
+    line = _one_line(run_python_twistd_check(["--https", f"tcp:{free_port()}", "--cert", pki["gateway"][0]], tmp_path))
+    assert pki["gateway"][0] in line and "pass --key" in line
