@@ -125,6 +125,16 @@ class Options(usage.Options):
             # twistd would print its whole usage text before the error: one line is what the docs promise.
             raise SystemExit(f"mtlsgate: {e} (see twistd mtlsgate --help)") from None
 
+    def opt_version(self) -> None:
+        """Display mtlsgate's and Twisted's versions and exit."""
+        from twisted import copyright
+
+        from mtlsgate.version import version
+
+        print(f"mtlsgate {version()}")
+        print("Twisted version:", copyright.version)
+        sys.exit(0)
+
     def opt_cert(self, path: str) -> None:
         """A certificate file (leaf + chain) to serve; repeatable, the first is the default."""
         self["cert"].append(path)

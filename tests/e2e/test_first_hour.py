@@ -79,3 +79,42 @@ def test_a_malformed_flag_under_twistd_is_one_line(pki, tmp_path):
 def test_cert_without_key_says_pass_key(pki, tmp_path):
     line = _one_line(run_python_twistd_check(["--https", f"tcp:{free_port()}", "--cert", pki["gateway"][0]], tmp_path))
     assert pki["gateway"][0] in line and "pass --key" in line
+
+
+# --- 3. `mtlsgate tac` prints a working deployment file ---------------------------------------------
+
+
+def test_mtlsgate_tac_prints_a_deployment_file_that_serves(procs, pki, echo_upstream, tmp_path):
+    from tests.conftest import Proc, wait_for_port
+
+    result = mtlsgate(tmp_path, "tac")
+    assert result.returncode == 0, result.stderr
+    tac = tmp_path / "mtlsgate.tac"
+    tac.write_text(result.stdout)
+    port = free_port()
+    (tmp_path / "gw.yaml").write_text(yaml_text(pki, port, echo_upstream))
+    env = subprocess_env()
+    env["MTLSGATE_CONFIG"] = str(tmp_path / "gw.yaml")
+    proc = Proc([*TWISTD, "-ny", str(tac), "--pidfile=", "--logfile=-"], tmp_path / "tac.log", cwd=tmp_path, env=env)
+    procs.append(proc)
+    wait_for_port(port, proc.popen, log=proc.log)
+    status, _, body = https_request(port, "/via-tac", ca=pki["ca"], cert=pki["alice"])
+    assert status == 200 and b"/via-tac" in body
+
+
+# --- 4. versions -------------------------------------------------------------------------------------
+
+
+def test_versions(tmp_path):
+    result = mtlsgate(tmp_path, "--version")
+    assert result.returncode == 0 and result.stdout.startswith("mtlsgate "), result.stderr
+    twistd = subprocess.run([*TWISTD, "mtlsgate", "--version"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert twistd.returncode == 0
+    assert twistd.stdout.splitlines()[0] == result.stdout.strip()
+    assert "Twisted version" in twistd.stdout
+
+
+def test_a_usage_error_has_one_prefix(tmp_path):
+    result = mtlsgate(tmp_path, "ca", "frobnicate")
+    assert result.returncode == 1
+    assert result.stderr.startswith("mtlsgate ca: argument") and "mtlsgate: mtlsgate" not in result.stderr
