@@ -172,8 +172,15 @@ class GatewayChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._cancel_header_timer()
-        super().allHeadersReceived()
         request = self.requests[-1]
+        # twisted.web answers "Expect: 100-continue" here, before routing, authorization and the body limit are
+        # known, so a client would upload a body only to have it refused: take the expectation over, and answer
+        # 100 only once the request may go upstream (GatewayRequest.proceed). The header is never forwarded.
+        expect = request.requestHeaders.getRawHeaders(b"expect")
+        if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
+            request.requestHeaders.removeHeader(b"expect")
+            request.expects_continue = True
+        super().allHeadersReceived()
         if request.body is not None:
             request.dispatch(self._command, self._path, self._version)
 
@@ -346,6 +353,13 @@ class GatewayRequest(server.Request):
     body: RequestBody | None = None
     _dispatched = False
     http10_keepalive = False
+    expects_continue = False  # the client sent "Expect: 100-continue" and waits for 100 before its body
+
+    def proceed(self) -> None:
+        """The request goes upstream: if the client waits for "100 Continue" to send its body, send it now."""
+        if self.expects_continue and self.body is not None and not self.startedWriting and self.channel is not None:
+            self.expects_continue = False
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting and self.http10_keepalive:
@@ -707,6 +721,11 @@ class ProxyResource(Resource):
     def _answer(self, request: GatewayRequest, peer: Peer, route: str, code: int, text: str) -> bytes:
         """A response of the gateway's own (no upstream involved), with its access line."""
         body = _plain(request, code, text)
+        if request.body is not None and not request.body.complete:
+            # Refused before its body arrived (a client sending "Expect: 100-continue" never sends it): the body
+            # is not read, and the connection closes after this answer, which says so.
+            request.channel.stopParsing()
+            request.setHeader(b"connection", b"close")
         if self.state.log_access:
             write_access_line(request, peer, route, "-", code, len(body), 0.0)
         self.metrics.request(route, code)
@@ -741,6 +760,7 @@ class ProxyResource(Resource):
                 request.channel.stopParsing()
                 return self._answer(request, peer, entry.route.name, 413, f"request body larger than {limit} bytes")
             request.body.limit = limit
+        request.proceed()  # routed, authorized, within max_body_size: now "100 Continue" (refusals above answer at once)
         self.in_flight += 1
         request.notifyFinish().addBoth(self._finished)
         _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access).start()

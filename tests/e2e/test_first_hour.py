@@ -118,3 +118,84 @@ def test_a_usage_error_has_one_prefix(tmp_path):
     result = mtlsgate(tmp_path, "ca", "frobnicate")
     assert result.returncode == 1
     assert result.stderr.startswith("mtlsgate ca: argument") and "mtlsgate: mtlsgate" not in result.stderr
+
+
+# --- 7. Expect: 100-continue is answered only once the request may proceed ----------------------------
+
+
+def _tls(port: int, pki, cert) -> "ssl.SSLSocket":
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.check_hostname = False
+    ctx.load_cert_chain(*cert)
+    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+
+
+def _read_head(sock) -> tuple[bytes, bytes]:
+    """One response head (status line and headers), and whatever came after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _read_to_close(sock, rest: bytes) -> bytes:
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            return rest
+        if not chunk:
+            return rest
+        rest += chunk
+
+
+@pytest.fixture
+def continue_gateway(start_gateway, pki, echo_upstream, tmp_path):
+    port = free_port()
+    path = tmp_path / "mtlsgate.yaml"
+    path.write_text(yaml_text(pki, port, echo_upstream, "    max_body_size: 1k\n    allow_client: {cn: [alice]}\n").replace(
+        "downstream_mtls:\n", "downstream_mtls:\n  enforcement: policy\n"))
+    start_gateway(["--config", str(path)], port=port)
+    return port
+
+
+def _expecting(host: str, length: int) -> bytes:
+    return (f"POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\nContent-Length: {length}\r\n"
+            f"Expect: 100-continue\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    "who, host, length, status",
+    [("bob", "localhost", 10, b"403"), ("alice", "localhost", 100_000, b"413"), ("alice", "unknown.test", 10, b"404")],
+)
+def test_a_refused_request_is_answered_at_once_without_100_continue(continue_gateway, pki, who, host, length, status):
+    with _tls(continue_gateway, pki, pki[who]) as sock:
+        sock.sendall(_expecting(host, length))
+        head, rest = _read_head(sock)  # the client sends no body: it waits for 100 or a final answer
+        assert head.split(b" ")[1] == status, head
+        assert b"connection: close" in head.lower()
+        _read_to_close(sock, rest)  # and then the gateway closes
+
+
+def test_an_admitted_request_gets_100_continue_then_its_response(continue_gateway, pki):
+    with _tls(continue_gateway, pki, pki["alice"]) as sock:
+        sock.sendall(_expecting("localhost", 10))
+        head, rest = _read_head(sock)
+        assert head == b"HTTP/1.1 100 Continue" and rest == b""
+        sock.sendall(b"0123456789")
+        head, rest = _read_head(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        import json
+
+        echoed = json.loads(rest)
+        assert echoed["body_bytes"] == 10 and "expect" not in echoed["headers"]
