@@ -52,8 +52,9 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, with exit status 1, like every other error of the command."""
 
     def error(self, message: str) -> NoReturn:
-        # self.prog starts with "mtlsgate" ("mtlsgate", "mtlsgate ca issue"): it is the line's prefix.
-        self.exit(1, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        # self.prog is "mtlsgate" or "mtlsgate ca issue": "mtlsgate: ca issue: ...", never "mtlsgate: mtlsgate ca issue: ...".
+        command = self.prog.removeprefix("mtlsgate").strip()
+        self.exit(1, f"mtlsgate: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -117,7 +117,7 @@ def test_versions(tmp_path):
 def test_a_usage_error_has_one_prefix(tmp_path):
     result = mtlsgate(tmp_path, "ca", "frobnicate")
     assert result.returncode == 1
-    assert result.stderr.startswith("mtlsgate ca: argument") and "mtlsgate: mtlsgate" not in result.stderr
+    assert result.stderr.startswith("mtlsgate: ca: argument") and "mtlsgate: mtlsgate" not in result.stderr
 
 
 # --- 7. Expect: 100-continue is answered only once the request may proceed ----------------------------
@@ -199,3 +199,27 @@ def test_an_admitted_request_gets_100_continue_then_its_response(continue_gatewa
 
         echoed = json.loads(rest)
         assert echoed["body_bytes"] == 10 and "expect" not in echoed["headers"]
+
+
+# --- 5/6. the mtlsgate command says how to fix what broke -----------------------------------------------
+
+
+def test_ca_issue_before_ca_init_says_run_ca_init_or_pass_dir(tmp_path):
+    result = mtlsgate(tmp_path, "ca", "issue", "client", "alice")
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "mtlsgate ca init" in result.stderr and "--dir" in result.stderr
+    elsewhere = mtlsgate(tmp_path, "ca", "crl", "--dir", "nowhere")
+    assert "nowhere" in elsewhere.stderr and "mtlsgate ca init --dir nowhere" in elsewhere.stderr
+
+
+def test_ca_show_takes_dir_and_says_whether_that_ca_issued_and_revoked_it(tmp_path):
+    for args in (("ca", "init", "--dir", "ca"), ("ca", "init", "--dir", "other"), ("ca", "issue", "client", "alice", "--dir", "ca"),
+                 ("ca", "issue", "client", "bob", "--dir", "ca")):  # fmt: skip
+        assert mtlsgate(tmp_path, *args).returncode == 0
+    assert mtlsgate(tmp_path, "ca", "revoke", "bob.pem", "--dir", "ca").returncode == 0
+    alice = mtlsgate(tmp_path, "ca", "show", "alice.pem", "--dir", "ca")
+    assert alice.returncode == 0, alice.stderr
+    assert "issued by the CA in ca: yes, not revoked" in alice.stdout
+    bob = mtlsgate(tmp_path, "ca", "show", "bob.pem", "--dir", "ca")
+    assert "issued by the CA in ca: yes, REVOKED on " in bob.stdout
+    assert "issued by the CA in other: no" in mtlsgate(tmp_path, "ca", "show", "alice.pem", "--dir", "other").stdout

@@ -312,7 +312,7 @@ def test_usage_errors_are_one_line_with_status_1(capsys):
         cli.main(["ca", "frobnicate"])
     assert exit.value.code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("mtlsgate ca: argument")  # once "mtlsgate: mtlsgate ca: ..."
+    assert err.count("\n") == 1 and err.startswith("mtlsgate: ca: argument")  # once "mtlsgate: mtlsgate ca: ..."
     with pytest.raises(SystemExit):
         cli.main([])
     assert capsys.readouterr().err.startswith("mtlsgate: the following arguments are required")
