@@ -223,3 +223,17 @@ def test_ca_show_takes_dir_and_says_whether_that_ca_issued_and_revoked_it(tmp_pa
     bob = mtlsgate(tmp_path, "ca", "show", "bob.pem", "--dir", "ca")
     assert "issued by the CA in ca: yes, REVOKED on " in bob.stdout
     assert "issued by the CA in other: no" in mtlsgate(tmp_path, "ca", "show", "alice.pem", "--dir", "other").stdout
+
+
+def test_check_lists_the_acme_domains_of_an_autocert_only_config(tmp_path):
+    (tmp_path / "mtlsgate.yaml").write_text(
+        "address: tcp:8443\ncerts_dir: certs\nhttp_address: tcp:8080\n"
+        "autocert:\n  directory: https://acme.invalid/directory\n  domains: [example.com, [api.example.com, www.example.com]]\n"
+    )
+    result = mtlsgate(tmp_path, "check", "mtlsgate.yaml")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("autocert:"))
+    assert "https://acme.invalid/directory" in lines[start] and "certs" in lines[start]
+    table = "\n".join(lines[start + 1:start + 4])
+    assert "example.com" in table and "api.example.com, www.example.com" in table and "not issued yet" in table
