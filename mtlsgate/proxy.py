@@ -46,6 +46,7 @@ class Peer:
     identity: Identity | None
     refusal: str | None  # why the presented certificate did not verify (policy enforcement)
     xfcc: bytes | None = None  # the identity as an X-Forwarded-Client-Cert value, built once per connection
+    presented: str | None = None  # the subject of a certificate that did not verify: for log lines only, never for decisions
 
     @classmethod
     def verified(cls, identity: Identity) -> Peer:
@@ -70,7 +71,8 @@ def peer_of(channel: Any) -> Peer:
             failure = getattr(connection, "verify_failure", None)
             certificate = connection.get_peer_certificate(as_cryptography=True)
             if failure is not None:
-                peer = Peer(identity=None, refusal=failure.reason)
+                subject = certificate.subject.rfc4514_string() if certificate is not None else failure.subject
+                peer = Peer(identity=None, refusal=failure.reason, presented=printable(subject))
             elif certificate is not None:
                 peer = Peer.verified(Identity.from_certificate(certificate))
         channel._mtlsgate_peer = peer
@@ -751,7 +753,8 @@ class ProxyResource(Resource):
         if refusal is not None:
             log.info(
                 "refused {client} ({identity}) on route {route}: {reason}",
-                client=request.getClientAddress().host, identity=peer.label, route=entry.route.name, reason=refusal,
+                client=request.getClientAddress().host, route=entry.route.name, reason=refusal,
+                identity=f"unverified {peer.presented}" if peer.presented and peer.identity is None else peer.label,
             )
             return self._answer(request, peer, entry.route.name, 403, f"client certificate {refusal}")
         limit = entry.route.max_body_size

@@ -237,3 +237,11 @@ def test_check_lists_the_acme_domains_of_an_autocert_only_config(tmp_path):
     assert "https://acme.invalid/directory" in lines[start] and "certs" in lines[start]
     table = "\n".join(lines[start + 1:start + 4])
     assert "example.com" in table and "api.example.com, www.example.com" in table and "not issued yet" in table
+
+
+def test_a_refused_revoked_certificate_is_logged_with_its_subject(start_gateway, pki, echo_upstream):
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"], "--enforcement", "policy"))
+    status, _, body = https_request(gateway.port, "/", ca=pki["ca"], cert=pki["revoked"])
+    assert status == 403 and b"revoked" in body
+    line = next(line for line in gateway.proc.wait_for_log("on route").splitlines() if "refused 127.0.0.1" in line)
+    assert "CN=revoked" in line and "unverified" in line and "(-)" not in line
