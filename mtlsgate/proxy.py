@@ -409,6 +409,7 @@ class GatewaySite(server.Site):
     protocol = GatewayChannel
     requestFactory = GatewayRequest
     displayTracebacks = False
+    noisy = False  # no "Starting factory" / "Stopping factory" lines in the log
 
     def __init__(self, resource: Resource, limits: Limits = Limits()) -> None:
         super().__init__(resource, timeout=limits.idle_timeout)

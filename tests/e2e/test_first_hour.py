@@ -245,3 +245,37 @@ def test_a_refused_revoked_certificate_is_logged_with_its_subject(start_gateway,
     assert status == 403 and b"revoked" in body
     line = next(line for line in gateway.proc.wait_for_log("on route").splitlines() if "refused 127.0.0.1" in line)
     assert "CN=revoked" in line and "unverified" in line and "(-)" not in line
+
+
+# --- 8. a quiet log, and no stale pidfile -------------------------------------------------------------
+
+
+def test_the_log_has_no_starting_factory_noise(start_gateway, pki, echo_upstream):
+    admin, http = free_port(), free_port()
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--admin", f"tcp:{admin}", "--http", f"tcp:{http}:interface=127.0.0.1"))
+    assert https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"])[0] == 200
+    import urllib.request
+
+    urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10).read()
+    gateway.proc.stop()
+    log = gateway.proc.output()
+    assert "Main loop terminated" in log
+    assert "Starting factory" not in log and "Stopping factory" not in log, log
+
+
+def test_a_port_in_use_exits_non_zero_and_leaves_no_pidfile(pki, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        pidfile = tmp_path / "twistd.pid"
+        result = subprocess.run(
+            [*TWISTD, "-n", f"--pidfile={pidfile}", "--logfile=-", "mtlsgate", "--https", f"tcp:{port}:interface=127.0.0.1",
+             "--cert", pki["gateway"][0], "--key", pki["gateway"][1]],
+            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert f"cannot listen for HTTPS on tcp:{port}" in result.stdout + result.stderr or "cannot listen" in result.stdout + result.stderr
+    assert not pidfile.exists()
