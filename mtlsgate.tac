@@ -1,18 +1,1 @@
-# twistd -ny mtlsgate.tac  (reads $MTLSGATE_CONFIG, default ./mtlsgate.yaml)
-import os
-
-from twisted.application.service import Application
-from twisted.internet import reactor
-
-from mtlsgate.config import ConfigError, load_config
-from mtlsgate.pki import PKIError
-from mtlsgate.service import fail, make_gateway
-
-path = os.environ.get("MTLSGATE_CONFIG", "mtlsgate.yaml")
-try:
-    gateway = make_gateway(reactor, load_config(path), lambda: load_config(path))
-except (ConfigError, PKIError) as e:
-    fail(str(e))
-
-application = Application("mtlsgate")
-gateway.setServiceParent(application)
+mtlsgate/mtlsgate.tac

@@ -190,8 +190,16 @@ def _issue(ca: DevCA, args: argparse.Namespace) -> IssuedCertificate:
     return ca.issue_client(args.names[0], uris=args.uri, emails=args.email, ou=args.ou, days=args.days or CLIENT_DAYS, rsa=args.rsa)
 
 
+def load_ca(directory: str) -> DevCA:
+    """The CA in C{directory}; when there is none at all, say how to make one or where else to look."""
+    if not any(os.path.exists(os.path.join(directory, name)) for name in ("ca.pem", "ca-key.pem")):
+        init = "mtlsgate ca init" if directory == DEFAULT_DIR else f"mtlsgate ca init --dir {directory}"
+        raise CommandError(f"no CA in {directory} ({os.path.join(directory, 'ca.pem')}: no such file): run '{init}' first, or pass --dir DIR for an existing CA's directory")
+    return DevCA.load(directory)
+
+
 def ca_issue(args: argparse.Namespace) -> int:
-    ca = DevCA.load(args.dir)
+    ca = load_ca(args.dir)
     out = args.out or default_out(args.names[0])
     issued = _issue(ca, args)
     files = [(f"{out}-key.pem", issued.key_pem(), True), (f"{out}.pem", issued.cert_pem(), False)]
@@ -261,7 +269,7 @@ def _write_crl(ca: DevCA, directory: str, entries: Sequence[Revocation], days: i
 
 def ca_revoke(args: argparse.Namespace) -> int:
     check_days(args.days)
-    ca = DevCA.load(args.dir)
+    ca = load_ca(args.dir)
     cert = load_certificates(args.certfile)[0]
     if cert == ca.certificate:
         raise CommandError(f"{args.certfile}: is the CA certificate itself; to retire the CA, stop trusting it (or 'ca init --force')")
@@ -285,7 +293,7 @@ def ca_revoke(args: argparse.Namespace) -> int:
 
 def ca_crl(args: argparse.Namespace) -> int:
     check_days(args.days)
-    ca = DevCA.load(args.dir)
+    ca = load_ca(args.dir)
     _write_crl(ca, args.dir, read_revocations(os.path.join(args.dir, "revoked.json")), args.days)
     return 0
 
@@ -399,9 +407,22 @@ def ca_show(args: argparse.Namespace) -> int:
     print(f"{args.certfile}{f' (and {len(chain) - 1} more certificate(s) in the file)' if len(chain) > 1 else ''}")
     for label, value in lines:
         print(f"  {label + ':':<{width + 1}} {value}")
+    if args.dir:
+        _show_ca(chain[0], args.dir)
     if args.config:
         _show_config(chain, args.config, now)
     return 0
+
+
+def _show_ca(cert: x509.Certificate, directory: str) -> None:
+    """Whether the CA in C{directory} issued the certificate (name and signature) and has revoked it."""
+    ca = load_ca(directory)
+    if not (cert == ca.certificate or is_issued_by(cert, ca.certificate)):
+        print(f"issued by the CA in {directory}: no")
+        return
+    revoked = next((e for e in read_revocations(os.path.join(directory, "revoked.json")) if e.serial == cert.serial_number), None)
+    status = f"REVOKED on {_date(revoked.revoked_at)}" if revoked else "not revoked"
+    print(f"issued by the CA in {directory}: yes, {status}")
 
 
 # --- the parsers -----------------------------------------------------------------------------------
@@ -447,6 +468,7 @@ def add_parsers(subparsers: Any) -> None:
 
     show = sub.add_parser("show", help="print the identity the gateway would see in a certificate")
     show.add_argument("certfile", metavar="CERTFILE")
+    show.add_argument("--dir", help="also say whether the CA in DIR issued the certificate and has revoked it")
     show.add_argument("--config", metavar="CONFIG", help="also say, per route of this config file, whether its allow rules admit it")
     show.set_defaults(run=ca_show)
 

@@ -283,12 +283,29 @@ def _downstream_summary(config: Config) -> str:
     return ", ".join(parts)
 
 
+def _print_autocert(config: Config, out: TextIO) -> None:
+    """The certificates autocert keeps: one row per certificate, its names, and its file in certs_dir (or not yet)."""
+    from mtlsgate.acme.store import file_name_for
+
+    autocert = config.autocert
+    assert autocert is not None and config.certs_dir is not None
+    print(f"autocert: {autocert.directory} into certs_dir {short_path(config.certs_dir)} (challenges {', '.join(autocert.challenges)}):", file=out)
+    rows = []
+    for names in autocert.domains:
+        path = os.path.join(config.certs_dir, file_name_for(names[0]) + ".pem")
+        rows.append([", ".join(names), short_path(path) if os.path.isfile(path) else "not issued yet"])
+    for line in table_lines(["domains", "file"], rows):
+        print("  " + line, file=out)
+
+
 def report(checker: Checker, source: str, out: TextIO, err: TextIO) -> int:
     """Print the tables (C{out}), the findings (C{err}) and a summary line (C{out}); the exit status."""
     config = checker.config
     print("certificates:", file=out)
     for line in table_lines(["file", "names", "issuer", "days left"], checker.certificate_rows):
         print("  " + line, file=out)
+    if config.autocert is not None:
+        _print_autocert(config, out)
     print(f"downstream mTLS: {_downstream_summary(config)}", file=out)
     print(f"global allow_client: {config.allow_client.explain()}", file=out)
     print("routes:", file=out)

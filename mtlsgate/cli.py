@@ -1,18 +1,21 @@
 """
 The C{mtlsgate} command: C{mtlsgate demo}, a small local CA (C{mtlsgate ca init|issue|revoke|crl|show},
-in L{mtlsgate.ca_cli}) and C{mtlsgate check CONFIG} (in L{mtlsgate.check}).
+in L{mtlsgate.ca_cli}), C{mtlsgate check CONFIG} (in L{mtlsgate.check}) and C{mtlsgate tac} (prints the
+deployment file shipped in the package).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib import resources
 from typing import Any, NoReturn
 
 from mtlsgate import ca_cli, check
 from mtlsgate.ca_cli import CommandError
 from mtlsgate.config import ConfigError
 from mtlsgate.pki import PKIError
+from mtlsgate.version import version
 
 
 def run_service(reactor: Any, service: Any) -> None:
@@ -35,15 +38,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def tac_text() -> str:
+    """The deployment file, C{mtlsgate.tac}, as shipped in the package."""
+    return resources.files("mtlsgate").joinpath("mtlsgate.tac").read_text(encoding="utf-8")
+
+
+def _tac(args: argparse.Namespace) -> int:
+    sys.stdout.write(tac_text())
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, with exit status 1, like every other error of the command."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(1, f"mtlsgate: {self.prog}: {message} (see {self.prog} --help)\n")
+        # self.prog is "mtlsgate" or "mtlsgate ca issue": "mtlsgate: ca issue: ...", never "mtlsgate: mtlsgate ca issue: ...".
+        command = self.prog.removeprefix("mtlsgate").strip()
+        self.exit(1, f"mtlsgate: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mtlsgate", description="A zero-trust TLS gateway on Twisted.")
+    p.add_argument("--version", action="version", version=f"mtlsgate {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a self-contained gateway + mTLS upstream with a local CA")
     demo.add_argument("--dir", default="mtlsgate-demo", help="where the CA, certificates and config go (reused) [mtlsgate-demo]")
@@ -52,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     ca_cli.add_parsers(sub)
     check.add_parser(sub)
+    tac = sub.add_parser("tac", help="print the deployment file: mtlsgate tac > mtlsgate.tac; twistd -ny mtlsgate.tac")
+    tac.set_defaults(run=_tac)
     return p
 
 

@@ -204,6 +204,11 @@ def _boolean(value: Any, key: str) -> bool:
     return value
 
 
+def _off(value: Any) -> Any:
+    """YAML 1.1 reads a bare C{off}, C{no} or C{false} as the boolean false: for keys that take C{off}, they all mean C{off}."""
+    return "off" if value is False else value
+
+
 def _choice(value: Any, key: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
@@ -311,7 +316,7 @@ def _downstream_mtls(data: Any, key: str) -> DownstreamMTLS:
     _check_keys(data, key, _DOWNSTREAM_MTLS_KEYS)
     ca_file = _readable_file(data.get("ca_file"), f"{key}.ca_file")
     default_auth = "require" if ca_file else "off"
-    client_auth = _choice(data.get("client_auth", default_auth), f"{key}.client_auth", ("require", "optional", "off"))
+    client_auth = _choice(_off(data.get("client_auth", default_auth)), f"{key}.client_auth", ("require", "optional", "off"))
     if client_auth != "off" and ca_file is None:
         raise ConfigError(f"{key}.ca_file", f"is required when client_auth is {client_auth}")
     depth = data.get("max_verify_depth", 2)
@@ -619,7 +624,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         downstream_mtls=_downstream_mtls(data.get("downstream_mtls"), "downstream_mtls"),
         allow_client=_allow_rules(data.get("allow_client"), "allow_client"),
         routes=parsed_routes,
-        access_log=_string(data.get("access_log"), "access_log"),
+        access_log=_string(_off(data.get("access_log")), "access_log"),
         watch_interval=None if data.get("watch_interval") in ("off", False) else parse_duration(data.get("watch_interval", "5s"), "watch_interval"),
         session_ticket_rotation=None if data.get("session_ticket_rotation") in ("off", False)
         else parse_duration(data.get("session_ticket_rotation", "12h"), "session_ticket_rotation"),

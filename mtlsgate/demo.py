@@ -118,6 +118,7 @@ def make_echo_upstream(reactor: Any, address: str, cert: str, key: str | None, c
     mtls = DownstreamMTLS(ca_file=client_ca, client_auth="require" if client_ca else "off")
     server_tls.install(server_tls.build(load_served_certificates([CertificateSpec(cert, key)], None), ClientVerification.load(mtls)))
     site = server.Site(EchoUpstream(reactor))
+    site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]
     return _Listener(reactor, address, GatewayTLSFactory(server_tls, site, reactor), "echo upstream (mTLS)")
 

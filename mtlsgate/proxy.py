@@ -49,6 +49,7 @@ class Peer:
     identity: Identity | None
     refusal: str | None  # why the presented certificate did not verify (policy enforcement)
     xfcc: bytes | None = None  # the identity as an X-Forwarded-Client-Cert value, built once per connection
+    presented: str | None = None  # the subject of a certificate that did not verify: for log lines only, never for decisions
 
     @classmethod
     def verified(cls, identity: Identity) -> Peer:
@@ -72,7 +73,8 @@ def peer_of(channel: Any) -> Peer:
         if connection is not None and hasattr(connection, "get_peer_certificate"):
             verdict = peer_verdict(connection)  # from a verification that also holds for resumed sessions
             if verdict.refusal is not None:
-                peer = Peer(identity=None, refusal=verdict.refusal)
+                subject = verdict.certificate.subject.rfc4514_string() if verdict.certificate is not None else "-"
+                peer = Peer(identity=None, refusal=verdict.refusal, presented=printable(subject))
             elif verdict.certificate is not None:
                 peer = Peer.verified(Identity.from_certificate(verdict.certificate))
         channel._mtlsgate_peer = peer
@@ -175,8 +177,15 @@ class GatewayChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._cancel_header_timer()
-        super().allHeadersReceived()
         request = self.requests[-1]
+        # twisted.web answers "Expect: 100-continue" here, before routing, authorization and the body limit are
+        # known, so a client would upload a body only to have it refused: take the expectation over, and answer
+        # 100 only once the request may go upstream (GatewayRequest.proceed). The header is never forwarded.
+        expect = request.requestHeaders.getRawHeaders(b"expect")
+        if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
+            request.requestHeaders.removeHeader(b"expect")
+            request.expects_continue = True
+        super().allHeadersReceived()
         if request.body is not None:
             request.dispatch(self._command, self._path, self._version)
 
@@ -411,6 +420,13 @@ class GatewayRequest(server.Request):
     body: RequestBody | None = None
     _dispatched = False
     http10_keepalive = False
+    expects_continue = False  # the client sent "Expect: 100-continue" and waits for 100 before its body
+
+    def proceed(self) -> None:
+        """The request goes upstream: if the client waits for "100 Continue" to send its body, send it now."""
+        if self.expects_continue and self.body is not None and not self.startedWriting and self.channel is not None:
+            self.expects_continue = False
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting and self.http10_keepalive:
@@ -471,6 +487,7 @@ class GatewaySite(server.Site):
     protocol = GatewayChannel
     requestFactory = GatewayRequest
     displayTracebacks = False
+    noisy = False  # no "Starting factory" / "Stopping factory" lines in the log
 
     def __init__(self, resource: Resource, limits: Limits = Limits()) -> None:
         super().__init__(resource, timeout=limits.idle_timeout)
@@ -828,6 +845,11 @@ class ProxyResource(Resource):
     def _answer(self, request: GatewayRequest, peer: Peer, route: str, code: int, text: str) -> bytes:
         """A response of the gateway's own (no upstream involved), with its access line."""
         body = _plain(request, code, text)
+        if request.body is not None and not request.body.complete:
+            # Refused before its body arrived (a client sending "Expect: 100-continue" never sends it): the body
+            # is not read, and the connection closes after this answer, which says so.
+            request.channel.stopParsing()
+            request.setHeader(b"connection", b"close")
         if self.state.log_access:
             write_access_line(request, peer, route, "-", code, len(body), 0.0)
         self.metrics.request(route, code)
@@ -857,7 +879,8 @@ class ProxyResource(Resource):
         if refusal is not None:
             log.info(
                 "refused {client} ({identity}) on route {route}: {reason}",
-                client=request.getClientAddress().host, identity=peer.label, route=entry.route.name, reason=refusal,
+                client=request.getClientAddress().host, route=entry.route.name, reason=refusal,
+                identity=f"unverified {peer.presented}" if peer.presented and peer.identity is None else peer.label,
             )
             return self._answer(request, peer, entry.route.name, 403, f"client certificate {refusal}")
         limit = entry.route.max_body_size
@@ -866,6 +889,7 @@ class ProxyResource(Resource):
                 request.channel.stopParsing()
                 return self._answer(request, peer, entry.route.name, 413, f"request body larger than {limit} bytes")
             request.body.limit = limit
+        request.proceed()  # routed, authorized, within max_body_size: now "100 Continue" (refusals above answer at once)
         self.in_flight += 1
         request.notifyFinish().addBoth(self._finished)
         _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access, target.forward).start()

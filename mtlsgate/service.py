@@ -159,6 +159,14 @@ class WorkerRole:
     acme: bool = False
 
 
+class StartupError(SystemExit, Exception):
+    """
+    A listener that cannot start: one line on stderr and exit status 1, as a SystemExit. It is an
+    Exception too, so that twistd's runner, which cleans up after an Exception from starting the
+    application (and passes it to a daemon's parent), removes the pidfile it wrote.
+    """
+
+
 class _Listener(Service):
     """
     Listens on an endpoint string, or adopts a socket a parent process bound (C{adopt_fd});
@@ -196,9 +204,9 @@ class _Listener(Service):
         result: list[Any] = []
         d.addBoth(result.append)
         if not result:
-            raise SystemExit(f"mtlsgate: {self.what} {self.description}: listening did not complete")
+            raise StartupError(f"mtlsgate: {self.what} {self.description}: listening did not complete")
         if not hasattr(result[0], "getHost"):
-            raise SystemExit(f"mtlsgate: cannot listen for {self.what} on {self.description}: {result[0].getErrorMessage()}")
+            raise StartupError(f"mtlsgate: cannot listen for {self.what} on {self.description}: {result[0].getErrorMessage()}")
         self.port = result[0]
         host = self.port.getHost()
         log.info("{what} listening on {host}:{port}", what=self.what, host=getattr(host, "host", "?"), port=getattr(host, "port", "?"))
@@ -218,6 +226,7 @@ class _Listener(Service):
 def admin_listener_for(reactor: Any, address: str, registry: Any, readiness: Callable[[], str | None]) -> _Listener:
     """The admin listener (C{/metrics}, C{/healthz}, C{/readyz}), not yet started."""
     admin = server.Site(admin_resource(registry, readiness))
+    admin.noisy = False  # no "Starting factory" lines
     admin.log = lambda request: None  # type: ignore[method-assign]
     return _Listener(reactor, address, admin, "admin (/metrics, /healthz, /readyz)")
 
@@ -255,6 +264,7 @@ class GatewayService(MultiService):
         if config.http_address and (worker is None or worker.http_fd is not None):
             redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port, http01))
             redirect.log = lambda request: None  # type: ignore[method-assign]
+            redirect.noisy = False
             http_listener = _Listener(reactor, config.http_address, redirect, "HTTP (redirect)", worker.http_fd if worker else None)
             http_listener.setServiceParent(self)
             self.listeners.append(http_listener)

@@ -3,7 +3,8 @@ The twistd plugin's options and service maker: C{twistd -n mtlsgate --https tcp:
 
 Flags are turned into the same mapping a YAML file gives, laid over the file's (C{--config}), and
 validated by the same code, so a flag and a key can never disagree.  Everything is loaded and checked
-in L{Options.postOptions}: a bad value stops twistd with a one-line usage error before any port opens.
+in L{Options.postOptions}: a bad value stops twistd with one line on stderr (C{mtlsgate: KEY: problem})
+and exit status 1 before any port opens.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ def parse_route_flag(text: str) -> tuple[str, str, list[str]]:
         raise usage.UsageError(f"--route {text!r}: expected HOST[/PREFIX]=URL[,URL...]")
     host, slash, prefix = target.partition("/")
     return host, "/" + prefix if slash else "/", [u.strip() for u in urls.split(",") if u.strip()]
+
+
+def _holds_private_key(path: str) -> bool:
+    """Whether a --cert file also holds its key (the txsni layout); an unreadable file is left to the loader's error."""
+    try:
+        with open(path, "rb") as f:
+            return b"PRIVATE KEY-----" in f.read()
+    except OSError:
+        return True
 
 
 class Options(usage.Options):
@@ -108,7 +118,23 @@ class Options(usage.Options):
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Keep the flags as given: a worker group hands them to every worker."""
         self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.worker is not None:
+                raise
+            # twistd would print its whole usage text before the error: one line is what the docs promise.
+            raise SystemExit(f"mtlsgate: {e} (see twistd mtlsgate --help)") from None
+
+    def opt_version(self) -> None:
+        """Display mtlsgate's and Twisted's versions and exit."""
+        from twisted import copyright
+
+        from mtlsgate.version import version
+
+        print(f"mtlsgate {version()}")
+        print("Twisted version:", copyright.version)
+        sys.exit(0)
 
     def opt_cert(self, path: str) -> None:
         """A certificate file (leaf + chain) to serve; repeatable, the first is the default."""
@@ -169,6 +195,9 @@ class Options(usage.Options):
             if len(self["key"]) > len(self["cert"]):
                 raise usage.UsageError("--key given without a matching --cert")
             keys = self["key"] + [None] * (len(self["cert"]) - len(self["key"]))
+            for i, (cert, key) in enumerate(zip(self["cert"], keys)):
+                if key is None and not _holds_private_key(cert):
+                    raise ConfigError(f"certificates[{i}].key", f"{cert} holds no private key: pass --key KEYFILE after its --cert")
             put("certificates", [{"cert": c, "key": k} if k else {"cert": c} for c, k in zip(self["cert"], keys)])
         mtls = dict(data.get("downstream_mtls") or {})
         for flag, key in (("client-ca", "ca_file"), ("crl", "crl_file"), ("client-auth", "client_auth"),
@@ -252,7 +281,10 @@ class Options(usage.Options):
             else:
                 self.service = make_gateway(reactor, self.config, self.load, self.worker)
         except (ConfigError, PKIError) as e:
-            raise usage.UsageError(str(e)) from None
+            if self.worker is not None:
+                raise usage.UsageError(str(e)) from None
+            # One line on stderr and a non-zero exit, without twistd's usage text (it prints that for a UsageError).
+            raise SystemExit(f"mtlsgate: {e}") from None
 
 
 def makeService(options: Options) -> Any:

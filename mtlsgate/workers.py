@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from mtlsgate.config import Config, ConfigError
 from mtlsgate.metrics import worker_group_registry
 from mtlsgate.pki import PKIError
-from mtlsgate.service import admin_listener_for, certificate_expiries, certificate_problem, served_certificates
+from mtlsgate.service import StartupError, admin_listener_for, certificate_expiries, certificate_problem, served_certificates
 from mtlsgate.sockets import listening_socket, parse_tcp_listen, reuse_port_group, steer_by_client_address
 
 log = Logger(namespace="mtlsgate.workers")
@@ -144,7 +144,7 @@ class WorkerGroup(MultiService):
                 self.http_socket = listening_socket(parse_tcp_listen(self.config.http_address))
         except (OSError, ValueError) as e:
             self._close(None)
-            raise SystemExit(f"mtlsgate: cannot listen for the worker group: {e}") from None
+            raise StartupError(f"mtlsgate: cannot listen for the worker group: {e}") from None
         host, port = self.https_sockets[0].getsockname()[:2]
         log.info(
             "HTTPS listening on {host}:{port} ({n} workers, one SO_REUSEPORT socket each; a new connection goes to {how})",

@@ -312,13 +312,32 @@ def test_usage_errors_are_one_line_with_status_1(capsys):
         cli.main(["ca", "frobnicate"])
     assert exit.value.code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("mtlsgate: mtlsgate ca: argument")
+    assert err.count("\n") == 1 and err.startswith("mtlsgate: ca: argument")  # once "mtlsgate: mtlsgate ca: ..."
+    with pytest.raises(SystemExit):
+        cli.main([])
+    assert capsys.readouterr().err.startswith("mtlsgate: the following arguments are required")
+
+
+def test_version_is_printed_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mtlsgate ") and "0." in out
+
+
+def test_tac_is_the_shipped_deployment_file():
+    shipped = Path(cli.__file__).with_name("mtlsgate.tac").read_text()
+    assert cli.tac_text() == shipped
+    assert "application = Application(\"mtlsgate\")" in shipped
+    top = Path(__file__).resolve().parents[2] / "mtlsgate.tac"
+    assert top.is_symlink() and top.read_text() == shipped  # one source: the checkout's top-level file is a link
 
 
 def test_every_subcommand_is_wired():
     parser = cli.parser()
     for argv, run in ((["ca", "init"], ca_cli.ca_init), (["ca", "issue", "server", "x"], ca_cli.ca_issue), (["ca", "revoke", "c.pem"], ca_cli.ca_revoke),
-                      (["ca", "crl"], ca_cli.ca_crl), (["ca", "show", "c.pem"], ca_cli.ca_show), (["check", "c.yaml"], check.check)):  # fmt: skip
+                      (["ca", "crl"], ca_cli.ca_crl), (["ca", "show", "c.pem"], ca_cli.ca_show), (["check", "c.yaml"], check.check), (["tac"], cli._tac)):  # fmt: skip
         assert parser.parse_args(argv).run is run
 
 

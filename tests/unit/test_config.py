@@ -84,3 +84,36 @@ def test_workers_auto_is_one_per_core(pki):
 
     assert config_from_mapping(base(pki)).workers == 1
     assert config_from_mapping(base(pki, workers="auto")).workers == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("spelling", ["off", "Off", "OFF", "no", "false", "'off'"])
+def test_documented_off_values_work_unquoted_in_yaml(pki, tmp_path, spelling):
+    """YAML 1.1 reads a bare off/no/false as the boolean false: every key documented as taking `off` accepts it."""
+    from mtlsgate.config import load_config
+
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        f"certificates: [{{cert: {pki['gateway'][0]}, key: {pki['gateway'][1]}}}]\n"
+        f"access_log: {spelling}\n"
+        f"watch_interval: {spelling}\n"
+        f"session_ticket_rotation: {spelling}\n"
+        f"hsts: {spelling}\n"
+        f"downstream_mtls: {{ca_file: {pki['ca']}, client_auth: {spelling}}}\n"
+    )
+    config = load_config(str(path))
+    assert config.access_log == "off"
+    assert config.watch_interval is None
+    assert config.session_ticket_rotation is None
+    assert config.hsts is None
+    assert config.downstream_mtls.client_auth == "off"
+
+
+@pytest.mark.parametrize("spelling", ["on", "yes", "true"])
+def test_a_bare_on_is_still_refused_where_it_means_nothing(pki, tmp_path, spelling):
+    from mtlsgate.config import load_config
+
+    path = tmp_path / "gw.yaml"
+    path.write_text(f"certificates: [{{cert: {pki['gateway'][0]}, key: {pki['gateway'][1]}}}]\naccess_log: {spelling}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert e.value.key == "access_log"

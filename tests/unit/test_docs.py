@@ -35,3 +35,24 @@ def test_every_config_key_is_documented(key):
 @pytest.mark.parametrize("flag", _flags())
 def test_every_flag_is_documented(flag):
     assert f"--{flag}" in REFERENCE
+
+
+class _Answer:
+    """Just what the gateway's own answers set on a request."""
+
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+
+    def setResponseCode(self, code: int) -> None:
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.headers[name] = value
+
+
+@pytest.mark.parametrize("why", ["no route for this host", "no route for this path"])
+def test_the_documented_404_bodies_are_the_real_ones(why):
+    from mtlsgate.proxy import _plain
+
+    body = _plain(_Answer(), 404, why).decode().strip()  # type: ignore[arg-type]
+    assert f"`{body}`" in REFERENCE
