@@ -172,6 +172,7 @@ class AccessLogService(Service):
 
     def startService(self) -> None:
         self._open()
+        assert self.observer is not None
         self.publisher.addObserver(self.observer)
         super().startService()
 

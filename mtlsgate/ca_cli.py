@@ -167,7 +167,7 @@ def pkcs12_bytes(issued: IssuedCertificate, ca: DevCA, password: bytes, friendly
     """A PKCS#12 bundle of the key, the certificate and the CA certificates above it, encrypted with C{password}."""
     cas = list(issued.chain) or [ca.certificate]
     return pkcs12.serialize_key_and_certificates(
-        friendly_name.encode("utf-8"), issued.key, issued.certificate, cas, BestAvailableEncryption(password),  # type: ignore[arg-type]
+        friendly_name.encode("utf-8"), issued.key, issued.certificate, cas, BestAvailableEncryption(password),
     )
 
 
@@ -194,7 +194,8 @@ def load_ca(directory: str) -> DevCA:
     """The CA in C{directory}; when there is none at all, say how to make one or where else to look."""
     if not any(os.path.exists(os.path.join(directory, name)) for name in ("ca.pem", "ca-key.pem")):
         init = "mtlsgate ca init" if directory == DEFAULT_DIR else f"mtlsgate ca init --dir {directory}"
-        raise CommandError(f"no CA in {directory} ({os.path.join(directory, 'ca.pem')}: no such file): run '{init}' first, or pass --dir DIR for an existing CA's directory")
+        raise CommandError(f"no CA in {directory} ({os.path.join(directory, 'ca.pem')}: no such file)"
+                           f": run '{init}' first, or pass --dir DIR for an existing CA's directory")
     return DevCA.load(directory)
 
 
@@ -208,7 +209,8 @@ def ca_issue(args: argparse.Namespace) -> int:
         files.append((f"{out}.p12", pkcs12_bytes(issued, ca, password, args.names[0]), True))
     write_files(files)
     cert = issued.certificate
-    print(f"issued {args.kind} certificate {cert.subject.rfc4514_string()!r}, serial {serial_hex(cert.serial_number)}, valid until {_date(cert.not_valid_after_utc)}")
+    print(f"issued {args.kind} certificate {cert.subject.rfc4514_string()!r}, serial {serial_hex(cert.serial_number)}"
+          f", valid until {_date(cert.not_valid_after_utc)}")
     print(f"  names: {', '.join(_names(Identity.from_certificate(cert))) or '-'}")
     for path, _, private in files:
         print(f"  wrote {path}{' (mode 0600)' if private else ''}")
@@ -264,7 +266,8 @@ def _write_crl(ca: DevCA, directory: str, entries: Sequence[Revocation], days: i
     crl = ca.crl_for_serials([(entry.serial, entry.revoked_at) for entry in entries], days=days)
     path = os.path.join(directory, "crl.pem")
     write_public_file(path, crl.public_bytes(Encoding.PEM))
-    print(f"wrote {path}: {len(entries)} revoked certificate(s), next update {_date(crl.next_update_utc)} (run 'mtlsgate ca crl' again before then)")  # type: ignore[arg-type]
+    print(f"wrote {path}: {len(entries)} revoked certificate(s)"
+          f", next update {_date(crl.next_update_utc)} (run 'mtlsgate ca crl' again before then)")  # type: ignore[arg-type]
 
 
 def ca_revoke(args: argparse.Namespace) -> int:
@@ -471,4 +474,3 @@ def add_parsers(subparsers: Any) -> None:
     show.add_argument("--dir", help="also say whether the CA in DIR issued the certificate and has revoked it")
     show.add_argument("--config", metavar="CONFIG", help="also say, per route of this config file, whether its allow rules admit it")
     show.set_defaults(run=ca_show)
-

@@ -267,7 +267,8 @@ class Checker:
             else:
                 self._validity(f"{key}.tls_client_cert_file: {route.tls_client_cert_file}", chain)
                 if _eku_lacks(chain[0], "clientAuth"):
-                    self.findings.warning(f"{key}.tls_client_cert_file: {route.tls_client_cert_file}: not a client certificate (its extended key usage lacks clientAuth)")
+                    self.findings.warning(f"{key}.tls_client_cert_file: {route.tls_client_cert_file}"
+                                          f": not a client certificate (its extended key usage lacks clientAuth)")
         if route.tls_skip_verify:
             self.findings.warning(f"{key} ({route.name}): tls_skip_verify is on; the upstream's certificate is NOT verified")
         elif any(url.startswith("http://") for url in route.to):

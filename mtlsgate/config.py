@@ -273,7 +273,8 @@ def _ip_endpoint(value: Any, key: str) -> str:
     description = _endpoint(value, key, optional=False)
     assert description is not None
     if description.split(":", 1)[0].strip().lower() == "unix":
-        raise ConfigError(key, f"a UNIX socket is not supported for the TLS listener (clients are identified by IP address); use tcp: or tcp6:, got {description!r}")
+        raise ConfigError(key, f"a UNIX socket is not supported for the TLS listener (clients are identified by IP address)"
+                          f"; use tcp: or tcp6:, got {description!r}")
     return description
 
 
@@ -498,6 +499,7 @@ def _hsts(data: Any, key: str) -> HSTS | None:
         preload=_boolean(data.get("preload", False), f"{key}.preload"),
     )
 
+
 _AUTOCERT_KEYS = (
     "directory", "email", "domains", "challenges", "dns_hook", "dns_resolver", "ca_file", "eab",
     "renew_before", "key_type", "check_interval", "retry_interval", "propagation_timeout",
@@ -546,8 +548,9 @@ def _autocert(data: Any, key: str, certs_dir: str | None, http_address: str | No
     if data is None:
         return None
     _check_keys(data, key, _AUTOCERT_KEYS)
-    directory = _string(data.get("directory"), f"{key}.directory", optional=False)
-    directory = _DIRECTORY_PRESETS.get(directory, directory)  # type: ignore[arg-type]
+    given = _string(data.get("directory"), f"{key}.directory", optional=False)
+    assert given is not None  # optional=False: a missing directory is a ConfigError
+    directory = _DIRECTORY_PRESETS.get(given, given)
     if not directory.startswith("https://"):
         raise ConfigError(f"{key}.directory", f"expected an https:// directory URL, letsencrypt or letsencrypt-staging, got {directory!r}")
     if certs_dir is None:

@@ -32,7 +32,7 @@ GATEWAY_OWNED = frozenset(
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens = set()
+    tokens: set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", []):
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens

@@ -11,9 +11,10 @@ own Agent and TLS policy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,7 +33,8 @@ class _HangUp(Protocol):
     """Takes a health check's response body by closing the connection: only the status matters."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        # A response body's transport is a producer (twisted.web's TransportProxyProducer): stopping it drops the connection.
+        cast(IPushProducer, self.transport).stopProducing()
 
 
 def http_probe(agent: Any, path: str) -> Probe:

@@ -160,7 +160,7 @@ class AllowRules:
         email: Iterable[str] = (), fingerprint_sha256: Iterable[str] = (),
     ) -> AllowRules:  # fmt: skip
         """Rules from any iterables; fingerprints may be uppercase and colon- or space-separated."""
-        return cls(cn=cn, ou=ou, dns=dns, uri=uri, email=email, fingerprint_sha256=fingerprint_sha256)  # type: ignore[arg-type]
+        return cls(cn=cn, ou=ou, dns=dns, uri=uri, email=email, fingerprint_sha256=fingerprint_sha256)
 
     def _fields(self) -> tuple[tuple[str, frozenset[str]], ...]:
         return (("cn", self.cn), ("ou", self.ou), ("dns", self.dns), ("uri", self.uri), ("email", self.email),

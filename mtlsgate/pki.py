@@ -479,7 +479,7 @@ class DevCA:
         for serial, revoked_at in entries:
             entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revoked_at).build()
             builder = builder.add_revoked_certificate(entry)
-        return builder.sign(self.key, _signature_hash(self.key, None))  # type: ignore[arg-type]
+        return builder.sign(self.key, _signature_hash(self.key, None))
 
     def cert_pem(self) -> bytes:
         """This CA's certificate, followed by its chain for an intermediate."""

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 from io import BytesIO
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -98,6 +98,7 @@ class GatewayChannel(http.HTTPChannel):
     (slowloris) on top of the idle timeout.
     """
 
+    site: GatewaySite  # set by the site that builds the channel
     _discarding = False
     _header_timer: Any = None
     _tail = b""  # the last bytes of header data seen, to find line ends split across reads
@@ -132,6 +133,7 @@ class GatewayChannel(http.HTTPChannel):
         peer = self.transport.getPeer() if self.transport is not None else None
         log.info("refused a request from {peer} with {code}: {reason}", peer=getattr(peer, "host", peer), code=code, reason=reason)
         body = reason.encode("ascii", "replace") + b"\n"
+        assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (code, _STATUS_TEXT[code], len(body), body)
@@ -189,7 +191,7 @@ class GatewayChannel(http.HTTPChannel):
         if request.body is not None:
             request.dispatch(self._command, self._path, self._version)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_header_timer()
         super().connectionLost(reason)
 
@@ -417,6 +419,7 @@ class RequestBody:
 class GatewayRequest(server.Request):
     """A request whose body, if any, is a L{RequestBody} streamed to the upstream."""
 
+    channel: GatewayChannel
     body: RequestBody | None = None
     _dispatched = False
     http10_keepalive = False
@@ -424,7 +427,7 @@ class GatewayRequest(server.Request):
 
     def proceed(self) -> None:
         """The request goes upstream: if the client waits for "100 Continue" to send its body, send it now."""
-        if self.expects_continue and self.body is not None and not self.startedWriting and self.channel is not None:
+        if self.expects_continue and self.body is not None and not self.startedWriting and self.channel is not None and self.channel.transport is not None:
             self.expects_continue = False
             self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -484,7 +487,7 @@ class GatewayRequest(server.Request):
 class GatewaySite(server.Site):
     """A Site that builds L{GatewayChannel}s (with C{limits}) and leaves access logging to the proxy."""
 
-    protocol = GatewayChannel
+    protocol = GatewayChannel  # type: ignore[assignment]  # twisted.web types it as a factory of HTTPChannel
     requestFactory = GatewayRequest
     displayTracebacks = False
     noisy = False  # no "Starting factory" / "Stopping factory" lines in the log
@@ -500,17 +503,19 @@ class GatewaySite(server.Site):
 # --- relaying the response ------------------------------------------------------------------------
 
 
-@implementer(IPushProducer)
 class UpstreamStalled(Exception):
     """The upstream sent nothing for the route's timeout in the middle of a response body."""
 
 
+@implementer(IPushProducer)
 class _ResponseRelay(Protocol):
     """
     Upstream response body to the client, pausing the upstream when the client reads slowly, and
     cutting off an upstream that goes silent mid-body for C{stall_timeout} seconds (the time the
     client itself holds things up does not count).
     """
+
+    transport: Any  # the response body's producer (twisted.web's TransportProxyProducer)
 
     def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: Any, stall_timeout: float) -> None:
         self.request = request
@@ -544,7 +549,7 @@ class _ResponseRelay(Protocol):
         self._watch()
         self.request.write(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._unwatch()
         if not self.request._disconnected:
             self.request.unregisterProducer()
@@ -687,7 +692,7 @@ class _Exchange:
             self._access(self.request.code, size)  # the status the client got, cut short; not also a 499
             self.client_gone = True
             self.request.channel.stopParsing()
-            self.request.channel.transport.abortConnection()
+            cast(ITCPTransport, self.request.channel.transport).abortConnection()
         else:
             self.request.finish()
             self._access(self.request.code, size)
@@ -794,7 +799,7 @@ def _describe(failure: Failure) -> str:
         reasons = getattr(failure.value, "reasons", []) or []
         return "; ".join(_describe(r) for r in reasons) or failure.getErrorMessage()
     error = failure.value
-    if error.__class__.__module__.startswith("OpenSSL"):
+    if error is not None and error.__class__.__module__.startswith("OpenSSL"):
         try:
             return "TLS: " + "; ".join(str(part[2]) for part in error.args[0])
         except (IndexError, TypeError):
@@ -830,7 +835,7 @@ class ProxyResource(Resource):
             return d
         log.info("waiting up to {timeout:g}s for {n} request(s) in flight", timeout=timeout, n=self.in_flight)
         self._drained.append(d)
-        timer = self.reactor.callLater(timeout, lambda: d.called or d.callback(None))
+        timer = self.reactor.callLater(timeout, lambda: None if d.called else d.callback(None))
         d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
         return d
 
@@ -870,7 +875,8 @@ class ProxyResource(Resource):
         try:
             target = normalize_target(request.uri)
         except PathRefused as e:
-            log.info("refused the request target {uri} from {client}: {reason}", uri=_loggable(request.uri), client=request.getClientAddress().host, reason=e.reason)
+            log.info("refused the request target {uri} from {client}: {reason}",
+                     uri=_loggable(request.uri), client=request.getClientAddress().host, reason=e.reason)
             return self._answer(request, peer, "-", 400, e.reason)
         entry = state.routes.lookup(host, target.route_path)
         if entry is None:
@@ -885,7 +891,7 @@ class ProxyResource(Resource):
             return self._answer(request, peer, entry.route.name, 403, f"client certificate {refusal}")
         limit = entry.route.max_body_size
         if limit is not None and request.body is not None:
-            if request.body.length is not UNKNOWN_LENGTH and request.body.length > limit:
+            if isinstance(request.body.length, int) and request.body.length > limit:
                 request.channel.stopParsing()
                 return self._answer(request, peer, entry.route.name, 413, f"request body larger than {limit} bytes")
             request.body.limit = limit
@@ -963,5 +969,6 @@ class RedirectToHTTPS(Resource):
         if answer is None:
             request.setResponseCode(404)
             return b"no such challenge\n"
-        log.info("answered the http-01 challenge {token} for {host}", token=token, host=normalize_host((request.getHeader(b"host") or b"").decode("ascii", "replace")))
+        log.info("answered the http-01 challenge {token} for {host}",
+                 token=token, host=normalize_host((request.getHeader(b"host") or b"").decode("ascii", "replace")))
         return answer.encode("ascii")

@@ -270,8 +270,11 @@ class Options(usage.Options):
             self.config = self.load()
             from twisted.internet import reactor
 
+            from twisted.application.service import IService
+
             from mtlsgate.service import build_world, make_gateway
 
+            self.service: IService
             if self.config.workers > 1 and self.worker is None:
                 from mtlsgate.tls import ServerTLS
                 from mtlsgate.workers import WorkerGroup

@@ -17,9 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 from OpenSSL.crypto import X509StoreFlags
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtlsgate import pki
@@ -350,7 +353,7 @@ def _common_name_count(cert: object) -> int:
         return 0  # an unparseable subject: OpenSSL's own checks decide
 
 
-def _verify_callback(rejects: bool, verification: ClientVerification | None = None) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+def _verify_callback(rejects: bool, verification: ClientVerification | None = None) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
     """
     The verify callback: records the first failure (a certificate with two CNs is one, at depth 0:
     routes authorize on one CN while XFCC's Subject names another first), and that a verification
@@ -364,14 +367,16 @@ def _verify_callback(rejects: bool, verification: ClientVerification | None = No
     anchors = verification.anchors if verification is not None and verification.checks_chain else frozenset()
     revoked_anchors = verification.revoked_anchors if verification is not None else frozenset()
 
-    def verify(conn: GatewayConnection, cert: object, errno: int, depth: int, ok: int) -> bool:
+    def verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+        if not isinstance(conn, GatewayConnection):
+            return False  # a connection that cannot carry the verdict admits no one
         conn.verification_witnessed = True
         if ok and depth == 0 and _common_name_count(cert) > 1:
             ok, errno = 0, _ERRNO_MULTIPLE_COMMON_NAMES
         if not ok and errno in _NO_CRL_FOR_ANCHOR and anchors:
             # A chain that ends at a trusted intermediate of the bundle (partial chain): OpenSSL has no
             # issuer to check that intermediate's CRL with; its revocation was looked up at load time.
-            fingerprint = pki.fingerprint_sha256(cert.to_cryptography())  # type: ignore[attr-defined]
+            fingerprint = pki.fingerprint_sha256(cert.to_cryptography())
             if fingerprint in anchors:
                 if fingerprint not in revoked_anchors:
                     return True
@@ -380,7 +385,7 @@ def _verify_callback(rejects: bool, verification: ClientVerification | None = No
             return True
         if conn.verify_failure is None:
             try:
-                subject = cert.to_cryptography().subject.rfc4514_string()  # type: ignore[attr-defined]
+                subject = cert.to_cryptography().subject.rfc4514_string()
             except Exception:
                 subject = "?"
             conn.verify_failure = VerifyFailure(reason_for_verify_error(errno), errno, depth, subject)
@@ -533,12 +538,13 @@ class ServerTLS:
         assert self._certificates is not None, "ServerTLS used before a certificate set was installed"
         return self._certificates
 
-    def _on_servername(self, conn: GatewayConnection) -> None:
+    def _on_servername(self, conn: SSL.Connection) -> None:
         raw = conn.get_servername()
         name = raw.decode("ascii", "replace") if raw else None
         certificates = self.certificates
         if name and certificates.reject_unknown and certificates.lookup(name) is None and not self._under_validation(name):
-            conn.refused_server_name = name
+            if isinstance(conn, GatewayConnection):
+                conn.refused_server_name = name
             # pyOpenSSL turns an exception here into SSL_TLSEXT_ERR_ALERT_FATAL, and OpenSSL's
             # alert for a refused server name is unrecognized_name (112): the handshake ends there.
             raise UnknownServerName(name)
@@ -553,6 +559,7 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         certificates = self.certificates
         # The session cache and ticket key are the default context's: sessions resume only on this set.
+        assert certificates.default is not None, "a certificate set always has a default context"
         connection = GatewayConnection(certificates.default, None)
         connection.verified_certificates = certificates.verified_clients
         connection.set_app_data(tlsProtocol)
@@ -565,6 +572,7 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
     handshakes and open connections in the factory's metrics.
     """
 
+    factory: GatewayTLSFactory
     _counted = False
     _handshake_timer: Any = None
 
@@ -584,12 +592,13 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
         self._handshake_timer = None
         if not self._handshakeDone:
             peer = self.transport.getPeer() if self.transport is not None else None
-            log.info("TLS handshake with {peer} not done within {timeout:g}s; closing", peer=getattr(peer, "host", peer), timeout=self.factory.limits.handshake_timeout)
+            log.info("TLS handshake with {peer} not done within {timeout:g}s; closing",
+                     peer=getattr(peer, "host", peer), timeout=self.factory.limits.handshake_timeout)
             self._counted = True
             self.factory.metrics.handshake("failed", "timeout")
             self.abortConnection()
 
-    def connectionLost(self, reason):  # type: ignore[no-untyped-def]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         if self._open:
@@ -624,12 +633,12 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
             pass
         self._tlsShutdownFinished(None)  # no more application data is read; the transport closes once close_notify is out
 
-    def _tlsShutdownFinished(self, reason):  # type: ignore[no-untyped-def]
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         if not self._handshakeDone and not self._counted and reason is not None and isinstance(reason.value, SSL.Error):
             self._counted = True
             failure = getattr(self._tlsConnection, "verify_failure", None)
             peer = self.transport.getPeer() if self.transport is not None else None
-            peer_text = f"{peer.host}:{peer.port}" if peer is not None and hasattr(peer, "host") else str(peer)
+            peer_text = f"{peer.host}:{peer.port}" if isinstance(peer, (IPv4Address, IPv6Address)) else str(peer)
             refused_name = getattr(self._tlsConnection, "refused_server_name", None)
             if failure is not None:
                 log.info(

@@ -106,7 +106,7 @@ class UpstreamTLSPolicy:
             ctx.use_certificate(chain[0])
             for extra in chain[1:]:
                 ctx.add_extra_chain_cert(extra)
-            ctx.use_privatekey(key)  # type: ignore[arg-type]
+            ctx.use_privatekey(key)
         ctx.set_alpn_protos([b"http/1.1"])
         self._ctx = ctx
 
@@ -199,7 +199,9 @@ _Pool = TypeVar("_Pool", bound=HTTPConnectionPool)
 
 def _bounded_pool(pool: _Pool, route: Route) -> _Pool:
     """C{pool}, making connections that hold response headers to the route's C{max_response_header_size}."""
-    pool._factory = functools.partial(_BoundedClientFactory, max_header_size=route.max_response_header_size)
+    # A private attribute of Twisted's (no public way to choose the pool's protocol factory); held by
+    # tests/unit/test_private_apis.py, which fails loudly when Twisted changes it.
+    pool._factory = functools.partial(_BoundedClientFactory, max_header_size=route.max_response_header_size)  # type: ignore[assignment]
     return pool
 
 
@@ -294,8 +296,8 @@ class _EndpointPerOrigin:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            kwargs = {} if self.connect_timeout is None else {"timeout": self.connect_timeout}
-            endpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, **kwargs)
+            timeout = 30.0 if self.connect_timeout is None else self.connect_timeout  # 30: HostnameEndpoint's own default
+            endpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=timeout)
             if uri.scheme == b"https":
                 endpoint = wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
                 if self.connect_timeout is not None:

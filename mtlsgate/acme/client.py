@@ -260,7 +260,7 @@ class ACMEClient:
         """Order a certificate for C{names}; returns the order's URL and body."""
         directory = await self._directory()
         identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name) for name in names]
-        order = messages.NewOrder(identifiers=identifiers)
+        order: jose.JSONDeSerializable = messages.NewOrder(identifiers=identifiers)
         if replaces is not None:
             order = _Extended(order, "replaces", replaces)
         response, body = await self._post(directory["newOrder"], order)
@@ -388,6 +388,8 @@ def dns01_txt_value(key_authorization: str) -> str:
 def ari_certificate_id(certificate: x509.Certificate) -> str:
     """RFC 9773's CertID: base64url(AuthorityKeyIdentifier) "." base64url(serial DER bytes)."""
     aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    if aki is None:
+        raise ValueError("the certificate's Authority Key Identifier has no key identifier: ARI cannot name it")
     serial = certificate.serial_number
     serial_bytes = serial.to_bytes((serial.bit_length() + 8) // 8, "big")  # DER INTEGER: keep a leading 0 for the sign
     return f"{jose.b64encode(aki).decode()}.{jose.b64encode(serial_bytes).decode()}"

@@ -197,7 +197,8 @@ class AcmeIssuingService(Service):
             window = None
         if window is not None:
             when = renewal_time_in(window)
-            log.info("CA suggests renewing between {start} and {end}; chose {when}", start=window[0].isoformat(), end=window[1].isoformat(), when=when.isoformat())
+            log.info("CA suggests renewing between {start} and {end}; chose {when}",
+                     start=window[0].isoformat(), end=window[1].isoformat(), when=when.isoformat())
             return when
         return renewal_due(leaf, self.settings.renew_before)
 

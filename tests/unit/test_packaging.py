@@ -52,3 +52,9 @@ def test_ci_tests_the_installed_wheel_not_the_checkout():
     assert importable_without_path(PACKAGE_DIR.parent), f"mtlsgate is not in this interpreter's site-packages: {PACKAGE_DIR}"
     assert "PYTHONPATH" not in subprocess_env(), "subprocesses would be pointed at a source tree"
     assert str(ROOT.resolve()) not in {os.path.realpath(p or ".") for p in sys.path}, sys.path
+
+
+def test_the_deployment_file_ships_with_the_package():
+    from importlib.resources import files
+
+    assert (files("mtlsgate") / "mtlsgate.tac").is_file(), "mtlsgate/mtlsgate.tac is not package data: 'mtlsgate tac' would fail"
