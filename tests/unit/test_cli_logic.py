@@ -331,7 +331,7 @@ def test_tac_is_the_shipped_deployment_file():
     shipped = Path(cli.__file__).with_name("mtlsgate.tac").read_text()
     assert cli.tac_text() == shipped
     assert "application = Application(\"mtlsgate\")" in shipped
-    top = Path(__file__).resolve().parents[2] / "mtlsgate.tac"
+    top = ROOT / "mtlsgate.tac"
     assert top.is_symlink() and top.read_text() == shipped  # one source: the checkout's top-level file is a link
 
 
