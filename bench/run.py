@@ -1,22 +1,26 @@
 """
-mtlsgate beside nginx, doing the identical job on the same machine in the same run.
+mtlsgate beside nginx and beside the best plain-Python peer, doing the identical job on the same machine in the same run.
 
-Both gateways terminate TLS 1.3, require and verify a client certificate, and proxy over kept-alive
+All three gateways terminate TLS 1.3, require and verify a client certificate, and proxy over kept-alive
 mTLS connections to the same nginx upstream (a fixed 1 KiB and 1 MiB body), setting an
-X-Forwarded-Client-Cert header.  ApacheBench (ab -E, a client certificate) drives both, alternating
-runs (A B A B ...) so machine drift hits both alike; the table shows medians and mtlsgate/nginx
-ratios.  Both sides get the same number of processes: mtlsgate --workers N, nginx worker_processes N
-(default: one per core).
+X-Forwarded-Client-Cert header, access logging off: mtlsgate, nginx, and an aiohttp + uvloop proxy
+(bench/aiohttp_proxy.py).  ApacheBench (ab -E, a client certificate) drives them, alternating runs
+(A B C A B C ...) so machine drift hits all alike; every run lasts the same time (ab -t --seconds, with a
+large -n), so a fast side is not measured mostly on its start-up and handshakes.  The table shows
+medians and the ratios mtlsgate/nginx, aiohttp/nginx and mtlsgate/aiohttp.  Every side gets the same
+number of processes: mtlsgate --workers N, nginx worker_processes N, N aiohttp processes on one
+SO_REUSEPORT port (default: one per core).
 
 Besides ab's figures: resumed connections (openssl s_time -reuse, timed from outside, since s_time
 counts whole seconds), the added latency at c=1 over going straight to the upstream, and memory per
-idle TLS connection (N handshaken connections held open, RSS before and after).
+idle TLS connection (N handshaken connections held open, RSS of the process tree before and after).
 
-    python bench/run.py                 # the full run (a few minutes)
+    python bench/run.py                 # the full run (5 s per run, 3 rounds: about 6 minutes)
     python bench/run.py --workers 1     # one process each
     python bench/run.py --smoke         # seconds: keeps the harness from rotting (CI)
 
-Needs nginx and ab (apt-get install nginx apache2-utils) and the mtlsgate package importable.
+Needs nginx and ab (apt-get install nginx apache2-utils), the mtlsgate package importable, and aiohttp and uvloop
+(pip install 'mtlsgate[bench]').
 """
 
 from __future__ import annotations
