@@ -1,22 +1,26 @@
 """
-mtlsgate beside nginx, doing the identical job on the same machine in the same run.
+mtlsgate beside nginx and beside the best plain-Python peer, doing the identical job on the same machine in the same run.
 
-Both gateways terminate TLS 1.3, require and verify a client certificate, and proxy over kept-alive
+All three gateways terminate TLS 1.3, require and verify a client certificate, and proxy over kept-alive
 mTLS connections to the same nginx upstream (a fixed 1 KiB and 1 MiB body), setting an
-X-Forwarded-Client-Cert header.  ApacheBench (ab -E, a client certificate) drives both, alternating
-runs (A B A B ...) so machine drift hits both alike; the table shows medians and mtlsgate/nginx
-ratios.  Both sides get the same number of processes: mtlsgate --workers N, nginx worker_processes N
-(default: one per core).
+X-Forwarded-Client-Cert header, access logging off: mtlsgate, nginx, and an aiohttp + uvloop proxy
+(bench/aiohttp_proxy.py).  ApacheBench (ab -E, a client certificate) drives them, alternating runs
+(A B C A B C ...) so machine drift hits all alike; every run lasts the same time (ab -t --seconds, with a
+large -n), so a fast side is not measured mostly on its start-up and handshakes.  The table shows
+medians and the ratios mtlsgate/nginx, aiohttp/nginx and mtlsgate/aiohttp.  Every side gets the same
+number of processes: mtlsgate --workers N, nginx worker_processes N, N aiohttp processes on one
+SO_REUSEPORT port (default: one per core).
 
 Besides ab's figures: resumed connections (openssl s_time -reuse, timed from outside, since s_time
 counts whole seconds), the added latency at c=1 over going straight to the upstream, and memory per
-idle TLS connection (N handshaken connections held open, RSS before and after).
+idle TLS connection (N handshaken connections held open, RSS of the process tree before and after).
 
-    python bench/run.py                 # the full run (a few minutes)
+    python bench/run.py                 # the full run (5 s per run, 3 rounds: about 6 minutes)
     python bench/run.py --workers 1     # one process each
     python bench/run.py --smoke         # seconds: keeps the harness from rotting (CI)
 
-Needs nginx and ab (apt-get install nginx apache2-utils) and the mtlsgate package importable.
+Needs nginx and ab (apt-get install nginx apache2-utils), the mtlsgate package importable, and aiohttp and uvloop
+(pip install 'mtlsgate[bench]').
 """
 
 from __future__ import annotations
@@ -131,8 +135,12 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-def ab(port: int, path: str, client_pem: Path, *, concurrency: int, requests: int, keepalive: bool) -> dict[str, float]:
-    argv = ["ab", "-q", "-r", "-c", str(concurrency), "-n", str(requests), "-E", str(client_pem), "-f", "TLS1.3"]
+def ab(port: int, path: str, client_pem: Path, *, concurrency: int, requests: int, keepalive: bool, seconds: int = 0) -> dict[str, float]:
+    """One ab run: C{requests} requests, or with C{seconds}, as many as fit in that time (at most C{requests})."""
+    argv = ["ab", "-q", "-r", "-c", str(concurrency), "-E", str(client_pem), "-f", "TLS1.3"]
+    if seconds:
+        argv += ["-t", str(seconds)]  # -t implies -n 50000: the -n after it is the cap that counts
+    argv += ["-n", str(requests)]
     if keepalive:
         argv.append("-k")
     out = subprocess.run([*argv, f"https://127.0.0.1:{port}{path}"], capture_output=True, text=True, timeout=600).stdout
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny numbers, one round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5, help="the length of each timed run (ab -t, s_time -time) [default: 5; 1 with --smoke]")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs) and print it")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes per side [default: one per core]")
     parser.add_argument("--affinity", choices=("connection", "client_ip"), default="connection", help="mtlsgate's worker_affinity")
@@ -194,23 +203,49 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("ab") or not os.path.exists(NGINX):
         print("bench: needs nginx and ab (apt-get install nginx apache2-utils)", file=sys.stderr)
         return 2
+    try:
+        import aiohttp  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError as e:
+        print(f"bench: needs aiohttp and uvloop for the Python peer (pip install 'mtlsgate[bench]'): {e}", file=sys.stderr)
+        return 2
     rounds = 1 if args.smoke else args.rounds
-    scale = 0.01 if args.smoke else 1.0
+    seconds = 1 if args.smoke else max(1, args.seconds)
 
     tmp = tempfile.mkdtemp(prefix="mtlsgate-bench-")
     try:
-        results = run(Path(tmp), rounds, scale, args.workers, 100 if args.smoke else args.idle, args.affinity)
+        results = run(Path(tmp), rounds, seconds, args.workers, 100 if args.smoke else args.idle, args.affinity, smoke=args.smoke)
     finally:
         if args.keep:
             print(f"bench: configs and logs kept in {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    report(results, rounds, args.workers)
+    report(results, rounds, args.workers, seconds)
     return 0
 
 
-def run(d: Path, rounds: int, scale: float, workers: int, idle: int, affinity: str = "connection") -> dict[str, dict[str, list[float]]]:
-    """Start everything in C{d}, measure both sides, stop everything; the figures per side."""
+def start_aiohttp(d: Path, port: int, upstream: int, workers: int, files: dict[str, tuple[Path, Path]], ca: Path) -> subprocess.Popen:
+    """The aiohttp + uvloop peer (bench/aiohttp_proxy.py), N processes on one SO_REUSEPORT port; returns once all serve."""
+    log = d / "aiohttp.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("aiohttp_proxy.py")), "--port", str(port), "--workers", str(workers),
+             "--cert", str(files["server"][0]), "--key", str(files["server"][1]), "--ca", str(ca),
+             "--upstream", f"https://127.0.0.1:{upstream}", "--upstream-cert", str(files["gwclient"][0]),
+             "--upstream-key", str(files["gwclient"][1]), "--server-name", "localhost"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    wait_for(port, proc)
+    _wait_for_log(log, "serving", count=workers)
+    return proc
+
+
+def run(d: Path, rounds: int, seconds: int, workers: int, idle: int, affinity: str = "connection", *, smoke: bool = False) -> dict[str, dict[str, list[float]]]:
+    """Start everything in C{d}, measure the three sides, stop everything; the figures per side."""
+    # A timed run (ab -t) ends after C{seconds} or at the cap, whichever comes first: the cap keeps --smoke tiny.
+    def cap(n: int) -> int:
+        return n if smoke else 1_000_000
+
     if True:
         ca = DevCA.create(str(d / "ca"), name="bench CA")
         ca_pem = d / "ca" / "ca.pem"
@@ -231,7 +266,7 @@ def run(d: Path, rounds: int, scale: float, workers: int, idle: int, affinity: s
 
         procs: list[subprocess.Popen] = []
         try:
-            up_port, ng_port, mg_port = free_port(), free_port(), free_port()
+            up_port, ng_port, mg_port, aio_port = free_port(), free_port(), free_port(), free_port()
             cert, key = files["server"]
             procs.append(start_nginx(d / "upstream", UPSTREAM.format(port=up_port, cert=cert, key=key, ca=ca_pem, dir=d / "upstream"), up_port))
             nginx_gw = start_nginx(d / "nginx-gw", NGINX_GATEWAY.format(
@@ -251,34 +286,36 @@ def run(d: Path, rounds: int, scale: float, workers: int, idle: int, affinity: s
             procs.append(mtlsgate)
             wait_for(mg_port, mtlsgate)
             _wait_for_log(d / "mtlsgate.log", f"worker {workers - 1} serving" if workers > 1 else "route(s)")
-            sides = {"mtlsgate": (mg_port, mtlsgate.pid), "nginx": (ng_port, nginx_gw.pid)}
+            aio = start_aiohttp(d, aio_port, up_port, workers, files, ca_pem)
+            procs.append(aio)
+            sides = {"mtlsgate": (mg_port, mtlsgate.pid), "nginx": (ng_port, nginx_gw.pid), "aiohttp": (aio_port, aio.pid)}
             results: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
 
             def record(side: str, figure: str, value: float) -> None:
                 results[side].setdefault(figure, []).append(value)
 
             for side, (port, pid) in sides.items():
-                ab(port, "/1k", client_pem, concurrency=4, requests=max(20, int(2000 * scale)), keepalive=True)  # warm-up
+                ab(port, "/1k", client_pem, concurrency=4, requests=20 if smoke else 2000, keepalive=True)  # warm-up
                 record(side, "RSS idle after warm-up (MiB)", rss_kib(pid) / 1024)
             for _ in range(rounds):
-                for side, (port, pid) in sides.items():
-                    for c, n in ((1, 2000), (32, 10000)):
-                        r = ab(port, "/1k", client_pem, concurrency=c, requests=max(50, int(n * scale)), keepalive=True)
+                direct = ab(up_port, "/1k", client_pem, concurrency=1, requests=cap(50), keepalive=True, seconds=seconds)
+                for side, (port, pid) in sides.items():  # A B C A B C: drift hits every side alike
+                    for c in (1, 32):
+                        r = ab(port, "/1k", client_pem, concurrency=c, requests=cap(50 * c), keepalive=True, seconds=seconds)
                         record(side, f"keep-alive req/s c={c}", r["rps"])
-                        if c == 32:
+                        if c == 1:
+                            record(side, "added latency c=1, mean ms over direct", r["mean_ms"] - direct["mean_ms"])
+                        else:
                             record(side, "p50 ms c=32", r["p50"])
                             record(side, "p99 ms c=32", r["p99"])
                         record(side, "failed requests", r["failed"])
-                    r = ab(port, "/1k", client_pem, concurrency=32, requests=max(64, int(1000 * scale)), keepalive=False)
+                    r = ab(port, "/1k", client_pem, concurrency=32, requests=cap(64), keepalive=False, seconds=seconds)
                     record(side, "new mTLS connection+request/s c=32", r["rps"])
-                    rate, share = resumed(port, files["client"], max(1.0, 5 * scale))
+                    rate, share = resumed(port, files["client"], seconds)
                     record(side, "resumed mTLS connection+request/s c=1", rate)
                     record(side, "resumed share of those (%)", share)
-                    r = ab(port, "/1m", client_pem, concurrency=4, requests=max(4, int(200 * scale)), keepalive=True)
+                    r = ab(port, "/1m", client_pem, concurrency=4, requests=cap(4), keepalive=True, seconds=seconds)
                     record(side, "1 MiB responses MB/s", r["kbps"] / 1024)
-                    r = ab(port, "/1k", client_pem, concurrency=1, requests=max(50, int(2000 * scale)), keepalive=True)
-                    direct = ab(up_port, "/1k", client_pem, concurrency=1, requests=max(50, int(2000 * scale)), keepalive=True)
-                    record(side, "added latency c=1, mean ms over direct", r["mean_ms"] - direct["mean_ms"])
                     record(side, "RSS after load (MiB)", rss_kib(pid) / 1024)
             for side, (port, pid) in sides.items():  # once: the memory of idle connections
                 before = rss_kib(pid)
@@ -300,23 +337,28 @@ def run(d: Path, rounds: int, scale: float, workers: int, idle: int, affinity: s
     return results
 
 
-def _wait_for_log(path: Path, text: str, timeout: float = 30) -> None:
+def _wait_for_log(path: Path, text: str, timeout: float = 30, count: int = 1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
+        if path.exists() and path.read_text(errors="replace").count(text) >= count:
             return
         time.sleep(0.1)
-    raise SystemExit(f"bench: {text!r} not in {path} after {timeout}s")
+    raise SystemExit(f"bench: {text!r} not {count} time(s) in {path} after {timeout}s")
 
 
-def report(results: dict[str, dict[str, list[float]]], rounds: int, workers: int) -> None:
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:6.2f}x" if b else "      -"
+
+
+def report(results: dict[str, dict[str, list[float]]], rounds: int, workers: int, seconds: int) -> None:
+    """The table: a figure per line, the three sides' medians, then mtlsgate/nginx, aiohttp/nginx and mtlsgate/aiohttp."""
     figures = list(results["nginx"])
     width = max(map(len, figures))
-    print(f"\n{'figure'.ljust(width)}  {'mtlsgate':>10}  {'nginx':>10}  {'ratio':>7}   (medians of {rounds} round(s), {workers} process(es) each)")
+    print(f"\n{'figure'.ljust(width)}  {'mtlsgate':>10}  {'nginx':>10}  {'aiohttp':>10}  {'mg/nginx':>7}  {'aio/nginx':>7}  {'mg/aio':>7}"
+          f"   (medians of {rounds} round(s) of {seconds} s runs, {workers} process(es) each)")
     for figure in figures:
-        ours, theirs = statistics.median(results["mtlsgate"][figure]), statistics.median(results["nginx"][figure])
-        ratio = ours / theirs if theirs else float("nan")
-        print(f"{figure.ljust(width)}  {ours:10.1f}  {theirs:10.1f}  {ratio:6.2f}x")
+        mg, ng, aio = (statistics.median(results[side][figure]) for side in ("mtlsgate", "nginx", "aiohttp"))
+        print(f"{figure.ljust(width)}  {mg:10.1f}  {ng:10.1f}  {aio:10.1f}  {_ratio(mg, ng)}  {_ratio(aio, ng)}  {_ratio(mg, aio)}")
 
 
 if __name__ == "__main__":
