@@ -260,10 +260,6 @@ class _Parse:
             self.complete = True
 
 
-class _NoResponse(Exception):
-    """Internal: the connection was lost before any byte of a response, on a reused connection (retry may be possible)."""
-
-
 @implementer(IHandshakeListener)
 class UpstreamConnection(Protocol):
     """
