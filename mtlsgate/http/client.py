@@ -372,7 +372,7 @@ class UpstreamConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         parser = self._parser
         if parser is None:
-            if not self._aborted:
+            if not self._aborted and data:
                 log.info("upstream connection closed: it sent bytes while no request was outstanding")
                 self.abort()
             return
