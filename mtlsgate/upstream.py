@@ -2,16 +2,15 @@
 Client TLS to upstreams and the per-route connection pools.
 
 Each route gets its own trust root, client certificate and server name, so each route gets its own
-L{Agent} and persistent pool: a connection made with one route's client certificate is never reused
+agent (mtlsgate.http.client) and persistent pool: a connection made with one route's client certificate is never reused
 for another route.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import itertools
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -20,17 +19,17 @@ from service_identity.cryptography import verify_certificate_hostname, verify_ce
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
-from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
+from twisted.web.client import URI
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from mtlsgate import pki
 from mtlsgate.config import Route
 from mtlsgate.healthcheck import HealthChecker, http_probe
+from mtlsgate.http.client import HTTP11Agent
 from mtlsgate.tls import CIPHERS
 
 log = Logger(namespace="mtlsgate.upstream")
@@ -113,115 +112,6 @@ class UpstreamTLSPolicy:
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         name = self.route.tls_server_name or hostname.decode("idna")
         return _UpstreamConnectionCreator(self._ctx, name, verify=not self.route.tls_skip_verify)
-
-
-class ResponseHeadersTooLarge(Exception):
-    """An upstream's status line and headers went past the route's C{max_response_header_size}."""
-
-
-def _end_of_headers(data: bytes) -> int | None:
-    """Where the blank line ending a header block ends in C{data} (LF or CRLF line ends, as Twisted parses), or None."""
-    ends = [i + len(blank) for blank in (b"\n\n", b"\n\r\n") if (i := data.find(blank)) != -1]
-    return min(ends) if ends else None
-
-
-@implementer(IHandshakeListener)
-class _BoundedClientProtocol(HTTP11ClientProtocol):
-    """
-    Twisted's client parser accepts response headers without a total limit (any number of lines of
-    up to 16 KiB each), so an upstream could make the gateway hold any amount of memory before a
-    response starts.  This counts the bytes of each response's status line and headers and gives
-    the response up past C{max_header_size}: the request fails with L{ResponseHeadersTooLarge}
-    (a 502 for the client) and the connection is closed, never pooled.
-    """
-
-    def __init__(self, quiescentCallback: Any, max_header_size: int) -> None:
-        super().__init__(quiescentCallback)
-        self._max_header_size = max_header_size
-        self._header_bytes = 0
-        self._tail = b""  # the last bytes of header data seen, to find a blank line split across reads
-        self._handshake_waiters: list[defer.Deferred[None]] | None = []  # None once the TLS handshake is done
-
-    def when_handshake_done(self) -> defer.Deferred[None]:
-        """Fires when the TLS handshake under this protocol completes; fails if the connection is lost first."""
-        if self._handshake_waiters is None:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._handshake_waiters.append(d)
-        return d
-
-    def handshakeCompleted(self) -> None:
-        waiters, self._handshake_waiters = self._handshake_waiters or [], None
-        for d in waiters:
-            d.callback(None)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        waiters, self._handshake_waiters = self._handshake_waiters or [], None
-        for d in waiters:
-            d.errback(reason)
-        super().connectionLost(reason)
-
-    def request(self, request: Any) -> defer.Deferred[IResponse]:
-        self._header_bytes, self._tail = 0, b""
-        d = super().request(request)
-        if self._parser is not None:
-            # One line may take the whole allowance (Twisted's own line limit would only drop the connection).
-            self._parser.MAX_LENGTH = self._max_header_size
-        return d
-
-    def dataReceived(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is not None and parser.state in (STATUS, HEADER):
-            seen = self._tail + data
-            end = _end_of_headers(seen)
-            self._header_bytes += len(data) if end is None else max(0, end - len(self._tail))
-            self._tail = seen[-2:]
-            if self._header_bytes > self._max_header_size:
-                error = ResponseHeadersTooLarge(f"response headers larger than {self._max_header_size} bytes (max_response_header_size)")
-                self._giveUp(Failure(error))
-                return
-        super().dataReceived(data)
-
-
-class _BoundedClientFactory(_HTTP11ClientFactory):
-    noisy = False  # one per upstream connection (and health check): "Starting factory" lines would flood the log
-
-    def __init__(self, quiescentCallback: Any, metadata: Any, max_header_size: int) -> None:
-        super().__init__(quiescentCallback, metadata)
-        self._max_header_size = max_header_size
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _BoundedClientProtocol(self._quiescentCallback, self._max_header_size)
-
-
-_Pool = TypeVar("_Pool", bound=HTTPConnectionPool)
-
-
-def _bounded_pool(pool: _Pool, route: Route) -> _Pool:
-    """C{pool}, making connections that hold response headers to the route's C{max_response_header_size}."""
-    # A private attribute of Twisted's (no public way to choose the pool's protocol factory); held by
-    # tests/unit/test_private_apis.py, which fails loudly when Twisted changes it.
-    pool._factory = functools.partial(_BoundedClientFactory, max_header_size=route.max_response_header_size)  # type: ignore[assignment]
-    return pool
-
-
-class _RetirablePool(HTTPConnectionPool):
-    """
-    A pool that can be retired on reload: idle connections close at once, and connections still
-    carrying a request close when it ends instead of going back into a pool nobody uses.
-    """
-
-    retired = False
-
-    def retire(self) -> Any:
-        self.retired = True
-        return self.closeCachedConnections()
-
-    def _putConnection(self, key: Any, connection: Any) -> None:
-        if self.retired:
-            connection.transport.loseConnection()
-            return
-        super()._putConnection(key, connection)
 
 
 @implementer(IStreamClientEndpoint)
@@ -308,7 +198,7 @@ class _EndpointPerOrigin:
 
 class UpstreamGroup:
     """
-    A route's upstream URLs, an Agent over a persistent pool, round-robin order with failover, and,
+    A route's upstream URLs, an agent over a persistent pool, round-robin order with failover, and,
     with C{health_check}, the checker that takes dead upstreams out of that order.
     """
 
@@ -316,19 +206,17 @@ class UpstreamGroup:
         self.route = route
         self.targets = route.to
         policy = UpstreamTLSPolicy(route)
-        self.pool = _bounded_pool(_RetirablePool(reactor, persistent=True), route)
-        self.pool.maxPersistentPerHost = max_per_host
-        # Twisted retries only idempotent requests without a body, once, when a pooled connection
-        # the upstream had closed fails before any response: safe, and it hides keep-alive races.
-        self.pool.retryAutomatically = True
-        self.agent = Agent.usingEndpointFactory(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout), pool=self.pool)
+        # mtlsgate's own HTTP/1.1 client (mtlsgate.http.client, docs/engine.md): a keep-alive pool per origin
+        # holding up to max_per_host idle connections, response headers bounded by max_response_header_size.
+        self.agent = HTTP11Agent(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout),
+                                 max_header_size=route.max_response_header_size, max_idle=max_per_host)  # fmt: skip
         self._turn = itertools.count()
         self.checker: HealthChecker | None = None
         if route.health_check is not None:
-            # A fresh connection per check (same TLS policy as requests): it proves the upstream
+            # A fresh connection per check (same TLS policy as requests, Connection: close): it proves the upstream
             # still accepts connections, and check connections never mix with the request pool.
-            checks = Agent(reactor, contextFactory=policy, pool=_bounded_pool(HTTPConnectionPool(reactor, persistent=False), route),
-                           connectTimeout=min(route.connect_timeout, route.health_check.timeout))  # fmt: skip
+            checks = HTTP11Agent(reactor, _EndpointPerOrigin(reactor, policy, min(route.connect_timeout, route.health_check.timeout)),
+                                 max_header_size=route.max_response_header_size, persistent=False)  # fmt: skip
             self.checker = HealthChecker(reactor, route.name, route.to, route.health_check, http_probe(checks, route.health_check.path))
 
     def order(self) -> list[str]:
@@ -358,4 +246,4 @@ class UpstreamGroup:
         """Stop health checks and retire the pool (reload or shutdown): requests in flight finish, then their connections close."""
         if self.checker is not None:
             self.checker.stop()
-        return self.pool.retire()
+        return self.agent.close()
