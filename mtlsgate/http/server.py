@@ -33,7 +33,9 @@ from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan
 
 log = Logger(namespace="mtlsgate.proxy")
 
-_STATUS_TEXT = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+_STATUS_TEXT = {
+    400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+}  # fmt: skip
 _NO_BODY_CODES = frozenset([204, 304])
 _ABORT_TIMEOUT = 15.0  # after an idle timeout's orderly close, how long before the connection is aborted
 _CANONICAL_REQUEST_LINE = b"GET / HTTP/1.1\r\n"  # what llhttp is given instead of the (already checked) request line
@@ -467,7 +469,16 @@ class HTTPServerProtocol(Protocol):
             body.finish()  # a chunked body with no chunks
         self._state = _BODY if body is not None and not body.complete else _WAIT
         self._request = request
-        self.handler(request)
+        try:
+            self.handler(request)
+        except Exception:
+            log.failure("the handler failed on {method} {uri}", method=method, uri=target)
+            if not request.startedWriting and not request.finished and not request.disconnected:
+                self._request = None
+                self._refuse(Refusal(500, "internal error"))
+                request.connection_lost(Failure(ConnectionLostBeforeResponse("internal error")))
+            else:
+                self.abort()
 
     def _feed_body(self, data: bytes) -> bytes:
         """Give llhttp the current request's body bytes, and not one byte more: returns what follows the request."""

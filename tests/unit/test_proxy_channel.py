@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from mtlsgate.config import Route
+from mtlsgate.config import Limits, Route
 from mtlsgate.identity import AllowRules
 from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RouteEntry, header_field_problem, request_line_problem
 from mtlsgate.routing import RouteTable
@@ -327,3 +327,22 @@ def test_a_broken_chunk_after_the_request_went_upstream_is_a_400_and_the_upstrea
     assert answer.startswith(b"HTTP/1.1 400 ") and gateway.transport.disconnecting
     assert gateway.upstream.pending[0].called  # cancelled
     assert gateway.metrics.requests == [("localhost/", 499)]
+
+
+def test_a_handler_that_raises_gets_a_500_and_the_connection_closes_not_a_hang():
+    from mtlsgate.http.server import HTTPServerFactory
+
+    def broken(request):
+        raise ValueError("a bug")
+
+    protocol = HTTPServerFactory(broken, Limits(), MemoryReactorClock()).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    errors: list[Any] = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+    assert transport.value().startswith(b"HTTP/1.1 500 ") and transport.disconnecting
+    assert any(e.get("log_failure") is not None for e in errors)
