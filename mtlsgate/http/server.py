@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -269,6 +269,8 @@ class HTTPServerProtocol(Protocol):
         assert self.transport is not None
         self.peer_address = self.transport.getPeer()
         self.secure = ISSLTransport.providedBy(self.transport)
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)  # responses are written whole: Nagle would only hold back their last segment
         self._last_activity = self.reactor.seconds()
         if self.limits.idle_timeout:
             self._idle_timer = self.reactor.callLater(self.limits.idle_timeout, self._idle_check)
