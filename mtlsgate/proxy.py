@@ -1,7 +1,7 @@
 """
-The reverse proxy: an HTTP channel and request that start forwarding as soon as a request's headers
-are in (so bodies stream with back-pressure instead of being spooled), and the resource that routes,
-authorizes on the client certificate, and relays the exchange to an upstream.
+The reverse proxy: the handler that routes each request (handed over by mtlsgate.http.server as soon as
+its head is in, so bodies stream with back-pressure instead of being spooled), authorizes on the client
+certificate, and relays the exchange to an upstream.
 """
 
 from __future__ import annotations
