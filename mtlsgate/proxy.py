@@ -1,30 +1,30 @@
 """
-The reverse proxy: an HTTP channel and request that start forwarding as soon as a request's headers
-are in (so bodies stream with back-pressure instead of being spooled), and the resource that routes,
-authorizes on the client certificate, and relays the exchange to an upstream.
+The reverse proxy: the handler that routes each request (handed over by mtlsgate.http.server as soon as
+its head is in, so bodies stream with back-pressure instead of being spooled), authorizes on the client
+certificate, and relays the exchange to an upstream.
 """
 
 from __future__ import annotations
 
-import re
-from io import BytesIO
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mtlsgate.config import Limits, Route
 from mtlsgate.headers import client_response_headers, upstream_request_headers
+from mtlsgate.http.body import BodyTooLarge, RequestBody
+from mtlsgate.http.framing import header_field_problem, request_line_problem
+from mtlsgate.http.server import HTTPServerFactory, Request
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.metrics import GatewayMetrics
 from mtlsgate.pathnorm import PathRefused, normalize_target
@@ -32,12 +32,13 @@ from mtlsgate.routing import RouteTable, normalize_host
 from mtlsgate.tls import peer_verdict
 from mtlsgate.upstream import UpstreamGroup
 
+# Names other modules and tests import from here; they live in mtlsgate.http now.
+__all__ = ["BodyTooLarge", "GatewayRequest", "RequestBody", "header_field_problem", "request_line_problem"]
+
+GatewayRequest = Request
+
 log = Logger(namespace="mtlsgate.proxy")
 access_log = Logger(namespace="mtlsgate.access")
-
-_HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
-
 
 # --- the peer's identity, once per connection -----------------------------------------------------
 
@@ -81,423 +82,12 @@ def peer_of(channel: Any) -> Peer:
     return peer
 
 
-# --- the channel and request that stream request bodies ------------------------------------------
+# --- the server side: mtlsgate.http.server (the channel, the request, the framing rules) --------------
 
 
-_STATUS_TEXT = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
-
-
-class GatewayChannel(http.HTTPChannel):
-    """
-    An HTTP/1.1 channel that lets a request with a body be dispatched when its headers arrive, and
-    that stops parsing (and closes after the response) when a response ends before the body did.
-
-    It is stricter than twisted.web's on what a gateway must never pass on ambiguously (bare LF line
-    ends, obs-fold, any Transfer-Encoding but C{chunked}), answers over-long request lines and
-    header lines with 414 and 431, and gives a request's headers C{header_timeout} to arrive
-    (slowloris) on top of the idle timeout.
-    """
-
-    site: GatewaySite  # set by the site that builds the channel
-    _discarding = False
-    _header_timer: Any = None
-    _tail = b""  # the last bytes of header data seen, to find line ends split across reads
-    limits = Limits()
-
-    def connectionMade(self) -> None:
-        limits = getattr(self.site, "limits", None) or self.limits
-        self.limits = limits
-        self.MAX_LENGTH = limits.max_line_length
-        self.maxHeaders = limits.max_header_count
-        self.totalHeadersSize = limits.max_header_size
-        super().connectionMade()
-
-    _host: Any = None
-    _secure: bool | None = None
-
-    def getHost(self) -> Any:
-        """Asked by every request (twisted.web's Request.__init__): one getsockname per connection, not per request."""
-        if self._host is None:
-            self._host = super().getHost()
-        return self._host
-
-    def isSecure(self) -> bool:
-        """Asked twice per request; the interface adaptation behind it is not free."""
-        if self._secure is None:
-            self._secure = super().isSecure()
-        return self._secure
-
-    def _refuse(self, code: int, reason: str) -> None:
-        """Answer a malformed or abusive request ourselves and close: nothing goes upstream."""
-        self._cancel_header_timer()
-        peer = self.transport.getPeer() if self.transport is not None else None
-        log.info("refused a request from {peer} with {code}: {reason}", peer=getattr(peer, "host", peer), code=code, reason=reason)
-        body = reason.encode("ascii", "replace") + b"\n"
-        assert self.transport is not None
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (code, _STATUS_TEXT[code], len(body), body)
-        )
-        self.stopParsing()
-        self.loseConnection()
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        if self._receivedHeaderCount > self.maxHeaders:
-            self._refuse(431, f"more than {self.maxHeaders} header fields")
-        elif self._receivedHeaderSize > self.totalHeadersSize:
-            self._refuse(431, f"request line and headers larger than {self.totalHeadersSize} bytes")
-        else:
-            self._refuse(400, "malformed request")
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
-            self._refuse(414, f"request line longer than {self.MAX_LENGTH} bytes")
-        else:
-            self._refuse(431, f"a header line is longer than {self.MAX_LENGTH} bytes")
-
-    def _start_header_timer(self) -> None:
-        if self._header_timer is None and self.limits.header_timeout:
-            self._header_timer = self.callLater(self.limits.header_timeout, self._headers_too_slow)
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        self._refuse(408, f"request headers not complete within {self.limits.header_timeout:g}s")
-
-    def headerReceived(self, line: bytes) -> bool:
-        name, _, value = line.partition(b":")
-        problem = header_field_problem(name, value.strip(b" \t"))
-        if problem is not None:
-            self._refuse(400, problem)
-            return False
-        return super().headerReceived(line)
-
-    def allHeadersReceived(self) -> None:
-        self._cancel_header_timer()
-        request = self.requests[-1]
-        # twisted.web answers "Expect: 100-continue" here, before routing, authorization and the body limit are
-        # known, so a client would upload a body only to have it refused: take the expectation over, and answer
-        # 100 only once the request may go upstream (GatewayRequest.proceed). The header is never forwarded.
-        expect = request.requestHeaders.getRawHeaders(b"expect")
-        if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
-            request.requestHeaders.removeHeader(b"expect")
-            request.expects_continue = True
-        super().allHeadersReceived()
-        if request.body is not None:
-            request.dispatch(self._command, self._path, self._version)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_header_timer()
-        super().connectionLost(reason)
-
-    def checkPersistence(self, request: Any, version: bytes) -> bool:
-        """
-        HTTP/1.0 with C{Connection: keep-alive} stays open, as nginx does (twisted.web closes it;
-        ApacheBench and older clients speak 1.0), provided the response turns out to have a
-        Content-Length: L{GatewayRequest.write} decides once the response headers are known.
-        """
-        if version == b"HTTP/1.0":
-            tokens = {t.strip().lower() for v in request.requestHeaders.getRawHeaders(b"connection", []) for t in v.split(b",")}
-            if b"keep-alive" in tokens:
-                request.http10_keepalive = True
-                return True
-        return super().checkPersistence(request, version)
-
-    def stopParsing(self) -> None:
-        """Ignore the rest of the client's input; the connection closes once the response is done."""
-        self._discarding = True
-        self.persistent = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._discarding:
-            return
-        if self.line_mode and not self._handlingRequest:
-            self._start_header_timer()
-            seen = self._tail + data
-            end = seen.find(b"\r\n\r\n")
-            head = data if end == -1 else data[: max(0, end + 4 - len(self._tail))]  # the body may hold any bytes
-            if _has_bare_lf(self._tail[-1:], head):
-                self._refuse(400, "bare LF line ending (CRLF required)")
-                return
-            self._tail = seen[-3:]
-        super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._discarding:
-            return
-        first_line = self._HTTPChannel__first_line  # type: ignore[attr-defined]
-        if line[:1] in (b" ", b"\t") and not first_line:
-            self._refuse(400, "obsolete line folding in a header")
-            return
-        if first_line and line and self.persistent:
-            problem = request_line_problem(line)
-            if problem is not None:
-                self._refuse(400, problem)
-                return
-        super().lineReceived(line)
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if not self._discarding:
-            super().rawDataReceived(data)
-
-    def allContentReceived(self) -> None:
-        if not self._discarding:
-            super().allContentReceived()
-
-
-_VISIBLE_ASCII = bytes(range(0x21, 0x7F))
-_CONTROLS = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"  # every CTL but HTAB
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_DIGITS = re.compile(rb"[0-9]+\Z")
-_MAX_CONTENT_LENGTH = 2**63 - 1  # nginx's off_t bound; larger values mean nothing to anyone downstream
-
-
-def request_line_problem(line: bytes) -> str | None:
-    """
-    Why a request line must be refused before twisted.web parses it, or None (twisted.web refuses
-    what else is malformed).  The request target is visible ASCII only (RFC 9112 3.2): twisted.web
-    lets 0x7F-0xB0 through (an octal/decimal slip), which the upstream URL would then carry.
-    """
-    parts = line.split(b" ")
-    if len(parts) != 3:
-        return None
-    stray = parts[1].translate(None, _VISIBLE_ASCII)
-    if stray:
-        return f"byte 0x{stray[0]:02X} in the request target (only visible ASCII is allowed)"
-    return None
-
-
-def header_field_problem(name: bytes, value: bytes) -> str | None:
-    """
-    Why a header field (C{value} without its surrounding whitespace) must be refused, or None.  Names
-    are RFC 9110 tokens; values carry no control character but HTAB (obs-text, 0x80-0xFF, is passed
-    on, as nginx and Go do); Content-Length is 1*DIGIT below 2^63; Transfer-Encoding is chunked.
-    """
-    if not _TOKEN.match(name):
-        return f"header name {name.decode('latin-1')!r} is not a token"
-    if len(value.translate(None, _CONTROLS)) != len(value):
-        first = next(b for b in value if b in _CONTROLS)
-        return f"control character 0x{first:02X} in the value of header {name.decode('ascii')}"
-    lowered = name.lower()
-    if lowered == b"content-length" and (not _DIGITS.match(value) or int(value) > _MAX_CONTENT_LENGTH):
-        return "Content-Length must be decimal digits only, below 2^63"
-    if lowered == b"transfer-encoding" and value.lower() != b"chunked":
-        return "only 'Transfer-Encoding: chunked' is accepted"
-    return None
-
-
-def _has_bare_lf(previous: bytes, data: bytes) -> bool:
-    """Whether C{data} has an LF not preceded by CR; C{previous} is the byte before it, if any."""
-    start = 0
-    while (i := data.find(b"\n", start)) != -1:
-        before = data[i - 1 : i] if i else previous
-        if before != b"\r":
-            return True
-        start = i + 1
-    return False
-
-
-class BodyTooLarge(Exception):
-    """The client sent more than the route allows."""
-
-
-@implementer(IBodyProducer)
-class RequestBody:
-    """
-    The client's request body as an L{IBodyProducer} for the Agent: chunks are handed on as they
-    arrive; when the upstream (or the not-yet-made connection) cannot take more, reading from the
-    client is paused at a high-water mark and resumed below a low one.
-    """
-
-    def __init__(self, network: IPushProducer, length: int | None) -> None:
-        self.length = UNKNOWN_LENGTH if length is None else length
-        self._network = network
-        self._network_paused = False
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._consumer: Any = None
-        self._paused = False
-        self._done: defer.Deferred[None] | None = None
-        self.started = False
-        self.complete = False
-        self.stopped = False
-        self.limit: int | None = None
-        self.received = 0
-        self.too_large = False
-        self.on_change: Callable[[], None] | None = None  # told when who the upload waits on may have changed
-
-    def waiting_on_client(self) -> bool:
-        """Whether the upload waits for the client's bytes (the upstream takes all it is given), not on the upstream."""
-        return self._consumer is not None and not self._paused and not self._chunks and not self.complete
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
-
-    def write(self, data: bytes) -> None:
-        """A chunk from the client."""
-        if self.stopped or self.too_large:
-            return
-        self.received += len(data)
-        if self.limit is not None and self.received > self.limit:
-            self._overflow()
-            return
-        if self._consumer is not None and not self._paused and not self._chunks:
-            self._consumer.write(data)
-            return
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > _HIGH_WATER and not self._network_paused:
-            self._network_paused = True
-            self._network.pauseProducing()
-        self._changed()
-
-    def finish(self) -> None:
-        """The client sent the whole body."""
-        self.complete = True
-        self._flush()
-        self._changed()
-
-    def _overflow(self) -> None:
-        """More than the route's max_body_size: fail the upstream request (the client gets 413)."""
-        self.too_large = True
-        self._chunks.clear()
-        self._buffered = 0
-        if self._done is not None:
-            done, self._done = self._done, None
-            done.errback(BodyTooLarge(self.limit))
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        if self.too_large:
-            return defer.fail(BodyTooLarge(self.limit))
-        self.started = True
-        self._consumer = consumer
-        done = self._done = defer.Deferred()
-        self._flush()  # may fire it at once, when the whole body is already here
-        self._changed()
-        return done
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._changed()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._flush()
-        self._changed()
-
-    def stopProducing(self) -> None:
-        """The upstream went away: drop what is buffered, and let the client's bytes drain."""
-        self.stopped = True
-        self._chunks.clear()
-        self._consumer = None
-        self._resume_network()
-        self._changed()
-
-    def _flush(self) -> None:
-        while self._chunks and self._consumer is not None and not self._paused:
-            chunk = self._chunks.pop(0)
-            self._buffered -= len(chunk)
-            self._consumer.write(chunk)
-        if self._buffered < _LOW_WATER:
-            self._resume_network()
-        if self.complete and not self._chunks and self._done is not None and not self.stopped:
-            done, self._done = self._done, None
-            done.callback(None)
-
-    def _resume_network(self) -> None:
-        if self._network_paused:
-            self._network_paused = False
-            self._network.resumeProducing()
-
-
-class GatewayRequest(server.Request):
-    """A request whose body, if any, is a L{RequestBody} streamed to the upstream."""
-
-    channel: GatewayChannel
-    body: RequestBody | None = None
-    _dispatched = False
-    http10_keepalive = False
-    expects_continue = False  # the client sent "Expect: 100-continue" and waits for 100 before its body
-
-    def proceed(self) -> None:
-        """The request goes upstream: if the client waits for "100 Continue" to send its body, send it now."""
-        if self.expects_continue and self.body is not None and not self.startedWriting and self.channel is not None and self.channel.transport is not None:
-            self.expects_continue = False
-            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def write(self, data: bytes) -> None:
-        if not self.startedWriting and self.http10_keepalive:
-            if self.responseHeaders.hasHeader(b"content-length") and self.channel is not None and self.channel.persistent:
-                self.responseHeaders.setRawHeaders(b"connection", [b"keep-alive"])
-            elif self.channel is not None:
-                self.channel.persistent = False  # the body will end when the connection does
-        super().write(data)
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-        if length != 0:
-            self.body = RequestBody(self.channel._networkProducer, length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        assert self.body is not None
-        self.body.write(data)  # past the route's limit, dropped; the 413 stops parsing (see finish)
-
-    def dispatch(self, command: bytes, path: bytes, version: bytes) -> None:
-        """Start handling now, before the body has arrived."""
-        self._dispatched = True
-        self.method, self.uri, self.clientproto = command, path, version
-        self.path = path.split(b"?", 1)[0]
-        self.args = {}
-        self.process()
-
-    def process(self) -> None:
-        """twisted.web answers a C{*} target itself (as TwistedWeb, without the gateway's headers): here the resource does."""
-        if self.path != b"*":
-            super().process()
-            return
-        self.site = self.channel.site
-        self.setHeader(b"date", http.datetimeToString())
-        self.prepath, self.postpath = [], []
-        try:
-            self.render(self.site.resource)
-        except BaseException:
-            self.processingFailed(Failure())
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self.body is not None:
-            self.body.finish()
-        if not self._dispatched:
-            self.dispatch(command, path, version)
-
-    def finish(self) -> None:
-        if self.body is not None and not self.body.complete and not self.finished:
-            # The response ends before the request body did: stop reading, close afterwards.
-            self.channel.stopParsing()
-            if not self.startedWriting:
-                self.setHeader(b"connection", b"close")
-        super().finish()
-
-
-class GatewaySite(server.Site):
-    """A Site that builds L{GatewayChannel}s (with C{limits}) and leaves access logging to the proxy."""
-
-    protocol = GatewayChannel  # type: ignore[assignment]  # twisted.web types it as a factory of HTTPChannel
-    requestFactory = GatewayRequest
-    displayTracebacks = False
-    noisy = False  # no "Starting factory" / "Stopping factory" lines in the log
-
-    def __init__(self, resource: Resource, limits: Limits = Limits()) -> None:
-        super().__init__(resource, timeout=limits.idle_timeout)
-        self.limits = limits
-
-    def log(self, request: Any) -> None:
-        pass
+def GatewaySite(resource: ProxyResource, limits: Limits = Limits()) -> HTTPServerFactory:
+    """The gateway's HTTP/1.1 server factory: each request goes to C{resource}, connections are bounded by C{limits}."""
+    return HTTPServerFactory(resource.handle, limits, resource.reactor)
 
 
 # --- relaying the response ------------------------------------------------------------------------
@@ -515,7 +105,7 @@ class _ResponseRelay(Protocol):
     client itself holds things up does not count).
     """
 
-    transport: Any  # the response body's producer (twisted.web's TransportProxyProducer)
+    transport: Any  # the response body's producer (the upstream connection)
 
     def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: Any, stall_timeout: float) -> None:
         self.request = request
@@ -551,7 +141,7 @@ class _ResponseRelay(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._unwatch()
-        if not self.request._disconnected:
+        if not self.request.disconnected:
             self.request.unregisterProducer()
         if self._stalled:
             reason = Failure(UpstreamStalled(f"no bytes for {self._stall_timeout:g}s in the middle of the response body"))
@@ -670,12 +260,11 @@ class _Exchange:
             response.deliverBody(Protocol())
             return
         request.setResponseCode(response.code, response.phrase)
-        request.defaultContentType = None
         for name, values in client_response_headers(response.headers).getAllRawHeaders():
             request.responseHeaders.setRawHeaders(name, values)
         if isinstance(response.length, int) and request.method != b"HEAD" and response.code not in (204, 304):
             # Agent keeps Content-Length out of response.headers (it is framing); a known length is
-            # passed on so that clients see the size and twisted.web does not switch to chunked.
+            # passed on so that clients see the size and the response is not chunked.
             request.setHeader(b"content-length", b"%d" % response.length)
         if not response.headers.hasHeader(b"server"):
             request.setHeader(b"server", b"mtlsgate")
@@ -691,8 +280,7 @@ class _Exchange:
             log.warn("upstream {upstream} broke off the response: {error}", upstream=self.upstream, error=_describe(failure))
             self._access(self.request.code, size)  # the status the client got, cut short; not also a 499
             self.client_gone = True
-            self.request.channel.stopParsing()
-            cast(ITCPTransport, self.request.channel.transport).abortConnection()
+            self.request.channel.abort()
         else:
             self.request.finish()
             self._access(self.request.code, size)
@@ -811,16 +399,13 @@ _NOT_FORWARDED = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
 _ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
-class ProxyResource(Resource):
+class ProxyResource:
     """
-    The gateway's only resource: route by Host and path, authorize the client certificate for the
-    route, and relay to the route's upstreams.
+    The gateway's request handler (L{handle}): route by Host and path, authorize the client certificate
+    for the route, and relay to the route's upstreams.
     """
-
-    isLeaf = True
 
     def __init__(self, reactor: Any, state: ProxyState, metrics: GatewayMetrics | None = None) -> None:
-        super().__init__()
         self.reactor = reactor
         self.state = state
         self.metrics = metrics or GatewayMetrics()
@@ -847,40 +432,44 @@ class ProxyResource(Resource):
                 if not d.called:
                     d.callback(None)
 
-    def _answer(self, request: GatewayRequest, peer: Peer, route: str, code: int, text: str) -> bytes:
+    def _answer(self, request: GatewayRequest, peer: Peer, route: str, code: int, text: str) -> None:
         """A response of the gateway's own (no upstream involved), with its access line."""
         body = _plain(request, code, text)
         if request.body is not None and not request.body.complete:
             # Refused before its body arrived (a client sending "Expect: 100-continue" never sends it): the body
             # is not read, and the connection closes after this answer, which says so.
-            request.channel.stopParsing()
+            request.channel.stop_parsing()
             request.setHeader(b"connection", b"close")
         if self.state.log_access:
             write_access_line(request, peer, route, "-", code, len(body), 0.0)
         self.metrics.request(route, code)
-        return body
+        request.write(body)
+        request.finish()
 
-    def render(self, request: GatewayRequest) -> Any:
+    def handle(self, request: GatewayRequest) -> None:
+        """One request, from the end of its head: answered here, or relayed by an L{_Exchange}."""
         state = self.state
         if state.hsts_header is not None and request.isSecure():
             request.setHeader(b"strict-transport-security", state.hsts_header)
         hosts = request.requestHeaders.getRawHeaders(b"host") or []
         host = hosts[0].decode("ascii", "replace") if hosts else ""
         peer = peer_of(request.channel)
-        own = self._own_answer(request, peer)
-        if own is not None:
-            return own
+        if self._own_answer(request, peer):
+            return
         if len(hosts) > 1 or (not hosts and request.clientproto != b"HTTP/1.0"):
-            return self._answer(request, peer, "-", 400, "exactly one Host header is required")
+            self._answer(request, peer, "-", 400, "exactly one Host header is required")
+            return
         try:
             target = normalize_target(request.uri)
         except PathRefused as e:
             log.info("refused the request target {uri} from {client}: {reason}",
                      uri=_loggable(request.uri), client=request.getClientAddress().host, reason=e.reason)
-            return self._answer(request, peer, "-", 400, e.reason)
+            self._answer(request, peer, "-", 400, e.reason)
+            return
         entry = state.routes.lookup(host, target.route_path)
         if entry is None:
-            return self._answer(request, peer, "-", 404, "no route for this host" if not state.routes.knows_host(host) else "no route for this path")
+            self._answer(request, peer, "-", 404, "no route for this host" if not state.routes.knows_host(host) else "no route for this path")
+            return
         refusal = self._refusal(peer, entry.route)
         if refusal is not None:
             log.info(
@@ -888,20 +477,21 @@ class ProxyResource(Resource):
                 client=request.getClientAddress().host, route=entry.route.name, reason=refusal,
                 identity=f"unverified {peer.presented}" if peer.presented and peer.identity is None else peer.label,
             )
-            return self._answer(request, peer, entry.route.name, 403, f"client certificate {refusal}")
+            self._answer(request, peer, entry.route.name, 403, f"client certificate {refusal}")
+            return
         limit = entry.route.max_body_size
         if limit is not None and request.body is not None:
             if isinstance(request.body.length, int) and request.body.length > limit:
-                request.channel.stopParsing()
-                return self._answer(request, peer, entry.route.name, 413, f"request body larger than {limit} bytes")
+                request.channel.stop_parsing()
+                self._answer(request, peer, entry.route.name, 413, f"request body larger than {limit} bytes")
+                return
             request.body.limit = limit
         request.proceed()  # routed, authorized, within max_body_size: now "100 Continue" (refusals above answer at once)
         self.in_flight += 1
         request.notifyFinish().addBoth(self._finished)
         _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access, target.forward).start()
-        return server.NOT_DONE_YET
 
-    def _own_answer(self, request: GatewayRequest, peer: Peer) -> bytes | None:
+    def _own_answer(self, request: GatewayRequest, peer: Peer) -> bool:
         """
         CONNECT and TRACE (and IIS's TRACK), in any case, are never forwarded: 405.  C{OPTIONS *} is
         about the gateway itself: 200 with C{Allow}; C{*} with another method is a 400.
@@ -909,13 +499,16 @@ class ProxyResource(Resource):
         method = request.method.upper()
         if method in _NOT_FORWARDED:
             request.setHeader(b"allow", _ALLOW)
-            return self._answer(request, peer, "-", 405, f"{method.decode('ascii')} is not forwarded by this gateway")
+            self._answer(request, peer, "-", 405, f"{method.decode('ascii')} is not forwarded by this gateway")
+            return True
         if request.uri == b"*":
             if request.method != b"OPTIONS":
-                return self._answer(request, peer, "-", 400, "'*' is a request target for OPTIONS only")
+                self._answer(request, peer, "-", 400, "'*' is a request target for OPTIONS only")
+                return True
             request.setHeader(b"allow", _ALLOW)
-            return self._answer(request, peer, "-", 200, "methods the gateway forwards are in Allow")
-        return None
+            self._answer(request, peer, "-", 200, "methods the gateway forwards are in Allow")
+            return True
+        return False
 
     def _refusal(self, peer: Peer, route: Route) -> str | None:
         if peer.refusal is not None:

@@ -249,7 +249,6 @@ class GatewayService(MultiService):
         self.resource = ProxyResource(reactor, world.proxy, self.metrics)
         config = world.config
         site = GatewaySite(self.resource, config.limits)
-        site.reactor = reactor
         tls_factory = GatewayTLSFactory(server_tls, site, reactor, metrics=self.metrics, limits=config.limits)
         self.https = _Listener(reactor, config.address, tls_factory, "HTTPS", worker.https_fd if worker else None)
         self.https.setServiceParent(self)

@@ -1,1 +1,1 @@
-"""The gateway's own HTTP/1.1 engine on httptools (llhttp): the downstream server and the upstream client."""
+"""The gateway's own HTTP/1.1 engine on httptools (llhttp): the downstream server protocol and the upstream client."""

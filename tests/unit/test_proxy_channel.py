@@ -1,5 +1,5 @@
 """
-The gateway's HTTP channel, request and exchange in memory: a L{GatewaySite} on a StringTransport, a
+The gateway's HTTP server protocol (mtlsgate.http.server), request and exchange in memory: a L{GatewaySite} on a StringTransport, a
 MemoryReactorClock for the timers, and a scripted upstream in place of the Agent.
 """
 
@@ -13,10 +13,10 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from mtlsgate.config import Route
+from mtlsgate.config import Limits, Route
 from mtlsgate.identity import AllowRules
 from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RouteEntry, header_field_problem, request_line_problem
 from mtlsgate.routing import RouteTable
@@ -240,3 +240,109 @@ def test_a_request_without_a_body_times_out_after_the_route_timeout(slow):
     assert slow.transport.value() == b""
     slow.reactor.advance(0.2)
     assert slow.transport.value().startswith(b"HTTP/1.1 504 ")
+
+
+# --- the server protocol: one request at a time, keep-alive, timers (mtlsgate.http.server) ----------
+
+
+def _answer(gateway, index: int = 0, body: bytes = b"0123456789") -> None:
+    response = Response()
+    gateway.upstream.pending[index].callback(response)
+    response.protocol.dataReceived(body)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+
+
+def test_pipelined_requests_wait_until_the_response_before_them_is_done(gateway):
+    gateway.send(b"GET /one HTTP/1.1\r\n" + H + b"\r\nGET /two HTTP/1.1\r\n" + H + b"\r\n")
+    assert [r[1] for r in gateway.upstream.requests] == [b"https://upstream.test/one"]
+    assert gateway.transport.producerState == "paused"  # no more reading while a request is in flight
+    _answer(gateway)
+    assert [r[1] for r in gateway.upstream.requests] == [b"https://upstream.test/one", b"https://upstream.test/two"]
+    _answer(gateway, 1)
+    assert gateway.transport.value().count(b"HTTP/1.1 200 OK\r\n") == 2 and gateway.transport.producerState == "producing"
+    assert not gateway.transport.disconnecting
+
+
+def test_http_1_0_with_keep_alive_stays_open_when_the_response_has_a_length(gateway):
+    gateway.send(b"GET /k HTTP/1.0\r\n" + H + b"Connection: keep-alive\r\n\r\n")
+    _answer(gateway)
+    answer = gateway.transport.value()
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\n") and b"\r\nConnection: keep-alive\r\n" in answer and b"Content-Length: 10\r\n" in answer
+    assert not gateway.transport.disconnecting
+
+
+def test_http_1_0_without_keep_alive_and_connection_close_are_closed_after_the_response(gateway):
+    gateway.send(b"GET /k HTTP/1.0\r\n" + H + b"\r\n")
+    _answer(gateway)
+    assert gateway.transport.disconnecting
+    other = Gateway()
+    other.send(b"GET /k HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n")
+    _answer(other)
+    assert b"\r\nConnection: close\r\n" in other.transport.value() and other.transport.disconnecting
+    other.close()
+
+
+def test_headers_that_take_longer_than_the_header_timeout_get_408(gateway):
+    gateway.send(b"GET / HTTP/1.1\r\n")
+    gateway.reactor.advance(9.9)
+    assert gateway.send(b"X-A: 1\r\n") == b""
+    gateway.reactor.advance(0.2)
+    assert gateway.transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n") and gateway.transport.disconnecting
+
+
+def test_a_connection_without_a_byte_for_the_idle_timeout_is_closed(gateway):
+    gateway.reactor.advance(59)
+    assert not gateway.transport.disconnecting
+    gateway.reactor.advance(2)
+    assert gateway.transport.disconnecting and gateway.transport.value() == b""
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + H + b"\r\n", b"414"),
+        (b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n", b"431"),
+        (b"GET / HTTP/1.1\r\n" + H + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"\r\n", b"431"),
+        (b"GET / HTTP/1.1\r\n" + H + b"X-A: a\r\n b\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\n" + H + b"\n", b"400"),
+        (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400"),
+    ],
+)
+def test_oversized_and_ambiguous_heads_are_refused_before_anything_goes_upstream(gateway, raw, status):
+    answer = gateway.send(raw)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ") and b"\r\nConnection: close\r\n" in answer
+    assert gateway.upstream.requests == [] and gateway.transport.disconnecting
+
+
+def test_100_continue_is_sent_only_when_the_request_goes_upstream(gateway):
+    answer = gateway.send(b"POST /up HTTP/1.1\r\n" + H + b"Content-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    assert answer == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert not gateway.upstream.requests[0][2].hasHeader(b"expect")
+    gateway.send(b"abc")
+    assert gateway.upstream.consumer.data == b"abc"
+
+
+def test_a_broken_chunk_after_the_request_went_upstream_is_a_400_and_the_upstream_request_is_cancelled(gateway):
+    answer = gateway.send(b"POST /up HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and gateway.transport.disconnecting
+    assert gateway.upstream.pending[0].called  # cancelled
+    assert gateway.metrics.requests == [("localhost/", 499)]
+
+
+def test_a_handler_that_raises_gets_a_500_and_the_connection_closes_not_a_hang():
+    from mtlsgate.http.server import HTTPServerFactory
+
+    def broken(request):
+        raise ValueError("a bug")
+
+    protocol = HTTPServerFactory(broken, Limits(), MemoryReactorClock()).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    errors: list[Any] = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+    assert transport.value().startswith(b"HTTP/1.1 500 ") and transport.disconnecting
+    assert any(e.get("log_failure") is not None for e in errors)

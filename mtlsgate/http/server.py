@@ -1,0 +1,591 @@
+"""
+The gateway's HTTP/1.1 server protocol, on llhttp (httptools), in place of twisted.web's HTTPChannel,
+Request and Site.
+
+One request at a time per connection: a request's head is checked line by line against the rules of
+docs/security.md (L{mtlsgate.http.framing}) as its bytes arrive, then parsed by llhttp, and the
+request is handed to the handler as soon as its head is in, with its body (if any) streaming behind
+it as a L{RequestBody}.  llhttp is only ever given the bytes of the current request: bytes after it
+(pipelined requests) wait in a buffer, with reading paused, until the response is done.
+
+States: HEAD (reading a head; the header timer runs from its first byte), BODY (a request in flight
+whose body is still arriving), WAIT (a request in flight, its body complete), and closing (the
+connection closes once the response is written; further input is discarded).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from mtlsgate.config import Limits
+from mtlsgate.http.body import RequestBody
+from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan_head
+
+log = Logger(namespace="mtlsgate.proxy")
+
+_STATUS_TEXT = {
+    400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+}  # fmt: skip
+_NO_BODY_CODES = frozenset([204, 304])
+_ABORT_TIMEOUT = 15.0  # after an idle timeout's orderly close, how long before the connection is aborted
+_CANONICAL_REQUEST_LINE = b"GET / HTTP/1.1\r\n"  # what llhttp is given instead of the (already checked) request line
+
+_HEAD, _BODY, _WAIT = 0, 1, 2
+_PIPELINE, _UPLOAD = 1, 2  # why reading from the client is paused
+
+
+class _DateCache:
+    """The Date header value, formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def value(self, now: float) -> bytes:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._value = datetimeToString(second)
+        return self._value
+
+
+_dates = _DateCache()
+
+
+class Request:
+    """
+    One request and its response, as the gateway's handler sees it: the parts of twisted.web's Request
+    the proxy uses (method, uri, clientproto, requestHeaders, responseHeaders, setResponseCode, setHeader,
+    write, finish, notifyFinish, registerProducer), and nothing else.
+    """
+
+    def __init__(
+        self, channel: HTTPServerProtocol, method: bytes, uri: bytes, version: bytes, headers: Headers,
+        body: RequestBody | None, persistent: bool, http10_keepalive: bool, expects_continue: bool,
+    ) -> None:  # fmt: skip
+        self.channel = channel
+        self.method = method
+        self.uri = uri
+        self.clientproto = version
+        self.requestHeaders = headers
+        self.body = body
+        self.persistent = persistent  # the connection stays open after this response
+        self.http10_keepalive = http10_keepalive
+        self.expects_continue = expects_continue  # the client sent "Expect: 100-continue" and waits for 100 before its body
+        self.code = 200
+        self.code_message = b"OK"
+        self.responseHeaders = Headers()
+        self.responseHeaders.setRawHeaders(b"date", [_dates.value(channel.reactor.seconds())])
+        self.startedWriting = False
+        self.finished = False
+        self.disconnected = False
+        self._chunked = False
+        self._no_body = False
+        self._notify: list[defer.Deferred[None]] = []
+
+    @property
+    def path(self) -> bytes:
+        return self.uri.split(b"?", 1)[0]
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[-1] if values else None
+
+    def getClientAddress(self) -> Any:
+        """The client's address (an IPv4Address or IPv6Address: the gateway listens on TCP only)."""
+        return self.channel.peer_address
+
+    def isSecure(self) -> bool:
+        return self.channel.secure
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        self.code = code
+        self.code_message = message if message is not None else RESPONSES.get(code, b"Unknown Status")
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def notifyFinish(self) -> defer.Deferred[None]:
+        """Fires when the response is finished; fails if the connection is lost first."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.finished:
+            d.callback(None)
+        elif self.disconnected:
+            d.errback(Failure(ConnectionLostBeforeResponse()))
+        else:
+            self._notify.append(d)
+        return d
+
+    def proceed(self) -> None:
+        """The request goes upstream: if the client waits for "100 Continue" to send its body, send it now."""
+        if self.expects_continue and self.body is not None and not self.startedWriting and not self.disconnected:
+            self.expects_continue = False
+            self.channel.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.channel.transport.registerProducer(producer, streaming)  # type: ignore[union-attr]
+
+    def unregisterProducer(self) -> None:
+        self.channel.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError("write after finish")
+        if self.disconnected:
+            return
+        if not self.startedWriting:
+            self._write_head(data)
+        elif data and not self._no_body:
+            if self._chunked:
+                self.channel.write_sequence([b"%x\r\n" % len(data), data, b"\r\n"])
+            else:
+                self.channel.write_raw(data)
+
+    def _write_head(self, data: bytes) -> None:
+        """The status line and headers, and the first body bytes with them, in one writeSequence."""
+        self.startedWriting = True
+        headers = self.responseHeaders
+        self._no_body = self.method == b"HEAD" or self.code in _NO_BODY_CODES or self.code < 200
+        has_length = headers.hasHeader(b"content-length")
+        if self.http10_keepalive:
+            if has_length and self.persistent:
+                headers.setRawHeaders(b"connection", [b"keep-alive"])
+            else:
+                self.persistent = False  # the body will end when the connection does
+        elif not has_length and not self._no_body:
+            if self.clientproto == b"HTTP/1.1":
+                headers.setRawHeaders(b"transfer-encoding", [b"chunked"])
+                self._chunked = True
+            else:
+                self.persistent = False
+        parts = [b"%s %d %s\r\n" % (self.clientproto, self.code, self.code_message)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts.append(b"%s: %s\r\n" % (name, value))
+        parts.append(b"\r\n")
+        if data and not self._no_body:
+            parts += [b"%x\r\n" % len(data), data, b"\r\n"] if self._chunked else [data]
+        self.channel.write_sequence(parts)
+
+    def finish(self) -> None:
+        if self.disconnected:
+            raise RuntimeError("finish after the connection was lost; use notifyFinish")
+        if self.finished:
+            return
+        if self.body is not None and not self.body.complete:
+            # The response ends before the request body did: stop reading, close afterwards.
+            self.channel.stop_parsing()
+            self.persistent = False
+            if not self.startedWriting:
+                self.setHeader(b"connection", b"close")
+        if not self.startedWriting:
+            self.write(b"")
+        if self._chunked:
+            self.channel.write_raw(b"0\r\n\r\n")
+        self.finished = True
+        notify, self._notify = self._notify, []
+        for d in notify:
+            d.callback(None)
+        self.channel.request_done(self)
+
+    def connection_lost(self, reason: Failure) -> None:
+        """The client went away before the response was finished."""
+        if self.disconnected or self.finished:
+            return
+        self.disconnected = True
+        notify, self._notify = self._notify, []
+        for d in notify:
+            d.errback(reason)
+
+
+class ConnectionLostBeforeResponse(Exception):
+    """The client's connection closed before the response was finished."""
+
+
+@implementer(IPushProducer)
+class _UploadReading:
+    """The client connection as a request body's network producer: pausing it pauses reading for the upload."""
+
+    def __init__(self, channel: HTTPServerProtocol) -> None:
+        self._channel = channel
+
+    def pauseProducing(self) -> None:
+        self._channel.pause_reading(_UPLOAD)
+
+    def resumeProducing(self) -> None:
+        self._channel.resume_reading(_UPLOAD)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class HTTPServerProtocol(Protocol):
+    """One client connection: requests parsed one at a time, each handed to C{handler} at the end of its head."""
+
+    factory: HTTPServerFactory
+
+    def __init__(self, handler: Callable[[Request], None], limits: Limits, reactor: IReactorTime) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.reactor = reactor
+        self.peer_address: Any = None
+        self.secure = False
+        self._buf = b""
+        self._state = _HEAD
+        self._closing = False  # no more requests: input is discarded, the connection closes after the response
+        self._processing = False
+        self._pauses = 0
+        self._scan = HeadScan()
+        self._request: Request | None = None
+        self._parser: Any = None
+        self._remaining: int | None = None  # Content-Length bytes still to come; None for a chunked body
+        self._tail = b""  # the last bytes of chunked body data given to llhttp, to find CRLFCRLF split across reads
+        self._header_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
+        self._last_activity = 0.0
+        self._upload = _UploadReading(self)
+        # the head being parsed by llhttp (set by the callbacks)
+        self._headers = Headers()
+        self._head_done = False
+        self._message_done = False
+        self._content_length: int | None = None
+        self._chunked = False
+        self._problem: str | None = None
+
+    # --- the connection -------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.peer_address = self.transport.getPeer()
+        self.secure = ISSLTransport.providedBy(self.transport)
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)  # responses are written whole: Nagle would only hold back their last segment
+        self._last_activity = self.reactor.seconds()
+        if self.limits.idle_timeout:
+            self._idle_timer = self.reactor.callLater(self.limits.idle_timeout, self._idle_check)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closing = True
+        for timer in (self._header_timer, self._idle_timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._header_timer = self._idle_timer = self._abort_timer = None
+        request, self._request = self._request, None
+        if request is not None:
+            request.connection_lost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_activity = self.reactor.seconds()
+        if self._closing:
+            return
+        self._buf = self._buf + data if self._buf else data
+        self._consume()
+
+    def write_raw(self, data: bytes) -> None:
+        self._last_activity = self.reactor.seconds()
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write_sequence(self, parts: list[bytes]) -> None:
+        self._last_activity = self.reactor.seconds()
+        assert self.transport is not None
+        self.transport.writeSequence(parts)
+
+    def pause_reading(self, why: int) -> None:
+        if not self._pauses and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pauses |= why
+
+    def resume_reading(self, why: int) -> None:
+        if self._pauses & why:
+            self._pauses &= ~why
+            if not self._pauses and self.transport is not None:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stop_parsing(self) -> None:
+        """Ignore the rest of the client's input; the connection closes once the response is done."""
+        self._closing = True
+        self._buf = b""
+        self.resume_reading(_PIPELINE | _UPLOAD)  # let the client's bytes drain into the void
+
+    def abort(self) -> None:
+        """Cut the client off (a response the upstream broke off after its status line went out)."""
+        self.stop_parsing()
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # --- timers ---------------------------------------------------------------------------------
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        idle = self.reactor.seconds() - self._last_activity
+        if idle < self.limits.idle_timeout:
+            self._idle_timer = self.reactor.callLater(self.limits.idle_timeout - idle, self._idle_check)
+            return
+        log.info("closing the idle connection from {peer} ({timeout:g}s without a byte)",
+                 peer=getattr(self.peer_address, "host", "-"), timeout=self.limits.idle_timeout)
+        self._close()
+        self._abort_timer = self.reactor.callLater(_ABORT_TIMEOUT, self._abort_after_close)
+
+    def _abort_after_close(self) -> None:
+        self._abort_timer = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _start_header_timer(self) -> None:
+        if self._header_timer is None and self.limits.header_timeout:
+            self._header_timer = self.reactor.callLater(self.limits.header_timeout, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        self._refuse(Refusal(408, f"request headers not complete within {self.limits.header_timeout:g}s"))
+
+    # --- input ----------------------------------------------------------------------------------
+
+    def _consume(self) -> None:
+        """Work through the buffered input as far as the state allows (re-entered calls leave it to the outer loop)."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._buf and not self._closing:
+                if self._state == _HEAD:
+                    if not self._next_head():
+                        break
+                elif self._state == _BODY:
+                    data, self._buf = self._buf, b""
+                    self._buf = self._feed_body(data)
+                else:  # a request in flight: what follows waits, and so does the socket
+                    self.pause_reading(_PIPELINE)
+                    break
+        finally:
+            self._processing = False
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer a malformed or abusive request ourselves and close: nothing goes upstream."""
+        self._cancel_header_timer()
+        code, reason = refusal
+        log.info("refused a request from {peer} with {code}: {reason}", peer=getattr(self.peer_address, "host", "-"), code=code, reason=reason)
+        body = reason.encode("ascii", "replace") + b"\n"
+        self.write_raw(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (code, _STATUS_TEXT[code], len(body), body)
+        )
+        self.stop_parsing()
+        self._close()
+
+    def _next_head(self) -> bool:
+        """Scan the buffered head; start the request when it is complete. False: wait for more bytes (or refused)."""
+        self._start_header_timer()
+        buf = self._buf
+        if buf[:1] == b"\r" and self._scan.offset == 0:
+            while buf.startswith(b"\r\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
+                buf = buf[2:]
+            self._buf = buf
+            if not buf or buf == b"\r":
+                return False
+        result = scan_head(buf, self._scan, self.limits)
+        if result is None:
+            return False
+        if isinstance(result, Refusal):
+            self._refuse(result)
+            return False
+        self._cancel_header_timer()
+        line_end = self._scan.line_end
+        self._scan = HeadScan()
+        self._buf = buf[result:]
+        self._begin(buf, line_end, result)
+        return True
+
+    def _begin(self, buf: bytes, line_end: int, head_end: int) -> None:
+        """Parse the checked head with llhttp and hand the request to the handler."""
+        method, target, version = buf[:line_end].split(b" ")
+        self._headers = Headers()
+        self._head_done = self._message_done = self._chunked = False
+        self._content_length = None
+        self._problem = None
+        self._tail = b""
+        parser = self._parser = HttpRequestParser(self)
+        upgrade = False
+        try:
+            parser.feed_data(_CANONICAL_REQUEST_LINE)
+            parser.feed_data(memoryview(buf)[line_end + 2 : head_end])
+        except HttpParserUpgrade:
+            upgrade = True
+        except HttpParserError as e:
+            self._problem = self._problem or f"malformed request: {e}"
+        if self._problem is None and self._content_length is not None and self._chunked:
+            self._problem = "both Content-Length and Transfer-Encoding"
+        if self._problem is None and upgrade and (self._chunked or self._content_length):
+            self._problem = "a request asking for a protocol upgrade cannot carry a body"
+        if self._problem is not None or not self._message_done and not self._head_done:
+            self._refuse(Refusal(400, self._problem or "malformed request"))
+            return
+        self._dispatch(method, target, version)
+
+    def _dispatch(self, method: bytes, target: bytes, version: bytes) -> None:
+        headers = self._headers
+        tokens: set[bytes] = set()
+        for value in headers.getRawHeaders(b"connection", ()):
+            tokens.update(t.strip().lower() for t in value.split(b","))
+        http10_keepalive = version == b"HTTP/1.0" and b"keep-alive" in tokens
+        persistent = http10_keepalive or (version == b"HTTP/1.1" and b"close" not in tokens)
+        expects_continue = False
+        expect = headers.getRawHeaders(b"expect")
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+            # Answered with 100 only once the request may go upstream (Request.proceed); never forwarded.
+            headers.removeHeader(b"expect")
+            expects_continue = True
+        body = None
+        if self._chunked:
+            body = RequestBody(self._upload, None)
+        elif self._content_length:
+            body = RequestBody(self._upload, self._content_length)
+        self._remaining = None if self._chunked else self._content_length
+        request = Request(self, method, target, version, headers, body, persistent, http10_keepalive, expects_continue)
+        if version == b"HTTP/1.1" and not persistent:
+            request.setHeader(b"connection", b"close")
+        if body is not None and self._message_done:
+            body.finish()  # a chunked body with no chunks
+        self._state = _BODY if body is not None and not body.complete else _WAIT
+        self._request = request
+        try:
+            self.handler(request)
+        except Exception:
+            log.failure("the handler failed on {method} {uri}", method=method, uri=target)
+            if not request.startedWriting and not request.finished and not request.disconnected:
+                self._request = None
+                self._refuse(Refusal(500, "internal error"))
+                request.connection_lost(Failure(ConnectionLostBeforeResponse("internal error")))
+            else:
+                self.abort()
+
+    def _feed_body(self, data: bytes) -> bytes:
+        """Give llhttp the current request's body bytes, and not one byte more: returns what follows the request."""
+        if self._remaining is not None:
+            n = self._remaining
+            piece, rest = (data, b"") if len(data) <= n else (data[:n], data[n:])
+            self._remaining = n - len(piece)
+            self._feed(piece)
+            return rest
+        # chunked: a chunked message ends with CRLF CRLF (the last chunk's and the empty trailer line), so
+        # it is fed up to each CRLFCRLF in turn and the rest held back once llhttp says the message is complete
+        pos, size = 0, len(data)
+        while pos < size and self._state == _BODY and not self._closing:
+            end = -1
+            tail = self._tail
+            if tail:
+                i = (tail + data[pos : pos + 3]).find(b"\r\n\r\n")
+                if i != -1:
+                    end = pos + i + 4 - len(tail)
+            if end == -1:
+                j = data.find(b"\r\n\r\n", pos)
+                end = size if j == -1 else j + 4
+            self._tail = (tail + data[max(pos, end - 3) : end])[-3:]
+            self._feed(memoryview(data)[pos:end] if pos or end != size else data)
+            pos = end
+        return data[pos:] if pos < size and not self._closing else b""
+
+    def _feed(self, data: Any) -> None:
+        try:
+            self._parser.feed_data(data)
+        except HttpParserError as e:
+            self._body_problem(f"malformed request body: {e}")
+            return
+        if self._problem is not None:
+            self._body_problem(self._problem)
+
+    def _body_problem(self, reason: str) -> None:
+        """The body broke the framing after the request was handed on: a 400 if nothing was answered yet, else cut off."""
+        request = self._request
+        if request is not None and request.startedWriting:
+            log.info("cut off {peer}: {reason}", peer=getattr(self.peer_address, "host", "-"), reason=reason)
+            self.abort()
+            return
+        self._refuse(Refusal(400, reason))
+        if request is not None:
+            self._request = None
+            request.connection_lost(Failure(ConnectionLostBeforeResponse(reason)))
+
+    # --- llhttp's callbacks ---------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a trailer field of a chunked body: not passed on
+        value = value.strip(b" \t")
+        problem = framing_value_problem(name, value)
+        if problem is not None:
+            self._problem = self._problem or problem
+        elif len(name) == 14 and name.lower() == b"content-length":
+            self._content_length = int(value)
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._chunked = True
+        self._headers.addRawHeader(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+
+    def on_body(self, data: bytes) -> None:
+        request = self._request
+        if request is not None and request.body is not None:
+            request.body.write(data)  # past the route's limit, dropped; the 413 stops parsing
+
+    def on_message_complete(self) -> None:
+        self._message_done = True
+        request = self._request
+        if request is not None and self._state == _BODY:
+            self._state = _WAIT
+            if request.body is not None:
+                request.body.finish()
+
+    # --- the end of a response ------------------------------------------------------------------
+
+    def request_done(self, request: Request) -> None:
+        """The response to C{request} is complete: close, or read the next request."""
+        if request is not self._request:
+            return
+        self._request = None
+        if not request.persistent or self._closing:
+            self._close()
+            return
+        self._state = _HEAD
+        self.resume_reading(_PIPELINE)
+        self._consume()
+
+
+class HTTPServerFactory(Factory):
+    """Builds L{HTTPServerProtocol}s that hand each request to C{handler}."""
+
+    noisy = False  # no "Starting factory" / "Stopping factory" lines in the log
+
+    def __init__(self, handler: Callable[[Request], None], limits: Limits, reactor: IReactorTime) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.reactor = reactor
+
+    def buildProtocol(self, addr: Any) -> HTTPServerProtocol:  # type: ignore[override]
+        protocol = HTTPServerProtocol(self.handler, self.limits, self.reactor)
+        protocol.factory = self
+        return protocol
