@@ -39,7 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mtlsgate.pki import DevCA
+from mtlsgate.tls.pki import DevCA
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]

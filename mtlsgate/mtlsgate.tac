@@ -5,9 +5,10 @@ import os
 from twisted.application.service import Application
 from twisted.internet import reactor
 
-from mtlsgate.config import ConfigError, load_config
-from mtlsgate.pki import PKIError
-from mtlsgate.service import fail, make_gateway
+from mtlsgate.config.load import load_config
+from mtlsgate.config.model import ConfigError
+from mtlsgate.tls.pki import PKIError
+from mtlsgate.app.service import fail, make_gateway
 
 path = os.environ.get("MTLSGATE_CONFIG", "mtlsgate.yaml")
 try:

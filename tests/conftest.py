@@ -28,7 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mtlsgate
-from mtlsgate.pki import DevCA
+from mtlsgate.tls.pki import DevCA
 
 #: The checkout, for the files that are not part of the package (docs/, bench/).  CI copies tests/
 #: out of the checkout and runs them against the installed wheel, naming the checkout here.
@@ -273,7 +273,7 @@ def start_echo_upstream(procs: list[Proc], pki: dict[str, Any], tmp_path: Path, 
     """Start an echo upstream (on C{port}, or a free one) that the test's C{procs} will stop; returns its port and process."""
     port = port or free_port()
     proc = Proc(
-        [sys.executable, "-m", "mtlsgate.demo", "upstream", "--listen", f"tcp:{port}:interface=127.0.0.1",
+        [sys.executable, "-m", "mtlsgate.testing", "upstream", "--listen", f"tcp:{port}:interface=127.0.0.1",
          "--cert", pki["upstream"][0], "--key", pki["upstream"][1], "--client-ca", pki["ca"]],
         tmp_path / f"upstream-{port}-{len(procs)}.log",
     )  # fmt: skip

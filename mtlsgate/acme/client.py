@@ -26,7 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from mtlsgate import pki
+from mtlsgate.tls import pki
 
 log = Logger(namespace="mtlsgate.acme")
 

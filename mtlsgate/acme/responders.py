@@ -25,7 +25,7 @@ from twisted.names import client as dns_client
 from twisted.names import dns
 from zope.interface import Attribute, Interface, implementer
 
-from mtlsgate import pki
+from mtlsgate.tls import pki
 
 log = Logger(namespace="mtlsgate.acme")
 

@@ -27,8 +27,8 @@ from mtlsgate.acme.client import (
 )  # fmt: skip
 from mtlsgate.acme.responders import DNSHookError, IResponder
 from mtlsgate.acme.store import ICertificateStore
-from mtlsgate.config import Autocert
-from mtlsgate.metrics import GatewayMetrics
+from mtlsgate.config.model import Autocert
+from mtlsgate.observe.metrics import GatewayMetrics
 
 log = Logger(namespace="mtlsgate.acme")
 

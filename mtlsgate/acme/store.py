@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from zope.interface import Interface, implementer
 
-from mtlsgate import pki
+from mtlsgate.tls import pki
 
 ACCOUNT_KEY_FILE = "acme-account.key"
 

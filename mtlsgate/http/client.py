@@ -294,7 +294,7 @@ class UpstreamConnection(Protocol):
         self._aborted = False
         self._handshake_waiters: list[defer.Deferred[None]] | None = []  # None once the TLS handshake is done (or for TCP, unused)
 
-    # -- TLS handshake (connect_timeout covers it: mtlsgate.upstream._HandshakeBoundedEndpoint) --
+    # -- TLS handshake (connect_timeout covers it: mtlsgate.proxy.upstream._HandshakeBoundedEndpoint) --
 
     def when_handshake_done(self) -> defer.Deferred[None]:
         """Fires when the TLS handshake under this connection completes; fails if the connection is lost first."""

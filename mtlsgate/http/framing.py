@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from mtlsgate.config import Limits
+from mtlsgate.config.model import Limits
 
 _VISIBLE_ASCII = bytes(range(0x21, 0x7F))
 _CONTROLS = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"  # every CTL but HTAB

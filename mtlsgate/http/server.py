@@ -27,11 +27,11 @@ from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from mtlsgate.config import Limits
+from mtlsgate.config.model import Limits
 from mtlsgate.http.body import RequestBody
 from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan_head
 
-log = Logger(namespace="mtlsgate.proxy")
+log = Logger(namespace="mtlsgate.proxy.exchange")
 
 _STATUS_TEXT = {
     400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from twisted.names import dns
 
-from mtlsgate.pki import DevCA
+from mtlsgate.tls.pki import DevCA
 from tests.conftest import Proc, free_port
 
 PEBBLE = "/usr/bin/pebble"

@@ -21,9 +21,9 @@ TAC = """
 from twisted.application import service
 from twisted.internet import reactor
 
-from mtlsgate import pki
-from mtlsgate.config import config_from_mapping
-from mtlsgate.service import make_gateway
+from mtlsgate.tls import pki
+from mtlsgate.config.load import config_from_mapping
+from mtlsgate.app.service import make_gateway
 
 config = config_from_mapping({config!r})
 gateway = make_gateway(reactor, config)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from mtlsgate.pki import DevCA
+from mtlsgate.tls.pki import DevCA
 from tests.conftest import https_request, run_python_twistd_check
 
 

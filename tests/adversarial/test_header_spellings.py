@@ -7,7 +7,7 @@ only the gateway's.
 
 from __future__ import annotations
 
-from mtlsgate.headers import FRAMING, GATEWAY_OWNED, HOP_BY_HOP
+from mtlsgate.http.headers import FRAMING, GATEWAY_OWNED, HOP_BY_HOP
 from mtlsgate.identity import parse_xfcc
 from tests.adversarial.gateway_fixture import echoed, get, raw_request, two_routes  # noqa: F401 (fixture)
 

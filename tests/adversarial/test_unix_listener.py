@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from mtlsgate.config import ConfigError, config_from_mapping
+from mtlsgate.config.load import config_from_mapping
+from mtlsgate.config.model import ConfigError
 from tests.conftest import run_python_twistd_check
 
 

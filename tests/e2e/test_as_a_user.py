@@ -99,7 +99,7 @@ def test_demo_runs_and_prints_a_curl_command_that_works(procs, tmp_path):
     port, upstream_port = free_port(), free_port()
     demo_dir = tmp_path / "demo"
     proc = Proc(
-        [sys.executable, "-m", "mtlsgate.cli", "demo", "--dir", str(demo_dir), "--port", str(port), "--upstream-port", str(upstream_port)],
+        [sys.executable, "-m", "mtlsgate.cli.main", "demo", "--dir", str(demo_dir), "--port", str(port), "--upstream-port", str(upstream_port)],
         tmp_path / "demo.log",
     )
     procs.append(proc)

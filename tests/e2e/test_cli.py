@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from mtlsgate.pki import DevCA, key_matches_certificate, load_certificates, load_private_key
+from mtlsgate.tls.pki import DevCA, key_matches_certificate, load_certificates, load_private_key
 from tests.conftest import https_request, subprocess_env
 
-CLI = [sys.executable, "-c", "from mtlsgate.cli import main; import sys; sys.exit(main())"]
+CLI = [sys.executable, "-c", "from mtlsgate.cli.main import main; import sys; sys.exit(main())"]
 
 
 def mtlsgate(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

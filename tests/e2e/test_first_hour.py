@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import TWISTD, Proc, free_port, gateway_args, https_request, run_python_twistd_check, subprocess_env, wait_for_port
 
-CLI = [sys.executable, "-c", "from mtlsgate.cli import main; import sys; sys.exit(main())"]
+CLI = [sys.executable, "-c", "from mtlsgate.cli.main import main; import sys; sys.exit(main())"]
 
 
 def mtlsgate(cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from twisted.logger import globalLogPublisher
 
-from mtlsgate.accesslog import _Writer
+from mtlsgate.observe.accesslog import _Writer
 
 
 class FlakyStream:

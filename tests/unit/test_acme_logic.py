@@ -12,8 +12,9 @@ from twisted.web.http_headers import Headers
 from mtlsgate.acme.client import ari_certificate_id, renewal_time_in, retry_after
 from mtlsgate.acme.responders import ID_PE_ACME_IDENTIFIER, dns01_record_name, validation_certificate
 from mtlsgate.acme.service import backoff, renewal_due
-from mtlsgate.config import ConfigError, config_from_mapping, parse_domain
-from mtlsgate.pki import DevCA
+from mtlsgate.config.load import config_from_mapping, parse_domain
+from mtlsgate.config.model import ConfigError
+from mtlsgate.tls.pki import DevCA
 
 DAY = 86400
 

@@ -11,7 +11,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from mtlsgate.acme.client import ACMEError
 from mtlsgate.acme.service import AcmeIssuingService, renewal_due
 from mtlsgate.acme.store import DirectoryStore
-from mtlsgate.config import Autocert
+from mtlsgate.config.model import Autocert
 
 
 class EmptyStore:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from mtlsgate import pki
+from mtlsgate.tls import pki
 from mtlsgate.acme.store import DirectoryStore
 from tests.conftest import subprocess_env
 
@@ -22,7 +22,7 @@ NAME = "a.example.test"
 
 CHILD = """
 import json, resource, signal, sys
-from mtlsgate import pki
+from mtlsgate.tls import pki
 from mtlsgate.acme.store import DirectoryStore
 
 directory, name, cert, key, limit = sys.argv[1:]

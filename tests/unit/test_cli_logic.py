@@ -10,11 +10,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
 
-from mtlsgate import ca_cli, check, cli, summary
-from mtlsgate.ca_cli import CommandError, Revocation
-from mtlsgate.config import Config, DownstreamMTLS, Route
+from mtlsgate.cli import ca as ca_cli
+from mtlsgate.cli import check
+from mtlsgate.cli import main as cli
+from mtlsgate.observe import summary
+from mtlsgate.cli.ca import CommandError, Revocation
+from mtlsgate.config.model import Config, DownstreamMTLS, Route
 from mtlsgate.identity import AllowRules, Identity
-from mtlsgate.pki import DevCA, PKIError, is_issued_by, key_matches_certificate
+from mtlsgate.tls.pki import DevCA, PKIError, is_issued_by, key_matches_certificate
 from tests.conftest import ROOT
 
 
@@ -328,7 +331,7 @@ def test_version_is_printed_and_exits_0(capsys):
 
 
 def test_tac_is_the_shipped_deployment_file():
-    shipped = Path(cli.__file__).with_name("mtlsgate.tac").read_text()
+    shipped = Path(cli.__file__).parent.parent.joinpath("mtlsgate.tac").read_text()
     assert cli.tac_text() == shipped
     assert "application = Application(\"mtlsgate\")" in shipped
     top = ROOT / "mtlsgate.tac"

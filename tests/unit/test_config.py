@@ -2,7 +2,8 @@
 
 import pytest
 
-from mtlsgate.config import ConfigError, config_from_mapping, parse_duration
+from mtlsgate.config.load import config_from_mapping, parse_duration
+from mtlsgate.config.model import ConfigError
 
 
 def base(pki, **extra):
@@ -70,7 +71,7 @@ def test_durations():
 
 
 def test_access_log_off_is_a_value_not_a_relative_path(tmp_path):
-    from mtlsgate.config import load_config
+    from mtlsgate.config.load import load_config
 
     cert = tmp_path / "c.pem"
     cert.write_text("x")
@@ -89,7 +90,7 @@ def test_workers_auto_is_one_per_core(pki):
 @pytest.mark.parametrize("spelling", ["off", "Off", "OFF", "no", "false", "'off'"])
 def test_documented_off_values_work_unquoted_in_yaml(pki, tmp_path, spelling):
     """YAML 1.1 reads a bare off/no/false as the boolean false: every key documented as taking `off` accepts it."""
-    from mtlsgate.config import load_config
+    from mtlsgate.config.load import load_config
 
     path = tmp_path / "gw.yaml"
     path.write_text(
@@ -110,7 +111,7 @@ def test_documented_off_values_work_unquoted_in_yaml(pki, tmp_path, spelling):
 
 @pytest.mark.parametrize("spelling", ["on", "yes", "true"])
 def test_a_bare_on_is_still_refused_where_it_means_nothing(pki, tmp_path, spelling):
-    from mtlsgate.config import load_config
+    from mtlsgate.config.load import load_config
 
     path = tmp_path / "gw.yaml"
     path.write_text(f"certificates: [{{cert: {pki['gateway'][0]}, key: {pki['gateway'][1]}}}]\naccess_log: {spelling}\n")

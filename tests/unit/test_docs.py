@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mtlsgate import config
-from mtlsgate.tap import Options
+from mtlsgate.config import load as config
+from mtlsgate.app.tap import Options
 from tests.conftest import ROOT
 
 REFERENCE = (ROOT / "docs" / "configuration.md").read_text()
@@ -52,7 +52,7 @@ class _Answer:
 
 @pytest.mark.parametrize("why", ["no route for this host", "no route for this path"])
 def test_the_documented_404_bodies_are_the_real_ones(why):
-    from mtlsgate.proxy import _plain
+    from mtlsgate.proxy.exchange import _plain
 
     body = _plain(_Answer(), 404, why).decode().strip()  # type: ignore[arg-type]
     assert f"`{body}`" in REFERENCE

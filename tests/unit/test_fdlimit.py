@@ -7,8 +7,9 @@ import resource
 import attrs
 import pytest
 
-from mtlsgate import fdlimit, service
-from mtlsgate.config import Config, Limits
+from mtlsgate.app import fdlimit
+from mtlsgate.app import service
+from mtlsgate.config.model import Config, Limits
 
 
 class FakeLimits:

@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from mtlsgate.filewatch import FileWatch
+from mtlsgate.app.filewatch import FileWatch
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def errors():
     seen: list[dict[str, Any]] = []
 
     def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "mtlsgate.filewatch" and "log_failure" in event:
+        if event.get("log_namespace") == "mtlsgate.app.filewatch" and "log_failure" in event:
             seen.append(event)
 
     globalLogPublisher.addObserver(observe)

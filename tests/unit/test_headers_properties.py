@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
-from mtlsgate.headers import FRAMING, GATEWAY_OWNED, HOP_BY_HOP, client_response_headers, upstream_request_headers
+from mtlsgate.http.headers import FRAMING, GATEWAY_OWNED, HOP_BY_HOP, client_response_headers, upstream_request_headers
 
 _SPECIAL = sorted(HOP_BY_HOP | FRAMING | GATEWAY_OWNED | {b"host", b"x-custom", b"authorization"})
 _TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_", min_size=1, max_size=12).map(str.encode)

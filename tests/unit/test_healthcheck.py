@@ -6,9 +6,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-from mtlsgate.config import HealthCheck, Route
-from mtlsgate.healthcheck import HealthChecker
-from mtlsgate.upstream import UpstreamGroup
+from mtlsgate.config.model import HealthCheck, Route
+from mtlsgate.proxy.healthcheck import HealthChecker
+from mtlsgate.proxy.upstream import UpstreamGroup
 
 A, B = "https://10.0.0.1:9443", "https://10.0.0.2:9443"
 
@@ -37,7 +37,7 @@ def checker(clock: Clock, checks: Checks, **settings) -> HealthChecker:
 
 
 def transitions(events) -> list[str]:
-    return [e["log_format"].split(":")[0].format(**e) for e in events if e.get("log_namespace") == "mtlsgate.healthcheck"]
+    return [e["log_format"].split(":")[0].format(**e) for e in events if e.get("log_namespace") == "mtlsgate.proxy.healthcheck"]
 
 
 def test_a_target_goes_down_after_the_threshold_of_failures_and_up_after_that_of_successes():

@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
 from mtlsgate.http.client import HTTP11Agent, ResponseHeadersTooLarge, UpstreamConnection, UpstreamProtocolError
-from mtlsgate.proxy import RequestBody
+from mtlsgate.proxy.exchange import RequestBody
 
 URL = b"https://upstream.test:8443/path?q=1"
 
@@ -205,7 +205,7 @@ def test_response_headers_are_all_there_in_order_and_the_phrase_whole():
     response, _, _, _ = exchange([b"HTTP/1.1 404 Not ", b"Found Here\r\nX-A: 1\r\nx-a: 2\r\nConnection: close, X-Secret\r\nContent-Length: 0\r\n\r\n"])
     assert response.phrase == b"Not Found Here"
     assert response.headers.getRawHeaders(b"x-a") == [b"1", b"2"]
-    # Connection stays visible, so that the proxy strips the headers it names (mtlsgate.headers.client_response_headers).
+    # Connection stays visible, so that the proxy strips the headers it names (mtlsgate.http.headers.client_response_headers).
     assert response.headers.getRawHeaders(b"connection") == [b"close, X-Secret"]
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from mtlsgate.config import Limits
+from mtlsgate.config.model import Limits
 from mtlsgate.http.server import HTTPServerFactory, Request
 
 SMALL = Limits(max_line_length=40, max_header_count=4, max_header_size=120)

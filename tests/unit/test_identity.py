@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from mtlsgate import identity as identity_module
 from mtlsgate.identity import AllowRules, Identity, parse_xfcc, xfcc_element
-from mtlsgate.pki import DevCA
+from mtlsgate.tls.pki import DevCA
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """
-The request target's normal form (mtlsgate.pathnorm), and the property that makes prefix routing
+The request target's normal form (mtlsgate.http.pathnorm), and the property that makes prefix routing
 sound: what the gateway routes is what a normalising upstream serves.
 """
 
@@ -10,8 +10,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.web.client import URI
 
-from mtlsgate.pathnorm import PathRefused, normalize_target, prefix_problem
-from mtlsgate.routing import RouteTable
+from mtlsgate.http.pathnorm import PathRefused, normalize_target, prefix_problem
+from mtlsgate.proxy.routing import RouteTable
 from tests.adversarial.upstream_model import upstream_path, upstream_route
 
 PREFIXES = ["/", "/admin", "/admin/users", "/a@b", "/api/v2", "/.well-known/acme", "/~x"]
@@ -124,7 +124,7 @@ def test_route_prefixes_must_be_in_normal_form(prefix, ok):
 @settings(max_examples=1000, deadline=None)
 @given(TARGETS)
 def test_the_fast_path_agrees_with_the_full_walk(target):
-    from mtlsgate.pathnorm import _PLAIN, _normalize_path
+    from mtlsgate.http.pathnorm import _PLAIN, _normalize_path
 
     path = target.partition(b"?")[0].partition(b"#")[0]
     if path.startswith(b"/") and _PLAIN.fullmatch(path) is not None:

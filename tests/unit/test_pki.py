@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from mtlsgate import pki
-from mtlsgate.pki import DevCA, PKIError
+from mtlsgate.tls import pki
+from mtlsgate.tls.pki import DevCA, PKIError
 
 
 @pytest.fixture(scope="module")

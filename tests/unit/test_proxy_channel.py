@@ -16,10 +16,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from mtlsgate.config import Limits, Route
+from mtlsgate.config.model import Limits, Route
 from mtlsgate.identity import AllowRules
-from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RouteEntry, header_field_problem, request_line_problem
-from mtlsgate.routing import RouteTable
+from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry, header_field_problem, request_line_problem
+from mtlsgate.proxy.routing import RouteTable
 
 H = b"Host: localhost\r\n"
 

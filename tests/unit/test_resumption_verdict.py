@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
-from mtlsgate import tls
-from mtlsgate.config import CertificateSpec, DownstreamMTLS
-from mtlsgate.pki import DevCA, IssuedCertificate
-from mtlsgate.tls import MULTIPLE_COMMON_NAMES, UNVERIFIED_RESUMPTION, VerifiedCertificates, VerifyFailure, certificate_verdict
+from mtlsgate.tls import server as tls
+from mtlsgate.config.model import CertificateSpec, DownstreamMTLS
+from mtlsgate.tls.pki import DevCA, IssuedCertificate
+from mtlsgate.tls.server import MULTIPLE_COMMON_NAMES, UNVERIFIED_RESUMPTION, VerifiedCertificates, VerifyFailure, certificate_verdict
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
 VALID = (NOW - timedelta(days=1), NOW + timedelta(days=1))

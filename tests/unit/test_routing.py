@@ -2,7 +2,7 @@
 
 import pytest
 
-from mtlsgate.routing import RouteTable, normalize_host, prefix_matches, request_target_problem
+from mtlsgate.proxy.routing import RouteTable, normalize_host, prefix_matches, request_target_problem
 
 
 def table():

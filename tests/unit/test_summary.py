@@ -1,8 +1,8 @@
 """The start-up tables."""
 
-from mtlsgate.config import Route
+from mtlsgate.config.model import Route
 from mtlsgate.identity import AllowRules
-from mtlsgate.summary import routes_table, table
+from mtlsgate.observe.summary import routes_table, table
 
 
 def test_table_aligns_columns():

@@ -9,9 +9,9 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from mtlsgate.config import config_from_mapping
-from mtlsgate.sockets import TCPListen, parse_tcp_listen, reuse_port_group, steer_by_client_address
-from mtlsgate.workers import WorkerGroup, _Worker
+from mtlsgate.config.load import config_from_mapping
+from mtlsgate.app.sockets import TCPListen, parse_tcp_listen, reuse_port_group, steer_by_client_address
+from mtlsgate.app.workers import WorkerGroup, _Worker
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,11 @@ Twisted server (C{twistd web --listen mtls:8443:cert=gate.pem:key=gate-key.pem:c
 
 from twisted.application.service import ServiceMaker
 
-from mtlsgate.endpoint import MTLSEndpointParser
+from mtlsgate.tls.endpoint import MTLSEndpointParser
 
 mtlsgate = ServiceMaker(
     "mtlsgate",
-    "mtlsgate.tap",
+    "mtlsgate.app.tap",
     "A zero-trust TLS/mTLS gateway: terminate TLS, verify client certificates, proxy to mTLS upstreams.",
     "mtlsgate",
 )

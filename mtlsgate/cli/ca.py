@@ -21,11 +21,11 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, Encoding, pkcs12
 
-from mtlsgate.check import extended_key_usages, serial_hex
-from mtlsgate.summary import days_left, short_path, table_lines
-from mtlsgate.config import load_config
+from mtlsgate.cli.check import extended_key_usages, serial_hex
+from mtlsgate.observe.summary import days_left, short_path, table_lines
+from mtlsgate.config.load import load_config
 from mtlsgate.identity import AllowRules, Identity, printable
-from mtlsgate.pki import (
+from mtlsgate.tls.pki import (
     DevCA, IssuedCertificate, PKIError, _hostname_problem, is_issued_by, load_certificates, load_crls, private_key_pem,
     write_private_file, write_public_file,
 )  # fmt: skip

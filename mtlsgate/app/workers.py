@@ -2,8 +2,8 @@
 C{workers: N}: nginx's master/worker model as a Twisted service.
 
 The parent (the twistd process) binds the listening sockets, so ports below 1024 work with
-C{twistd -u/-g}, and runs no TLS itself.  It starts N worker processes (C{python -m mtlsgate.worker},
-each given its own C{SO_REUSEPORT} socket of the TLS port, see L{mtlsgate.sockets}) and:
+C{twistd -u/-g}, and runs no TLS itself.  It starts N worker processes (C{python -m mtlsgate.app.worker},
+each given its own C{SO_REUSEPORT} socket of the TLS port, see L{mtlsgate.app.sockets}) and:
 
 - restarts a worker that dies, after a back-off that grows while it keeps dying young;
 - forwards SIGHUP, so every worker reloads its configuration and certificates;
@@ -35,13 +35,13 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mtlsgate.config import Config, ConfigError
-from mtlsgate.metrics import worker_group_registry
-from mtlsgate.pki import PKIError
-from mtlsgate.service import StartupError, admin_listener_for, certificate_expiries, certificate_problem, served_certificates
-from mtlsgate.sockets import listening_socket, parse_tcp_listen, reuse_port_group, steer_by_client_address
+from mtlsgate.config.model import Config, ConfigError
+from mtlsgate.observe.metrics import worker_group_registry
+from mtlsgate.tls.pki import PKIError
+from mtlsgate.app.service import StartupError, admin_listener_for, certificate_expiries, certificate_problem, served_certificates
+from mtlsgate.app.sockets import listening_socket, parse_tcp_listen, reuse_port_group, steer_by_client_address
 
-log = Logger(namespace="mtlsgate.workers")
+log = Logger(namespace="mtlsgate.app.workers")
 
 #: The worker's file descriptors: its log events (JSON, to the parent), the TLS socket, the HTTP socket.
 EVENTS_FD, HTTPS_FD, HTTP_FD = 3, 4, 5
@@ -165,7 +165,7 @@ class WorkerGroup(MultiService):
         if self.stopping:
             return
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", EVENTS_FD: "r", HTTPS_FD: self.https_sockets[index].fileno()}
-        args = [sys.executable, "-m", "mtlsgate.worker", "--index", str(index), "--parent", str(os.getpid())]
+        args = [sys.executable, "-m", "mtlsgate.app.worker", "--index", str(index), "--parent", str(os.getpid())]
         if index == 0:
             if self.http_socket is not None:
                 fds[HTTP_FD] = self.http_socket.fileno()

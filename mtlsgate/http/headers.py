@@ -16,7 +16,7 @@ from typing import Iterable
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-log = Logger(namespace="mtlsgate.headers")
+log = Logger(namespace="mtlsgate.http.headers")
 
 
 HOP_BY_HOP = frozenset(

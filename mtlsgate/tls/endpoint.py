@@ -17,9 +17,9 @@ from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndp
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mtlsgate.config import CertificateSpec, ConfigError, DownstreamMTLS
-from mtlsgate.pki import PKIError
-from mtlsgate.tls import ClientVerification, GatewayTLSFactory, ServerTLS, load_served_certificates
+from mtlsgate.config.model import CertificateSpec, ConfigError, DownstreamMTLS
+from mtlsgate.tls.pki import PKIError
+from mtlsgate.tls.server import ClientVerification, GatewayTLSFactory, ServerTLS, load_served_certificates
 
 
 @implementer(IStreamServerEndpoint)

@@ -12,11 +12,15 @@ from typing import Any, Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from zope.interface import implementer
+
+from mtlsgate.tls.observer import IConnectionObserver
 
 #: Upstream latency buckets, seconds: from a loopback hop to a slow backend.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+@implementer(IConnectionObserver)
 class GatewayMetrics:
     """
     @param certificates: returns the certificates being served now, as C{(name, not_after)}

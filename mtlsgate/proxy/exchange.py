@@ -20,24 +20,24 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from mtlsgate.config import Limits, Route
-from mtlsgate.headers import client_response_headers, upstream_request_headers
+from mtlsgate.config.model import Limits, Route
+from mtlsgate.http.headers import client_response_headers, upstream_request_headers
 from mtlsgate.http.body import BodyTooLarge, RequestBody
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.server import HTTPServerFactory, Request
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
-from mtlsgate.metrics import GatewayMetrics
-from mtlsgate.pathnorm import PathRefused, normalize_target
-from mtlsgate.routing import RouteTable, normalize_host
-from mtlsgate.tls import peer_verdict
-from mtlsgate.upstream import UpstreamGroup
+from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.http.pathnorm import PathRefused, normalize_target
+from mtlsgate.proxy.routing import RouteTable, normalize_host
+from mtlsgate.tls.server import peer_verdict
+from mtlsgate.proxy.upstream import UpstreamGroup
 
 # Names other modules and tests import from here; they live in mtlsgate.http now.
 __all__ = ["BodyTooLarge", "GatewayRequest", "RequestBody", "header_field_problem", "request_line_problem"]
 
 GatewayRequest = Request
 
-log = Logger(namespace="mtlsgate.proxy")
+log = Logger(namespace="mtlsgate.proxy.exchange")
 access_log = Logger(namespace="mtlsgate.access")
 
 # --- the peer's identity, once per connection -----------------------------------------------------

@@ -25,12 +25,12 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtlsgate import pki
-from mtlsgate.config import CertificateSpec, DownstreamMTLS, Limits
+from mtlsgate.tls import pki
+from mtlsgate.config.model import CertificateSpec, DownstreamMTLS, Limits
 from mtlsgate.identity import printable
-from mtlsgate.metrics import GatewayMetrics
+from mtlsgate.tls.observer import IConnectionObserver, NoObserver
 
-log = Logger(namespace="mtlsgate.tls")
+log = Logger(namespace="mtlsgate.tls.server")
 
 # ECDHE key exchange with AEAD ciphers only, for TLS 1.2; TLS 1.3 suites are all AEAD already.
 # @SECLEVEL=2, whatever the library's default: keys of 112-bit strength or more (RSA >= 2048, EC >= 224)
@@ -689,11 +689,11 @@ class GatewayTLSFactory(TLSMemoryBIOFactory):
     protocol = _HandshakeLoggingTLSProtocol
 
     def __init__(
-        self, creator: ServerTLS, wrapped: object, reactor: Any, metrics: GatewayMetrics | None = None, limits: Limits = Limits(),
+        self, creator: ServerTLS, wrapped: object, reactor: Any, metrics: IConnectionObserver | None = None, limits: Limits = Limits(),
     ) -> None:  # fmt: skip
         super().__init__(creator, False, wrapped, reactor)  # type: ignore[arg-type]
         self.reactor = reactor
-        self.metrics = metrics or GatewayMetrics()
+        self.metrics: IConnectionObserver = metrics or NoObserver()
         self.limits = limits
         self.open_connections = 0
         self._refused_since_warning = 0

@@ -1,7 +1,8 @@
 """
-The self-contained demo: a development CA, certificates, an mTLS "echo" upstream that shows what it
-received, and the gateway in front of it.  The echo upstream doubles as the tests' upstream:
-C{python -m mtlsgate.demo upstream --port P --cert C --key K --client-ca CA}.
+What tests and users share: the mTLS echo upstream (C{python -m mtlsgate.testing upstream}), which
+answers every request with what it received (method, target, headers, body digest) as JSON, or with
+a body of C{?size=N} bytes.  The demo puts it behind the gateway; the tests and the benchmark use it
+as a real upstream that requires a client certificate.
 """
 
 from __future__ import annotations
@@ -9,23 +10,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import sys
 from typing import Any
 
-import yaml
-from twisted.application.service import MultiService
 from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
 from twisted.web import resource, server
 from zope.interface import implementer
 
-from mtlsgate.config import CertificateSpec, DownstreamMTLS, config_from_mapping
-from mtlsgate.pki import DevCA
-from mtlsgate.proxy import peer_of
-from mtlsgate.tls import ClientVerification, GatewayTLSFactory, ServerTLS, load_served_certificates
+from mtlsgate.config.model import CertificateSpec, DownstreamMTLS
+from mtlsgate.proxy.exchange import peer_of
+from mtlsgate.tls.server import ClientVerification, GatewayTLSFactory, ServerTLS, load_served_certificates
 
-log = Logger(namespace="mtlsgate.demo")
+log = Logger(namespace="mtlsgate.testing")
 
 
 @implementer(IPullProducer)
@@ -112,7 +108,7 @@ class EchoUpstream(resource.Resource):
 
 def make_echo_upstream(reactor: Any, address: str, cert: str, key: str | None, client_ca: str | None) -> Any:
     """The echo upstream on an endpoint; it requires a client certificate when C{client_ca} is given."""
-    from mtlsgate.service import _Listener
+    from mtlsgate.app.service import _Listener
 
     server_tls = ServerTLS()
     mtls = DownstreamMTLS(ca_file=client_ca, client_auth="require" if client_ca else "off")
@@ -123,76 +119,9 @@ def make_echo_upstream(reactor: Any, address: str, cert: str, key: str | None, c
     return _Listener(reactor, address, GatewayTLSFactory(server_tls, site, reactor), "echo upstream (mTLS)")
 
 
-def prepare_demo(directory: str, port: int = 8443, upstream_port: int = 9443) -> dict[str, Any]:
-    """Make (or reuse) the demo's CA, certificates and config file in C{directory}; returns the config mapping."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    d = os.path.abspath(directory)
-
-    def path(name: str) -> str:
-        return os.path.join(d, name)
-
-    ca = DevCA.load_or_create(path("ca"), name="mtlsgate demo CA")
-    issued = {
-        "gateway": lambda: ca.issue_server(["localhost", "127.0.0.1", "::1"]),
-        "upstream": lambda: ca.issue_server(["localhost", "127.0.0.1"]),
-        "gateway-client": lambda: ca.issue_client("mtlsgate-demo-gateway", uris=["spiffe://demo.mtlsgate/gateway"]),
-        "alice": lambda: ca.issue_client("alice", uris=["spiffe://demo.mtlsgate/alice"], emails=["alice@example.com"]),
-    }
-    for name, issue in issued.items():
-        if not (os.path.exists(path(f"{name}.pem")) and os.path.exists(path(f"{name}-key.pem"))):
-            issue().write(path(f"{name}.pem"), path(f"{name}-key.pem"))
-    config = {
-        "address": f"tcp:{port}:interface=127.0.0.1",
-        "certificates": [{"cert": path("gateway.pem"), "key": path("gateway-key.pem")}],
-        "downstream_mtls": {"ca_file": path("ca/ca.pem"), "client_auth": "require", "enforcement": "policy"},
-        "routes": [
-            {
-                "from": "https://localhost",
-                "to": [f"https://127.0.0.1:{upstream_port}"],
-                "tls_custom_ca_file": path("ca/ca.pem"),
-                "tls_client_cert_file": path("gateway-client.pem"),
-                "tls_client_key_file": path("gateway-client-key.pem"),
-                "tls_server_name": "localhost",
-            }
-        ],
-    }
-    with open(path("mtlsgate.yaml"), "w") as f:
-        f.write("# Written by 'mtlsgate demo'; run it yourself with: twistd -n mtlsgate --config mtlsgate.yaml\n")
-        yaml.safe_dump(config, f, sort_keys=False)
-    return config
-
-
-def demo_instructions(directory: str, port: int) -> str:
-    d = os.path.abspath(directory)
-    return (
-        f"\nmtlsgate demo is running: gateway https://localhost:{port}/ -> mTLS echo upstream.\n"
-        f"Files (CA, certificates, mtlsgate.yaml) are in {d}\n\n"
-        "With a client certificate (admitted; the upstream echoes the identity headers it got):\n"
-        f"  curl --cacert {d}/ca/ca.pem --cert {d}/alice.pem --key {d}/alice-key.pem https://localhost:{port}/hello\n\n"
-        "Without one (refused with 403 and the reason):\n"
-        f"  curl --cacert {d}/ca/ca.pem https://localhost:{port}/hello\n\n"
-        "Stop with Ctrl-C.\n"
-    )
-
-
-def make_demo_service(reactor: Any, directory: str, port: int = 8443, upstream_port: int = 9443) -> MultiService:
-    """The gateway and its echo upstream, in one service."""
-    from mtlsgate.service import make_gateway
-
-    data = prepare_demo(directory, port, upstream_port)
-    d = os.path.abspath(directory)
-    top = MultiService()
-    make_echo_upstream(
-        reactor, f"tcp:{upstream_port}:interface=127.0.0.1", os.path.join(d, "upstream.pem"), os.path.join(d, "upstream-key.pem"), os.path.join(d, "ca/ca.pem")
-    ).setServiceParent(top)
-    make_gateway(reactor, config_from_mapping(data)).setServiceParent(top)
-    reactor.callWhenRunning(lambda: sys.stdout.write(demo_instructions(directory, port)))
-    return top
-
-
 def main(argv: list[str] | None = None) -> None:
-    """C{python -m mtlsgate.demo upstream ...}: run the echo upstream alone (tests, benchmarks)."""
-    parser = argparse.ArgumentParser(prog="python -m mtlsgate.demo")
+    """C{python -m mtlsgate.testing upstream ...}: run the echo upstream alone (tests, benchmarks)."""
+    parser = argparse.ArgumentParser(prog="python -m mtlsgate.testing")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upstream", help="run the mTLS echo upstream")
     up.add_argument("--listen", required=True, help="endpoint string, e.g. tcp:9443:interface=127.0.0.1")
@@ -202,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from twisted.internet import reactor
 
-    from mtlsgate.cli import run_service
+    from mtlsgate.app.run import run_service
 
     run_service(reactor, make_echo_upstream(reactor, args.listen, args.cert, args.key, args.client_ca))
 

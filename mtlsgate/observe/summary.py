@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from mtlsgate.config import Route
+from mtlsgate.config.model import Route
 from mtlsgate.identity import printable
 
 

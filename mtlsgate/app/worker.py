@@ -1,6 +1,6 @@
 """
-One worker process of a group (L{mtlsgate.workers}), started by the parent as
-C{python -m mtlsgate.worker --index N [--http] [--acme] -- FLAGS...}, where FLAGS are the
+One worker process of a group (L{mtlsgate.app.workers}), started by the parent as
+C{python -m mtlsgate.app.worker --index N [--http] [--acme] -- FLAGS...}, where FLAGS are the
 C{twistd mtlsgate} flags the parent was given.
 
 It adopts the listening sockets the parent passed, sends its log events to the parent as JSON, and
@@ -28,7 +28,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mtlsgate.worker")
+    parser = argparse.ArgumentParser(prog="python -m mtlsgate.app.worker")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--http", action="store_true", help="serve the HTTP listener (fd 5)")
     parser.add_argument("--acme", action="store_true", help="run autocert")
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
     from twisted.python import usage
 
-    from mtlsgate.service import WorkerRole
-    from mtlsgate.tap import Options
-    from mtlsgate.workers import EVENTS_FD, HTTP_FD, HTTPS_FD
+    from mtlsgate.app.service import WorkerRole
+    from mtlsgate.app.tap import Options
+    from mtlsgate.app.workers import EVENTS_FD, HTTP_FD, HTTPS_FD
 
     events = os.fdopen(EVENTS_FD, "w", encoding="utf-8")
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(events)], redirectStandardIO=False)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    Logger(namespace="mtlsgate.workers").info(
+    Logger(namespace="mtlsgate.app.workers").info(
         "worker {index} serving (pid {pid})", index=args.index, pid=os.getpid(), mtlsgate_worker_ready=True
     )
     reactor.run()

@@ -19,10 +19,11 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from mtlsgate.config import Config, Route, load_config
+from mtlsgate.config.load import load_config
+from mtlsgate.config.model import Config, Route
 from mtlsgate.identity import Identity, printable
-from mtlsgate.pki import PKIError, is_issued_by, load_certificates, load_crls, load_key_and_chain
-from mtlsgate.summary import ROUTE_HEADERS, days_left, issuer_label, route_rows, short_path, table_lines
+from mtlsgate.tls.pki import PKIError, is_issued_by, load_certificates, load_crls, load_key_and_chain
+from mtlsgate.observe.summary import ROUTE_HEADERS, days_left, issuer_label, route_rows, short_path, table_lines
 
 WARN_WITHIN = timedelta(days=30)
 

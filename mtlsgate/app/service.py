@@ -22,20 +22,20 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import server
 
-from mtlsgate import fdlimit
-from mtlsgate.accesslog import AccessLogService
+from mtlsgate.app import fdlimit
+from mtlsgate.observe.accesslog import AccessLogService
 from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, PublishedValidations, TLSALPN01Responder
 from mtlsgate.acme.service import AcmeIssuingService
 from mtlsgate.acme.store import DirectoryStore
-from mtlsgate.admin import admin_resource
-from mtlsgate.config import Config, ConfigError
-from mtlsgate.filewatch import FileWatch, watched_files
-from mtlsgate.metrics import GatewayMetrics
-from mtlsgate.pki import PKIError
-from mtlsgate.proxy import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
-from mtlsgate.routing import RouteTable
-from mtlsgate.summary import certificates_table, routes_table
-from mtlsgate.tls import (
+from mtlsgate.observe.admin import admin_resource
+from mtlsgate.config.model import Config, ConfigError
+from mtlsgate.app.filewatch import FileWatch, watched_files
+from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.tls.pki import PKIError
+from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
+from mtlsgate.proxy.routing import RouteTable
+from mtlsgate.observe.summary import certificates_table, routes_table
+from mtlsgate.tls.server import (
     CertificateSet,
     ClientVerification,
     GatewayTLSFactory,
@@ -44,7 +44,7 @@ from mtlsgate.tls import (
     load_served_certificates,
     placeholder_certificate,
 )  # fmt: skip
-from mtlsgate.upstream import UpstreamGroup
+from mtlsgate.proxy.upstream import UpstreamGroup
 
 log = Logger(namespace="mtlsgate")
 
@@ -148,7 +148,7 @@ def warn_about(config: Config) -> None:
 @attrs.frozen
 class WorkerRole:
     """
-    What one process of a worker group does (L{mtlsgate.workers}): it serves the TLS listener the
+    What one process of a worker group does (L{mtlsgate.app.workers}): it serves the TLS listener the
     parent bound (C{https_fd}); only one worker holds the HTTP listener and runs autocert, the others
     pick up what autocert stores by watching C{certs_dir}.
     """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Generic, Iterable, TypeVar
 
-from mtlsgate.pathnorm import PathRefused, normalize_target
+from mtlsgate.http.pathnorm import PathRefused, normalize_target
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ def prefix_matches(prefix: str, path: str) -> bool:
 
 
 def request_target_problem(target: str) -> str | None:
-    """Why a request target cannot be routed safely, or None (see L{mtlsgate.pathnorm} for the rules)."""
+    """Why a request target cannot be routed safely, or None (see L{mtlsgate.http.pathnorm} for the rules)."""
     try:
         normalize_target(target.encode("latin-1", "replace"))
     except PathRefused as e:

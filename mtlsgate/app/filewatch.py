@@ -14,11 +14,11 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mtlsgate.config import Config
+from mtlsgate.config.model import Config
 
 Snapshot = dict[str, "tuple[int, int, int] | None"]
 
-log = Logger(namespace="mtlsgate.filewatch")
+log = Logger(namespace="mtlsgate.app.filewatch")
 
 
 def watched_files(config: Config) -> list[str]:

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.python import usage
 
-from mtlsgate.config import Config, ConfigError, config_from_mapping, load_config
-from mtlsgate.pki import PKIError
+from mtlsgate.config.load import config_from_mapping, load_config
+from mtlsgate.config.model import Config, ConfigError
+from mtlsgate.tls.pki import PKIError
 
 if TYPE_CHECKING:
-    from mtlsgate.service import WorkerRole
+    from mtlsgate.app.service import WorkerRole
 
 # Which flags feed which top-level key, so errors can name the flag the user actually typed.
 _FLAG_FOR_KEY = {
@@ -111,7 +112,7 @@ class Options(usage.Options):
         for name in ("cn", "ou", "dns", "uri", "email", "fingerprint"):
             self[f"allow-{name}"] = []
         self.config: Config | None = None
-        #: Set by L{mtlsgate.worker}: this process is one worker of a group.
+        #: Set by L{mtlsgate.app.worker}: this process is one worker of a group.
         self.worker: WorkerRole | None = None
         self.argv: list[str] = []
 
@@ -272,12 +273,12 @@ class Options(usage.Options):
 
             from twisted.application.service import IService
 
-            from mtlsgate.service import build_world, make_gateway
+            from mtlsgate.app.service import build_world, make_gateway
 
             self.service: IService
             if self.config.workers > 1 and self.worker is None:
-                from mtlsgate.tls import ServerTLS
-                from mtlsgate.workers import WorkerGroup
+                from mtlsgate.tls.server import ServerTLS
+                from mtlsgate.app.workers import WorkerGroup
 
                 build_world(reactor, self.config, ServerTLS())  # every file loads, before any worker starts
                 self.service = WorkerGroup(reactor, self.config, self.argv, self.load)
@@ -295,7 +296,7 @@ def makeService(options: Options) -> Any:
     if options["demo"] is not None:
         from twisted.internet import reactor
 
-        from mtlsgate.demo import make_demo_service
+        from mtlsgate.app.demo import make_demo_service
 
         return make_demo_service(reactor, options["demo"])
     return options.service

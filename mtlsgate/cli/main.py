@@ -1,6 +1,6 @@
 """
 The C{mtlsgate} command: C{mtlsgate demo}, a small local CA (C{mtlsgate ca init|issue|revoke|crl|show},
-in L{mtlsgate.ca_cli}), C{mtlsgate check CONFIG} (in L{mtlsgate.check}) and C{mtlsgate tac} (prints the
+in L{mtlsgate.cli.ca}), C{mtlsgate check CONFIG} (in L{mtlsgate.cli.check}) and C{mtlsgate tac} (prints the
 deployment file shipped in the package).
 """
 
@@ -9,30 +9,21 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib import resources
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from mtlsgate import ca_cli, check
-from mtlsgate.ca_cli import CommandError
-from mtlsgate.config import ConfigError
-from mtlsgate.pki import PKIError
+from mtlsgate.cli import ca as ca_cli
+from mtlsgate.cli import check
+from mtlsgate.app.run import run_service
+from mtlsgate.cli.ca import CommandError
+from mtlsgate.config.model import ConfigError
+from mtlsgate.tls.pki import PKIError
 from mtlsgate.version import version
-
-
-def run_service(reactor: Any, service: Any) -> None:
-    """Run a service in the foreground with log lines on stdout, until SIGINT/SIGTERM."""
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service.privilegedStartService()
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
 
 
 def _demo(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
-    from mtlsgate.demo import make_demo_service
+    from mtlsgate.app.demo import make_demo_service
 
     run_service(reactor, make_demo_service(reactor, args.dir, args.port, args.upstream_port))
     return 0

@@ -20,9 +20,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from mtlsgate.config import HealthCheck
+from mtlsgate.config.model import HealthCheck
 
-log = Logger(namespace="mtlsgate.healthcheck")
+log = Logger(namespace="mtlsgate.proxy.healthcheck")
 
 Probe = Callable[[str], "defer.Deferred[int]"]
 

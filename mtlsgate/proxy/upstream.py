@@ -26,13 +26,13 @@ from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from mtlsgate import pki
-from mtlsgate.config import Route
-from mtlsgate.healthcheck import HealthChecker, http_probe
+from mtlsgate.tls import pki
+from mtlsgate.config.model import Route
+from mtlsgate.proxy.healthcheck import HealthChecker, http_probe
 from mtlsgate.http.client import HTTP11Agent
-from mtlsgate.tls import CIPHERS
+from mtlsgate.tls.server import CIPHERS
 
-log = Logger(namespace="mtlsgate.upstream")
+log = Logger(namespace="mtlsgate.proxy.upstream")
 
 
 def _is_ip(name: str) -> bool:

@@ -1,0 +1,1 @@
+"""The mtlsgate command: demo, ca, check, tac."""
