@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -24,9 +24,6 @@ from twisted.web import server
 
 from mtlsgate.app import fdlimit
 from mtlsgate.observe.accesslog import AccessLogService
-from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, PublishedValidations, TLSALPN01Responder
-from mtlsgate.acme.service import AcmeIssuingService
-from mtlsgate.acme.store import DirectoryStore
 from mtlsgate.observe.admin import admin_resource
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.app.filewatch import FileWatch, watched_files
@@ -45,6 +42,10 @@ from mtlsgate.tls.server import (
     placeholder_certificate,
 )  # fmt: skip
 from mtlsgate.proxy.upstream import UpstreamGroup
+
+if TYPE_CHECKING:
+    # The ACME stack (acme, josepy, treq: ~9 MiB) is imported only by a gateway that runs autocert.
+    from mtlsgate.acme.service import AcmeIssuingService
 
 log = Logger(namespace="mtlsgate")
 
@@ -310,6 +311,8 @@ class GatewayService(MultiService):
         """A worker without autocert: serve what the autocert worker stores and the validations it publishes."""
         assert config.autocert is not None and config.certs_dir is not None
         if "tls-alpn-01" in config.autocert.challenges:
+            from mtlsgate.acme.responders import PublishedValidations
+
             self.server_tls.acme_validation = PublishedValidations(tls_alpn_publish_dir(config.certs_dir))
         certs_dir = config.certs_dir
 
@@ -325,6 +328,10 @@ class GatewayService(MultiService):
 
     def _start_autocert(self, config: Config) -> Callable[[str], str | None] | None:
         """Build the issuing service and its responders; returns the http-01 lookup, if any."""
+        from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, TLSALPN01Responder
+        from mtlsgate.acme.service import AcmeIssuingService
+        from mtlsgate.acme.store import DirectoryStore
+
         settings = config.autocert
         assert settings is not None and config.certs_dir is not None
         responders: list[Any] = []
