@@ -244,10 +244,16 @@ class _Parse:
             return
         if self.connection.headers_complete(self):
             return
+        if self.chunked or self.length:
+            # A 1xx has no content (RFC 9110 15.2), but llhttp reads a framed one for codes other than 100, 102 and
+            # 103: its bytes would go out as the start of the final response's body, past that body's length.
+            raise UpstreamProtocolError("a 1xx response with content")
         self.interim = True
         self.phrase, self.headers, self.length, self.chunked = b"", [], None, False
 
     def on_body(self, body: bytes) -> None:
+        if self.interim:
+            raise UpstreamProtocolError("a 1xx response with content")
         if self.complete:
             self.problem = "a body after a response that has none"
             return

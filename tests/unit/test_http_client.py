@@ -298,6 +298,19 @@ def test_interim_responses_count_against_the_header_limit():
     assert isinstance(failure, Failure) and failure.value.reasons[0].check(ResponseHeadersTooLarge)
 
 
+@pytest.mark.parametrize("interim", [
+    b"HTTP/1.1 199 Odd\r\nContent-Length: 5\r\n\r\nforge",
+    b"HTTP/1.1 150 Odd\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nforge\r\n0\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\nTransfer-Encoding: chunked\r\n\r\n",
+])
+def test_a_1xx_response_with_content_is_a_protocol_error_and_none_of_it_is_relayed(interim):
+    for pieces in ([interim + OK], [interim[:-3], interim[-3:] + OK]):
+        failure, _, _, connection = exchange(pieces)
+        assert isinstance(failure, Failure) and failure.value.reasons[0].check(UpstreamProtocolError)
+        assert "a 1xx response with content" in str(failure.value.reasons[0].value)
+        assert connection.transport.disconnecting
+
+
 def test_endless_headers_fail_without_buffering_them():
     agent, endpoint, _ = make(max_header_size=LIMIT)
     got = results(agent.request(b"GET", URL))
