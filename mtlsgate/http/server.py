@@ -438,6 +438,10 @@ class HTTPServerProtocol(Protocol):
             self._problem = self._problem or f"malformed request: {e}"
         if self._problem is None and self._content_length is not None and self._chunked:
             self._problem = "both Content-Length and Transfer-Encoding"
+        if self._problem is None and self._chunked and version == b"HTTP/1.0":
+            # RFC 9112 6.1: faulty framing.  Go's net/http ignores Transfer-Encoding in HTTP/1.0 and nginx refuses it; llhttp
+            # (given an HTTP/1.1 request line) would read a chunked body: one byte stream, two readings.
+            self._problem = "Transfer-Encoding in an HTTP/1.0 request"
         if self._problem is None and upgrade and (self._chunked or self._content_length):
             self._problem = "a request asking for a protocol upgrade cannot carry a body"
         if self._problem is not None or not self._message_done and not self._head_done:

@@ -93,7 +93,7 @@ def model_head(stream: bytes, pos: int, limits: Limits) -> tuple[bytes, bytes, b
             raise Bad(431)
     lengths = [v for n, v in fields if n.lower() == b"content-length"]
     chunked = [v for n, v in fields if n.lower() == b"transfer-encoding"]
-    if len(lengths) > 1 or (lengths and chunked) or len(chunked) > 1:
+    if len(lengths) > 1 or (lengths and chunked) or len(chunked) > 1 or (chunked and request_line[2] == b"HTTP/1.0"):
         raise Bad(400)
     return request_line[0], request_line[1], request_line[2], fields, pos
 
