@@ -98,6 +98,8 @@ SERVED = [
     pytest.param(b"GET /one HTTP/1.1\r\n" + H + b"Content-Length: %d\r\n\r\n%s" % (len(SMUGGLED), SMUGGLED), SMUGGLED, id="request-in-get-body"),
     pytest.param(b"POST /one HTTP/1.1\r\n" + H + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\nhello", b"hello", id="expect-pipelined"),
     pytest.param(b"HEAD /one HTTP/1.1\r\n" + H + b"\r\n", None, id="head-pipelined"),
+    pytest.param(b"POST /one HTTP/1.1\r\n" + H + b"Connection: X-Forwarded-Client-Cert, X-Forwarded-For\r\nX-Forwarded-Client-Cert: By=evil\r\n"
+                 b"X-Forwarded-For: 6.6.6.6\r\nContent-Length: 5\r\n\r\nhello", b"hello", id="connection-names-the-identity-headers"),
 ]
 
 
