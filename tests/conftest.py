@@ -311,6 +311,9 @@ def start_gateway(procs, tmp_path):
                 port = free_port()
                 argv += ["--https", f"tcp:{port}:interface=127.0.0.1"]
             argv += args
+            workers = os.environ.get("MTLSGATE_TEST_WORKERS")
+            if workers and "--workers" not in args:
+                argv += ["--workers", workers]  # the same tests against a worker group (see README)
         full_env = subprocess_env()
         full_env.update(env or {})
         limit = None if file_size_limit is None else functools.partial(_limit_file_size, file_size_limit)
