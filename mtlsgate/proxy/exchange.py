@@ -115,28 +115,38 @@ class _ResponseRelay(Protocol):
         self._stall_timeout = stall_timeout
         self._stall_timer: Any = None
         self._stalled = False
+        self._last = 0.0  # when the last body bytes came (or the watch started): the timer checks it when it fires
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
         self._watch()
 
     def _watch(self) -> None:
+        """
+        Start the stall clock afresh.  One timer per response, not one per chunk: a chunk only notes its
+        time, and the timer, when it fires, re-arms itself for what is left since the last chunk.
+        """
         self._unwatch()
-        self._stall_timer = self._reactor.callLater(self._stall_timeout, self._stall)
+        self._last = self._reactor.seconds()
+        self._stall_timer = self._reactor.callLater(self._stall_timeout, self._check)
 
     def _unwatch(self) -> None:
         if self._stall_timer is not None and self._stall_timer.active():
             self._stall_timer.cancel()
         self._stall_timer = None
 
-    def _stall(self) -> None:
+    def _check(self) -> None:
+        left = self._last + self._stall_timeout - self._reactor.seconds()
+        if left > 0:
+            self._stall_timer = self._reactor.callLater(left, self._check)
+            return
         self._stall_timer = None
         self._stalled = True
         self.transport.stopProducing()  # closes the upstream connection; connectionLost follows
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes += len(data)
-        self._watch()
+        self._last = self._reactor.seconds()
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
