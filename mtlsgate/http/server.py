@@ -397,17 +397,23 @@ class HTTPServerProtocol(Protocol):
         self._close()
 
     def _next_head(self) -> bool:
-        """Scan the buffered head; start the request when it is complete. False: wait for more bytes (or refused)."""
-        self._start_header_timer()
+        """
+        Scan the buffered head; start the request when it is complete. False: wait for more bytes (or refused).
+        The header timer is armed only when the head is not complete in the read that brought its first
+        byte (it is armed in that same call, so it still counts from the first byte): a head that comes
+        whole, the usual case, costs no timer.
+        """
         buf = self._buf
         if buf[:1] == b"\r" and self._scan.offset == 0:
             while buf.startswith(b"\r\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
                 buf = buf[2:]
             self._buf = buf
             if not buf or buf == b"\r":
+                self._start_header_timer()
                 return False
         result = scan_head(buf, self._scan, self.limits)
         if result is None:
+            self._start_header_timer()
             return False
         if isinstance(result, Refusal):
             self._refuse(result)
