@@ -222,7 +222,7 @@ class _Exchange:
         self.timer: Any = None
         if request.body is not None:
             request.body.on_change = self._upload_changed
-        request.notifyFinish().addErrback(self._client_lost)
+        request.when_done(self._request_done)
 
     def start(self) -> None:
         request = self.request
@@ -325,6 +325,10 @@ class _Exchange:
     def _stop_waiting(self) -> None:
         self.waiting = False
         self._cancel_timer()
+
+    def _request_done(self, reason: Failure | None) -> None:
+        if reason is not None:
+            self._client_lost(reason)
 
     def _client_lost(self, failure: Failure) -> None:
         self.client_gone = True
@@ -498,7 +502,7 @@ class ProxyResource:
             request.body.limit = limit
         request.proceed()  # routed, authorized, within max_body_size: now "100 Continue" (refusals above answer at once)
         self.in_flight += 1
-        request.notifyFinish().addBoth(self._finished)
+        request.when_done(self._finished)
         _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access, target.forward).start()
 
     def _own_answer(self, request: GatewayRequest, peer: Peer) -> bool:
