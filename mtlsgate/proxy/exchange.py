@@ -270,8 +270,7 @@ class _Exchange:
             response.deliverBody(Protocol())
             return
         request.setResponseCode(response.code, response.phrase)
-        for name, values in client_response_headers(response.headers).getAllRawHeaders():
-            request.responseHeaders.setRawHeaders(name, values)
+        client_response_headers(response.headers, into=request.responseHeaders)
         if isinstance(response.length, int) and request.method != b"HEAD" and response.code not in (204, 304):
             # Agent keeps Content-Length out of response.headers (it is framing); a known length is
             # passed on so that clients see the size and the response is not chunked.
