@@ -38,9 +38,9 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def _copy_without(headers: Headers, drop: Iterable[bytes], underscores: bool = True) -> Headers:
+def _copy_without(headers: Headers, drop: Iterable[bytes], underscores: bool = True, into: Headers | None = None) -> Headers:
     dropped = frozenset(drop)
-    out = Headers()
+    out = Headers() if into is None else into
     for name, values in headers.getAllRawHeaders():
         if not underscores and b"_" in name:
             log.debug("dropped the request header {name!r}: '_' in a header name", name=name)
@@ -76,7 +76,10 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(upstream: Headers) -> Headers:
-    """The upstream response's headers as forwarded to the client, without framing (set by the proxy)."""
+def client_response_headers(upstream: Headers, into: Headers | None = None) -> Headers:
+    """
+    The upstream response's headers as forwarded to the client, without framing (set by the proxy):
+    a new Headers, or set on C{into} (the client response's headers, a name at a time as before).
+    """
     drop = HOP_BY_HOP | FRAMING | _connection_tokens(upstream)
-    return _copy_without(upstream, drop)
+    return _copy_without(upstream, drop, into=into)

@@ -91,7 +91,7 @@ class Request:
         self.disconnected = False
         self._chunked = False
         self._no_body = False
-        self._notify: list[defer.Deferred[None]] = []
+        self._notify: list[Callable[[Failure | None], None]] = []  # when_done hooks and notifyFinish Deferreds, in order
 
     @property
     def path(self) -> bytes:
@@ -118,13 +118,28 @@ class Request:
     def notifyFinish(self) -> defer.Deferred[None]:
         """Fires when the response is finished; fails if the connection is lost first."""
         d: defer.Deferred[None] = defer.Deferred()
-        if self.finished:
-            d.callback(None)
-        elif self.disconnected:
-            d.errback(Failure(ConnectionLostBeforeResponse()))
-        else:
-            self._notify.append(d)
+        self.when_done(lambda reason: d.callback(None) if reason is None else d.errback(reason))
         return d
+
+    def when_done(self, hook: Callable[[Failure | None], None]) -> None:
+        """
+        Call C{hook(None)} when the response is finished, or C{hook(reason)} if the connection is lost first:
+        notifyFinish without a Deferred, for the proxy's own per-request bookkeeping.
+        """
+        if self.finished:
+            hook(None)
+        elif self.disconnected:
+            hook(Failure(ConnectionLostBeforeResponse()))
+        else:
+            self._notify.append(hook)
+
+    def _tell(self, reason: Failure | None) -> None:
+        notify, self._notify = self._notify, []
+        for hook in notify:
+            try:
+                hook(reason)
+            except Exception:
+                log.failure("a request's completion hook failed")
 
     def proceed(self) -> None:
         """The request goes upstream: if the client waits for "100 Continue" to send its body, send it now."""
@@ -193,9 +208,7 @@ class Request:
         if self._chunked:
             self.channel.write_raw(b"0\r\n\r\n")
         self.finished = True
-        notify, self._notify = self._notify, []
-        for d in notify:
-            d.callback(None)
+        self._tell(None)
         self.channel.request_done(self)
 
     def connection_lost(self, reason: Failure) -> None:
@@ -203,9 +216,7 @@ class Request:
         if self.disconnected or self.finished:
             return
         self.disconnected = True
-        notify, self._notify = self._notify, []
-        for d in notify:
-            d.errback(reason)
+        self._tell(reason)
 
 
 class ConnectionLostBeforeResponse(Exception):
@@ -397,17 +408,23 @@ class HTTPServerProtocol(Protocol):
         self._close()
 
     def _next_head(self) -> bool:
-        """Scan the buffered head; start the request when it is complete. False: wait for more bytes (or refused)."""
-        self._start_header_timer()
+        """
+        Scan the buffered head; start the request when it is complete. False: wait for more bytes (or refused).
+        The header timer is armed only when the head is not complete in the read that brought its first
+        byte (it is armed in that same call, so it still counts from the first byte): a head that comes
+        whole, the usual case, costs no timer.
+        """
         buf = self._buf
         if buf[:1] == b"\r" and self._scan.offset == 0:
             while buf.startswith(b"\r\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
                 buf = buf[2:]
             self._buf = buf
             if not buf or buf == b"\r":
+                self._start_header_timer()
                 return False
         result = scan_head(buf, self._scan, self.limits)
         if result is None:
+            self._start_header_timer()
             return False
         if isinstance(result, Refusal):
             self._refuse(result)

@@ -115,28 +115,38 @@ class _ResponseRelay(Protocol):
         self._stall_timeout = stall_timeout
         self._stall_timer: Any = None
         self._stalled = False
+        self._last = 0.0  # when the last body bytes came (or the watch started): the timer checks it when it fires
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
         self._watch()
 
     def _watch(self) -> None:
+        """
+        Start the stall clock afresh.  One timer per response, not one per chunk: a chunk only notes its
+        time, and the timer, when it fires, re-arms itself for what is left since the last chunk.
+        """
         self._unwatch()
-        self._stall_timer = self._reactor.callLater(self._stall_timeout, self._stall)
+        self._last = self._reactor.seconds()
+        self._stall_timer = self._reactor.callLater(self._stall_timeout, self._check)
 
     def _unwatch(self) -> None:
         if self._stall_timer is not None and self._stall_timer.active():
             self._stall_timer.cancel()
         self._stall_timer = None
 
-    def _stall(self) -> None:
+    def _check(self) -> None:
+        left = self._last + self._stall_timeout - self._reactor.seconds()
+        if left > 0:
+            self._stall_timer = self._reactor.callLater(left, self._check)
+            return
         self._stall_timer = None
         self._stalled = True
         self.transport.stopProducing()  # closes the upstream connection; connectionLost follows
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes += len(data)
-        self._watch()
+        self._last = self._reactor.seconds()
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -212,7 +222,7 @@ class _Exchange:
         self.timer: Any = None
         if request.body is not None:
             request.body.on_change = self._upload_changed
-        request.notifyFinish().addErrback(self._client_lost)
+        request.when_done(self._request_done)
 
     def start(self) -> None:
         request = self.request
@@ -260,8 +270,7 @@ class _Exchange:
             response.deliverBody(Protocol())
             return
         request.setResponseCode(response.code, response.phrase)
-        for name, values in client_response_headers(response.headers).getAllRawHeaders():
-            request.responseHeaders.setRawHeaders(name, values)
+        client_response_headers(response.headers, into=request.responseHeaders)
         if isinstance(response.length, int) and request.method != b"HEAD" and response.code not in (204, 304):
             # Agent keeps Content-Length out of response.headers (it is framing); a known length is
             # passed on so that clients see the size and the response is not chunked.
@@ -315,6 +324,10 @@ class _Exchange:
     def _stop_waiting(self) -> None:
         self.waiting = False
         self._cancel_timer()
+
+    def _request_done(self, reason: Failure | None) -> None:
+        if reason is not None:
+            self._client_lost(reason)
 
     def _client_lost(self, failure: Failure) -> None:
         self.client_gone = True
@@ -488,7 +501,7 @@ class ProxyResource:
             request.body.limit = limit
         request.proceed()  # routed, authorized, within max_body_size: now "100 Continue" (refusals above answer at once)
         self.in_flight += 1
-        request.notifyFinish().addBoth(self._finished)
+        request.when_done(self._finished)
         _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access, target.forward).start()
 
     def _own_answer(self, request: GatewayRequest, peer: Peer) -> bool:

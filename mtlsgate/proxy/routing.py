@@ -13,6 +13,7 @@ from typing import Generic, Iterable, TypeVar
 from mtlsgate.http.pathnorm import PathRefused, normalize_target
 
 T = TypeVar("T")
+_HOST_CACHE_SIZE = 1024
 
 
 def normalize_host(host: str) -> str:
@@ -55,6 +56,9 @@ class RouteTable(Generic[T]):
         for host, prefix, value in entries:
             by_host.setdefault(host.lower(), []).append((prefix, value))
         self._by_host = {host: sorted(routes, key=lambda r: len(r[0]), reverse=True) for host, routes in by_host.items()}
+        # Host header value as sent -> the routes of the first host candidate the table knows (None: no such host).
+        # Bounded: a client inventing Host values fills it once and then pays the uncached lookup, never memory.
+        self._host_cache: dict[str, list[tuple[str, T]] | None] = {}
 
     def _host_candidates(self, host: str) -> Iterable[str]:
         yield host
@@ -65,15 +69,25 @@ class RouteTable(Generic[T]):
 
     def lookup(self, host: str, path: str) -> T | None:
         """The route for this Host header value and request path, or None."""
-        host = normalize_host(host)
+        try:
+            routes = self._host_cache[host]
+        except KeyError:
+            routes = self._host_routes(normalize_host(host))
+            if len(self._host_cache) < _HOST_CACHE_SIZE:
+                self._host_cache[host] = routes
+        if routes is None:
+            return None
+        for prefix, value in routes:
+            if prefix_matches(prefix, path):
+                return value
+        return None
+
+    def _host_routes(self, host: str) -> list[tuple[str, T]] | None:
+        """The routes of the first candidate (exact, closest wildcard, catch-all) the table has: a host's prefixes never fall through to another's."""
         for candidate in self._host_candidates(host):
             routes = self._by_host.get(candidate)
-            if routes is None:
-                continue
-            for prefix, value in routes:
-                if prefix_matches(prefix, path):
-                    return value
-            return None
+            if routes is not None:
+                return routes
         return None
 
     def knows_host(self, host: str) -> bool:
