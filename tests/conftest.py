@@ -106,9 +106,9 @@ def _needed_tools(request: pytest.FixtureRequest) -> None:
         missing = [tool for tool in marker.args if not find_tool(tool)]
         if missing:
             message = f"{', '.join(missing)} not installed (.ci/run installs it)"
-            if os.environ.get("CI") == "true":
-                pytest.fail(message + ": under CI this is a broken install step, not a skip", pytrace=False)
-            pytest.skip(message)
+            under_ci = os.environ.get("CI") == "true"
+            outcome = functools.partial(pytest.fail, pytrace=False) if under_ci else pytest.skip
+            outcome(message + (": under CI this is a broken install step, not a skip" if under_ci else ""))
 
 
 def find_tool(name: str) -> str | None:
@@ -280,6 +280,39 @@ def start_echo_upstream(procs: list[Proc], pki: dict[str, Any], tmp_path: Path, 
     procs.append(proc)
     wait_for_port(port, proc.popen, log=proc.log)
     return port, proc
+
+
+class ThreadedListener:
+    """
+    A loopback TCP listener in this process whose accepted connections go to L{handle} on one thread
+    (for upstream doubles that misbehave on purpose); L{stop} ends it.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self.listener.close()
 
 
 class Gateway:

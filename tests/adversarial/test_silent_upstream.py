@@ -14,40 +14,26 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import echo_json, free_port, https_request
+from tests.conftest import ThreadedListener, echo_json, free_port, https_request
 
 CONNECT_TIMEOUT = 1.0
 ROUTE_TIMEOUT = 15.0
 
 
-class SilentUpstream:
+class SilentUpstream(ThreadedListener):
     """Accepts every connection and never sends or reads a byte, until stopped."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.port = self.listener.getsockname()[1]
         self.held: list[socket.socket] = []
         self.accepted = threading.Event()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.held.append(conn)
-            self.accepted.set()
+    def handle(self, conn: socket.socket) -> None:
+        self.held.append(conn)
+        self.accepted.set()
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(5)
-        self.listener.close()
+        super().stop()
         for conn in self.held:
             conn.close()
 

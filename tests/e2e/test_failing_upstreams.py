@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-from tests.conftest import gateway_args, https_request
+from tests.conftest import ThreadedListener, gateway_args, https_request
 
 Script = Callable[[ssl.SSLSocket], None]
 
@@ -31,7 +31,7 @@ def reset(conn: ssl.SSLSocket) -> None:
     conn.close()
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(ThreadedListener):
     """A TLS upstream requiring the gateway's client certificate; connection N gets C{scripts[N]} (the last repeats)."""
 
     def __init__(self, pki, scripts: list[Script]) -> None:
@@ -41,37 +41,20 @@ class ScriptedUpstream:
         self.ctx.verify_mode = ssl.CERT_REQUIRED
         self.scripts = scripts
         self.connections = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.port = self.listener.getsockname()[1]
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                raw, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            script = self.scripts[min(self.connections, len(self.scripts) - 1)]
-            self.connections += 1
-            raw.settimeout(15)
-            try:
-                with self.ctx.wrap_socket(raw, server_side=True) as conn:
-                    request = b""
-                    while b"\r\n\r\n" not in request and (chunk := conn.recv(65536)):
-                        request += chunk
-                    script(conn)
-            except OSError:
-                pass  # the gateway gave up on us first: that is what some tests are about
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(5)
-        self.listener.close()
+    def handle(self, raw: socket.socket) -> None:
+        script = self.scripts[min(self.connections, len(self.scripts) - 1)]
+        self.connections += 1
+        raw.settimeout(15)
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as conn:
+                request = b""
+                while b"\r\n\r\n" not in request and (chunk := conn.recv(65536)):
+                    request += chunk
+                script(conn)
+        except OSError:
+            pass  # the gateway gave up on us first: that is what some tests are about
 
 
 @pytest.fixture
