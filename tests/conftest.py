@@ -377,6 +377,25 @@ def gateway_args(pki: dict[str, Any], upstream_port: int, *extra: str) -> list[s
     ]  # fmt: skip
 
 
+def gateway_config(pki: dict[str, Any], port: int, targets: list[str], route: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    """
+    The usual YAML config as a mapping: the TLS listener on C{port}, the gateway certificate, the
+    test CA for client certificates, and one route for localhost to C{targets} over mTLS, with
+    C{route}'s keys added to it and C{top}'s to the top level.
+    """
+    return {
+        "address": f"tcp:{port}:interface=127.0.0.1",
+        "certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}],
+        "downstream_mtls": {"ca_file": pki["ca"]},
+        "routes": [{
+            "from": "https://localhost", "to": targets, "tls_custom_ca_file": pki["ca"],
+            "tls_client_cert_file": pki["gateway_client"][0], "tls_client_key_file": pki["gateway_client"][1],
+            **(route or {}),
+        }],
+        **top,
+    }  # fmt: skip
+
+
 def run_python_twistd_check(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run twistd mtlsgate expecting it to refuse to start; returns the finished process."""
     argv = [*TWISTD, "-n", "--pidfile=", "--logfile=-", "mtlsgate", *args]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import TWISTD, Proc, echo_json, free_port, https_request, start_echo_upstream, subprocess_env, wait_for_port
+from tests.conftest import TWISTD, Proc, echo_json, free_port, https_request, start_echo_upstream, subprocess_env, wait_for_port, gateway_config
 
 H = b"Host: localhost\r\n"
 
@@ -26,15 +26,7 @@ def gateway(pki, tmp_path_factory) -> Any:
     try:
         upstream_port, _ = start_echo_upstream(procs, pki, tmp)
         port = free_port()
-        config = {
-            "address": f"tcp:{port}:interface=127.0.0.1",
-            "certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}],
-            "downstream_mtls": {"ca_file": pki["ca"]},
-            "routes": [{
-                "from": "https://localhost", "to": [f"https://127.0.0.1:{upstream_port}"], "tls_custom_ca_file": pki["ca"],
-                "tls_client_cert_file": pki["gateway_client"][0], "tls_client_key_file": pki["gateway_client"][1],
-            }],
-        }  # fmt: skip
+        config = gateway_config(pki, port, [f"https://127.0.0.1:{upstream_port}"])
         (tmp / "gw.yaml").write_text(yaml.safe_dump(config))
         argv = [*TWISTD, "-n", "--pidfile=", "--logfile=-", "mtlsgate", "--config", str(tmp / "gw.yaml")]
         proc = Proc(argv, tmp / "gateway.log", cwd=tmp, env=subprocess_env())

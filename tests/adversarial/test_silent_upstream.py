@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import ThreadedListener, echo_json, free_port, https_request
+from tests.conftest import ThreadedListener, echo_json, free_port, https_request, gateway_config
 
 CONNECT_TIMEOUT = 1.0
 ROUTE_TIMEOUT = 15.0
@@ -47,16 +47,7 @@ def silent():
 
 def _gateway(start_gateway, pki, tmp_path, targets: list[str]):
     port = free_port()
-    config = {
-        "address": f"tcp:{port}:interface=127.0.0.1",
-        "certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}],
-        "downstream_mtls": {"ca_file": pki["ca"]},
-        "routes": [{
-            "from": "https://localhost", "to": targets, "connect_timeout": CONNECT_TIMEOUT, "timeout": ROUTE_TIMEOUT,
-            "tls_custom_ca_file": pki["ca"], "tls_client_cert_file": pki["gateway_client"][0],
-            "tls_client_key_file": pki["gateway_client"][1],
-        }],
-    }  # fmt: skip
+    config = gateway_config(pki, port, targets, {"connect_timeout": CONNECT_TIMEOUT, "timeout": ROUTE_TIMEOUT})
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(config))
     return start_gateway(["--config", str(path)], port=port)

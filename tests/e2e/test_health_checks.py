@@ -10,7 +10,7 @@ import signal
 
 import yaml
 
-from tests.conftest import echo_json, free_port, https_request, start_echo_upstream
+from tests.conftest import echo_json, free_port, https_request, start_echo_upstream, gateway_config
 
 
 def served_by(port: int, pki) -> str:
@@ -23,17 +23,8 @@ def served_by(port: int, pki) -> str:
 def test_a_dead_upstream_leaves_the_rotation_and_comes_back_when_it_answers_again(start_gateway, pki, procs, tmp_path, echo_upstream):
     second, second_proc = start_echo_upstream(procs, pki, tmp_path)
     port = free_port()
-    config = {
-        "address": f"tcp:{port}:interface=127.0.0.1",
-        "certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}],
-        "downstream_mtls": {"ca_file": pki["ca"]},
-        "routes": [{
-            "from": "https://localhost", "to": [f"https://127.0.0.1:{echo_upstream}", f"https://127.0.0.1:{second}"],
-            "tls_custom_ca_file": pki["ca"], "tls_client_cert_file": pki["gateway_client"][0],
-            "tls_client_key_file": pki["gateway_client"][1],
-            "health_check": {"path": "/healthz", "interval": "200ms", "timeout": "1s", "unhealthy_threshold": 2, "healthy_threshold": 2},
-        }],
-    }  # fmt: skip
+    health = {"path": "/healthz", "interval": "200ms", "timeout": "1s", "unhealthy_threshold": 2, "healthy_threshold": 2}
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{echo_upstream}", f"https://127.0.0.1:{second}"], {"health_check": health})
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(config))
     gateway = start_gateway(["--config", str(path)], port=port)

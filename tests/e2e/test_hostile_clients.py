@@ -13,21 +13,11 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import echo_json, free_port, https_request
+from tests.conftest import echo_json, free_port, https_request, gateway_config
 
 
 def write_config(tmp_path, pki, upstream_port, port, **extra):
-    config = {
-        "address": f"tcp:{port}:interface=127.0.0.1",
-        "certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}],
-        "downstream_mtls": {"ca_file": pki["ca"]},
-        "routes": [{
-            "from": "https://localhost", "to": [f"https://127.0.0.1:{upstream_port}"], "tls_custom_ca_file": pki["ca"],
-            "tls_client_cert_file": pki["gateway_client"][0], "tls_client_key_file": pki["gateway_client"][1],
-            "max_body_size": "64k",
-        }],
-        **extra,
-    }  # fmt: skip
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{upstream_port}"], {"max_body_size": "64k"}, **extra)
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
