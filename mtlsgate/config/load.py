@@ -186,7 +186,7 @@ _ROUTE_KEYS = (
     "from", "prefix", "to", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file",
     "tls_server_name", "tls_skip_verify", "allow_client", "forward_client_cert",
     "preserve_host_header", "timeout", "connect_timeout", "max_body_size", "max_response_header_size",
-    "health_check",
+    "health_check", "upstream_protocol",
 )  # fmt: skip
 
 _HEALTH_CHECK_KEYS = ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold")
@@ -275,6 +275,7 @@ def _route(data: Any, key: str) -> Route:
         max_body_size=None if data.get("max_body_size") is None else parse_size(data["max_body_size"], f"{key}.max_body_size"),
         max_response_header_size=parse_size(data.get("max_response_header_size", "64k"), f"{key}.max_response_header_size"),
         health_check=_health_check(data.get("health_check"), f"{key}.health_check"),
+        upstream_protocol=_choice(data.get("upstream_protocol", "http1"), f"{key}.upstream_protocol", ("http1", "http2")),
     )
 
 

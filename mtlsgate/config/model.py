@@ -74,6 +74,7 @@ class Route:
     max_body_size: int | None = None  # bytes; None: unlimited
     max_response_header_size: int = 65536  # the upstream's status line and headers (502 beyond)
     health_check: HealthCheck | None = None
+    upstream_protocol: str = "http1"  # or "http2" (ALPN h2; gRPC upstreams): docs/configuration.md
 
     @property
     def name(self) -> str:

@@ -30,6 +30,7 @@ from mtlsgate.tls import pki
 from mtlsgate.config.model import Route
 from mtlsgate.proxy.healthcheck import HealthChecker, http_probe
 from mtlsgate.http.client import HTTP11Agent
+from mtlsgate.http.h2client import H2Agent
 from mtlsgate.tls.server import CIPHERS
 
 log = Logger(namespace="mtlsgate.proxy.upstream")
@@ -84,6 +85,7 @@ class UpstreamTLSPolicy:
     """
     The client TLS policy of one route: trust (the route's CA file, or the system store), the client
     certificate the gateway presents, and the name verified (C{tls_server_name}, else the URL's host).
+    ALPN offers C{h2} alone for an C{upstream_protocol: http2} route, C{http/1.1} otherwise.
     """
 
     def __init__(self, route: Route) -> None:
@@ -106,7 +108,7 @@ class UpstreamTLSPolicy:
             for extra in chain[1:]:
                 ctx.add_extra_chain_cert(extra)
             ctx.use_privatekey(key)
-        ctx.set_alpn_protos([b"http/1.1"])
+        ctx.set_alpn_protos([b"h2"] if route.upstream_protocol == "http2" else [b"http/1.1"])
         self._ctx = ctx
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
@@ -206,17 +208,26 @@ class UpstreamGroup:
         self.route = route
         self.targets = route.to
         policy = UpstreamTLSPolicy(route)
-        # mtlsgate's own HTTP/1.1 client (mtlsgate.http.client, docs/engine.md): a keep-alive pool per origin
-        # holding up to max_per_host idle connections, response headers bounded by max_response_header_size.
-        self.agent = HTTP11Agent(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout),
-                                 max_header_size=route.max_response_header_size, max_idle=max_per_host)  # fmt: skip
+        self.agent: HTTP11Agent | H2Agent
+        if route.upstream_protocol == "http2":
+            # mtlsgate's HTTP/2 client (mtlsgate.http.h2client): one connection per origin carrying many streams.
+            self.agent = H2Agent(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout), max_header_size=route.max_response_header_size)
+        else:
+            # mtlsgate's own HTTP/1.1 client (mtlsgate.http.client, docs/engine.md): a keep-alive pool per origin
+            # holding up to max_per_host idle connections, response headers bounded by max_response_header_size.
+            self.agent = HTTP11Agent(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout),
+                                     max_header_size=route.max_response_header_size, max_idle=max_per_host)  # fmt: skip
         self._turn = itertools.count()
         self.checker: HealthChecker | None = None
         if route.health_check is not None:
             # A fresh connection per check (same TLS policy as requests, Connection: close): it proves the upstream
             # still accepts connections, and check connections never mix with the request pool.
-            checks = HTTP11Agent(reactor, _EndpointPerOrigin(reactor, policy, min(route.connect_timeout, route.health_check.timeout)),
-                                 max_header_size=route.max_response_header_size, persistent=False)  # fmt: skip
+            check_endpoints = _EndpointPerOrigin(reactor, policy, min(route.connect_timeout, route.health_check.timeout))
+            checks: HTTP11Agent | H2Agent
+            if route.upstream_protocol == "http2":
+                checks = H2Agent(reactor, check_endpoints, max_header_size=route.max_response_header_size, persistent=False)
+            else:
+                checks = HTTP11Agent(reactor, check_endpoints, max_header_size=route.max_response_header_size, persistent=False)
             self.checker = HealthChecker(reactor, route.name, route.to, route.health_check, http_probe(checks, route.health_check.path))
 
     def order(self) -> list[str]:
