@@ -6,12 +6,17 @@ names) and framing headers go (the Agent frames the body itself); every forwardi
 sent is removed, whatever its case, so identity headers can never be spoofed; so is every header
 whose name holds C{_} (nginx's C{underscores_in_headers off}): WSGI and CGI servers read
 C{X_Forwarded_For} as C{X-Forwarded-For}, so a client could otherwise put a forged value next to the
-gateway's.  Then the gateway's own X-Forwarded-* and X-Forwarded-Client-Cert are set.  Client bound: hop-by-hop and framing go too.
+gateway's.  Then the gateway's own X-Forwarded-* and X-Forwarded-Client-Cert are set.  One hop-by-hop
+header is regenerated rather than copied: C{TE: trailers} when the client's TE named C{trailers}
+(gRPC needs it; RFC 9110 10.1.4 allows it, and the gateway relays trailers).  Client bound:
+hop-by-hop and framing go too.  Response trailers (L{client_response_trailers}) get the same hygiene
+and more: see docs/security.md, "Response trailers".
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import re
+from typing import Iterable, Sequence
 
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -29,6 +34,18 @@ GATEWAY_OWNED = frozenset(
     [b"x-forwarded-client-cert", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
      b"x-forwarded-port", b"x-forwarded-prefix", b"x-real-ip", b"forwarded", b"expect"]
 )  # fmt: skip
+
+
+# Fields that must not come as trailers (RFC 9110 6.5.1: framing, routing, request modifiers, authentication, response control,
+# content processing), and identity the gateway vouches for: a recipient that merges trailers into the header section (many
+# HTTP libraries do) would otherwise take them from the upstream as if they were the message's own headers.
+TRAILER_FORBIDDEN = frozenset(
+    b"age authorization cache-control content-encoding content-length content-range content-type cookie date expect expires host "
+    b"location max-forwards pragma proxy-authenticate proxy-authorization range retry-after set-cookie strict-transport-security "
+    b"te trailer transfer-encoding vary www-authenticate".split()
+) | HOP_BY_HOP | GATEWAY_OWNED
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
@@ -66,6 +83,8 @@ def upstream_request_headers(
     if not preserve_host:
         drop = drop | {b"host"}
     out = _copy_without(incoming, drop, underscores=False)
+    if any(t.strip().lower() == b"trailers" for value in incoming.getRawHeaders(b"te", []) for t in value.split(b",")):
+        out.setRawHeaders(b"te", [b"trailers"])  # the one TE value forwarded: the client takes trailers, and so does the gateway
     host = incoming.getRawHeaders(b"host")
     out.setRawHeaders(b"x-forwarded-for", [client_ip.encode("ascii")])
     out.setRawHeaders(b"x-forwarded-proto", [proto.encode("ascii")])
@@ -83,3 +102,21 @@ def client_response_headers(upstream: Headers, into: Headers | None = None) -> H
     """
     drop = HOP_BY_HOP | FRAMING | _connection_tokens(upstream)
     return _copy_without(upstream, drop, into=into)
+
+
+def client_response_trailers(trailers: Sequence[tuple[bytes, bytes]], response_headers: Headers | None = None) -> list[tuple[bytes, bytes]]:
+    """
+    The upstream's response trailers as forwarded to the client, in order, names in lower case:
+    without pseudo-fields, names that are not tokens, values holding a control character (CR, LF and
+    NUL among them; HTAB passes), hop-by-hop fields and those the response's C{Connection} named, and
+    every field of L{TRAILER_FORBIDDEN}.  What is dropped is logged.
+    """
+    drop = TRAILER_FORBIDDEN | (_connection_tokens(response_headers) if response_headers is not None else set())
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in trailers:
+        lowered = name.lower()
+        if not _FIELD_NAME.match(lowered) or _FIELD_VALUE_BAD.search(value) or lowered in drop:
+            log.info("dropped the response trailer {name!r} from the upstream", name=name[:64])
+            continue
+        out.append((lowered, value))
+    return out

@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mtlsgate.config.model import Limits, Route
-from mtlsgate.http.headers import client_response_headers, upstream_request_headers
+from mtlsgate.http.headers import client_response_headers, client_response_trailers, upstream_request_headers
 from mtlsgate.http.body import BodyTooLarge, RequestBody
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.server import HTTPServerFactory, Request
@@ -214,6 +214,7 @@ class _Exchange:
         self.started = reactor.seconds()
         self.upstream = "-"
         self.relay: _ResponseRelay | None = None
+        self.response: Any = None  # the upstream's IResponse, once its headers are in
         self.pending: defer.Deferred[Any] | None = None
         self.timed_out = False
         self.client_gone = False
@@ -263,6 +264,7 @@ class _Exchange:
 
     def _response(self, response: Any) -> None:
         self.pending = None
+        self.response = response
         self._stop_waiting()
         self.metrics.upstream_responded(self.entry.route.name, self.reactor.seconds() - self.started)
         request = self.request
@@ -291,8 +293,23 @@ class _Exchange:
             self.client_gone = True
             self.request.channel.abort()
         else:
+            self._relay_trailers()
             self.request.finish()
             self._access(self.request.code, size)
+
+    def _relay_trailers(self) -> None:
+        """
+        The upstream's trailers (an HTTP/2 upstream's C{IResponse.trailers}: gRPC's C{grpc-status} and
+        C{grpc-message}), cleaned like headers and more (docs/security.md, "Response trailers"), go to the
+        client just before the end of the response, when the client's request can carry them.
+        """
+        trailers = getattr(self.response, "trailers", None)
+        write_trailers = getattr(self.request, "write_trailers", None)
+        if not trailers or write_trailers is None:
+            return
+        forwarded = client_response_trailers(trailers, self.response.headers)
+        if forwarded:
+            write_trailers(forwarded)
 
     def _upload_changed(self) -> None:
         """

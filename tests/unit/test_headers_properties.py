@@ -9,12 +9,13 @@ from twisted.web.http_headers import Headers
 from mtlsgate.http.headers import FRAMING, GATEWAY_OWNED, HOP_BY_HOP, client_response_headers, upstream_request_headers
 
 _SPECIAL = sorted(HOP_BY_HOP | FRAMING | GATEWAY_OWNED | {b"host", b"x-custom", b"authorization"})
+_TE_VALUES = [b"trailers", b"gzip, trailers", b"Trailers;q=1", b"deflate", b"trailers\x00x"]
 _TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_", min_size=1, max_size=12).map(str.encode)
 _NAME = st.one_of(st.sampled_from(_SPECIAL), _TOKEN).flatmap(
     # any case, and any '-' spelled '_' (WSGI and CGI servers read both as the same variable)
     lambda name: st.tuples(st.sampled_from([name, name.upper(), name.title()]), st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
 ).map(lambda spelled: bytes(ord("_") if c == ord("-") and swap else c for c, swap in zip(spelled[0], spelled[1])))
-_VALUE = st.binary(min_size=0, max_size=40).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b""))
+_VALUE = st.one_of(st.sampled_from(_TE_VALUES), st.binary(min_size=0, max_size=40)).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b""))
 
 
 def _headers(pairs: list[tuple[bytes, bytes]], connection: list[bytes]) -> Headers:
@@ -34,10 +35,13 @@ def test_nothing_hop_by_hop_or_identity_bearing_from_the_client_goes_upstream(pa
     incoming = _headers(pairs, connection)
     out = upstream_request_headers(incoming, client_ip="192.0.2.7", proto="https", xfcc=xfcc, preserve_host=preserve)
     names = {name.lower() for name, _ in out.getAllRawHeaders()}
-    assert not names & HOP_BY_HOP
+    assert not names & (HOP_BY_HOP - {b"te"})
     assert not names & FRAMING
     assert not [name for name in names if b"_" in name]  # no other spelling of anything, the gateway's own headers included
-    assert not names & {t.lower() for t in connection} - {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+    assert not names & {t.lower() for t in connection} - {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"te"}
+    # TE is regenerated, never copied: "trailers" alone, and only when the client's TE named it
+    takes_trailers = any(t.strip().lower() == b"trailers" for v in incoming.getRawHeaders(b"te", []) for t in v.split(b","))
+    assert out.getRawHeaders(b"te") == ([b"trailers"] if takes_trailers else None)
     assert out.getRawHeaders(b"x-forwarded-for") == [b"192.0.2.7"]
     assert out.getRawHeaders(b"x-forwarded-proto") == [b"https"]
     assert out.getRawHeaders(b"x-forwarded-client-cert") == ([xfcc] if xfcc else None)  # ours or none, never the client's
