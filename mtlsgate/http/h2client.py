@@ -477,7 +477,7 @@ class H2ClientConnection(Protocol):
             elif isinstance(event, RemoteSettingsChanged):
                 if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
                     self._window_opened(0)
-                if SettingCodes.MAX_CONCURRENT_STREAMS in event.changed_settings:
+                if SettingCodes.MAX_CONCURRENT_STREAMS in event.changed_settings and self in self.origin.connections:
                     self.agent.capacity_changed(self.origin)
             elif isinstance(event, ConnectionTerminated):
                 self._goaway(int(event.error_code or 0), event.last_stream_id)
@@ -648,7 +648,7 @@ class _Origin:
     endpoint: IStreamClientEndpoint
     connections: list[H2ClientConnection] = attrs.Factory(list)
     waiting: list[_H2Exchange] = attrs.Factory(list)
-    connecting: defer.Deferred[Any] | None = None
+    dialing: bool = False  # a connection is being made (requests that find no room wait for it)
     factory: Any = None
 
 
@@ -745,14 +745,14 @@ class H2Agent:
                 connection.start(exchange)
                 return
         origin.waiting.append(exchange)
-        if origin.connecting is None:
+        if not origin.dialing:
             self._connect(origin)
 
     def _connect(self, origin: _Origin) -> None:
-        connecting = origin.connecting = origin.endpoint.connect(origin.factory)
+        origin.dialing = True  # before connect(): it may call back at once
 
         def connected(connection: H2ClientConnection) -> None:
-            origin.connecting = None
+            origin.dialing = False
             if self.retired and not origin.waiting:
                 connection.close()
                 return
@@ -761,12 +761,12 @@ class H2Agent:
             connection._maybe_idle()
 
         def not_connected(failure: Failure) -> None:
-            origin.connecting = None
+            origin.dialing = False
             waiting, origin.waiting = origin.waiting, []
             for exchange in waiting:
                 exchange.fail(failure)  # a ConnectError (TimeoutError included) as Agent gives it: the proxy fails over on it
 
-        connecting.addCallbacks(connected, not_connected)
+        origin.endpoint.connect(origin.factory).addCallbacks(connected, not_connected)
 
     def _connect_dedicated(self, exchange: _H2Exchange) -> None:
         connecting = exchange.connecting = exchange.origin.endpoint.connect(exchange.origin.factory)
@@ -797,7 +797,7 @@ class H2Agent:
         origin = connection.origin
         if connection in origin.connections:
             origin.connections.remove(connection)
-            if origin.waiting and origin.connecting is None:
+            if origin.waiting and not origin.dialing:
                 self._connect(origin)
 
     def _split(self, uri: bytes) -> tuple[_Origin, bytes]:

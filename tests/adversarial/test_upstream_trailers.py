@@ -238,4 +238,3 @@ async def test_a_hostile_h2_upstreams_trailers_reach_the_agent_and_the_hygiene_d
     finally:
         await group.close()
         upstream.stop()
-
