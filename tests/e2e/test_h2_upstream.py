@@ -1,0 +1,98 @@
+"""
+A route with C{upstream_protocol: http2}, through the real gateway process, to real HTTP/2 upstreams
+requiring the gateway's client certificate: nginx (ALPN h2), for headers, identity, and bodies
+large enough for flow control to be the back-pressure both ways; and what an HTTP/1.1 upstream
+gets instead (the ALPN refusal is a 502, not a hang).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import yaml
+
+from tests.conftest import Proc, find_tool, free_port, gateway_config, https_request, wait_for_port
+
+NGINX = find_tool("nginx") or "nginx"
+
+CONF = """
+user root;
+worker_processes 1;
+daemon off;
+error_log {dir}/error.log info;
+pid {dir}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
+    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    client_max_body_size 64m;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert}; ssl_certificate_key {key};
+        ssl_client_certificate {ca}; ssl_verify_client on;
+        location /big {{ alias {dir}/big.bin; }}
+        location / {{
+            default_type text/plain;
+            return 200 "proto=$server_protocol saw=$ssl_client_s_dn xfcc=$http_x_forwarded_client_cert te=$http_te host=$host conn=$http_connection\\n";
+        }}
+    }}
+}}
+"""
+
+BIG = 8 * 1024 * 1024
+
+
+@pytest.fixture
+def nginx_h2(procs, pki, tmp_path):
+    port = free_port()
+    (tmp_path / "big.bin").write_bytes(os.urandom(BIG))
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(CONF.format(dir=tmp_path, port=port, cert=pki["upstream"][0], key=pki["upstream"][1], ca=pki["ca"]))
+    proc = Proc([NGINX, "-p", str(tmp_path), "-c", str(conf)], tmp_path / "nginx.out")
+    procs.append(proc)
+    wait_for_port(port, proc.popen, log=proc.log)
+    return port
+
+
+def _gateway(start_gateway, pki, tmp_path, upstream_port: int, **route):
+    port = free_port()
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{upstream_port}"], {"upstream_protocol": "http2", **route})
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return start_gateway(["--config", str(path)], port=port)
+
+
+@pytest.mark.needs("nginx")
+def test_requests_reach_nginx_over_http2_with_the_gateways_certificate_and_clean_headers(start_gateway, pki, tmp_path, nginx_h2):
+    gateway = _gateway(start_gateway, pki, tmp_path, nginx_h2)
+    for _ in range(3):  # the same connection carries them (streams 1, 3, 5)
+        status, _, body = https_request(gateway.port, "/x", ca=pki["ca"], cert=pki["alice"], headers={"TE": "trailers", "Connection": "TE"})
+        assert status == 200, body
+        text = body.decode()
+        assert "proto=HTTP/2.0" in text
+        assert "saw=CN=gateway" in text
+        assert "spiffe://test/ns/prod/sa/alice" in text
+        assert "te=trailers" in text
+        assert "conn= " in text or text.rstrip().endswith("conn=")  # no Connection header on HTTP/2
+        assert "host=127.0.0.1" in text
+    assert (tmp_path / "access.log").read_text().count("HTTP/2.0") == 3
+
+
+@pytest.mark.needs("nginx")
+def test_large_bodies_both_ways_stream_through_http2_flow_control(start_gateway, pki, tmp_path, nginx_h2):
+    gateway = _gateway(start_gateway, pki, tmp_path, nginx_h2)
+    status, headers, body = https_request(gateway.port, "/big", ca=pki["ca"], cert=pki["alice"], timeout=60)
+    assert status == 200 and len(body) == BIG
+    assert hashlib.sha256(body).digest() == hashlib.sha256((tmp_path / "big.bin").read_bytes()).digest()
+    status, _, body = https_request(gateway.port, "/upload", ca=pki["ca"], cert=pki["alice"], method="POST", body=os.urandom(BIG), timeout=60)
+    assert status == 200, body
+    assert "proto=HTTP/2.0" in body.decode()
+
+
+def test_an_http1_only_upstream_is_a_502_not_a_hang(start_gateway, pki, tmp_path, echo_upstream):
+    gateway = _gateway(start_gateway, pki, tmp_path, echo_upstream)
+    status, _, body = https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"], timeout=30)
+    assert status == 502, body
