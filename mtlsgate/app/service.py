@@ -29,6 +29,8 @@ from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.app.filewatch import FileWatch, watched_files
 from mtlsgate.observe.metrics import GatewayMetrics
 from mtlsgate.tls.pki import PKIError
+from mtlsgate.http.h2server import H2ServerFactory
+from mtlsgate.http.negotiate import NegotiatingFactory
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
 from mtlsgate.observe.summary import certificates_table, routes_table
@@ -96,7 +98,7 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
     """Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem."""
     check_key_permissions(config)
     verification = ClientVerification.load(config.downstream_mtls)
-    certificates = server_tls.build(served_certificates(config), verification, config.unknown_sni)
+    certificates = server_tls.build(served_certificates(config), verification, config.unknown_sni, config.http2)
     entries = []
     for route in config.routes:
         entries.append(RouteEntry(route=route, upstreams=UpstreamGroup(reactor, route)))
@@ -249,7 +251,8 @@ class GatewayService(MultiService):
         self.metrics = GatewayMetrics(self._expiries)
         self.resource = ProxyResource(reactor, world.proxy, self.metrics)
         config = world.config
-        site = GatewaySite(self.resource, config.limits)
+        # HTTP/1.1 and HTTP/2 front ends over the same handler, by ALPN (h2 is offered only with http2 on; a reload may turn it on)
+        site = self.site = NegotiatingFactory(GatewaySite(self.resource, config.limits), H2ServerFactory(self.resource.handle, config.limits, reactor))
         tls_factory = GatewayTLSFactory(server_tls, site, reactor, metrics=self.metrics, limits=config.limits)
         self.https = _Listener(reactor, config.address, tls_factory, "HTTPS", worker.https_fd if worker else None)
         self.https.setServiceParent(self)
@@ -294,7 +297,7 @@ class GatewayService(MultiService):
     def _swap_certificates(self, served: Sequence[ServedCertificate]) -> None:
         """Build contexts for C{served} and install them (raises L{PKIError} and leaves the old ones on a problem)."""
         world = self.world
-        certificates = self.server_tls.build(served, world.verification, world.config.unknown_sni)
+        certificates = self.server_tls.build(served, world.verification, world.config.unknown_sni, world.config.http2)
         self.world = attrs.evolve(world, certificates=certificates)
         self.server_tls.install(certificates)
 
@@ -395,6 +398,7 @@ class GatewayService(MultiService):
             self._previous_hup = None
         self._restart_ticket_rotation(None)
         closing = defer.DeferredList([defer.maybeDeferred(listener.stopService) for listener in self.listeners])
+        closing.addCallback(lambda _: self.site.drain())  # HTTP/2 connections: GOAWAY, no new streams
         closing.addCallback(lambda _: self.resource.drained(self.world.config.limits.shutdown_timeout))
         closing.addCallback(lambda _: defer.DeferredList([defer.maybeDeferred(group.close) for group in self.world.upstreams]))
         # The last responses may still sit in TLS write buffers (twisted aggregates small writes to

@@ -283,7 +283,7 @@ _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
     "limits", "hsts", "strict_permissions", "workers", "worker_affinity", "session_ticket_rotation",
-    "unknown_sni",
+    "unknown_sni", "http2",
 )  # fmt: skip
 
 _LIMIT_KEYS = tuple(f.name for f in attrs.fields(Limits))
@@ -485,6 +485,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         hsts=_hsts(data.get("hsts"), "hsts"),
         strict_permissions=_boolean(data.get("strict_permissions", False), "strict_permissions"),
         unknown_sni=_choice(data.get("unknown_sni", "default"), "unknown_sni", ("default", "reject")),
+        http2=_boolean(data.get("http2", True), "http2"),
         access_log_format=_choice(data.get("access_log_format", "combined"), "access_log_format", ("combined", "json")),
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
         workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443"), http_address),

@@ -155,6 +155,7 @@ class Config:
     hsts: HSTS | None = HSTS()
     strict_permissions: bool = False  # refuse (rather than warn about) private keys readable by others
     unknown_sni: str = "default"  # or "reject": fail handshakes for names no certificate carries
+    http2: bool = True  # ALPN offers h2 (then http/1.1): HTTP/2 clients get the HTTP/2 front end
     autocert: Autocert | None = None
     workers: int = 1  # processes serving the TLS listener (nginx's worker_processes)
     worker_affinity: str = "connection"  # or "client_ip": a client's connections all reach one worker

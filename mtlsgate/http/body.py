@@ -28,8 +28,10 @@ class RequestBody:
     client is paused at a high-water mark and resumed below a low one.
     """
 
-    def __init__(self, network: IPushProducer, length: int | None) -> None:
+    def __init__(self, network: IPushProducer, length: int | None, high_water: int = _HIGH_WATER, low_water: int = _LOW_WATER) -> None:
         self.length = UNKNOWN_LENGTH if length is None else length
+        self._high_water = high_water  # HTTP/2 uses 0: the stream's flow-control window is the buffer
+        self._low_water = low_water
         self._network = network
         self._network_paused = False
         self._chunks: list[bytes] = []
@@ -66,7 +68,7 @@ class RequestBody:
             return
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > _HIGH_WATER and not self._network_paused:
+        if self._buffered > self._high_water and not self._network_paused:
             self._network_paused = True
             self._network.pauseProducing()
         self._changed()
@@ -118,7 +120,7 @@ class RequestBody:
             chunk = self._chunks.pop(0)
             self._buffered -= len(chunk)
             self._consumer.write(chunk)
-        if self._buffered < _LOW_WATER:
+        if self._buffered < self._low_water:
             self._resume_network()
         if self.complete and not self._chunks and self._done is not None and not self.stopped:
             done, self._done = self._done, None

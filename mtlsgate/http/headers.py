@@ -120,3 +120,28 @@ def client_response_trailers(trailers: Sequence[tuple[bytes, bytes]], response_h
             continue
         out.append((lowered, value))
     return out
+
+
+# Fields a trailer section must not carry (RFC 9110 6.5.1: framing, routing, authentication, control), beside hop-by-hop ones.
+_NOT_IN_TRAILERS = HOP_BY_HOP | FRAMING | frozenset([b"host", b"content-type", b"content-encoding", b"content-range", b"expect", b"set-cookie"])
+_TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_VALUE_CONTROLS = frozenset(range(0x00, 0x20)) - {0x09} | {0x7F}
+
+
+def sendable_trailers(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """
+    The trailer fields a response may carry to the client, names in lower case: a name that is not a
+    token (pseudo-headers included), a value with a control character (CR, LF, NUL...) or surrounding
+    whitespace, and fields no trailer may hold (framing, hop-by-hop, Host...) are dropped.
+    """
+    out = []
+    for name, value in pairs:
+        name = name.lower()
+        if not name or not _TOKEN_BYTES.issuperset(name) or name in _NOT_IN_TRAILERS:
+            log.debug("dropped the trailer field {name!r}", name=name)
+            continue
+        if _VALUE_CONTROLS.intersection(value) or value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
+            log.debug("dropped the trailer field {name!r}: a control character or surrounding whitespace in its value", name=name)
+            continue
+        out.append((name, value))
+    return out

@@ -30,6 +30,8 @@ from zope.interface import implementer
 from mtlsgate.config.model import Limits
 from mtlsgate.http.body import RequestBody
 from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan_head
+from mtlsgate.http.headers import sendable_trailers
+from mtlsgate.http.interfaces import IGatewayChannel, IGatewayRequest
 
 log = Logger(namespace="mtlsgate.proxy.exchange")
 
@@ -62,11 +64,12 @@ class _DateCache:
 _dates = _DateCache()
 
 
+@implementer(IGatewayRequest)
 class Request:
     """
     One request and its response, as the gateway's handler sees it: the parts of twisted.web's Request
     the proxy uses (method, uri, clientproto, requestHeaders, responseHeaders, setResponseCode, setHeader,
-    write, finish, notifyFinish, registerProducer), and nothing else.
+    write, finish, notifyFinish, registerProducer), and nothing else (L{IGatewayRequest}).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Request:
         self.disconnected = False
         self._chunked = False
         self._no_body = False
+        self._trailers: list[tuple[bytes, bytes]] = []
         self._notify: list[Callable[[Failure | None], None]] = []  # when_done hooks and notifyFinish Deferreds, in order
 
     @property
@@ -192,6 +196,21 @@ class Request:
             parts += [b"%x\r\n" % len(data), data, b"\r\n"] if self._chunked else [data]
         self.channel.write_sequence(parts)
 
+    def write_trailers(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """
+        Trailer fields, sent in the last chunk of a chunked response when the client said it accepts
+        them (C{TE: trailers}, RFC 9110 10.1.4); dropped otherwise (a response with a Content-Length,
+        an HTTP/1.0 client, a client that did not ask).
+        """
+        if self._accepts_trailers():
+            self._trailers = sendable_trailers(pairs)
+
+    def _accepts_trailers(self) -> bool:
+        for value in self.requestHeaders.getRawHeaders(b"te", ()):
+            if any(t.split(b";", 1)[0].strip().lower() == b"trailers" for t in value.split(b",")):
+                return True
+        return False
+
     def finish(self) -> None:
         if self.disconnected:
             raise RuntimeError("finish after the connection was lost; use notifyFinish")
@@ -206,7 +225,10 @@ class Request:
         if not self.startedWriting:
             self.write(b"")
         if self._chunked:
-            self.channel.write_raw(b"0\r\n\r\n")
+            if self._trailers:
+                self.channel.write_sequence([b"0\r\n", *(b"%s: %s\r\n" % pair for pair in self._trailers), b"\r\n"])
+            else:
+                self.channel.write_raw(b"0\r\n\r\n")
         self.finished = True
         self._tell(None)
         self.channel.request_done(self)
@@ -240,6 +262,7 @@ class _UploadReading:
         pass
 
 
+@implementer(IGatewayChannel)
 class HTTPServerProtocol(Protocol):
     """One client connection: requests parsed one at a time, each handed to C{handler} at the end of its head."""
 

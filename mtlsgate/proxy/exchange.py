@@ -178,6 +178,33 @@ def _plain(request: GatewayRequest, code: int, text: str) -> bytes:
     return body
 
 
+# The gateway's own refusals as gRPC status codes (grpc's doc/http-grpc-status-mapping.md; 504 as the deadline it is).
+_GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 405: 12, 413: 8, 429: 14, 431: 8, 502: 14, 503: 14, 504: 4}
+_GRPC_UNKNOWN = 2
+
+
+def _grpc_message(text: str) -> bytes:
+    """The grpc-message form of a text: percent-encoded outside printable ASCII, and '%' itself."""
+    return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in text.encode("utf-8"))
+
+
+def _own_response(request: GatewayRequest, code: int, text: str) -> bytes:
+    """
+    The head and body of an answer of the gateway's own: L{_plain}, or, to a gRPC request
+    (content-type application/grpc*) that is refused or failed, a gRPC trailers-only response
+    (HTTP 200, grpc-status and grpc-message, no body) a gRPC client reads as a status.
+    """
+    content_type = (request.getHeader(b"content-type") or b"").lower()
+    if code < 400 or not content_type.startswith(b"application/grpc"):
+        return _plain(request, code, text)
+    request.setResponseCode(200)
+    request.setHeader(b"content-type", b"application/grpc")
+    request.setHeader(b"server", b"mtlsgate")
+    request.setHeader(b"grpc-status", b"%d" % _GRPC_STATUS.get(code, _GRPC_UNKNOWN))
+    request.setHeader(b"grpc-message", _grpc_message(f"{code} {http.RESPONSES.get(code, b'').decode()}: {text}"))
+    return b""
+
+
 @attrs.define
 class RouteEntry:
     """A route as the proxy uses it: its settings and its upstream group."""
@@ -362,7 +389,7 @@ class _Exchange:
             code=code, method=self.request.method.decode("ascii", "replace"), uri=self.request.uri.decode("ascii", "replace"),
             route=self.entry.route.name, upstream=self.upstream, detail=detail,
         )
-        body = _plain(self.request, code, text)
+        body = _own_response(self.request, code, text)
         self.request.write(body)
         self.request.finish()
         self._access(code, len(body))
@@ -464,7 +491,7 @@ class ProxyResource:
 
     def _answer(self, request: GatewayRequest, peer: Peer, route: str, code: int, text: str) -> None:
         """A response of the gateway's own (no upstream involved), with its access line."""
-        body = _plain(request, code, text)
+        body = _own_response(request, code, text)
         if request.body is not None and not request.body.complete:
             # Refused before its body arrived (a client sending "Expect: 100-continue" never sends it): the body
             # is not read, and the connection closes after this answer, which says so.

@@ -46,6 +46,7 @@ _OPTIONS = (
     | SSL.OP_SINGLE_ECDH_USE
 )
 ALPN_HTTP1 = b"http/1.1"
+ALPN_H2 = b"h2"  # RFC 9113 3.2: HTTP/2 over TLS
 ALPN_ACME_TLS = b"acme-tls/1"  # RFC 8737
 
 #: The gateway's own refusals, on top of OpenSSL's verification (X509_V_ERR codes are positive).
@@ -448,6 +449,13 @@ def _select_http1(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     return ALPN_HTTP1 if ALPN_HTTP1 in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
 
 
+def _select_http(conn: SSL.Connection, offered: list[bytes], http2: bool) -> bytes:
+    """The server's preference: h2 (when on), then http/1.1, whatever order the client offered them in."""
+    if http2 and ALPN_H2 in offered:
+        return ALPN_H2
+    return _select_http1(conn, offered)
+
+
 class CertificateSet:
     """
     Contexts by server name: exact, then C{*.} wildcard one label up, then the default (the first
@@ -457,8 +465,9 @@ class CertificateSet:
         (C{unknown_sni: reject}) instead of answering them with the default certificate.
     """
 
-    def __init__(self, contexts: Iterable[tuple[ServedCertificate, SSL.Context]], reject_unknown: bool = False) -> None:
+    def __init__(self, contexts: Iterable[tuple[ServedCertificate, SSL.Context]], reject_unknown: bool = False, http2: bool = False) -> None:
         self.reject_unknown = reject_unknown
+        self.http2 = http2  # ALPN offers h2 before http/1.1 (config key http2)
         #: Client certificates verified in full handshakes on these contexts, for the sessions they resume.
         self.verified_clients = VerifiedCertificates()
         self.served: list[ServedCertificate] = []
@@ -504,14 +513,19 @@ class ServerTLS:
         #: validation C{(key, certificate)} for a name under validation, or None.
         self.acme_validation: Any = None
 
-    def build(self, served: Sequence[ServedCertificate], verification: ClientVerification | None, unknown_sni: str = "default") -> CertificateSet:
-        """Build (not install) a certificate set whose contexts route SNI and ALPN through this creator."""
+    def build(
+        self, served: Sequence[ServedCertificate], verification: ClientVerification | None, unknown_sni: str = "default", http2: bool = False,
+    ) -> CertificateSet:  # fmt: skip
+        """
+        Build (not install) a certificate set whose contexts route SNI and ALPN through this creator; with
+        C{http2}, ALPN offers h2 (the gateway's listener has an HTTP/2 front end; the mtls: endpoint does not).
+        """
         contexts = ((s, build_server_context(s, verification, self._on_servername, self._select_alpn)) for s in served)
-        return CertificateSet(contexts, reject_unknown=unknown_sni == "reject")
+        return CertificateSet(contexts, reject_unknown=unknown_sni == "reject", http2=http2)
 
     def _select_alpn(self, conn: SSL.Connection, offered: list[bytes]) -> bytes:
         """
-        http/1.1, or, for a client offering acme-tls/1 for a name under validation, the RFC 8737
+        h2 (unless the config key http2 is off), else http/1.1, or, for a client offering acme-tls/1 for a name under validation, the RFC 8737
         validation certificate on this connection only.  The CA's validator has no client
         certificate, so client verification is lifted for that connection; it never carries HTTP.
         """
@@ -526,7 +540,8 @@ class ServerTLS:
                 conn.use_privatekey(key)
                 conn.set_verify(SSL.VERIFY_NONE)
                 return ALPN_ACME_TLS
-        return _select_http1(conn, offered)
+        certificates = self._certificates
+        return _select_http(conn, offered, certificates is not None and certificates.http2)
 
     def install(self, certificates: CertificateSet) -> None:
         if certificates.reject_unknown:
@@ -659,8 +674,8 @@ class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
 
 
 def _validation_only(conn: SSL.Connection) -> bool:
-    """A connection whose client offered acme-tls/1 and did not get http/1.1: a CA's validator (or someone acting as one)."""
-    return getattr(conn, "offered_acme_tls", False) and conn.get_alpn_proto_negotiated() != ALPN_HTTP1
+    """A connection whose client offered acme-tls/1 and did not get HTTP (h2 or http/1.1): a CA's validator (or someone acting as one)."""
+    return getattr(conn, "offered_acme_tls", False) and conn.get_alpn_proto_negotiated() not in (ALPN_HTTP1, ALPN_H2)
 
 
 def _failure_kind(error: SSL.Error) -> str:

@@ -1,0 +1,80 @@
+"""
+One factory for the TLS listener, two front ends: after the handshake, the protocol ALPN chose picks
+the HTTP/2 engine (C{h2}) or the HTTP/1.1 one (C{http/1.1}, or no ALPN at all).  Any other protocol
+(C{acme-tls/1}: the TLS layer closes that connection itself, RFC 8737) gets no HTTP at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mtlsgate.http.h2server import H2ServerFactory
+from mtlsgate.http.server import HTTPServerFactory
+
+ALPN_H2 = b"h2"
+ALPN_HTTP1 = b"http/1.1"
+
+
+@implementer(IHandshakeListener)
+class _ByALPN(Protocol):
+    """Waits for the TLS handshake, then hands the connection to the front end its ALPN protocol names."""
+
+    def __init__(self, factory: NegotiatingFactory, addr: Any) -> None:
+        self._factory = factory
+        self._addr = addr
+        self.inner: Any = None
+
+    def connectionMade(self) -> None:
+        if not ISSLTransport.providedBy(self.transport):  # no handshake to wait for (plain TCP, tests)
+            self._choose(None)
+
+    def handshakeCompleted(self) -> None:
+        self._choose(getattr(self.transport, "negotiatedProtocol", None))
+
+    def _choose(self, protocol: bytes | None) -> None:
+        if self.inner is not None:
+            return
+        if protocol == ALPN_H2:
+            factory: Factory | None = self._factory.h2
+        elif protocol in (None, ALPN_HTTP1):
+            factory = self._factory.http1
+        else:
+            factory = None  # acme-tls/1: no HTTP on it
+        if factory is None:
+            return
+        inner = factory.buildProtocol(self._addr)
+        if inner is None or self.transport is None:
+            return
+        self.inner = inner
+        inner.makeConnection(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+
+
+class NegotiatingFactory(Factory):
+    """The TLS listener's factory: HTTP/1.1 and, when C{h2} is given, HTTP/2, by ALPN."""
+
+    noisy = False
+
+    def __init__(self, http1: HTTPServerFactory, h2: H2ServerFactory | None) -> None:
+        self.http1 = http1
+        self.h2 = h2
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return _ByALPN(self, addr)
+
+    def drain(self) -> None:
+        """Shutting down: HTTP/2 connections get GOAWAY and close once their streams are done."""
+        if self.h2 is not None:
+            self.h2.drain()
