@@ -115,7 +115,8 @@ def unframe(data: bytes) -> list[bytes]:
 def channel(port: int, ca: str, cert: tuple[str, str] | None, name: str = "localhost") -> grpc.Channel:
     """A grpcio client channel over TLS to 127.0.0.1:C{port}, presenting C{cert} (chain, key), expecting C{name} on the server's certificate."""
     credentials = grpc.ssl_channel_credentials(_read(ca), _read(cert[1]) if cert else None, _read(cert[0]) if cert else None)
-    return grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=(("grpc.ssl_target_name_override", name),))
+    options = (("grpc.ssl_target_name_override", name), ("grpc.default_authority", name))
+    return grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options)
 
 
 def call(ch: grpc.Channel, method: str, kind: str = "unary_unary") -> Any:

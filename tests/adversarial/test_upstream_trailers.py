@@ -23,6 +23,7 @@ import h2.connection
 import h2.events
 import pytest
 import pytest_twisted
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
@@ -34,6 +35,8 @@ from twisted.web.http_headers import Headers
 from mtlsgate.config.model import Route
 from mtlsgate.http.headers import GATEWAY_OWNED, HOP_BY_HOP, TRAILER_FORBIDDEN, client_response_trailers
 from mtlsgate.proxy.upstream import UpstreamGroup
+from tests.conftest import free_port, gateway_config
+from tests.h2peer import H2Client
 
 HOSTILE = [
     (b"grpc-status", b"0"),
@@ -169,7 +172,8 @@ def test_trailers_that_are_all_forbidden_are_not_sent_at_all(relay):
 class HostileH2Upstream:
     """A TLS + h2 server in a thread that answers every stream with a body and HOSTILE-like trailers h2 lets through."""
 
-    TRAILERS = [(b"grpc-status", b"0"), (b"x-forwarded-client-cert", b"forged"), (b"set-cookie", b"a=b"), (b"x-fine", b"yes")]
+    TRAILERS = [(b"grpc-status", b"0"), (b"x-forwarded-client-cert", b"forged"), (b"set-cookie", b"a=b"), (b"content-length", b"0"),
+                (b"x-fine", b"yes")]  # fmt: skip
 
     def __init__(self, pki: dict[str, Any]) -> None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
@@ -183,16 +187,28 @@ class HostileH2Upstream:
         self.thread.start()
 
     def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(raw,), daemon=True).start()
+
+    def _connection(self, raw: socket.socket) -> None:
         try:
-            raw, _ = self.listener.accept()
-        except OSError:
+            sock = self.ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
             return
-        with self.ctx.wrap_socket(raw, server_side=True) as sock:
+        with sock:
             conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
             conn.initiate_connection()
             sock.sendall(conn.data_to_send())
             while True:
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except (ssl.SSLError, OSError):
+                    return
                 if not data:
                     return
                 for event in conn.receive_data(data):
@@ -238,3 +254,36 @@ async def test_a_hostile_h2_upstreams_trailers_reach_the_agent_and_the_hygiene_d
     finally:
         await group.close()
         upstream.stop()
+
+
+@pytest.fixture
+def hostile_gateway(start_gateway, pki, tmp_path):
+    upstream = HostileH2Upstream(pki)
+    port = free_port()
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{upstream.port}"], {"upstream_protocol": "http2"})
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(config))
+    yield start_gateway(["--config", str(path)], port=port)
+    upstream.stop()
+
+
+def test_through_the_gateway_an_http2_client_gets_only_the_harmless_trailers(hostile_gateway, pki):
+    with H2Client(hostile_gateway.port, pki) as client:
+        assert client.alpn == "h2"
+        stream = client.response(client.request("GET", "/", headers=[(b"te", b"trailers")]))
+    assert stream.status == 200 and bytes(stream.body) == b"hello"
+    assert stream.trailers == [(b"grpc-status", b"0"), (b"x-fine", b"yes")]
+
+
+def test_through_the_gateway_an_http1_client_gets_only_the_harmless_trailers_in_the_last_chunk(hostile_gateway, pki):
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.load_cert_chain(*pki["alice"])
+    ctx.set_alpn_protocols(["http/1.1"])
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", hostile_gateway.port), timeout=30), server_hostname="localhost") as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nTE: trailers\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    assert body == b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\nx-fine: yes\r\n\r\n"

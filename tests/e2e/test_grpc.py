@@ -1,0 +1,150 @@
+"""
+gRPC end to end over mTLS both ways: a real grpcio client presenting a client certificate, the real
+gateway process (HTTP/2 front end, a route with C{upstream_protocol: http2}), and a real grpcio server
+that requires the gateway's client certificate.  Unary, server streaming, client streaming, bidi,
+trailers (grpc-status, grpc-message, custom trailing metadata), deadlines (grpc-timeout forwarded; a
+deadline exceeded is a gRPC error), and a refused client gets PERMISSION_DENIED, not HTML.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from tests.conftest import free_port, gateway_config
+from tests.grpc_peer import GRPCServer, call, channel
+
+
+@pytest.fixture
+def grpc_upstream(pki):
+    server = GRPCServer(pki["upstream"][0], pki["upstream"][1], pki["ca"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateway(start_gateway, pki, tmp_path, grpc_upstream):
+    port = free_port()
+    route = {"upstream_protocol": "http2", "allow_client": {"uri": ["spiffe://test/ns/prod/sa/alice"]}, "timeout": "20s"}
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{grpc_upstream.port}"], route, downstream_mtls={"ca_file": pki["ca"], "enforcement": "policy"})
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return start_gateway(["--config", str(path)], port=port)
+
+
+@pytest.fixture
+def alice(gateway, pki):
+    ch = channel(gateway.port, pki["ca"], pki["alice"])
+    yield ch
+    ch.close()
+
+
+def test_unary_with_trailing_metadata_and_the_clients_identity_upstream(alice):
+    response, rpc = call(alice, "Unary").with_call(b"hi", timeout=30)
+    assert response == b"echo:hi"
+    assert rpc.code() == grpc.StatusCode.OK
+    trailing = dict(rpc.trailing_metadata())
+    assert trailing["x-trailer"] == "done"
+    assert "URI=spiffe://test/ns/prod/sa/alice" in trailing["x-xfcc"]  # the gateway's XFCC, from alice's certificate
+
+
+def test_server_streaming(alice):
+    assert list(call(alice, "ServerStream", "unary_stream")(b"500", timeout=30)) == [str(i).encode() for i in range(500)]
+
+
+def test_client_streaming(alice):
+    assert call(alice, "ClientStream", "stream_unary")(iter([b"a", b"b", b"c"]), timeout=30) == b"a,b,c"
+
+
+def test_bidi_streaming_answers_as_requests_arrive(alice):
+    import queue
+
+    requests: queue.Queue[Any] = queue.Queue()
+
+    def source():
+        while (item := requests.get()) is not None:
+            yield item
+
+    responses = call(alice, "Bidi", "stream_stream")(source(), timeout=30)
+    for word in (b"one", b"two", b"three"):
+        requests.put(word)
+        assert next(responses) == b"re:" + word  # answered before the next request is even sent
+    requests.put(None)
+    assert list(responses) == []
+
+
+def test_an_error_status_and_message_reach_the_client(alice):
+    with pytest.raises(grpc.RpcError) as e:
+        call(alice, "Fail")(b"", timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "bad thing"
+
+
+def test_the_deadline_is_forwarded_and_exceeding_it_is_deadline_exceeded(alice):
+    remaining = float(call(alice, "Deadline")(b"", timeout=10))
+    assert 0 < remaining <= 10  # the upstream got grpc-timeout
+    with pytest.raises(grpc.RpcError) as e:
+        call(alice, "Sleep")(b"", timeout=1)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert call(alice, "Unary")(b"after", timeout=30) == b"echo:after"  # and the connection goes on
+
+
+def test_many_concurrent_calls(alice):
+    futures = [call(alice, "Unary").future(b"%d" % i, timeout=30) for i in range(50)]
+    assert sorted(f.result() for f in futures) == sorted(b"echo:%d" % i for i in range(50))
+
+
+def test_a_refused_client_gets_permission_denied(gateway, pki):
+    ch = channel(gateway.port, pki["ca"], pki["bob"])  # a valid certificate, but not allowed on this route
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            call(ch, "Unary")(b"hi", timeout=30)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "not allowed here" in e.value.details()
+    finally:
+        ch.close()
+
+
+def test_a_client_whose_certificate_does_not_verify_gets_permission_denied(gateway, pki):
+    ch = channel(gateway.port, pki["ca"], pki["stranger"])  # policy enforcement: the handshake passes, the request is refused
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            call(ch, "Unary")(b"hi", timeout=30)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        ch.close()
+
+
+def test_the_routes_own_timeout_is_deadline_exceeded_not_html(start_gateway, pki, tmp_path, grpc_upstream):
+    port = free_port()
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{grpc_upstream.port}"], {"upstream_protocol": "http2", "timeout": "1s"})
+    path = tmp_path / "gw-timeout.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gateway = start_gateway(["--config", str(path)], port=port)
+    ch = channel(gateway.port, pki["ca"], pki["alice"])
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            call(ch, "Sleep")(b"", timeout=60)  # the client would wait; the gateway's route timeout (504) ends it
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "504" in e.value.details()
+    finally:
+        ch.close()
+
+
+def test_a_dead_upstream_is_unavailable(start_gateway, pki, tmp_path):
+    port = free_port()
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{free_port()}"], {"upstream_protocol": "http2"})
+    path = tmp_path / "gw-dead.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gateway = start_gateway(["--config", str(path)], port=port)
+    ch = channel(gateway.port, pki["ca"], pki["alice"])
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            call(ch, "Unary")(b"", timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "502" in e.value.details()
+    finally:
+        ch.close()
