@@ -59,15 +59,16 @@ def certificates_table(served: Iterable[tuple[Sequence[str], x509.Certificate, s
 
 
 def upstream_tls(route: Route) -> str:
-    """The upstream-TLS column: CA, client certificate, server name, or C{skip-verify!}."""
+    """The upstream-TLS column: CA, client certificate, server name, or C{skip-verify!}; C{HTTP/2} for an C{upstream_protocol: http2} route."""
+    h2 = ", HTTP/2" if route.upstream_protocol == "http2" else ""
     if all(url.startswith("http://") for url in route.to):
-        return "none (http://)"
+        return "none (http://)" + h2
     ca = short_path(route.tls_custom_ca_file) if route.tls_custom_ca_file else "system store"
     parts = ["skip-verify!" if route.tls_skip_verify else f"CA {ca}"]
     parts.append(f"client {short_path(route.tls_client_cert_file)}" if route.tls_client_cert_file else "no client cert")
     if route.tls_server_name:
         parts.append(f"name {route.tls_server_name}")
-    return ", ".join(parts)
+    return ", ".join(parts) + h2
 
 
 def route_rows(routes: Iterable[Route]) -> list[list[str]]:

@@ -264,6 +264,7 @@ def test_upstream_tls_column():
     assert summary.upstream_tls(route) == "CA /elsewhere/ca.pem, client /elsewhere/gw.pem, name api.internal"
     assert summary.upstream_tls(Route(host="a", to=("https://u",), tls_skip_verify=True)).startswith("skip-verify!")
     assert summary.upstream_tls(Route(host="a", to=("http://u",))) == "none (http://)"
+    assert summary.upstream_tls(Route(host="a", to=("https://u",), upstream_protocol="http2")) == "CA system store, no client cert, HTTP/2"
 
 
 def _checker(tmp_path, ca: DevCA, crls) -> check.Checker:
