@@ -7,8 +7,8 @@ sent is removed, whatever its case, so identity headers can never be spoofed; so
 whose name holds C{_} (nginx's C{underscores_in_headers off}): WSGI and CGI servers read
 C{X_Forwarded_For} as C{X-Forwarded-For}, so a client could otherwise put a forged value next to the
 gateway's.  Then the gateway's own X-Forwarded-* and X-Forwarded-Client-Cert are set.  One hop-by-hop
-header is regenerated rather than copied: C{TE: trailers} when the client's TE named C{trailers}
-(gRPC needs it; RFC 9110 10.1.4 allows it, and the gateway relays trailers).  Client bound:
+header is regenerated rather than copied: C{TE: trailers} when the client's TE named C{trailers} and
+the upstream client relays trailers (HTTP/2 upstreams; gRPC needs it; RFC 9110 10.1.4).  Client bound:
 hop-by-hop and framing go too.  Response trailers (L{client_response_trailers}) get the same hygiene
 and more: see docs/security.md, "Response trailers".
 """
@@ -74,16 +74,19 @@ def upstream_request_headers(
     proto: str,
     xfcc: bytes | None,
     preserve_host: bool,
+    trailers: bool = False,
 ) -> Headers:
     """
     The headers to send upstream for a client request that arrived with C{incoming}; C{xfcc} is the
-    verified client's X-Forwarded-Client-Cert value (None: the header is not sent at all).
+    verified client's X-Forwarded-Client-Cert value (None: the header is not sent at all).  With
+    C{trailers} (the upstream client relays response trailers: HTTP/2), C{TE: trailers} is sent when
+    the client's TE named C{trailers}.
     """
     drop = HOP_BY_HOP | FRAMING | GATEWAY_OWNED | _connection_tokens(incoming)
     if not preserve_host:
         drop = drop | {b"host"}
     out = _copy_without(incoming, drop, underscores=False)
-    if any(t.strip().lower() == b"trailers" for value in incoming.getRawHeaders(b"te", []) for t in value.split(b",")):
+    if trailers and any(t.strip().lower() == b"trailers" for value in incoming.getRawHeaders(b"te", []) for t in value.split(b",")):
         out.setRawHeaders(b"te", [b"trailers"])  # the one TE value forwarded: the client takes trailers, and so does the gateway
     host = incoming.getRawHeaders(b"host")
     out.setRawHeaders(b"x-forwarded-for", [client_ip.encode("ascii")])

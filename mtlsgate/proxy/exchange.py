@@ -261,6 +261,7 @@ class _Exchange:
             proto="https" if request.isSecure() else "http",
             xfcc=self.peer.xfcc if route.forward_client_cert == "xfcc" else None,
             preserve_host=route.preserve_host_header,
+            trailers=route.upstream_protocol == "http2",  # the HTTP/1.1 client reads and drops chunked trailers: it does not claim to take them
         )
         self._attempt(self.entry.upstreams.order(), headers)
 

@@ -18,6 +18,7 @@ import ssl
 import threading
 from typing import Any
 
+import attrs
 import h2.config
 import h2.connection
 import h2.events
@@ -122,6 +123,8 @@ def relay():
     gateway = _in_memory_gateway()
     events: list[Any] = []
     original = gateway.channel.handler
+    entry = original.__self__.state.routes.lookup("localhost", "/")  # ProxyResource.handle's resource: its one route
+    entry.route = attrs.evolve(entry.route, upstream_protocol="http2")
 
     def handler(request: Any) -> None:
         request.write_trailers = lambda pairs: events.append(("trailers", list(pairs)))
@@ -137,7 +140,7 @@ def relay():
 def test_the_exchange_forwards_only_harmless_trailers_just_before_the_end(relay):
     gateway, events = relay
     gateway.send(b"POST /svc/M HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nTE: trailers\r\n\r\n")
-    assert gateway.upstream.requests[0][2].getRawHeaders(b"te") == [b"trailers"]
+    assert gateway.upstream.requests[0][2].getRawHeaders(b"te") == [b"trailers"]  # an HTTP/2 route: the gateway takes trailers
     response = _Response(HOSTILE)
     gateway.upstream.pending[0].callback(response)
     response.protocol.dataReceived(b"hello")
