@@ -14,7 +14,8 @@ import attrs
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
-    ConnectionTerminated, DataReceived, InformationalResponseReceived, ResponseReceived, StreamEnded, StreamReset, TrailersReceived, WindowUpdated,
+    ConnectionTerminated, DataReceived, InformationalResponseReceived, PingAckReceived, ResponseReceived, StreamEnded, StreamReset,
+    TrailersReceived, WindowUpdated,
 )  # fmt: skip
 
 
@@ -57,6 +58,7 @@ class H2Client:
         ))  # fmt: skip
         self.streams: dict[int, Stream] = {}
         self.goaway: ConnectionTerminated | None = None
+        self.ping_acks = 0
         self.closed = False
         if self.alpn == "h2":
             self.conn.initiate_connection()
@@ -137,6 +139,27 @@ class H2Client:
             if not self.read_once():
                 return
 
+    def dawdle(self, seconds: float) -> None:
+        """Be a slow client: handle what arrives for this long without reading faster (the pace of the test, not its synchronisation)."""
+        deadline = time.monotonic() + seconds
+        self.sock.settimeout(0.1)
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if not self.read_once():
+                        return
+                except TimeoutError:
+                    pass
+        finally:
+            self.sock.settimeout(self.timeout)
+
+    def ping(self) -> None:
+        """A PING, and wait for its ACK: the gateway has then handled every frame sent before it."""
+        before = self.ping_acks
+        self.conn.ping(b"mtlsgate")
+        self.flush()
+        self.read(lambda: self.ping_acks > before)
+
     def response(self, stream_id: int) -> Stream:
         self.read(lambda: self.streams[stream_id].done or self.goaway is not None)
         return self.streams[stream_id]
@@ -163,6 +186,8 @@ class H2Client:
             stream.reset = event.error_code
         elif isinstance(event, ConnectionTerminated):
             self.goaway = event
+        elif isinstance(event, PingAckReceived):
+            self.ping_acks += 1
         elif isinstance(event, WindowUpdated):
             pass
 

@@ -14,7 +14,7 @@ HTTP/1.1 upstream could read differently: a header name that is not a token, a c
 value (400 on the stream).  And it bounds what an HTTP/2 client can make a server do:
 
 - concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS, L{MAX_CONCURRENT_STREAMS}): a stream beyond it is
-  refused with RST_STREAM REFUSED_STREAM; beyond twice as many, h2 ends the connection;
+  refused with RST_STREAM REFUSED_STREAM (h2's own bound, set at twice as many, is a backstop);
 - the header list (SETTINGS_MAX_HEADER_LIST_SIZE = C{limits.max_header_size}; C{max_header_count}
   fields): 431 on the stream; HPACK decoding stops at twice the size (GOAWAY);
 - rapid reset (CVE-2023-44487): a client that resets (or gets refused) L{RESET_BUDGET} streams, at
@@ -547,10 +547,10 @@ class H2ServerProtocol(Protocol):
                 pseudo[name] = value
                 continue
             count += 1
-            if problem is None:
-                why = header_field_problem(name, value)
-                if why is not None:
-                    problem = (400, why)
+            why = header_field_problem(name, value)
+            if why is not None:
+                problem = problem or (400, why)
+                continue  # never into Headers (which refuses such names itself) nor anywhere else
             headers.addRawHeader(name, value)
         if problem is None and len(headers.getRawHeaders(b"content-length", ())) > 1:
             problem = (400, "more than one Content-Length")

@@ -59,14 +59,15 @@ def test_sni_picks_the_certificate(sni_gateway, pki, server_name, expected):
     assert expected in _names(info)
 
 
-def test_tls13_is_preferred_and_alpn_offers_http11(sni_gateway, pki):
+@pytest.mark.parametrize("offered, chosen", [(["h2", "http/1.1"], "h2"), (["http/1.1", "h2"], "h2"), (["http/1.1"], "http/1.1")])
+def test_tls13_is_preferred_and_alpn_prefers_h2_then_http11(sni_gateway, pki, offered, chosen):
     ctx = ssl.create_default_context(cafile=pki["ca"])
     ctx.load_cert_chain(*pki["alice"])
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    ctx.set_alpn_protocols(offered)
     with socket.create_connection(("127.0.0.1", sni_gateway.port)) as sock:
         with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
             assert tls.version() == "TLSv1.3"
-            assert tls.selected_alpn_protocol() == "http/1.1"
+            assert tls.selected_alpn_protocol() == chosen
 
 
 def test_tls12_uses_only_ecdhe_aead_suites(sni_gateway, pki):
