@@ -9,6 +9,8 @@ Methods of the service C{test.Echo}:
 - C{ServerStream}: the request is a count N; answers N messages C{b"0"}, C{b"1"}, ...
 - C{ClientStream}: answers the requests joined with C{b","}.
 - C{Bidi}: answers each request with C{b"re:" + request} as it arrives.
+- C{Count}: answers the total size of the requests (as text).
+- C{Blob}: the request is "N SIZE"; answers N messages of SIZE bytes.
 - C{Fail}: aborts with INVALID_ARGUMENT and the message C{"bad thing"}.
 - C{Deadline}: answers the time the server has left (seconds, as text): proof that C{grpc-timeout} arrived.
 - C{Sleep}: waits until the call is over (deadline or cancel), answering nothing.
@@ -46,6 +48,17 @@ def _bidi(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
         yield b"re:" + request
 
 
+def _count(requests: Iterator[bytes], context: Any) -> bytes:
+    return str(sum(len(r) for r in requests)).encode()
+
+
+def _blob(request: bytes, context: Any) -> Iterator[bytes]:
+    count, size = (int(part) for part in request.split())
+    message = b"b" * size
+    for _ in range(count):
+        yield message
+
+
 def _fail(request: bytes, context: Any) -> bytes:
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad thing")
     raise AssertionError("unreachable")
@@ -69,6 +82,8 @@ def handlers() -> grpc.GenericRpcHandler:
         "ServerStream": grpc.unary_stream_rpc_method_handler(_server_stream),
         "ClientStream": grpc.stream_unary_rpc_method_handler(_client_stream),
         "Bidi": grpc.stream_stream_rpc_method_handler(_bidi),
+        "Count": grpc.stream_unary_rpc_method_handler(_count),
+        "Blob": grpc.unary_stream_rpc_method_handler(_blob),
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
         "Deadline": grpc.unary_unary_rpc_method_handler(_deadline),
         "Sleep": grpc.unary_unary_rpc_method_handler(_sleep),

@@ -148,3 +148,13 @@ def test_a_dead_upstream_is_unavailable(start_gateway, pki, tmp_path):
         assert "502" in e.value.details()
     finally:
         ch.close()
+
+
+def test_256_mib_each_way_streams_in_bounded_gateway_memory(gateway, alice):
+    from tests.e2e.test_streaming import RSS_LIMIT_KIB, peak_rss_kib
+
+    message = b"m" * (1 << 20)
+    assert call(alice, "Count", "stream_unary")((message for _ in range(256)), timeout=120) == str(256 << 20).encode()
+    received = sum(len(m) for m in call(alice, "Blob", "unary_stream")(b"256 1048576", timeout=120))
+    assert received == 256 << 20
+    assert peak_rss_kib(gateway.proc.popen.pid) < RSS_LIMIT_KIB

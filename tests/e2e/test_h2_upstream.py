@@ -1,7 +1,8 @@
 """
 A route with C{upstream_protocol: http2}, through the real gateway process, to real HTTP/2 upstreams
 requiring the gateway's client certificate: nginx (ALPN h2), for headers, identity, and bodies
-large enough for flow control to be the back-pressure both ways; and what an HTTP/1.1 upstream
+large enough for flow control to be the back-pressure both ways (256 MiB down in bounded memory;
+256 MiB up is in test_grpc.py, against a server that reads it: nginx's `return` answers first); and what an HTTP/1.1 upstream
 gets instead (the ALPN refusal is a 502, not a hang).
 """
 
@@ -25,15 +26,17 @@ error_log {dir}/error.log info;
 pid {dir}/nginx.pid;
 events {{ worker_connections 64; }}
 http {{
-    access_log {dir}/access.log;
+    log_format withlength '$request $status request_length=$request_length';
+    access_log {dir}/access.log withlength;
     client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
     uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-    client_max_body_size 64m;
+    client_max_body_size 512m;
     server {{
         listen 127.0.0.1:{port} ssl http2;
         ssl_certificate {cert}; ssl_certificate_key {key};
         ssl_client_certificate {ca}; ssl_verify_client on;
         location /big {{ alias {dir}/big.bin; }}
+        location /huge {{ alias {dir}/huge.bin; }}
         location / {{
             default_type text/plain;
             return 200 "proto=$server_protocol saw=$ssl_client_s_dn xfcc=$http_x_forwarded_client_cert te=$http_te host=$host conn=$http_connection\\n";
@@ -43,12 +46,15 @@ http {{
 """
 
 BIG = 8 * 1024 * 1024
+HUGE = 256 * 1024 * 1024
 
 
 @pytest.fixture
 def nginx_h2(procs, pki, tmp_path):
     port = free_port()
     (tmp_path / "big.bin").write_bytes(os.urandom(BIG))
+    with open(tmp_path / "huge.bin", "wb") as f:
+        f.truncate(HUGE)  # sparse: no disk used
     conf = tmp_path / "nginx.conf"
     conf.write_text(CONF.format(dir=tmp_path, port=port, cert=pki["upstream"][0], key=pki["upstream"][1], ca=pki["ca"]))
     proc = Proc([NGINX, "-p", str(tmp_path), "-c", str(conf)], tmp_path / "nginx.out")
@@ -78,7 +84,9 @@ def test_requests_reach_nginx_over_http2_with_the_gateways_certificate_and_clean
         assert "te=trailers" in text
         assert "conn= " in text or text.rstrip().endswith("conn=")  # no Connection header on HTTP/2
         assert "host=127.0.0.1" in text
-    assert (tmp_path / "access.log").read_text().count("HTTP/2.0") == 3
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert len(lines) == 3 and all(line.startswith("GET /x HTTP/2.0") for line in lines)
+    assert [int(line.rsplit("=", 1)[1]) for line in lines][1:] < [int(lines[0].rsplit("=", 1)[1])] * 2  # HPACK: one connection
 
 
 @pytest.mark.needs("nginx")
@@ -96,3 +104,19 @@ def test_an_http1_only_upstream_is_a_502_not_a_hang(start_gateway, pki, tmp_path
     gateway = _gateway(start_gateway, pki, tmp_path, echo_upstream)
     status, _, body = https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"], timeout=30)
     assert status == 502, body
+
+
+@pytest.mark.needs("nginx")
+def test_256_mib_from_an_http2_upstream_in_bounded_gateway_memory(start_gateway, pki, tmp_path, nginx_h2):
+    from tests.e2e.test_streaming import RSS_LIMIT_KIB, _connection, peak_rss_kib
+
+    gateway = _gateway(start_gateway, pki, tmp_path, nginx_h2, timeout="120s")
+    conn = _connection(gateway.port, pki)
+    conn.request("GET", "/huge", headers={"Host": "localhost"})
+    response = conn.getresponse()
+    assert response.status == 200 and int(response.getheader("content-length")) == HUGE
+    received = 0
+    while data := response.read(1 << 20):
+        received += len(data)
+    assert received == HUGE
+    assert peak_rss_kib(gateway.proc.popen.pid) < RSS_LIMIT_KIB
