@@ -439,8 +439,8 @@ class H2ClientConnection(Protocol):
     # -- receiving --
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.connected:
-            return
+        if not self.connected or (self.going_away and not self.streams):
+            return  # closing, nothing in flight (after GOAWAY, h2 would call any further frame a protocol error)
         try:
             events = self.h2.receive_data(data)
         except DenialOfServiceError as e:

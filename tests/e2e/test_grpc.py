@@ -158,3 +158,25 @@ def test_256_mib_each_way_streams_in_bounded_gateway_memory(gateway, alice):
     received = sum(len(m) for m in call(alice, "Blob", "unary_stream")(b"256 1048576", timeout=120))
     assert received == 256 << 20
     assert peak_rss_kib(gateway.proc.popen.pid) < RSS_LIMIT_KIB
+
+
+def test_a_reload_keeps_a_streaming_call_in_flight_and_new_calls_work(gateway, alice):
+    import queue
+    import signal
+
+    requests: queue.Queue[Any] = queue.Queue()
+
+    def source():
+        while (item := requests.get()) is not None:
+            yield item
+
+    responses = call(alice, "Bidi", "stream_stream")(source(), timeout=60)
+    requests.put(b"before")
+    assert next(responses) == b"re:before"
+    gateway.proc.signal(signal.SIGHUP)  # the old upstream agent is retired: its busy connection closes when the call ends
+    gateway.proc.wait_for_log("reloaded:")
+    requests.put(b"after")
+    assert next(responses) == b"re:after"
+    requests.put(None)
+    assert list(responses) == []
+    assert call(alice, "Unary")(b"new", timeout=30) == b"echo:new"  # on the new agent's connection
