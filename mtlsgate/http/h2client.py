@@ -37,7 +37,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from mtlsgate.http.client import _TARGET, _TOKEN, DEFAULT_MAX_HEADER_SIZE, IDLE_TIMEOUT, ClientRequest, ResponseHeadersTooLarge, UpstreamProtocolError
+from mtlsgate.http.client import _TARGET, _TOKEN, DEFAULT_MAX_HEADER_SIZE, IDEMPOTENT, IDLE_TIMEOUT, ClientRequest
+from mtlsgate.http.client import ResponseHeadersTooLarge, UpstreamProtocolError
 
 log = Logger(namespace="mtlsgate.http.h2client")
 
@@ -310,8 +311,11 @@ class _Stream:
             return
         self.connection.reset_stream(self, code)
 
-    def lost(self, reason: Failure) -> None:
-        """The stream ended abnormally (reset by the upstream, GOAWAY, the connection lost)."""
+    def lost(self, reason: Failure, reused: bool = False) -> None:
+        """
+        The stream ended abnormally (reset by the upstream, GOAWAY, the connection lost; C{reused}: a
+        connection that had completed streams before, lost with no byte of this one's response).
+        """
         if self.closed:
             return
         self.closed = True
@@ -319,7 +323,7 @@ class _Stream:
             self.uploading = False
             self._stop_body()
         if self.response is None:
-            self.exchange.lost(reason)
+            self.exchange.lost(reason, reused)
         else:
             self.response.end(Failure(ResponseFailed([reason])))
 
@@ -343,6 +347,8 @@ class H2ClientConnection(Protocol):
         self.write_paused = False
         self.single_use = not agent.persistent
         self._used = False
+        self._completed = 0  # streams that ended with a complete response
+        self._heard_up_to = 0  # the highest stream opened when bytes last arrived: streams above it heard nothing back
         self._idle_timer: Any = None
         self._handshake_waiters: list[defer.Deferred[None]] | None = []
 
@@ -441,6 +447,7 @@ class H2ClientConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if not self.connected or (self.going_away and not self.streams):
             return  # closing, nothing in flight (after GOAWAY, h2 would call any further frame a protocol error)
+        self._heard_up_to = self.h2.highest_outbound_stream_id or 0
         try:
             events = self.h2.receive_data(data)
         except DenialOfServiceError as e:
@@ -517,6 +524,7 @@ class H2ClientConnection(Protocol):
             except H2Error:
                 pass
         if stream.response is not None:
+            self._completed += 1
             stream.response.end(Failure(ResponseDone()))
         else:
             stream.exchange.lost(Failure(UpstreamProtocolError("the stream ended without a response")))
@@ -600,10 +608,15 @@ class H2ClientConnection(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def _fail_all(self, reason: Failure) -> None:
+    def _fail_all(self, reason: Failure, lost: bool = False) -> None:
+        """
+        Every stream fails with C{reason}.  C{lost}: the connection died; a stream sent on a connection
+        that had completed streams before, and that heard nothing back since it was sent, is the
+        HTTP/1.1 pool's dead-connection case (the upstream closed it, idle, as the request went).
+        """
         streams, self.streams = self.streams, {}
-        for stream in streams.values():
-            stream.lost(reason)
+        for stream_id, stream in streams.items():
+            stream.lost(reason, lost and self._completed > 0 and stream_id > self._heard_up_to)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
@@ -614,7 +627,7 @@ class H2ClientConnection(Protocol):
         for d in waiters:
             d.errback(reason)
         if self.streams:
-            self._fail_all(reason if not reason.check(ConnectionDone) else Failure(ConnectionLost("the upstream closed the connection")))
+            self._fail_all(reason if not reason.check(ConnectionDone) else Failure(ConnectionLost("the upstream closed the connection")), lost=True)
 
     def pauseProducing(self) -> None:
         self.write_paused = True
@@ -676,13 +689,18 @@ class _H2Exchange:
         if not self.deferred.called:
             self.deferred.errback(failure)
 
-    def lost(self, reason: Failure) -> None:
-        """The stream failed before its response: sent again once when the upstream never processed it and no body was sent."""
+    def lost(self, reason: Failure, reused: bool = False) -> None:
+        """
+        The stream failed before its response: sent again once, with no body, when the upstream never
+        processed it (REFUSED_STREAM, above GOAWAY's last stream), or, for an idempotent method, when a
+        reused connection died before any byte came back (as L{mtlsgate.http.client} does).
+        """
         self.stream = None
         if self.cancelled:
             return  # the Deferred fails with CancelledError
         refused = isinstance(reason.value, UpstreamStreamReset) and reason.value.code == ErrorCodes.REFUSED_STREAM
-        if refused and not self.cancelled and not self.retried and self.request.body is None:
+        safe = refused or (reused and self.request.method in IDEMPOTENT)
+        if safe and not self.retried and self.request.body is None:
             self.retried = True
             log.debug("an upstream stream was refused ({reason}); sending it again", reason=reason.getErrorMessage())
             self.agent.dispatch(self)

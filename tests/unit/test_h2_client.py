@@ -510,3 +510,21 @@ def test_content_length_comes_from_the_body(length):
     [request] = endpoint.peers[0].requests()
     assert dict(request.headers).get(b"content-length") == (None if length is None else b"5")
     assert body.length is (UNKNOWN_LENGTH if length is None else 5) or body.length == 5
+
+
+def test_a_safe_request_on_a_reused_connection_that_dies_unheard_is_sent_again_once():
+    from twisted.internet.error import ConnectionLost
+
+    agent, endpoint, _ = make()
+    d = agent.request(b"GET", URL)
+    endpoint.peers[0].answer(1, b"x")
+    results(d)[0].deliverBody(Body())  # the connection has carried a stream: reused from now on
+    get = agent.request(b"GET", URL)
+    post = agent.request(b"POST", URL)
+    endpoint.peers[0].client.connectionLost(Failure(ConnectionLost()))  # closed by the upstream as they went
+    assert not get.called and len(endpoint.peers) == 2  # GET: again, on a new connection
+    [failure] = results(post)
+    assert failure.check(ResponseNeverReceived)  # POST: not idempotent, not sent again
+    endpoint.peers[1].client.connectionLost(Failure(ConnectionLost()))  # a fresh connection is not retried
+    [failure] = results(get)
+    assert failure.check(ResponseNeverReceived)
