@@ -14,6 +14,10 @@ Methods of the service C{test.Echo}:
 - C{Fail}: aborts with INVALID_ARGUMENT and the message C{"bad thing"}.
 - C{Deadline}: answers the time the server has left (seconds, as text): proof that C{grpc-timeout} arrived.
 - C{Sleep}: waits until the call is over (deadline or cancel), answering nothing.
+- C{Whoami}: answers the server's port.
+
+With C{health=True}, the standard health service too (grpc.health.v1.Health/Check, answering
+C{GRPCServer.serving}: SERVING or NOT_SERVING), without generated code.
 """
 
 from __future__ import annotations
@@ -76,8 +80,9 @@ def _sleep(request: bytes, context: Any) -> bytes:
     return b""
 
 
-def handlers() -> grpc.GenericRpcHandler:
+def handlers(server: GRPCServer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, {
+        "Whoami": grpc.unary_unary_rpc_method_handler(lambda request, context: str(server.port).encode()),
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
         "ServerStream": grpc.unary_stream_rpc_method_handler(_server_stream),
         "ClientStream": grpc.stream_unary_rpc_method_handler(_client_stream),
@@ -93,9 +98,15 @@ def handlers() -> grpc.GenericRpcHandler:
 class GRPCServer:
     """A grpcio server on a free loopback port with TLS from C{cert}/C{key}, requiring client certificates from C{ca}."""
 
-    def __init__(self, cert: str, key: str, ca: str, require_client_auth: bool = True) -> None:
+    def __init__(self, cert: str, key: str, ca: str, require_client_auth: bool = True, health: bool = False) -> None:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        self.server.add_generic_rpc_handlers((handlers(),))
+        self.serving = True
+        self.port = 0
+        rpc_handlers = [handlers(self)]
+        if health:
+            check = grpc.unary_unary_rpc_method_handler(lambda request, context: b"\x08\x01" if self.serving else b"\x08\x02")
+            rpc_handlers.append(grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": check}))
+        self.server.add_generic_rpc_handlers(rpc_handlers)
         credentials = grpc.ssl_server_credentials(
             [(_read(key), _read(cert))], root_certificates=_read(ca), require_client_auth=require_client_auth
         )  # fmt: skip

@@ -20,6 +20,7 @@ import yaml
 from mtlsgate.identity import AllowRules
 from mtlsgate.http.pathnorm import prefix_problem
 from mtlsgate.app.sockets import parse_tcp_listen
+from mtlsgate.proxy.healthcheck import GRPC_HEALTH_PATH
 from mtlsgate.config.model import Autocert, CHALLENGE_TYPES, CertificateSpec, Config, ConfigError, DownstreamMTLS, HSTS, HealthCheck, Limits, Route
 
 
@@ -189,14 +190,15 @@ _ROUTE_KEYS = (
     "health_check", "upstream_protocol",
 )  # fmt: skip
 
-_HEALTH_CHECK_KEYS = ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold")
+_HEALTH_CHECK_KEYS = ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold", "grpc")
 
 
 def _health_check(data: Any, key: str) -> HealthCheck | None:
     if data is None:
         return None
     _check_keys(data, key, _HEALTH_CHECK_KEYS)
-    path = _string(data.get("path", "/"), f"{key}.path", optional=False)
+    grpc = _boolean(data.get("grpc", False), f"{key}.grpc")
+    path = _string(data.get("path", GRPC_HEALTH_PATH if grpc else "/"), f"{key}.path", optional=False)
     assert path is not None
     if not path.startswith("/") or any(c in path for c in " \r\n#"):
         raise ConfigError(f"{key}.path", f"expected a path starting with '/' (a query is allowed), got {path!r}")
@@ -206,6 +208,7 @@ def _health_check(data: Any, key: str) -> HealthCheck | None:
         timeout=parse_duration(data.get("timeout", "2s"), f"{key}.timeout"),
         unhealthy_threshold=_count(data.get("unhealthy_threshold", 2), f"{key}.unhealthy_threshold"),
         healthy_threshold=_count(data.get("healthy_threshold", 1), f"{key}.healthy_threshold"),
+        grpc=grpc,
     )
 
 
@@ -258,6 +261,10 @@ def _route(data: Any, key: str) -> Route:
     client_key = _readable_file(data.get("tls_client_key_file"), f"{key}.tls_client_key_file")
     if client_key and not cert:
         raise ConfigError(f"{key}.tls_client_key_file", "given without tls_client_cert_file")
+    protocol = _choice(data.get("upstream_protocol", "http1"), f"{key}.upstream_protocol", ("http1", "http2"))
+    health_check = _health_check(data.get("health_check"), f"{key}.health_check")
+    if health_check is not None and health_check.grpc and protocol != "http2":
+        raise ConfigError(f"{key}.health_check.grpc", "gRPC health checks need upstream_protocol: http2")
     return Route(
         host=parse_from(data.get("from"), f"{key}.from"),
         prefix=prefix,
@@ -274,8 +281,8 @@ def _route(data: Any, key: str) -> Route:
         connect_timeout=parse_duration(data.get("connect_timeout", 10), f"{key}.connect_timeout"),
         max_body_size=None if data.get("max_body_size") is None else parse_size(data["max_body_size"], f"{key}.max_body_size"),
         max_response_header_size=parse_size(data.get("max_response_header_size", "64k"), f"{key}.max_response_header_size"),
-        health_check=_health_check(data.get("health_check"), f"{key}.health_check"),
-        upstream_protocol=_choice(data.get("upstream_protocol", "http1"), f"{key}.upstream_protocol", ("http1", "http2")),
+        health_check=health_check,
+        upstream_protocol=protocol,
     )
 
 

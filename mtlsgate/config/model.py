@@ -52,6 +52,7 @@ class HealthCheck:
     timeout: float = 2.0
     unhealthy_threshold: int = 2  # failed checks in a row that take an upstream out of rotation
     healthy_threshold: int = 1  # passed checks in a row that bring it back
+    grpc: bool = False  # the gRPC health service (grpc.health.v1.Health/Check) instead of GET path; path defaults to its method
 
 
 @attrs.frozen

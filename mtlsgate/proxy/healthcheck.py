@@ -6,7 +6,8 @@ upstreams believed up, instead of paying for a failed connection (or a connect t
 
 The check itself is a function from a target URL to a Deferred status code, so the state machine
 runs on any L{IReactorTime} (a L{Clock} in tests); L{http_probe} is the real one, over the route's
-own Agent and TLS policy.
+own Agent and TLS policy, and L{grpc_probe} the one for gRPC upstreams (the standard health service,
+grpc.health.v1.Health/Check, over the route's HTTP/2 agent).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from typing import Any, Callable, Iterable, cast
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from mtlsgate.config.model import HealthCheck
 
@@ -48,6 +52,104 @@ def http_probe(agent: Any, path: str) -> Probe:
             return int(response.code)
 
         return d.addCallback(status)
+
+    return probe
+
+
+GRPC_HEALTH_PATH = "/grpc.health.v1.Health/Check"
+# HealthCheckRequest{service: ""}: an empty protobuf message, as one uncompressed gRPC frame.
+_GRPC_HEALTH_REQUEST = b"\x00\x00\x00\x00\x00"
+_GRPC_SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+_GRPC_MAX_ANSWER = 4096  # a HealthCheckResponse is 2 bytes; anything much larger is not one
+
+
+class GRPCUnhealthy(Exception):
+    """A gRPC health check's answer was not SERVING (or not an answer at all)."""
+
+
+@implementer(IBodyProducer)
+class _Bytes:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Collect(Protocol):
+    """A small response body, whole; a larger one is cut off (the check fails)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > _GRPC_MAX_ANSWER:
+            cast(IPushProducer, self.transport).stopProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if reason.check(ResponseDone) and len(self.data) <= _GRPC_MAX_ANSWER:
+            self.done.callback(self.data)
+        else:
+            self.done.errback(GRPCUnhealthy(f"the answer was cut off or too large ({len(self.data)} bytes)"))
+
+
+def _serving_status(body: bytes) -> str:
+    """The status of a HealthCheckResponse in one gRPC frame: field 1, a varint enum (absent: UNKNOWN)."""
+    if len(body) < 5 or body[0] != 0 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+        raise GRPCUnhealthy("the answer is not one uncompressed gRPC message")
+    message = body[5:]
+    if not message:
+        return "UNKNOWN"
+    if len(message) < 2 or message[0] != 0x08 or message[1] & 0x80:
+        raise GRPCUnhealthy("the answer is not a HealthCheckResponse")
+    return _GRPC_SERVING_STATUS.get(message[1], f"status {message[1]}")
+
+
+def grpc_probe(agent: Any, path: str = GRPC_HEALTH_PATH) -> Probe:
+    """
+    The gRPC health check (grpc.health.v1, the server as a whole: service "") through C{agent} (the
+    route's HTTP/2 agent): fires with 200 when the answer is grpc-status 0 and SERVING, fails with
+    L{GRPCUnhealthy} naming what came otherwise.
+    """
+    headers = {b"content-type": [b"application/grpc"], b"te": [b"trailers"], b"user-agent": [_USER_AGENT]}
+
+    def probe(target: str) -> defer.Deferred[int]:
+        d = agent.request(b"POST", (target + path).encode("ascii"), Headers(headers), _Bytes(_GRPC_HEALTH_REQUEST))
+
+        def answer(response: Any) -> defer.Deferred[int]:
+            if response.code != 200:
+                response.deliverBody(_HangUp())
+                raise GRPCUnhealthy(f"HTTP status {response.code}")
+            body = _Collect()
+            response.deliverBody(body)
+
+            def judge(data: bytes) -> int:
+                fields = dict(getattr(response, "trailers", None) or [])
+                status = fields.get(b"grpc-status") or response.headers.getRawHeaders(b"grpc-status", [None])[0]  # trailers-only
+                if status != b"0":
+                    message = fields.get(b"grpc-message") or response.headers.getRawHeaders(b"grpc-message", [b""])[0]
+                    raise GRPCUnhealthy(f"grpc-status {(status or b'missing').decode('ascii', 'replace')} {message.decode('ascii', 'replace')}".rstrip())
+                serving = _serving_status(data)
+                if serving != "SERVING":
+                    raise GRPCUnhealthy(serving)
+                return 200
+
+            return body.done.addCallback(judge)
+
+        return d.addCallback(answer)
 
     return probe
 

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from mtlsgate.tls import pki
 from mtlsgate.config.model import Route
-from mtlsgate.proxy.healthcheck import HealthChecker, http_probe
+from mtlsgate.proxy.healthcheck import HealthChecker, grpc_probe, http_probe
 from mtlsgate.http.client import HTTP11Agent
 from mtlsgate.http.h2client import H2Agent
 from mtlsgate.tls.server import CIPHERS
@@ -228,7 +228,8 @@ class UpstreamGroup:
                 checks = H2Agent(reactor, check_endpoints, max_header_size=route.max_response_header_size, persistent=False)
             else:
                 checks = HTTP11Agent(reactor, check_endpoints, max_header_size=route.max_response_header_size, persistent=False)
-            self.checker = HealthChecker(reactor, route.name, route.to, route.health_check, http_probe(checks, route.health_check.path))
+            probe = grpc_probe(checks, route.health_check.path) if route.health_check.grpc else http_probe(checks, route.health_check.path)
+            self.checker = HealthChecker(reactor, route.name, route.to, route.health_check, probe)
 
     def order(self) -> list[str]:
         """

@@ -180,3 +180,31 @@ def test_a_reload_keeps_a_streaming_call_in_flight_and_new_calls_work(gateway, a
     requests.put(None)
     assert list(responses) == []
     assert call(alice, "Unary")(b"new", timeout=30) == b"echo:new"  # on the new agent's connection
+
+
+def test_grpc_health_checks_take_a_not_serving_upstream_out_and_bring_it_back(start_gateway, pki, tmp_path):
+    servers = [GRPCServer(pki["upstream"][0], pki["upstream"][1], pki["ca"], health=True) for _ in range(2)]
+    bare = GRPCServer(pki["upstream"][0], pki["upstream"][1], pki["ca"])  # no health service: UNIMPLEMENTED
+    try:
+        port = free_port()
+        targets = [f"https://127.0.0.1:{s.port}" for s in (*servers, bare)]
+        health = {"grpc": True, "interval": "200ms", "timeout": "2s", "unhealthy_threshold": 1, "healthy_threshold": 1}
+        config = gateway_config(pki, port, targets, {"upstream_protocol": "http2", "health_check": health})
+        path = tmp_path / "gw-health.yaml"
+        path.write_text(yaml.safe_dump(config))
+        gateway = start_gateway(["--config", str(path)], port=port)
+        log = gateway.proc.wait_for_log(f"upstream https://127.0.0.1:{bare.port} of route localhost/ is down: GRPCUnhealthy: grpc-status 12")
+        assert "/grpc.health.v1.Health/Check" in log
+        servers[1].serving = False
+        gateway.proc.wait_for_log(f"upstream https://127.0.0.1:{servers[1].port} of route localhost/ is down: GRPCUnhealthy: NOT_SERVING")
+        ch = channel(gateway.port, pki["ca"], pki["alice"])
+        try:
+            assert {call(ch, "Whoami")(b"", timeout=30) for _ in range(6)} == {str(servers[0].port).encode()}
+            servers[1].serving = True
+            gateway.proc.wait_for_log(f"upstream https://127.0.0.1:{servers[1].port} of route localhost/ is up")
+            assert {call(ch, "Whoami")(b"", timeout=30) for _ in range(6)} == {str(s.port).encode() for s in servers}
+        finally:
+            ch.close()
+    finally:
+        for server in (*servers, bare):
+            server.stop()

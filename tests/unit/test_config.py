@@ -40,6 +40,7 @@ def test_minimal_config_has_strict_defaults(pki):
         ({"routes": [{"from": "https://a", "to": "https://b", "health_check": {"unhealthy_threshold": 0}}]}, "routes[0].health_check.unhealthy_threshold", "positive whole number"),
         ({"routes": [{"from": "https://a", "to": "https://b", "health_check": {"timeout": "2 seconds"}}]}, "routes[0].health_check.timeout", "duration"),
         ({"routes": [{"from": "https://a", "to": "https://b", "upstream_protocol": "h2"}]}, "routes[0].upstream_protocol", "http1, http2"),
+        ({"routes": [{"from": "https://a", "to": "https://b", "health_check": {"grpc": True}}]}, "routes[0].health_check.grpc", "upstream_protocol: http2"),
         ({"unknown_sni": "drop"}, "unknown_sni", "default, reject"),
         ({"downstream_mtls": {"client_auth": "require"}}, "downstream_mtls.ca_file", "required"),
         ({"downstream_mtls": {"max_verify_depth": 0}}, "downstream_mtls.max_verify_depth", "1 to 16"),
@@ -62,6 +63,15 @@ def test_upstream_protocol_defaults_to_http1_and_takes_http2(pki):
     route = {"from": "https://a", "to": "https://b"}
     assert config_from_mapping(base(pki, routes=[route])).routes[0].upstream_protocol == "http1"
     assert config_from_mapping(base(pki, routes=[{**route, "upstream_protocol": "http2"}])).routes[0].upstream_protocol == "http2"
+
+
+def test_a_grpc_health_check_asks_the_standard_health_method_unless_told_otherwise(pki):
+    route = {"from": "https://a", "to": "https://b", "upstream_protocol": "http2"}
+    check = config_from_mapping(base(pki, routes=[{**route, "health_check": {"grpc": True}}])).routes[0].health_check
+    assert check.grpc and check.path == "/grpc.health.v1.Health/Check"
+    check = config_from_mapping(base(pki, routes=[{**route, "health_check": {"grpc": True, "path": "/my.Health/Check"}}])).routes[0].health_check
+    assert check.path == "/my.Health/Check"
+    assert config_from_mapping(base(pki, routes=[{**route, "health_check": {}}])).routes[0].health_check.path == "/"
 
 
 def test_no_certificate_at_all_is_an_error():

@@ -137,3 +137,71 @@ def test_a_reloaded_group_keeps_knowing_which_upstreams_are_down():
     assert B not in new.order()
     new.close()
     assert not clock.getDelayedCalls()
+
+
+# --- the gRPC probe (grpc.health.v1), against scripted HTTP/2 responses --------------------------------
+
+
+class _GRPCResponse:
+    def __init__(self, code: int = 200, body: bytes = b"", trailers: list[tuple[bytes, bytes]] | None = None,
+                 headers: dict[bytes, list[bytes]] | None = None, cut: bool = False) -> None:  # fmt: skip
+        from twisted.web.http_headers import Headers
+
+        self.code = code
+        self.headers = Headers(headers or {})
+        self.trailers = trailers if trailers is not None else [(b"grpc-status", b"0")]
+        self.body = body
+        self.cut = cut
+
+    def deliverBody(self, protocol) -> None:
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseDone, ResponseFailed
+
+        class Transport:
+            def stopProducing(self) -> None: ...
+
+        protocol.makeConnection(Transport())
+        protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseFailed([]) if self.cut else ResponseDone()))
+
+
+class _Agent:
+    def __init__(self, response) -> None:
+        self.response = response
+        self.sent: list = []
+
+    def request(self, method, uri, headers, body):
+        self.sent.append((method, uri, dict(headers.getAllRawHeaders()), body.data))
+        return defer.succeed(self.response)
+
+
+def _probe(response) -> tuple[list, _Agent]:
+    from mtlsgate.proxy.healthcheck import grpc_probe
+
+    agent = _Agent(response)
+    out: list = []
+    grpc_probe(agent)(A).addBoth(out.append)
+    return out, agent
+
+
+def test_the_grpc_probe_passes_on_serving_only():
+    from mtlsgate.proxy.healthcheck import GRPCUnhealthy
+
+    serving, agent = _probe(_GRPCResponse(body=b"\x00\x00\x00\x00\x02\x08\x01"))
+    assert serving == [200]
+    method, uri, headers, body = agent.sent[0]
+    assert (method, uri, body) == (b"POST", A.encode() + b"/grpc.health.v1.Health/Check", b"\x00\x00\x00\x00\x00")
+    assert {k.lower(): v for k, v in headers.items()}[b"te"] == [b"trailers"]
+    for response, words in [
+        (_GRPCResponse(body=b"\x00\x00\x00\x00\x02\x08\x02"), "NOT_SERVING"),
+        (_GRPCResponse(body=b"\x00\x00\x00\x00\x00"), "UNKNOWN"),
+        (_GRPCResponse(body=b"\x00\x00\x00\x00\x02\x08\x01", trailers=[(b"grpc-status", b"14"), (b"grpc-message", b"down")]), "grpc-status 14 down"),
+        (_GRPCResponse(trailers=[], headers={b"grpc-status": [b"12"], b"grpc-message": [b"Method not found!"]}), "grpc-status 12 Method not found!"),
+        (_GRPCResponse(code=503), "HTTP status 503"),
+        (_GRPCResponse(body=b"\x00\x00\x00\x00\x02\x08\x01", cut=True), "cut off"),
+        (_GRPCResponse(body=b"<html>"), "not one uncompressed gRPC message"),
+        (_GRPCResponse(body=b"\x00\x00\x00\x00\x02\x12\x01"), "not a HealthCheckResponse"),
+        (_GRPCResponse(trailers=[], body=b"\x00\x00\x00\x00\x02\x08\x01"), "grpc-status missing"),
+    ]:
+        [failure] = _probe(response)[0]
+        assert failure.check(GRPCUnhealthy) and words in failure.getErrorMessage(), (words, failure)
