@@ -323,6 +323,7 @@ class H2ServerProtocol(Protocol):
         self._last_activity = 0.0
         self._idle_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
+        self._unregistered = False
         self.conn = H2Connection(H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=True, normalize_inbound_headers=True,
             validate_outbound_headers=True, normalize_outbound_headers=True,
@@ -396,6 +397,9 @@ class H2ServerProtocol(Protocol):
         self.flush()
         self.closed = True
         if self.transport is not None:
+            if not self._unregistered:
+                self._unregistered = True
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]  # TLS waits for a registered producer before it closes
             self.transport.loseConnection()
             if self._abort_timer is None:
                 self._abort_timer = self.reactor.callLater(_ABORT_TIMEOUT, self._abort_after_close)

@@ -507,3 +507,85 @@ def test_abort_resets_the_stream_not_the_connection():
     _respond(peer.requests[1])
     peer.pump()
     assert peer.of(StreamEnded, other) and peer.goaway() is None
+
+
+# --- the proxy behind it: the same ProxyResource, gRPC-shaped answers -------------------------------
+
+
+def _proxied(timeout: float = 30.0) -> tuple[Peer, Any]:
+    from mtlsgate.config.model import Route
+    from mtlsgate.identity import AllowRules
+    from mtlsgate.proxy.exchange import ProxyResource, ProxyState, RouteEntry
+    from mtlsgate.proxy.routing import RouteTable
+    from tests.unit.test_proxy_channel import Metrics, Upstream
+
+    upstream = Upstream()
+    table = RouteTable([("localhost", "/", RouteEntry(route=Route(host="localhost", timeout=timeout), upstreams=upstream))])  # type: ignore[arg-type]
+    state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False)
+    peer = Peer()
+    peer.server.handler = ProxyResource(peer.reactor, state, Metrics()).handle
+    return peer, upstream
+
+
+_GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+def _grpc_answer(peer: Peer, sid: int) -> dict[bytes, bytes]:
+    [response] = peer.of(ResponseReceived, sid)
+    assert response.stream_ended is not None and not peer.of(DataReceived, sid)  # trailers-only: one HEADERS frame, END_STREAM
+    return dict(response.headers)
+
+
+def test_grpc_request_for_no_route_gets_grpc_status_unimplemented_not_404():
+    peer, upstream = _proxied()
+    sid = peer.client.get_next_available_stream_id()
+    peer.client.send_headers(
+        sid, [(b":method", b"POST"), (b":authority", b"nowhere"), (b":scheme", b"https"), (b":path", b"/pkg.Svc/Call"), *_GRPC], end_stream=True,
+    )  # fmt: skip
+    peer.pump()
+    answer = _grpc_answer(peer, sid)
+    assert (answer[b":status"], answer[b"content-type"], answer[b"grpc-status"]) == (b"200", b"application/grpc", b"12")
+    assert answer[b"grpc-message"] == b"404 Not Found: no route for this host"
+    assert not upstream.requests
+
+
+def test_grpc_request_whose_upstream_fails_gets_unavailable_and_past_the_timeout_deadline_exceeded():
+    from twisted.internet.error import ConnectionRefusedError
+
+    peer, upstream = _proxied(timeout=5)
+    refused = peer.get("/pkg.Svc/A", headers=_GRPC, method=b"POST")
+    slow = peer.get("/pkg.Svc/B", headers=_GRPC, method=b"POST")
+    peer.pump()
+    upstream.pending[0].errback(ConnectionRefusedError("no"))
+    peer.reactor.advance(6)
+    peer.pump()
+    assert _grpc_answer(peer, refused)[b"grpc-status"] == b"14"
+    assert _grpc_answer(peer, slow)[b"grpc-status"] == b"4"
+
+
+def test_a_plain_request_still_gets_the_text_answer():
+    peer, _ = _proxied()
+    sid = peer.client.get_next_available_stream_id()
+    peer.client.send_headers(sid, [(b":method", b"GET"), (b":authority", b"nowhere"), (b":scheme", b"https"), (b":path", b"/")], end_stream=True)
+    peer.pump()
+    [response] = peer.of(ResponseReceived, sid)
+    assert dict(response.headers)[b":status"] == b"404"
+    assert b"".join(e.data for e in peer.of(DataReceived, sid)) == b"404 Not Found: no route for this host\n"
+
+
+def test_the_request_body_streams_to_the_upstream_over_http2():
+    peer, upstream = _proxied()
+    sid = peer.get("/up", method=b"POST", headers=[(b"content-length", b"6")], end=False)
+    peer.client.send_data(sid, b"abc")
+    peer.pump()
+    peer.client.send_data(sid, b"def", end_stream=True)
+    peer.pump()
+    [(method, url, headers, body)] = upstream.requests
+    assert (method, url, body.length, upstream.consumer.data) == (b"POST", b"https://upstream.test/up", 6, b"abcdef")
+    assert headers.getRawHeaders(b"x-forwarded-host") == [b"localhost"]
+
+
+def test_grpc_message_is_percent_encoded():
+    from mtlsgate.proxy.exchange import _grpc_message
+
+    assert _grpc_message("50% caf\u00e9\n") == b"50%25 caf%C3%A9%0A"
