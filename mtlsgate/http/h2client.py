@@ -184,11 +184,13 @@ class H2Response:
         self._drain()
 
     def stopProducing(self) -> None:
-        """The body is not wanted (the client left, or the upstream stalled): reset the stream."""
-        stream = self._stream
+        """The body is not wanted (the client left, or the upstream stalled): it ends as cut off, and the stream is reset."""
         if self.finished:
             return
-        self.end(Failure(ResponseFailed([Failure(ConnectionAborted("the response body was not wanted"))])))
+        stream, self._stream = self._stream, None
+        self._buffer.clear()  # even when the stream had ended: what was kept is not wanted either
+        self._end = Failure(ResponseFailed([Failure(ConnectionAborted("the response body was not wanted"))]))
+        self._drain()
         if stream is not None:
             stream.reset(ErrorCodes.CANCEL)
 

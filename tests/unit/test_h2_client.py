@@ -528,3 +528,20 @@ def test_a_safe_request_on_a_reused_connection_that_dies_unheard_is_sent_again_o
     endpoint.peers[1].client.connectionLost(Failure(ConnectionLost()))  # a fresh connection is not retried
     [failure] = results(get)
     assert failure.check(ResponseNeverReceived)
+
+
+def test_stopping_a_paused_body_whose_stream_ended_still_ends_it_as_cut_off():
+    agent, endpoint, _ = make()
+    d = agent.request(b"GET", URL)
+    peer = endpoint.peers[0].ready()
+    peer.h2.send_headers(1, [(b":status", b"200")])
+    peer.flush()
+    [response] = results(d)
+    body = Body()
+    response.deliverBody(body)
+    response.pauseProducing()
+    peer.h2.send_data(1, b"kept", end_stream=True)
+    peer.flush()
+    assert body.reason is None  # ended upstream, but kept for the paused consumer
+    response.stopProducing()
+    assert body.data == b"" and body.reason is not None and body.reason.check(ResponseFailed)
