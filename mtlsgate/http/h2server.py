@@ -320,6 +320,7 @@ class H2ServerProtocol(Protocol):
         self._premature_resets = 0
         self._control_frames = 0
         self._flood_window_start = 0.0
+        self._headers_priority: Any = None
         self._last_activity = 0.0
         self._idle_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
@@ -499,7 +500,14 @@ class H2ServerProtocol(Protocol):
             else:
                 for request in list(self.streams.values()):
                     self.pump(request)
-        elif isinstance(event, (PingReceived, RemoteSettingsChanged, PriorityUpdated)):
+        elif isinstance(event, RemoteSettingsChanged):
+            self._control_frame()
+            for request in list(self.streams.values()):  # a new SETTINGS_INITIAL_WINDOW_SIZE opens every stream's window
+                self.pump(request)
+        elif isinstance(event, PriorityUpdated):
+            if event is not self._headers_priority:  # a PRIORITY frame of its own, not the priority a HEADERS frame carried
+                self._control_frame()
+        elif isinstance(event, PingReceived):
             self._control_frame()
         elif isinstance(event, TrailersReceived):
             log.debug("dropped the request trailers of stream {stream}", stream=event.stream_id)  # as the HTTP/1.1 engine does
@@ -534,6 +542,7 @@ class H2ServerProtocol(Protocol):
 
     def _request_received(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
+        self._headers_priority = event.priority_updated  # h2 lists it as an event of its own next
         self._opened += 1
         if self.draining:
             self._refuse_stream(stream_id, "the connection is closing")
@@ -573,8 +582,6 @@ class H2ServerProtocol(Protocol):
         request = H2Request(self, stream_id, method, uri, headers, has_body, expects_continue)
         self.streams[stream_id] = request
         self._last_stream = stream_id
-        if event.priority_updated is not None:
-            self._control_frame()
         if problem is not None:
             code, why = problem
             log.info("refused a request from {peer} with {code}: {reason}", peer=self._peer(), code=code, reason=why)
