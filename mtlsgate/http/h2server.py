@@ -19,7 +19,7 @@ value (400 on the stream).  And it bounds what an HTTP/2 client can make a serve
   fields): 431 on the stream; HPACK decoding stops at twice the size (GOAWAY);
 - rapid reset (CVE-2023-44487): a client that resets (or gets refused) L{RESET_BUDGET} streams, at
   least half of those it opened, gets GOAWAY ENHANCE_YOUR_CALM;
-- control-frame floods (PING, SETTINGS, PRIORITY, empty DATA): more than L{CONTROL_FRAME_BUDGET} in
+- control-frame floods (PING, SETTINGS, PRIORITY, empty DATA, RST_STREAM for a finished stream): more than L{CONTROL_FRAME_BUDGET} in
   L{FLOOD_WINDOW} seconds gets GOAWAY ENHANCE_YOUR_CALM; and a client that does not read what it
   makes the gateway write is not read either (the transport's back-pressure pauses reading);
 - flow control both ways: a request body's DATA is acknowledged (WINDOW_UPDATE) only as the upstream
@@ -68,7 +68,8 @@ MAX_CONCURRENT_STREAMS = 100
 #: Streams reset by the client (or refused) before their response ended, per connection, before GOAWAY ENHANCE_YOUR_CALM
 #: (when they are also at least half of the streams it opened: a client that cancels now and then is not cut off).
 RESET_BUDGET = 100
-#: PING, SETTINGS, PRIORITY and empty DATA frames a client may send within FLOOD_WINDOW seconds.
+#: PING, SETTINGS, PRIORITY, empty DATA frames and RST_STREAM on finished streams a client may send within FLOOD_WINDOW seconds
+#: (WINDOW_UPDATE is not counted: a fast download makes many).
 CONTROL_FRAME_BUDGET = 1000
 FLOOD_WINDOW = 10.0
 _STREAM_WINDOW = 65535  # SETTINGS_INITIAL_WINDOW_SIZE (the protocol's default): a request body buffers at most this per stream
@@ -615,6 +616,7 @@ class H2ServerProtocol(Protocol):
     def _stream_reset(self, event: StreamReset) -> None:
         request = self.streams.pop(event.stream_id, None)
         if request is None:
+            self._control_frame()  # RST_STREAM for a stream already done: nothing to stop, only a cost
             return
         if not request.ended:
             self._premature()
