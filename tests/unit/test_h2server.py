@@ -626,3 +626,14 @@ def test_a_larger_initial_window_from_the_client_resumes_a_waiting_response():
     peer.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 65535})
     peer.pump()
     assert sum(len(e.data) for e in peer.of(DataReceived, sid)) == 1000
+
+
+def test_the_settings_frame_announces_the_stream_and_header_list_limits():
+    peer = Peer(limits=Limits(max_header_size=12345))
+    peer.pump()
+    assert peer.client.remote_settings.max_concurrent_streams == h2server.MAX_CONCURRENT_STREAMS
+    assert peer.client.remote_settings.max_header_list_size == 12345
+    assert peer.client.remote_settings.initial_window_size == 65535
+    # h2's own enforcement sits at twice each (the polite refusals come first): pinned, as it rests on replacing local_settings
+    assert peer.server.conn.local_settings.max_concurrent_streams == 2 * h2server.MAX_CONCURRENT_STREAMS
+    assert peer.server.conn.decoder.max_header_list_size == 2 * 12345
