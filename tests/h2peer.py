@@ -59,6 +59,7 @@ class H2Client:
         self.streams: dict[int, Stream] = {}
         self.goaway: ConnectionTerminated | None = None
         self.ping_acks = 0
+        self.window_waits = 0  # times send_body found the gateway's window shut and waited for a WINDOW_UPDATE
         self.closed = False
         if self.alpn == "h2":
             self.conn.initiate_connection()
@@ -106,6 +107,7 @@ class H2Client:
         while view:
             room = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
             if room <= 0:
+                self.window_waits += 1
                 self.read(lambda: self.conn.local_flow_control_window(stream_id) > 0 or self.streams[stream_id].done)
                 if self.streams[stream_id].done:
                     return

@@ -19,7 +19,7 @@ value (400 on the stream).  And it bounds what an HTTP/2 client can make a serve
   fields): 431 on the stream; HPACK decoding stops at twice the size (GOAWAY);
 - rapid reset (CVE-2023-44487): a client that resets (or gets refused) L{RESET_BUDGET} streams, at
   least half of those it opened, gets GOAWAY ENHANCE_YOUR_CALM;
-- control-frame floods (PING, SETTINGS, PRIORITY, empty DATA): more than L{CONTROL_FRAME_BUDGET} in
+- control-frame floods (PING, SETTINGS, PRIORITY, empty DATA, RST_STREAM for a finished stream): more than L{CONTROL_FRAME_BUDGET} in
   L{FLOOD_WINDOW} seconds gets GOAWAY ENHANCE_YOUR_CALM; and a client that does not read what it
   makes the gateway write is not read either (the transport's back-pressure pauses reading);
 - flow control both ways: a request body's DATA is acknowledged (WINDOW_UPDATE) only as the upstream
@@ -68,7 +68,8 @@ MAX_CONCURRENT_STREAMS = 100
 #: Streams reset by the client (or refused) before their response ended, per connection, before GOAWAY ENHANCE_YOUR_CALM
 #: (when they are also at least half of the streams it opened: a client that cancels now and then is not cut off).
 RESET_BUDGET = 100
-#: PING, SETTINGS, PRIORITY and empty DATA frames a client may send within FLOOD_WINDOW seconds.
+#: PING, SETTINGS, PRIORITY, empty DATA frames and RST_STREAM on finished streams a client may send within FLOOD_WINDOW seconds
+#: (WINDOW_UPDATE is not counted: a fast download makes many).
 CONTROL_FRAME_BUDGET = 1000
 FLOOD_WINDOW = 10.0
 _STREAM_WINDOW = 65535  # SETTINGS_INITIAL_WINDOW_SIZE (the protocol's default): a request body buffers at most this per stream
@@ -320,6 +321,7 @@ class H2ServerProtocol(Protocol):
         self._premature_resets = 0
         self._control_frames = 0
         self._flood_window_start = 0.0
+        self._headers_priority: Any = None
         self._last_activity = 0.0
         self._idle_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
@@ -499,7 +501,14 @@ class H2ServerProtocol(Protocol):
             else:
                 for request in list(self.streams.values()):
                     self.pump(request)
-        elif isinstance(event, (PingReceived, RemoteSettingsChanged, PriorityUpdated)):
+        elif isinstance(event, RemoteSettingsChanged):
+            self._control_frame()
+            for request in list(self.streams.values()):  # a new SETTINGS_INITIAL_WINDOW_SIZE opens every stream's window
+                self.pump(request)
+        elif isinstance(event, PriorityUpdated):
+            if event is not self._headers_priority:  # a PRIORITY frame of its own, not the priority a HEADERS frame carried
+                self._control_frame()
+        elif isinstance(event, PingReceived):
             self._control_frame()
         elif isinstance(event, TrailersReceived):
             log.debug("dropped the request trailers of stream {stream}", stream=event.stream_id)  # as the HTTP/1.1 engine does
@@ -534,6 +543,7 @@ class H2ServerProtocol(Protocol):
 
     def _request_received(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
+        self._headers_priority = event.priority_updated  # h2 lists it as an event of its own next
         self._opened += 1
         if self.draining:
             self._refuse_stream(stream_id, "the connection is closing")
@@ -573,8 +583,6 @@ class H2ServerProtocol(Protocol):
         request = H2Request(self, stream_id, method, uri, headers, has_body, expects_continue)
         self.streams[stream_id] = request
         self._last_stream = stream_id
-        if event.priority_updated is not None:
-            self._control_frame()
         if problem is not None:
             code, why = problem
             log.info("refused a request from {peer} with {code}: {reason}", peer=self._peer(), code=code, reason=why)
@@ -608,6 +616,7 @@ class H2ServerProtocol(Protocol):
     def _stream_reset(self, event: StreamReset) -> None:
         request = self.streams.pop(event.stream_id, None)
         if request is None:
+            self._control_frame()  # RST_STREAM for a stream already done: nothing to stop, only a cost
             return
         if not request.ended:
             self._premature()

@@ -19,7 +19,7 @@ import yaml
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame
 
 from mtlsgate.identity import parse_xfcc
-from tests.conftest import free_port, gateway_args, gateway_config
+from tests.conftest import ThreadedListener, free_port, gateway_args, gateway_config
 from tests.h2peer import H2Client, simple_get
 
 MIB = 1024 * 1024
@@ -92,6 +92,60 @@ def test_a_16_mib_upload_streams_through(gateway, pki):
     assert stream.status == 200, bytes(stream.body)
     echo = json.loads(bytes(stream.body))
     assert echo["body_bytes"] == len(data) and echo["body_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+class SlowReadingUpstream(ThreadedListener):
+    """A TLS upstream that reads a request body 256 KiB at a time with a pause between (a slow consumer), then says how much it got."""
+
+    def __init__(self, pki) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(*pki["upstream"])
+        super().__init__()
+
+    def handle(self, conn) -> None:
+        conn.settimeout(60)
+        with self.ctx.wrap_socket(conn, server_side=True) as tls:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(65536)
+            head, rest = head.split(b"\r\n\r\n", 1)
+            lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+            length = int(lengths[0]) if lengths else 0
+            digest = hashlib.sha256(rest)
+            got = len(rest)
+            paused_at = 0
+            while got < length:
+                if got - paused_at >= 256 * 1024:
+                    paused_at = got
+                    time.sleep(0.05)  # every 256 KiB: the upstream's pace, not the test's synchronisation
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                got += len(chunk)
+            body = json.dumps({"got": got, "sha256": digest.hexdigest()}).encode()
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+
+def test_a_16_mib_upload_to_a_slow_upstream_is_held_at_the_stream_window(start_gateway, pki, tmp_path):
+    upstream = SlowReadingUpstream(pki)
+    try:
+        port = free_port()
+        path = tmp_path / "gw.yaml"
+        path.write_text(yaml.safe_dump(gateway_config(pki, port, [f"https://127.0.0.1:{upstream.port}"], route={"timeout": "120s"})))
+        gateway = start_gateway(["--config", str(path)], port=port)
+        assert simple_get(gateway.port, pki, "/warm-up").status == 200
+        peak_before = _peak_rss_kib(gateway.proc.popen.pid)
+        data = bytes(range(256)) * (16 * MIB // 256)
+        with H2Client(gateway.port, pki, timeout=120) as c:
+            sid = c.request("POST", "/slow-upload", headers=[(b"content-length", b"%d" % len(data))], body=data)
+            stream = c.response(sid)
+            assert c.window_waits > 0  # the gateway stopped the client: its window stayed shut while the upstream was busy
+        assert stream.status == 200, bytes(stream.body)
+        assert json.loads(bytes(stream.body)) == {"got": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert _peak_rss_kib(gateway.proc.popen.pid) - peak_before < 12 * 1024  # KiB: never the 16 MiB body
+    finally:
+        upstream.stop()
 
 
 def _peak_rss_kib(pid: int) -> int:

@@ -589,3 +589,51 @@ def test_grpc_message_is_percent_encoded():
     from mtlsgate.proxy.exchange import _grpc_message
 
     assert _grpc_message("50% caf\u00e9\n") == b"50%25 caf%C3%A9%0A"
+
+
+def test_priority_carried_by_headers_frames_is_not_a_flood():
+    peer = Peer()
+    for _ in range(2 * h2server.CONTROL_FRAME_BUDGET // 100):
+        for _ in range(100):
+            sid = peer.client.get_next_available_stream_id()
+            fields = [(b":method", b"GET"), (b":authority", b"localhost"), (b":scheme", b"https"), (b":path", b"/")]
+            peer.client.send_headers(sid, fields, end_stream=True, priority_weight=200, priority_depends_on=0)
+        peer.pump()
+        for request in list(peer.requests):
+            _respond(request)
+        peer.requests.clear()
+        peer.pump()
+    assert peer.goaway() is None
+
+
+def test_priority_frames_of_their_own_count():
+    peer = Peer()
+    for _ in range(h2server.CONTROL_FRAME_BUDGET + 1):
+        peer.client.prioritize(1, weight=10)
+    peer.pump()
+    assert peer.goaway() is not None and peer.goaway().error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_a_larger_initial_window_from_the_client_resumes_a_waiting_response():
+    peer = Peer(client_settings={SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    peer.pump()
+    sid = peer.get()
+    peer.pump()
+    request = peer.requests[0]
+    request.write(b"q" * 1000)
+    peer.pump()
+    assert sum(len(e.data) for e in peer.of(DataReceived, sid)) == 100
+    peer.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+    peer.pump()
+    assert sum(len(e.data) for e in peer.of(DataReceived, sid)) == 1000
+
+
+def test_the_settings_frame_announces_the_stream_and_header_list_limits():
+    peer = Peer(limits=Limits(max_header_size=12345))
+    peer.pump()
+    assert peer.client.remote_settings.max_concurrent_streams == h2server.MAX_CONCURRENT_STREAMS
+    assert peer.client.remote_settings.max_header_list_size == 12345
+    assert peer.client.remote_settings.initial_window_size == 65535
+    # h2's own enforcement sits at twice each (the polite refusals come first): pinned, as it rests on replacing local_settings
+    assert peer.server.conn.local_settings.max_concurrent_streams == 2 * h2server.MAX_CONCURRENT_STREAMS
+    assert peer.server.conn.decoder.max_header_list_size == 2 * 12345
