@@ -1,0 +1,120 @@
+"""
+Real WebSocket peers for the tests: an mTLS WebSocket upstream (the C{websockets} library's server in
+a thread, requiring a client certificate from the test CA), a raw scripted mTLS upstream that records
+every byte it is sent, and a client connecting through the gateway with a client certificate.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from typing import Any
+
+from websockets.datastructures import Headers as WSHeaders
+from websockets.http11 import Response
+from websockets.sync.client import ClientConnection, connect
+from websockets.sync.server import ServerConnection, serve
+
+from tests.conftest import ThreadedListener
+
+
+class WebSocketUpstream:
+    """
+    C{websockets}' server over mTLS on a free loopback port, in a thread.  Paths: C{/echo} echoes every
+    message; C{/hello} sends "hello" first, then echoes; C{/close/CODE} closes with CODE after the first
+    message; C{/refuse} answers the handshake with 403.  Each handshake's path, headers and client
+    certificate subject are kept in C{handshakes}; C{connections} counts the connections it accepted.
+    """
+
+    def __init__(self, pki: dict[str, Any]) -> None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_cert_chain(*pki["upstream"])
+        self.handshakes: list[dict[str, Any]] = []
+        self.closed_codes: list[int | None] = []
+        self.done = threading.Event()  # set when a handler returns
+        self.server = serve(self._handler, "127.0.0.1", 0, ssl=ctx, max_size=None, process_request=self._process_request, compression=None)
+        self.port = self.server.socket.getsockname()[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _process_request(self, connection: ServerConnection, request: Any) -> Response | None:
+        peer = connection.socket.getpeercert()  # type: ignore[attr-defined]
+        subject = dict(pair[0] for pair in peer.get("subject", ())) if peer else None
+        self.handshakes.append({"path": request.path, "headers": {k.lower(): v for k, v in request.headers.raw_items()}, "subject": subject})
+        if request.path == "/refuse":
+            return Response(403, "Forbidden", WSHeaders([("Content-Length", "8")]), b"refused\n")
+        return None
+
+    def _handler(self, connection: ServerConnection) -> None:
+        path = connection.request.path if connection.request else ""
+        try:
+            if path == "/hello":
+                connection.send("hello")
+            if path.startswith("/close/"):
+                connection.recv()
+                connection.close(int(path.rsplit("/", 1)[1]), "bye")
+                return
+            for message in connection:
+                connection.send(message)
+        except Exception:
+            pass
+        finally:
+            self.closed_codes.append(connection.close_code)
+            self.done.set()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self._thread.join(10)
+
+
+def client_context(pki: dict[str, Any], client: str | None = "alice") -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    if client is not None:
+        ctx.load_cert_chain(*pki[client])
+    return ctx
+
+
+def ws_connect(port: int, path: str, pki: dict[str, Any], client: str | None = "alice", **kwargs: Any) -> ClientConnection:
+    """A WebSocket client through the gateway on C{port} (Host: localhost) with C{client}'s certificate."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    return connect(f"wss://localhost:{port}{path}", sock=sock, ssl=client_context(pki, client), server_hostname="localhost",
+                   max_size=None, compression=None, open_timeout=20, close_timeout=20, **kwargs)  # fmt: skip
+
+
+class ScriptedUpstream(ThreadedListener):
+    """
+    A raw mTLS upstream: reads the first request head of each connection, records everything the
+    connection carries until it closes (C{received}: one bytes per connection), and answers the
+    head with C{answer} (bytes), then keeps reading.  C{after} (bytes) is written after C{answer}.
+    """
+
+    def __init__(self, pki: dict[str, Any], answer: bytes, after: bytes = b"") -> None:
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.ctx.load_cert_chain(*pki["upstream"])
+        self.answer = answer
+        self.after = after
+        self.received: list[bytes] = []
+        self.closed = threading.Event()
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        data = b""
+        try:
+            conn.settimeout(20)
+            with self.ctx.wrap_socket(conn, server_side=True) as s:
+                while b"\r\n\r\n" not in data:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                s.sendall(self.answer + self.after)
+                while chunk := s.recv(65536):
+                    data += chunk
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            self.received.append(data)
+            self.closed.set()
