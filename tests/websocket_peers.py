@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from websockets.datastructures import Headers as WSHeaders
 from websockets.http11 import Response
@@ -85,36 +85,46 @@ def ws_connect(port: int, path: str, pki: dict[str, Any], client: str | None = "
 
 class ScriptedUpstream(ThreadedListener):
     """
-    A raw mTLS upstream: reads the first request head of each connection, records everything the
-    connection carries until it closes (C{received}: one bytes per connection), and answers the
-    head with C{answer} (bytes), then keeps reading.  C{after} (bytes) is written after C{answer}.
+    A raw mTLS upstream: reads the first request head of each connection, answers it with
+    C{answer(head)}, and records what the connection carried: C{before_answer} (the bytes it had when
+    it answered) and C{received} (everything, until the connection closed), one entry per connection.
+    Connections are served one at a time, in the order they were accepted.
     """
 
-    def __init__(self, pki: dict[str, Any], answer: bytes, after: bytes = b"") -> None:
+    def __init__(self, pki: dict[str, Any], answer: Callable[[bytes], bytes]) -> None:
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
         self.ctx.verify_mode = ssl.CERT_REQUIRED
         self.ctx.load_cert_chain(*pki["upstream"])
         self.answer = answer
-        self.after = after
+        self.before_answer: list[bytes] = []
         self.received: list[bytes] = []
-        self.closed = threading.Event()
+        self.recorded = threading.Condition()
         super().__init__()
 
     def handle(self, conn: socket.socket) -> None:
         data = b""
         try:
-            conn.settimeout(20)
+            conn.settimeout(30)
             with self.ctx.wrap_socket(conn, server_side=True) as s:
                 while b"\r\n\r\n" not in data:
                     chunk = s.recv(65536)
                     if not chunk:
                         break
                     data += chunk
-                s.sendall(self.answer + self.after)
+                self.before_answer.append(data)
+                s.sendall(self.answer(data))
                 while chunk := s.recv(65536):
                     data += chunk
         except (OSError, ssl.SSLError):
             pass
         finally:
-            self.received.append(data)
-            self.closed.set()
+            with self.recorded:
+                self.received.append(data)
+                self.recorded.notify_all()
+
+    def wait_for(self, marker: bytes, timeout: float = 30.0) -> bytes:
+        """What the connection whose bytes hold C{marker} carried, once it closed."""
+        with self.recorded:
+            found = self.recorded.wait_for(lambda: any(marker in r for r in self.received), timeout)
+            assert found, f"no upstream connection carried {marker!r}"
+            return next(r for r in self.received if marker in r)
