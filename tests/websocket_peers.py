@@ -23,7 +23,7 @@ class WebSocketUpstream:
     """
     C{websockets}' server over mTLS on a free loopback port, in a thread.  Paths: C{/echo} echoes every
     message; C{/hello} sends "hello" first, then echoes; C{/close/CODE} closes with CODE after the first
-    message; C{/refuse} answers the handshake with 403.  Each handshake's path, headers and client
+    message; C{/refuse} answers the handshake with 403.  It offers permessage-deflate (clients that ask get it).  Each handshake's path, headers and client
     certificate subject are kept in C{handshakes}; C{connections} counts the connections it accepted.
     """
 
@@ -34,7 +34,7 @@ class WebSocketUpstream:
         self.handshakes: list[dict[str, Any]] = []
         self.closed_codes: list[int | None] = []
         self.done = threading.Event()  # set when a handler returns
-        self.server = serve(self._handler, "127.0.0.1", 0, ssl=ctx, max_size=None, process_request=self._process_request, compression=None)
+        self.server = serve(self._handler, "127.0.0.1", 0, ssl=ctx, max_size=None, process_request=self._process_request)
         self.port = self.server.socket.getsockname()[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
@@ -79,8 +79,8 @@ def client_context(pki: dict[str, Any], client: str | None = "alice") -> ssl.SSL
 def ws_connect(port: int, path: str, pki: dict[str, Any], client: str | None = "alice", **kwargs: Any) -> ClientConnection:
     """A WebSocket client through the gateway on C{port} (Host: localhost) with C{client}'s certificate."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-    return connect(f"wss://localhost:{port}{path}", sock=sock, ssl=client_context(pki, client), server_hostname="localhost",
-                   max_size=None, compression=None, open_timeout=20, close_timeout=20, **kwargs)  # fmt: skip
+    options: dict[str, Any] = {"max_size": None, "compression": None, "open_timeout": 20, "close_timeout": 20, **kwargs}
+    return connect(f"wss://localhost:{port}{path}", sock=sock, ssl=client_context(pki, client), server_hostname="localhost", **options)
 
 
 class ScriptedUpstream(ThreadedListener):

@@ -468,11 +468,13 @@ class ProxyResource:
         self.metrics = metrics or GatewayMetrics()
         self.in_flight = 0  # requests, and WebSocket tunnels, open
         self.tunnels: set[Tunnel] = set()
+        self.draining = False  # shutting down: a tunnel that opens now is told to go away at once
         self._drained: list[defer.Deferred[None]] = []
 
     def drained(self, timeout: float) -> defer.Deferred[None]:
         """Fires when no proxied request is in flight, or after C{timeout} seconds (shutdown)."""
         d: defer.Deferred[None] = defer.Deferred()
+        self.draining = True
         for tunnel in list(self.tunnels):
             tunnel.going_away()  # a WebSocket Close (1001) at the next frame end, then both connections close
         if self.in_flight == 0:
@@ -501,6 +503,8 @@ class ProxyResource:
                 self._finished(None)
 
         tunnel.on_closed = closed
+        if self.draining:
+            tunnel.going_away()
 
     def _finished(self, result: Any) -> None:
         self.in_flight -= 1
@@ -557,7 +561,7 @@ class ProxyResource:
             )
             self._answer(request, peer, entry.route.name, 403, f"client certificate {refusal}")
             return
-        websocket = b"websocket" in request.upgrade_to
+        websocket = b"websocket" in getattr(request, "upgrade_to", ())  # an HTTP/1.1 upgrade request (mtlsgate.http.server)
         if websocket and not self._websocket_allowed(request, peer, entry.route):
             return
         limit = entry.route.max_body_size

@@ -217,7 +217,8 @@ def test_a_websocket_handshake_that_is_not_a_get_is_refused(gateway, pki, upstre
 
 def test_an_h2c_upgrade_is_forwarded_as_a_plain_request_and_ends_the_connection(gateway, pki, upstream):
     m = marker()
-    out = exchange(gateway.port, pki, handshake(b"/plain-h2c?" + m, upgrade=b"h2c", connection=b"Upgrade, HTTP2-Settings", extra=b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n") + SMUGGLED)
+    h2c = handshake(b"/plain-h2c?" + m, upgrade=b"h2c", connection=b"Upgrade, HTTP2-Settings", extra=b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n")
+    out = exchange(gateway.port, pki, h2c + SMUGGLED)
     assert statuses(out) == [200], out
     carried = upstream.wait_for(m).lower()
     assert b"upgrade" not in carried and b"http2-settings" not in carried  # hop-by-hop: never forwarded

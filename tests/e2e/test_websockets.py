@@ -74,6 +74,13 @@ def test_a_16_mib_message_round_trips(gateway, pki, upstream):
         assert ws.recv(timeout=120) == payload
 
 
+def test_permessage_deflate_is_negotiated_end_to_end(gateway, pki, upstream):
+    with ws_connect(gateway.port, "/echo", pki, compression="deflate") as ws:
+        assert "permessage-deflate" in (ws.response.headers.get("Sec-WebSocket-Extensions") or "")
+        ws.send("compressible " * 1000)
+        assert ws.recv() == "compressible " * 1000
+
+
 def test_ping_and_pong(gateway, pki, upstream):
     with ws_connect(gateway.port, "/echo", pki) as ws:
         assert ws.ping(b"are you there").wait(20)
