@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from typing import Any, Callable
 
 from websockets.datastructures import Headers as WSHeaders
@@ -23,7 +24,7 @@ class WebSocketUpstream:
     """
     C{websockets}' server over mTLS on a free loopback port, in a thread.  Paths: C{/echo} echoes every
     message; C{/hello} sends "hello" first, then echoes; C{/close/CODE} closes with CODE after the first
-    message; C{/refuse} answers the handshake with 403.  It offers permessage-deflate (clients that ask get it).  Each handshake's path, headers and client
+    message; C{/refuse} answers the handshake with 403; C{/flood/N} sends N MiB; C{/sink} counts what it gets (C{/sink/slow} after 3 s).  It offers permessage-deflate (clients that ask get it).  Each handshake's path, headers and client
     certificate subject are kept in C{handshakes}; C{connections} counts the connections it accepted.
     """
 
@@ -52,6 +53,22 @@ class WebSocketUpstream:
         try:
             if path == "/hello":
                 connection.send("hello")
+            if path.startswith("/flood/"):  # N MiB in 1 MiB messages, then a text message "done"
+                chunk = bytes(range(256)) * 4096
+                for _ in range(int(path.rsplit("/", 1)[1])):
+                    connection.send(chunk)
+                connection.send("done")
+                connection.recv()
+                return
+            if path.startswith("/sink"):  # counts the bytes of binary messages until a text message, then answers the count
+                if path == "/sink/slow":
+                    time.sleep(3)  # a reader that reads nothing for 3 s: what it is sent meanwhile must wait somewhere
+                total = 0
+                while isinstance(message := connection.recv(), bytes):
+                    total += len(message)
+                connection.send(str(total))
+                connection.recv()
+                return
             if path.startswith("/close/"):
                 connection.recv()
                 connection.close(int(path.rsplit("/", 1)[1]), "bye")

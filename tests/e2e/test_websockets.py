@@ -81,6 +81,33 @@ def test_permessage_deflate_is_negotiated_end_to_end(gateway, pki, upstream):
         assert ws.recv() == "compressible " * 1000
 
 
+MIB = 128
+RSS_LIMIT_KIB = 100 * 1024  # as tests/e2e/test_streaming.py: far below what buffering 128 MiB would take
+
+
+def peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_128_mib_each_way_to_a_slow_reader_streams_in_bounded_gateway_memory(gateway, pki, upstream):
+    """Each side reads nothing for 3 s while the other sends 128 MiB: without back-pressure the gateway would hold it all."""
+    received = 0
+    with ws_connect(gateway.port, f"/flood/{MIB}", pki) as ws:
+        time.sleep(3)  # a slow reader, not a synchronisation: any speed passes with back-pressure
+        while isinstance(message := ws.recv(timeout=120), bytes):
+            received += len(message)
+        assert message == "done"
+    assert received == MIB << 20
+    chunk = bytes(range(256)) * 4096
+    with ws_connect(gateway.port, "/sink/slow", pki) as ws:
+        for _ in range(MIB):
+            ws.send(chunk)
+        ws.send("end")
+        assert ws.recv(timeout=120) == str(MIB << 20)
+    assert peak_rss_kib(gateway.popen.pid) < RSS_LIMIT_KIB
+
+
 def test_ping_and_pong(gateway, pki, upstream):
     with ws_connect(gateway.port, "/echo", pki) as ws:
         assert ws.ping(b"are you there").wait(20)
