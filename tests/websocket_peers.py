@@ -24,8 +24,9 @@ class WebSocketUpstream:
     """
     C{websockets}' server over mTLS on a free loopback port, in a thread.  Paths: C{/echo} echoes every
     message; C{/hello} sends "hello" first, then echoes; C{/close/CODE} closes with CODE after the first
-    message; C{/refuse} answers the handshake with 403; C{/flood/N} sends N MiB; C{/sink} counts what it gets (C{/sink/slow} after 3 s).  It offers permessage-deflate (clients that ask get it).  Each handshake's path, headers and client
-    certificate subject are kept in C{handshakes}; C{connections} counts the connections it accepted.
+    message; C{/refuse} answers the handshake with 403; C{/flood/N} sends N MiB; C{/sink} counts what it
+    gets (C{/sink/slow} after 3 s).  It offers permessage-deflate (clients that ask get it).  Each
+    handshake's path, headers and client certificate subject are kept in C{handshakes}.
     """
 
     def __init__(self, pki: dict[str, Any]) -> None:
