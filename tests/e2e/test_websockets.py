@@ -234,3 +234,17 @@ def test_the_config_check_knows_the_keys(pki, upstream, tmp_path):
     config = config_from_mapping(json.loads(json.dumps(gateway_config(pki, 1, ["https://127.0.0.1:1"], {"allow_websockets": True},
                                                                       websocket_idle_timeout="2m"))))  # fmt: skip
     assert config.routes[0].allow_websockets and config.routes[0].websocket_idle_timeout == 120.0
+
+
+def test_through_a_worker_group(pki, upstream, tmp_path):
+    admin = free_port()
+    gw = start(tmp_path, pki, upstream.port, workers=2, admin_address=f"tcp:{admin}:interface=127.0.0.1")
+    try:
+        wait_for_port(admin, gw.popen, log=gw.log)
+        with ws_connect(gw.port, "/echo", pki) as ws:
+            ws.send("via a worker")
+            assert ws.recv() == "via a worker"
+            assert _tunnels(admin) == 1  # summed over the workers
+        assert _eventually(lambda: _tunnels(admin) == 0)
+    finally:
+        gw.stop()
