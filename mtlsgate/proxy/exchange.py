@@ -299,10 +299,10 @@ class _Exchange:
         request.setHeader(b"upgrade", b"websocket")
         request.setHeader(b"connection", b"Upgrade")
         tunnel = Tunnel(self.reactor, self.entry.route.websocket_idle_timeout, self._tunnel_closed)
+        assert self.tunnel_opened is not None
+        self.tunnel_opened(tunnel)  # in flight from now on: before the request counts as finished
         response.switch(tunnel.upstream)
         request.upgrade(tunnel.client)
-        assert self.tunnel_opened is not None
-        self.tunnel_opened(tunnel)
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
         if self.accounted:
@@ -504,7 +504,7 @@ class ProxyResource:
 
         tunnel.on_closed = closed
         if self.draining:
-            tunnel.going_away()
+            self.reactor.callLater(0, tunnel.going_away)  # once both its connections are on
 
     def _finished(self, result: Any) -> None:
         self.in_flight -= 1

@@ -427,3 +427,19 @@ def test_an_upstream_refusing_the_upgrade_is_relayed_and_the_connection_closes()
     answer = p.transport.value()
     assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n") and answer.endswith(b"no") and b"Connection: close" in answer
     assert p.transport.disconnecting and len(p.upstream.calls) == 1
+
+
+def test_a_tunnel_that_opens_during_the_drain_goes_away_at_once_and_is_waited_for():
+    p = Proxy()
+    p.channel.dataReceived(HANDSHAKE)
+    drained = results(p.resource.drained(30))
+    assert drained == [] and p.resource.in_flight == 1
+    response = Switching()
+    p.upstream.pending[0].callback(response)
+    assert drained == [] and p.resource.in_flight == 1  # the handshake's request finished, its tunnel is in flight
+    p.reactor.advance(0)
+    assert p.transport.value().endswith(GOING_AWAY) and p.transport.disconnecting and response.transport.disconnecting
+    tunnel = next(iter(p.resource.tunnels))
+    tunnel.client.connectionLost(Failure(ConnectionDone()))
+    tunnel.upstream.connectionLost(Failure(ConnectionDone()))
+    assert drained == [None] and p.resource.tunnels == set()
