@@ -443,3 +443,12 @@ def test_a_tunnel_that_opens_during_the_drain_goes_away_at_once_and_is_waited_fo
     tunnel.client.connectionLost(Failure(ConnectionDone()))
     tunnel.upstream.connectionLost(Failure(ConnectionDone()))
     assert drained == [None] and p.resource.tunnels == set()
+
+
+def test_an_upstream_that_never_answers_the_handshake_is_a_504_and_the_connection_closes():
+    p = Proxy()
+    p.channel.dataReceived(HANDSHAKE + b"eager")
+    p.reactor.advance(30)  # the route's timeout
+    answer = p.transport.value()
+    assert answer.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n") and b"Connection: close" in answer and p.transport.disconnecting
+    assert p.resource.in_flight == 0 and p.resource.tunnels == set()
