@@ -450,5 +450,5 @@ def test_an_upstream_that_never_answers_the_handshake_is_a_504_and_the_connectio
     p.channel.dataReceived(HANDSHAKE + b"eager")
     p.reactor.advance(30)  # the route's timeout
     answer = p.transport.value()
-    assert answer.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n") and b"Connection: close" in answer and p.transport.disconnecting
+    assert answer.startswith(b"HTTP/1.1 504 Gateway Time-out\r\n") and b"Connection: close" in answer and p.transport.disconnecting
     assert p.resource.in_flight == 0 and p.resource.tunnels == set()
