@@ -452,3 +452,19 @@ def test_an_upstream_that_never_answers_the_handshake_is_a_504_and_the_connectio
     answer = p.transport.value()
     assert answer.startswith(b"HTTP/1.1 504 Gateway Time-out\r\n") and b"Connection: close" in answer and p.transport.disconnecting
     assert p.resource.in_flight == 0 and p.resource.tunnels == set()
+
+
+def test_a_tunnels_access_line_has_its_bytes_each_way_in_both_formats():
+    import json
+
+    from mtlsgate.observe.accesslog import format_combined, format_json
+
+    event = {
+        "log_time": 0, "client": "127.0.0.1", "identity": "alice", "common_name": "alice", "fingerprint": "ab", "method": "GET",
+        "uri": "/chat", "proto": "HTTP/1.1", "status": 101, "size": 7, "route": "localhost/", "upstream": "https://u", "duration": 1.5,
+    }  # fmt: skip
+    assert "tunnel_in" not in format_combined(event) and "tunnel_in" not in format_json(event)
+    event.update(tunnel_in=11, tunnel_out=7)
+    assert format_combined(event).endswith(" 1.500s tunnel_in=11 tunnel_out=7")
+    record = json.loads(format_json(event))
+    assert (record["status"], record["tunnel_in"], record["tunnel_out"]) == (101, 11, 7)
