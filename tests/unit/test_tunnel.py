@@ -468,3 +468,15 @@ def test_a_tunnels_access_line_has_its_bytes_each_way_in_both_formats():
     assert format_combined(event).endswith(" 1.500s tunnel_in=11 tunnel_out=7")
     record = json.loads(format_json(event))
     assert (record["status"], record["tunnel_in"], record["tunnel_out"]) == (101, 11, 7)
+
+
+@pytest.mark.parametrize("connection, upgrade, expected", [
+    (b"keep-alive, Upgrade", b"websocket", (b"websocket",)),  # Firefox's
+    (b"UPGRADE", b"WebSocket", (b"websocket",)),
+    (b"Upgrade", b"h2c, websocket", (b"h2c", b"websocket")),
+    (b"close", b"websocket", ()),  # Upgrade not named in Connection: no upgrade asked for
+])  # fmt: skip
+def test_what_counts_as_an_upgrade_request(connection, upgrade, expected):
+    s = Server()
+    s.channel.dataReceived(b"GET / HTTP/1.1\r\n" + H + b"Connection: " + connection + b"\r\nUpgrade: " + upgrade + b"\r\n\r\n")
+    assert s.requests[0].upgrade_to == expected
