@@ -187,7 +187,7 @@ _ROUTE_KEYS = (
     "from", "prefix", "to", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file",
     "tls_server_name", "tls_skip_verify", "allow_client", "forward_client_cert",
     "preserve_host_header", "timeout", "connect_timeout", "max_body_size", "max_response_header_size",
-    "health_check", "upstream_protocol",
+    "health_check", "upstream_protocol", "allow_websockets", "websocket_idle_timeout",
 )  # fmt: skip
 
 _HEALTH_CHECK_KEYS = ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold", "grpc")
@@ -243,7 +243,7 @@ def parse_upstream_url(value: Any, key: str) -> str:
     return text.rstrip("/")
 
 
-def _route(data: Any, key: str) -> Route:
+def _route(data: Any, key: str, websocket_idle_timeout: float = 300.0) -> Route:
     _check_keys(data, key, _ROUTE_KEYS)
     prefix = _string(data.get("prefix", "/"), f"{key}.prefix", optional=False)
     assert prefix is not None
@@ -263,6 +263,9 @@ def _route(data: Any, key: str) -> Route:
         raise ConfigError(f"{key}.tls_client_key_file", "given without tls_client_cert_file")
     protocol = _choice(data.get("upstream_protocol", "http1"), f"{key}.upstream_protocol", ("http1", "http2"))
     health_check = _health_check(data.get("health_check"), f"{key}.health_check")
+    allow_websockets = _boolean(data.get("allow_websockets", False), f"{key}.allow_websockets")
+    if allow_websockets and protocol == "http2":
+        raise ConfigError(f"{key}.allow_websockets", "WebSockets need an HTTP/1.1 upstream (WebSockets over HTTP/2, RFC 8441, is not supported)")
     if health_check is not None and health_check.grpc and protocol != "http2":
         raise ConfigError(f"{key}.health_check.grpc", "gRPC health checks need upstream_protocol: http2")
     return Route(
@@ -283,6 +286,8 @@ def _route(data: Any, key: str) -> Route:
         max_response_header_size=parse_size(data.get("max_response_header_size", "64k"), f"{key}.max_response_header_size"),
         health_check=health_check,
         upstream_protocol=protocol,
+        allow_websockets=allow_websockets,
+        websocket_idle_timeout=parse_duration(data.get("websocket_idle_timeout", websocket_idle_timeout), f"{key}.websocket_idle_timeout"),
     )
 
 
@@ -290,7 +295,7 @@ _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
     "limits", "hsts", "strict_permissions", "workers", "worker_affinity", "session_ticket_rotation",
-    "unknown_sni", "http2",
+    "unknown_sni", "http2", "websocket_idle_timeout",
 )  # fmt: skip
 
 _LIMIT_KEYS = tuple(f.name for f in attrs.fields(Limits))
@@ -469,7 +474,8 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
     routes = data.get("routes") or []
     if not isinstance(routes, list):
         raise ConfigError("routes", "expected a list of routes")
-    parsed_routes = tuple(_route(route, f"routes[{i}]") for i, route in enumerate(routes))
+    websocket_idle_timeout = parse_duration(data.get("websocket_idle_timeout", "300s"), "websocket_idle_timeout")
+    parsed_routes = tuple(_route(route, f"routes[{i}]", websocket_idle_timeout) for i, route in enumerate(routes))
     seen: dict[tuple[str, str], int] = {}
     for i, route in enumerate(parsed_routes):
         if (route.host, route.prefix) in seen:
@@ -497,6 +503,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
         workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443"), http_address),
         worker_affinity=_choice(data.get("worker_affinity", "connection"), "worker_affinity", ("connection", "client_ip")),
+        websocket_idle_timeout=websocket_idle_timeout,
         source=source,
     )
 

@@ -76,6 +76,8 @@ class Route:
     max_response_header_size: int = 65536  # the upstream's status line and headers (502 beyond)
     health_check: HealthCheck | None = None
     upstream_protocol: str = "http1"  # or "http2" (ALPN h2; gRPC upstreams): docs/configuration.md
+    allow_websockets: bool = False  # forward WebSocket upgrades (Pomerium's key); without it they get 403
+    websocket_idle_timeout: float = 300.0  # a WebSocket tunnel with no byte either way for this long is closed
 
     @property
     def name(self) -> str:
@@ -160,6 +162,7 @@ class Config:
     autocert: Autocert | None = None
     workers: int = 1  # processes serving the TLS listener (nginx's worker_processes)
     worker_affinity: str = "connection"  # or "client_ip": a client's connections all reach one worker
+    websocket_idle_timeout: float = 300.0  # the default of the routes' websocket_idle_timeout
     source: str | None = attrs.field(default=None, eq=False)  # the YAML file it came from
 
 

@@ -36,6 +36,7 @@ DEFAULT_MAX_HEADER_SIZE = 65536
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"])
 _NO_BODY_STATUS = frozenset([204, 304])
 _FRAMING = frozenset([b"content-length", b"transfer-encoding", b"connection"])  # the client frames the request itself
+_FRAMING_UPGRADE = _FRAMING | {b"upgrade"}
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 
@@ -63,6 +64,7 @@ class ClientRequest:
     body: Any = None  # an IBodyProducer
     host: bytes = b""  # the Host value when the headers hold none
     persistent: bool = True
+    upgrade: bytes | None = None  # the protocol asked for with Upgrade (and Connection: upgrade); never pooled
 
     def head(self) -> bytes:
         """The request line and headers, framing included, as one string."""
@@ -70,8 +72,9 @@ class ClientRequest:
         headers = self.headers
         if not headers.hasHeader(b"host"):
             parts += (b"Host: ", self.host, b"\r\n")
+        skip = _FRAMING if self.upgrade is None else _FRAMING_UPGRADE
         for name, values in headers.getAllRawHeaders():
-            if name.lower() in _FRAMING:
+            if name.lower() in skip:
                 continue
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
@@ -83,7 +86,9 @@ class ClientRequest:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
             parts += (b"Content-Length: %d\r\n" % body.length,)
-        if not self.persistent:
+        if self.upgrade is not None:
+            parts += (b"Connection: Upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
+        elif not self.persistent:
             parts.append(b"Connection: close\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
@@ -202,6 +207,37 @@ class UpstreamResponse:
         connection.abort()
 
 
+@implementer(IResponse)
+class UpgradeResponse(UpstreamResponse):
+    """
+    A C{101 Switching Protocols} answering an upgrade request (L{HTTP11Agent.upgrade}): it has no body;
+    L{switch} hands the connection, which has left HTTP, to a protocol (a byte tunnel).  Until then
+    the upstream is not read; a response nobody switches is dropped with its connection.
+    """
+
+    def switch(self, protocol: Any) -> None:
+        """Give the connection to C{protocol}: it gets the transport, the bytes that came right after the 101, then the rest."""
+        connection = self._connection
+        if connection is None or self.finished:
+            raise RuntimeError("the upgraded connection was switched already, or is gone")
+        self.finished = True
+        self._connection = None
+        connection.switch(protocol)
+
+    def deliverBody(self, protocol: Any) -> None:
+        """No body: C{protocol} is told at once it is over, and the connection, which nobody took, is dropped."""
+        protocol.makeConnection(self)
+        self.finished = True
+        protocol.connectionLost(Failure(ResponseDone()))
+        self.stopProducing()
+
+    def stopProducing(self) -> None:
+        connection, self._connection = self._connection, None
+        self.finished = True
+        if connection is not None:
+            connection.abort()
+
+
 # --- one connection ---------------------------------------------------------------------------------
 
 
@@ -299,6 +335,10 @@ class UpstreamConnection(Protocol):
         self._reading_paused = False
         self._aborted = False
         self._handshake_waiters: list[defer.Deferred[None]] | None = []  # None once the TLS handshake is done (or for TCP, unused)
+        self._upgraded = False  # a 101 answered our upgrade request: the connection has left HTTP
+        self._tunnel: Any = None  # the protocol it was switched to (UpgradeResponse.switch)
+        self._tunnel_data: list[bytes] = []  # bytes after the 101, kept until the switch
+        self._lost_reason: Failure | None = None  # an upgraded connection lost before its switch
 
     # -- TLS handshake (connect_timeout covers it: mtlsgate.proxy.upstream._HandshakeBoundedEndpoint) --
 
@@ -376,6 +416,12 @@ class UpstreamConnection(Protocol):
     # -- receiving --
 
     def dataReceived(self, data: bytes) -> None:
+        if self._upgraded:
+            if self._tunnel is not None:
+                self._tunnel.dataReceived(data)
+            elif data:
+                self._tunnel_data.append(data)
+            return
         parser = self._parser
         if parser is None:
             if not self._aborted and data:
@@ -383,20 +429,25 @@ class UpstreamConnection(Protocol):
                 self.abort()
             return
         self._received = True
+        fed = data  # what feed_data was last given: an upgrade's offset counts from its start
         try:
             if self._response is None:  # still in the status line and headers: bounded
                 room = self._head_room
                 if len(data) > room:
-                    parser.feed_data(data[:room])
-                    data = data[room:]
+                    fed = data[:room]
+                    parser.feed_data(fed)
+                    data = fed = data[room:]
                     if self._response is None:
                         raise ResponseHeadersTooLarge(f"response headers larger than {self.max_header_size} bytes (max_response_header_size)")
                     self._head_room = 0
                 else:
                     self._head_room = room - len(data)
             parser.feed_data(data)
-        except HttpParserUpgrade:
-            self._broken(UpstreamProtocolError("an upgrade, but none was asked for"))
+        except HttpParserUpgrade as e:
+            if self._upgraded:
+                self._switching(fed[e.args[0] :] if e.args else b"")
+            else:
+                self._broken(UpstreamProtocolError("an upgrade, but none was asked for"))
             return
         except HttpParserError as e:
             cause = e.__context__ if isinstance(e.__context__, UpstreamProtocolError) else None
@@ -412,8 +463,7 @@ class UpstreamConnection(Protocol):
         parser = self._parser
         code = parser.get_status_code()
         if code == 101:
-            # TODO(#14): WebSockets: a 101 answering the gateway's Upgrade becomes a byte tunnel here (docs/engine.md).
-            raise UpstreamProtocolError("101 Switching Protocols, but no upgrade was asked for")
+            return self._upgrade_response(parse)
         if code < 200:
             return False
         version = parser.get_http_version()
@@ -423,7 +473,7 @@ class UpstreamConnection(Protocol):
         assert exchange is not None
         request = exchange.request
         parse.head_done = True
-        self._keep_alive = parser.should_keep_alive()
+        self._keep_alive = parser.should_keep_alive() and request.upgrade is None  # an upgrade's connection is never pooled
         self._no_body = request.method == b"HEAD" or code in _NO_BODY_STATUS
         self._until_close = not (self._no_body or parse.chunked or parse.length is not None)
         if self._no_body:
@@ -438,6 +488,59 @@ class UpstreamConnection(Protocol):
             headers.addRawHeader(name, value)
         self._response = UpstreamResponse(self, request, (b"HTTP", int(version[0]), int(version[2])), code, parse.phrase, headers, length)
         return True
+
+    def _upgrade_response(self, parse: _Parse) -> bool:
+        """
+        A 101: the switch our upgrade request asked for, to the protocol it asked for, with C{Connection: upgrade}
+        (RFC 9110 7.8; RFC 6455 4.2.2), or a protocol error.  The connection leaves HTTP when llhttp stops after the head.
+        """
+        exchange = self._exchange
+        assert exchange is not None
+        request = exchange.request
+        if request.upgrade is None:
+            raise UpstreamProtocolError("101 Switching Protocols, but no upgrade was asked for")
+        if self._parser.get_http_version() != "1.1":
+            raise UpstreamProtocolError("101 Switching Protocols in a response that is not HTTP/1.1")
+        upgrade: set[bytes] = set()
+        connection: set[bytes] = set()
+        for name, value in parse.headers:
+            lowered = name.lower()
+            if lowered in (b"upgrade", b"connection"):
+                (upgrade if lowered == b"upgrade" else connection).update(t.strip().lower() for t in value.split(b","))
+        if request.upgrade.lower() not in upgrade:
+            raise UpstreamProtocolError(f"101 Switching Protocols to {sorted(upgrade)!r}, but {request.upgrade!r} was asked for")
+        if b"upgrade" not in connection:
+            raise UpstreamProtocolError("101 Switching Protocols without Connection: upgrade")
+        parse.head_done = parse.complete = True
+        self._upgraded = True
+        self._keep_alive = False
+        headers = Headers()
+        for name, value in parse.headers:
+            headers.addRawHeader(name, value)
+        self._response = UpgradeResponse(self, request, (b"HTTP", 1, 1), 101, parse.phrase, headers, 0)
+        return True
+
+    def _switching(self, rest: bytes) -> None:
+        """The 101's head is in: hold what followed it, stop reading, hand the response over."""
+        self._parser = self._parse = None
+        if rest:
+            self._tunnel_data.append(rest)
+        self.pause_reading()
+        exchange, response = self._exchange, self._response
+        self._exchange = self._response = None
+        if exchange is not None and response is not None:
+            exchange.respond(response)
+
+    def switch(self, protocol: Any) -> None:
+        """The connection goes to C{protocol} (L{UpgradeResponse.switch}): first the bytes held since the 101, then the rest."""
+        self._tunnel = protocol
+        self.resume_reading()
+        protocol.makeConnection(self.transport)
+        held, self._tunnel_data = self._tunnel_data, []
+        for data in held:
+            protocol.dataReceived(data)
+        if self._lost_reason is not None:
+            protocol.connectionLost(self._lost_reason)
 
     def _after_feed(self) -> None:
         response, parse, exchange = self._response, self._parse, self._exchange
@@ -529,6 +632,11 @@ class UpstreamConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         self._aborted = True
+        if self._upgraded:
+            self._lost_reason = reason
+            if self._tunnel is not None:
+                self._tunnel.connectionLost(reason)
+            return
         waiters, self._handshake_waiters = self._handshake_waiters or [], None
         for d in waiters:
             d.errback(reason)
@@ -681,7 +789,7 @@ class Exchange:
         self.retried = False
 
     def start(self) -> None:
-        connection = self.agent.pool.take(self.origin.key)
+        connection = self.agent.pool.take(self.origin.key) if self.request.upgrade is None else None  # an upgrade gets its own
         if connection is not None:
             connection.send(self)
         else:
@@ -763,6 +871,25 @@ class HTTP11Agent:
         except ValueError:
             return defer.fail()
         request = ClientRequest(method, uri, Headers() if headers is None else headers, target, bodyProducer, origin.host, self.persistent)
+        exchange = Exchange(self, origin, request)
+        exchange.start()
+        return exchange.deferred
+
+    def upgrade(self, method: bytes, uri: bytes, headers: Headers | None = None, protocol: bytes = b"websocket") -> defer.Deferred[IResponse]:
+        """
+        An upgrade request (no body; C{Connection: Upgrade} and C{Upgrade: protocol} added) on a new connection
+        of its own, never pooled and never retried.  A C{101} switching to C{protocol} is an L{UpgradeResponse};
+        any other response is an ordinary one, after which the connection closes.
+        """
+        try:
+            origin, target = self._split(uri)
+            if not _TOKEN.match(method) or not _TOKEN.match(protocol):
+                raise ValueError(f"invalid method {method!r} or protocol {protocol!r}")
+            if not _TARGET.match(target):
+                raise ValueError(f"invalid request target {target!r}")
+        except ValueError:
+            return defer.fail()
+        request = ClientRequest(method, uri, Headers() if headers is None else headers, target, None, origin.host, False, protocol)
         exchange = Exchange(self, origin, request)
         exchange.start()
         return exchange.deferred

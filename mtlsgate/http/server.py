@@ -9,7 +9,8 @@ it as a L{RequestBody}.  llhttp is only ever given the bytes of the current requ
 (pipelined requests) wait in a buffer, with reading paused, until the response is done.
 
 States: HEAD (reading a head; the header timer runs from its first byte), BODY (a request in flight
-whose body is still arriving), WAIT (a request in flight, its body complete), and closing (the
+whose body is still arriving), WAIT (a request in flight, its body complete), TUNNEL (after
+L{Request.upgrade}: every byte goes to the tunnel's protocol, the HTTP timers are off), and closing (the
 connection closes once the response is written; further input is discarded).
 """
 
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IPushProducer, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,7 +43,7 @@ _NO_BODY_CODES = frozenset([204, 304])
 _ABORT_TIMEOUT = 15.0  # after an idle timeout's orderly close, how long before the connection is aborted
 _CANONICAL_REQUEST_LINE = b"GET / HTTP/1.1\r\n"  # what llhttp is given instead of the (already checked) request line
 
-_HEAD, _BODY, _WAIT = 0, 1, 2
+_HEAD, _BODY, _WAIT, _TUNNEL = 0, 1, 2, 3
 _PIPELINE, _UPLOAD = 1, 2  # why reading from the client is paused
 
 
@@ -85,6 +86,7 @@ class Request:
         self.persistent = persistent  # the connection stays open after this response
         self.http10_keepalive = http10_keepalive
         self.expects_continue = expects_continue  # the client sent "Expect: 100-continue" and waits for 100 before its body
+        self.upgrade_to: tuple[bytes, ...] = ()  # the protocols (lower case) of an HTTP/1.1 upgrade request's Upgrade header
         self.code = 200
         self.code_message = b"OK"
         self.responseHeaders = Headers()
@@ -211,6 +213,26 @@ class Request:
                 return True
         return False
 
+    def upgrade(self, protocol: IProtocol) -> None:
+        """
+        Switch protocols: write a C{101} head (C{responseHeaders}, set by the caller, with C{Upgrade} and
+        C{Connection}) and hand the connection to C{protocol}, which gets the transport, then the bytes
+        the client sent after this request's head, then everything else.  The request counts as finished.
+        """
+        if self.startedWriting or self.finished or self.disconnected:
+            raise RuntimeError("upgrade after the response started, or after the connection was lost")
+        self.startedWriting = True
+        self.code, self.code_message = 101, b"Switching Protocols"
+        parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, values in self.responseHeaders.getAllRawHeaders():
+            for value in values:
+                parts.append(b"%s: %s\r\n" % (name, value))
+        parts.append(b"\r\n")
+        self.channel.write_sequence(parts)
+        self.finished = True
+        self._tell(None)
+        self.channel.switch(self, protocol)
+
     def finish(self) -> None:
         if self.disconnected:
             raise RuntimeError("finish after the connection was lost; use notifyFinish")
@@ -296,6 +318,7 @@ class HTTPServerProtocol(Protocol):
         self._content_length: int | None = None
         self._chunked = False
         self._problem: str | None = None
+        self._tunnel: IProtocol | None = None  # in TUNNEL state, the protocol every byte goes to
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -318,8 +341,13 @@ class HTTPServerProtocol(Protocol):
         request, self._request = self._request, None
         if request is not None:
             request.connection_lost(reason)
+        if self._tunnel is not None:
+            self._tunnel.connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.dataReceived(data)
+            return
         self._last_activity = self.reactor.seconds()
         if self._closing:
             return
@@ -358,6 +386,28 @@ class HTTPServerProtocol(Protocol):
         self.stop_parsing()
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def switch(self, request: Request, protocol: IProtocol) -> None:
+        """
+        TUNNEL: the connection leaves HTTP for C{protocol} (L{Request.upgrade}).  The HTTP timers stop (the
+        tunnel keeps its own), reading resumes, and the bytes buffered behind the request's head go first.
+        """
+        if request is not self._request or self.transport is None:
+            raise RuntimeError("only the request in flight can switch its connection")
+        self._request = None
+        self._state = _TUNNEL
+        self._tunnel = protocol
+        for timer in (self._header_timer, self._idle_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._header_timer = self._idle_timer = None
+        leftover, self._buf = self._buf, b""
+        if self._pauses:
+            self._pauses = 0
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        protocol.makeConnection(self.transport)
+        if leftover:
+            protocol.dataReceived(leftover)
 
     def _close(self) -> None:
         self._closing = True
@@ -496,6 +546,13 @@ class HTTPServerProtocol(Protocol):
             tokens.update(t.strip().lower() for t in value.split(b","))
         http10_keepalive = version == b"HTTP/1.0" and b"keep-alive" in tokens
         persistent = http10_keepalive or (version == b"HTTP/1.1" and b"close" not in tokens)
+        upgrade_to: tuple[bytes, ...] = ()
+        if version == b"HTTP/1.1" and b"upgrade" in tokens:
+            upgrade_to = tuple(t.strip().lower() for value in headers.getRawHeaders(b"upgrade", ()) for t in value.split(b",") if t.strip())
+            if upgrade_to:
+                # Unless it is switched, a request asking to switch protocols is the last on its connection: the
+                # bytes behind it are never read as a request (the client may have sent the new protocol's already).
+                persistent = False
         expects_continue = False
         expect = headers.getRawHeaders(b"expect")
         if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
@@ -509,6 +566,7 @@ class HTTPServerProtocol(Protocol):
             body = RequestBody(self._upload, self._content_length)
         self._remaining = None if self._chunked else self._content_length
         request = Request(self, method, target, version, headers, body, persistent, http10_keepalive, expects_continue)
+        request.upgrade_to = upgrade_to
         if version == b"HTTP/1.1" and not persistent:
             request.setHeader(b"connection", b"close")
         if body is not None and self._message_done:

@@ -45,7 +45,7 @@ def format_combined(event: dict[str, Any]) -> str:
         f"{_quoted(event.get('referer') or '-')} {_quoted(event.get('user_agent') or '-')} "
         f"route={event['route']} upstream={event['upstream']} cn={event['common_name']} sha256={event['fingerprint']} "
         f"{event['duration']:.3f}s"
-    )
+    ) + ("" if event.get("tunnel_in") is None else f" tunnel_in={event['tunnel_in']} tunnel_out={event['tunnel_out']}")
 
 
 def format_json(event: dict[str, Any]) -> str:
@@ -69,6 +69,9 @@ def format_json(event: dict[str, Any]) -> str:
         "duration_s": round(event["duration"], 6),
         "pid": os.getpid(),
     }
+    if event.get("tunnel_in") is not None:  # a WebSocket tunnel's line, written when it closed: bytes from and to the client
+        record["tunnel_in"] = event["tunnel_in"]
+        record["tunnel_out"] = event["tunnel_out"]
     return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
 
 

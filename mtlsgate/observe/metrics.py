@@ -44,6 +44,10 @@ class GatewayMetrics:
             "mtlsgate_active_connections", "Open client connections on the TLS listener.", registry=self.registry,
             multiprocess_mode="livesum",
         )  # fmt: skip
+        self.tunnels = Gauge(
+            "mtlsgate_websocket_tunnels", "Open WebSocket tunnels (upgraded client connections).", registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.acme_orders = Counter("mtlsgate_acme_orders", "ACME orders, by result (issued, failed).", ["result"], registry=self.registry)
         self.registry.register(_ExpiryCollector(certificates))
         self._request_children: dict[tuple[str, int], Any] = {}
@@ -69,6 +73,12 @@ class GatewayMetrics:
 
     def connection_closed(self) -> None:
         self.connections.dec()
+
+    def tunnel_opened(self) -> None:
+        self.tunnels.inc()
+
+    def tunnel_closed(self) -> None:
+        self.tunnels.dec()
 
     def acme_order(self, result: str) -> None:
         self.acme_orders.labels(result=result).inc()

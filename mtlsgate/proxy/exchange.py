@@ -23,8 +23,10 @@ from zope.interface import implementer
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_headers, client_response_trailers, upstream_request_headers
 from mtlsgate.http.body import BodyTooLarge, RequestBody
+from mtlsgate.http.h2client import H2Agent
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.server import HTTPServerFactory, Request
+from mtlsgate.http.tunnel import Tunnel
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.observe.metrics import GatewayMetrics
 from mtlsgate.http.pathnorm import PathRefused, normalize_target
@@ -229,7 +231,7 @@ class _Exchange:
 
     def __init__(
         self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics, log_access: bool = True,
-        target: bytes | None = None,
+        target: bytes | None = None, tunnel_opened: Callable[[Tunnel], None] | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
         self.target = request.uri if target is None else target  # the normal form that was routed: exactly what goes upstream
@@ -248,6 +250,7 @@ class _Exchange:
         self.accounted = False  # the access line and the request metric, once per request
         self.waiting = True  # for the upstream's response headers (the route timeout applies)
         self.timer: Any = None
+        self.tunnel_opened = tunnel_opened  # set for a WebSocket upgrade: a 101 from the upstream becomes a tunnel
         if request.body is not None:
             request.body.on_change = self._upload_changed
         request.when_done(self._request_done)
@@ -268,7 +271,12 @@ class _Exchange:
     def _attempt(self, targets: list[str], headers: Any) -> None:
         self.upstream = targets[0]
         url = targets[0].encode("ascii") + self.target  # Agent re-parses it: pathnorm's normal form round-trips unchanged (a unit test holds it)
-        d = self.entry.upstreams.agent.request(self.request.method, url, headers, self.request.body)
+        agent = self.entry.upstreams.agent
+        if self.tunnel_opened is not None:  # Connection: Upgrade, Upgrade: websocket, on a connection of its own
+            assert not isinstance(agent, H2Agent), "config refuses allow_websockets with upstream_protocol: http2"
+            d = agent.upgrade(self.request.method, url, headers, b"websocket")
+        else:
+            d = agent.request(self.request.method, url, headers, self.request.body)
         self.pending = d
         self._upload_changed()
         d.addCallbacks(self._response, lambda f: self._failed(f, targets, headers))
@@ -299,6 +307,9 @@ class _Exchange:
         if self.client_gone:
             response.deliverBody(Protocol())
             return
+        if response.code == 101 and self.tunnel_opened is not None:
+            self._switch(response)
+            return
         request.setResponseCode(response.code, response.phrase)
         client_response_headers(response.headers, into=request.responseHeaders)
         if isinstance(response.length, int) and request.method != b"HEAD" and response.code not in (204, 304):
@@ -309,6 +320,34 @@ class _Exchange:
             request.setHeader(b"server", b"mtlsgate")
         self.relay = _ResponseRelay(request, self._relayed, self.reactor, self.entry.route.timeout)
         response.deliverBody(self.relay)
+
+    def _switch(self, response: Any) -> None:
+        """
+        The upstream switched to WebSocket: relay its 101 head (hop-by-hop headers but Upgrade and Connection
+        dropped), then both connections become a byte tunnel; the access line is written when it closes.
+        """
+        request = self.request
+        client_response_headers(response.headers, into=request.responseHeaders)
+        request.setHeader(b"upgrade", b"websocket")
+        request.setHeader(b"connection", b"Upgrade")
+        tunnel = Tunnel(self.reactor, self.entry.route.websocket_idle_timeout, self._tunnel_closed)
+        assert self.tunnel_opened is not None
+        self.tunnel_opened(tunnel)  # in flight from now on: before the request counts as finished
+        response.switch(tunnel.upstream)
+        request.upgrade(tunnel.client)
+
+    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        if self.accounted:
+            return
+        self.accounted = True
+        route = self.entry.route.name
+        log.info("WebSocket tunnel on route {route} via {upstream} closed ({why}) after {duration:.3f}s: {up} bytes up, {down} bytes down",
+                 route=route, upstream=self.upstream, why=tunnel.close_reason, duration=self.reactor.seconds() - tunnel.started,
+                 up=tunnel.bytes_from_client, down=tunnel.bytes_to_client)  # fmt: skip
+        if self.log_access:
+            write_access_line(self.request, self.peer, route, self.upstream, 101, tunnel.bytes_to_client, self.reactor.seconds() - self.started,
+                              tunnel=(tunnel.bytes_from_client, tunnel.bytes_to_client))  # fmt: skip
+        self.metrics.request(route, 101)
 
     def _relayed(self, failure: Failure | None) -> None:
         if self.client_gone:
@@ -406,12 +445,19 @@ class _Exchange:
         self.metrics.request(route, status)
 
 
-def write_access_line(request: GatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float) -> None:
-    """One access event per request, with fields a formatter or a metrics observer can read."""
+def write_access_line(
+    request: GatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float, tunnel: tuple[int, int] | None = None,
+) -> None:  # fmt: skip
+    """
+    One access event per request, with fields a formatter or a metrics observer can read; C{tunnel}: a WebSocket
+    tunnel's bytes from and to the client (the line is written when it closes).
+    """
     identity = peer.identity
     access_log.info(
         "{client} {identity} \"{method} {uri} {proto}\" {status} {size} route={route} upstream={upstream}"
-        " cn={common_name} sha256={fingerprint} {duration:.3f}s",
+        " cn={common_name} sha256={fingerprint} {duration:.3f}s" + ("" if tunnel is None else " tunnel_in={tunnel_in} tunnel_out={tunnel_out}"),
+        tunnel_in=None if tunnel is None else tunnel[0],
+        tunnel_out=None if tunnel is None else tunnel[1],
         client=request.getClientAddress().host if request.getClientAddress() else "-",
         identity=peer.label,
         spiffe_id=identity.spiffe_id if identity else None,
@@ -467,12 +513,17 @@ class ProxyResource:
         self.reactor = reactor
         self.state = state
         self.metrics = metrics or GatewayMetrics()
-        self.in_flight = 0
+        self.in_flight = 0  # requests, and WebSocket tunnels, open
+        self.tunnels: set[Tunnel] = set()
+        self.draining = False  # shutting down: a tunnel that opens now is told to go away at once
         self._drained: list[defer.Deferred[None]] = []
 
     def drained(self, timeout: float) -> defer.Deferred[None]:
         """Fires when no proxied request is in flight, or after C{timeout} seconds (shutdown)."""
         d: defer.Deferred[None] = defer.Deferred()
+        self.draining = True
+        for tunnel in list(self.tunnels):
+            tunnel.going_away()  # a WebSocket Close (1001) at the next frame end, then both connections close
         if self.in_flight == 0:
             d.callback(None)
             return d
@@ -481,6 +532,26 @@ class ProxyResource:
         timer = self.reactor.callLater(timeout, lambda: None if d.called else d.callback(None))
         d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
         return d
+
+    def _tunnel_opened(self, tunnel: Tunnel) -> None:
+        """A WebSocket tunnel counts as a request in flight until it closes (drained() closes it)."""
+        self.in_flight += 1
+        self.tunnels.add(tunnel)
+        self.metrics.tunnel_opened()
+        hook = tunnel.on_closed
+
+        def closed(tunnel: Tunnel) -> None:
+            self.tunnels.discard(tunnel)
+            self.metrics.tunnel_closed()
+            try:
+                if hook is not None:
+                    hook(tunnel)
+            finally:
+                self._finished(None)
+
+        tunnel.on_closed = closed
+        if self.draining:
+            self.reactor.callLater(0, tunnel.going_away)  # once both its connections are on
 
     def _finished(self, result: Any) -> None:
         self.in_flight -= 1
@@ -537,6 +608,9 @@ class ProxyResource:
             )
             self._answer(request, peer, entry.route.name, 403, f"client certificate {refusal}")
             return
+        websocket = b"websocket" in getattr(request, "upgrade_to", ())  # an HTTP/1.1 upgrade request (mtlsgate.http.server)
+        if websocket and not self._websocket_allowed(request, peer, entry.route):
+            return
         limit = entry.route.max_body_size
         if limit is not None and request.body is not None:
             if isinstance(request.body.length, int) and request.body.length > limit:
@@ -547,7 +621,23 @@ class ProxyResource:
         request.proceed()  # routed, authorized, within max_body_size: now "100 Continue" (refusals above answer at once)
         self.in_flight += 1
         request.when_done(self._finished)
-        _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access, target.forward).start()
+        tunnel_opened = self._tunnel_opened if websocket else None
+        _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access, target.forward, tunnel_opened).start()
+
+    def _websocket_allowed(self, request: GatewayRequest, peer: Peer, route: Route) -> bool:
+        """
+        A WebSocket handshake (HTTP/1.1, Connection: upgrade, Upgrade: websocket), routed and authorized: refused
+        with a reason unless it is a GET to a route with C{allow_websockets}.  Never downgraded to a plain GET.
+        """
+        if request.method != b"GET":
+            self._answer(request, peer, route.name, 400, "a WebSocket handshake must be a GET request (RFC 6455 4.1)")
+            return False
+        if not route.allow_websockets:
+            log.info("refused a WebSocket upgrade from {client} ({identity}) on route {route}: allow_websockets is off",
+                     client=request.getClientAddress().host, identity=peer.label, route=route.name)  # fmt: skip
+            self._answer(request, peer, route.name, 403, "WebSockets are not allowed on this route (allow_websockets)")
+            return False
+        return True
 
     def _own_answer(self, request: GatewayRequest, peer: Peer) -> bool:
         """

@@ -41,6 +41,7 @@ def test_minimal_config_has_strict_defaults(pki):
         ({"routes": [{"from": "https://a", "to": "https://b", "health_check": {"timeout": "2 seconds"}}]}, "routes[0].health_check.timeout", "duration"),
         ({"routes": [{"from": "https://a", "to": "https://b", "upstream_protocol": "h2"}]}, "routes[0].upstream_protocol", "http1, http2"),
         ({"routes": [{"from": "https://a", "to": "https://b", "health_check": {"grpc": True}}]}, "routes[0].health_check.grpc", "upstream_protocol: http2"),
+        ({"routes": [{"from": "https://a", "to": "https://b", "upstream_protocol": "http2", "allow_websockets": True}]}, "routes[0].allow_websockets", "RFC 8441"),
         ({"unknown_sni": "drop"}, "unknown_sni", "default, reject"),
         ({"downstream_mtls": {"client_auth": "require"}}, "downstream_mtls.ca_file", "required"),
         ({"downstream_mtls": {"max_verify_depth": 0}}, "downstream_mtls.max_verify_depth", "1 to 16"),
