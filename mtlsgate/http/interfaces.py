@@ -7,7 +7,7 @@ header hygiene, limits and access lines live behind this seam, once, for every p
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
@@ -50,7 +50,7 @@ class IGatewayRequest(Interface):
     def getHeader(name: bytes) -> bytes | None:
         """The last value of a request header, or None."""
 
-    def getClientAddress() -> object:
+    def getClientAddress() -> Any:
         """The client's IPv4Address or IPv6Address."""
 
     def isSecure() -> bool:

@@ -24,7 +24,8 @@ from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_headers, upstream_request_headers
 from mtlsgate.http.body import BodyTooLarge, RequestBody
 from mtlsgate.http.framing import header_field_problem, request_line_problem
-from mtlsgate.http.server import HTTPServerFactory, Request
+from mtlsgate.http.interfaces import IGatewayRequest
+from mtlsgate.http.server import HTTPServerFactory
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.observe.metrics import GatewayMetrics
 from mtlsgate.http.pathnorm import PathRefused, normalize_target
@@ -35,7 +36,7 @@ from mtlsgate.proxy.upstream import UpstreamGroup
 # Names other modules and tests import from here; they live in mtlsgate.http now.
 __all__ = ["BodyTooLarge", "GatewayRequest", "RequestBody", "header_field_problem", "request_line_problem"]
 
-GatewayRequest = Request
+GatewayRequest = IGatewayRequest  # either front end's request (HTTP/1.1: mtlsgate.http.server.Request; HTTP/2: h2server.H2Request)
 
 log = Logger(namespace="mtlsgate.proxy.exchange")
 access_log = Logger(namespace="mtlsgate.access")
