@@ -48,7 +48,9 @@ class H2Client:
         if client:
             ctx.load_cert_chain(*pki[client])
         ctx.set_alpn_protocols(list(alpn))
-        self.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname="localhost")
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as HTTP/2 clients do (curl, browsers): no Nagle stalls between frames
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
         self.alpn = self.sock.selected_alpn_protocol()
         self.timeout = timeout
         self.auto_ack = auto_ack  # acknowledge received DATA at once (off: a slow consumer, acknowledging by hand)

@@ -23,7 +23,8 @@ value (400 on the stream).  And it bounds what an HTTP/2 client can make a serve
   L{FLOOD_WINDOW} seconds gets GOAWAY ENHANCE_YOUR_CALM; and a client that does not read what it
   makes the gateway write is not read either (the transport's back-pressure pauses reading);
 - flow control both ways: a request body's DATA is acknowledged (WINDOW_UPDATE) only as the upstream
-  takes it, so a slow upstream stops the client at its stream window; a response body waits for the
+  takes it, so a slow upstream stops the client at its stream window (64 KiB), and the connection's
+  window (1 MiB) bounds what one connection can make the gateway hold; a response body waits for the
   client's window, and its upstream is paused while it waits;
 - the idle timeout (no byte either way for C{idle_timeout}: GOAWAY, closed), as HTTP/1.1's;
 - L{H2ServerFactory.drain} (SIGTERM): GOAWAY NO_ERROR with the last stream taken; streams in flight
@@ -73,6 +74,7 @@ RESET_BUDGET = 100
 CONTROL_FRAME_BUDGET = 1000
 FLOOD_WINDOW = 10.0
 _STREAM_WINDOW = 65535  # SETTINGS_INITIAL_WINDOW_SIZE (the protocol's default): a request body buffers at most this per stream
+_CONNECTION_WINDOW = 16 * 65536  # the connection's receive window: request body bytes held per connection at most
 _OUT_HIGH_WATER = 65536  # response bytes waiting for a stream's window before its upstream is paused
 _ABORT_TIMEOUT = 15.0
 _CONNECTION_SPECIFIC = HOP_BY_HOP | {b"proxy-connection"}
@@ -356,8 +358,9 @@ class H2ServerProtocol(Protocol):
             SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
         })  # fmt: skip
         conn.decoder.max_header_list_size = 2 * header_list
-        # The connection window holds every stream's window: a stream whose upstream is slow holds back its own window, never the others'.
-        conn.increment_flow_control_window(2 * self.max_streams * _STREAM_WINDOW)
+        # The connection window holds 16 stream windows: a few streams whose upstreams are slow hold back their own windows, not the others',
+        # and request bodies the gateway holds for one connection stay within 1 MiB (nginx holds up to 64 KiB x 128 streams).
+        conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.flush()
         if self.limits.idle_timeout:

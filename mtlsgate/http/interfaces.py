@@ -7,7 +7,7 @@ header hygiene, limits and access lines live behind this seam, once, for every p
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
@@ -50,7 +50,7 @@ class IGatewayRequest(Interface):
     def getHeader(name: bytes) -> bytes | None:
         """The last value of a request header, or None."""
 
-    def getClientAddress() -> object:
+    def getClientAddress() -> Any:
         """The client's IPv4Address or IPv6Address."""
 
     def isSecure() -> bool:
@@ -89,3 +89,15 @@ class IGatewayRequest(Interface):
 
     def unregisterProducer() -> None:
         """The response body's producer is done."""
+
+
+class IUpgradableRequest(IGatewayRequest):
+    """
+    An HTTP/1.1 request that may switch protocols (RFC 9110 7.8): a WebSocket handshake.  HTTP/2 requests do
+    not provide it (WebSockets over HTTP/2, RFC 8441, is not supported).
+    """
+
+    upgrade_to = Attribute("tuple of bytes: the Upgrade tokens, lower case, of a request whose Connection names upgrade; () otherwise")
+
+    def upgrade(protocol: Any) -> None:
+        """Write the 101 head (the response headers set so far) and hand the connection to C{protocol}, a byte tunnel's end."""

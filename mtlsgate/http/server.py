@@ -32,7 +32,7 @@ from mtlsgate.config.model import Limits
 from mtlsgate.http.body import RequestBody
 from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan_head
 from mtlsgate.http.headers import sendable_trailers
-from mtlsgate.http.interfaces import IGatewayChannel, IGatewayRequest
+from mtlsgate.http.interfaces import IGatewayChannel, IUpgradableRequest
 
 log = Logger(namespace="mtlsgate.proxy.exchange")
 
@@ -65,12 +65,12 @@ class _DateCache:
 _dates = _DateCache()
 
 
-@implementer(IGatewayRequest)
+@implementer(IUpgradableRequest)
 class Request:
     """
     One request and its response, as the gateway's handler sees it: the parts of twisted.web's Request
     the proxy uses (method, uri, clientproto, requestHeaders, responseHeaders, setResponseCode, setHeader,
-    write, finish, notifyFinish, registerProducer), and nothing else (L{IGatewayRequest}).
+    write, finish, notifyFinish, registerProducer), and nothing else (L{IGatewayRequest}), plus switching protocols (L{IUpgradableRequest}).
     """
 
     def __init__(

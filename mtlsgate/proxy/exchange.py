@@ -25,7 +25,8 @@ from mtlsgate.http.headers import client_response_headers, client_response_trail
 from mtlsgate.http.body import BodyTooLarge, RequestBody
 from mtlsgate.http.h2client import H2Agent
 from mtlsgate.http.framing import header_field_problem, request_line_problem
-from mtlsgate.http.server import HTTPServerFactory, Request
+from mtlsgate.http.interfaces import IGatewayRequest, IUpgradableRequest
+from mtlsgate.http.server import HTTPServerFactory
 from mtlsgate.http.tunnel import Tunnel
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.observe.metrics import GatewayMetrics
@@ -37,7 +38,7 @@ from mtlsgate.proxy.upstream import UpstreamGroup
 # Names other modules and tests import from here; they live in mtlsgate.http now.
 __all__ = ["BodyTooLarge", "GatewayRequest", "RequestBody", "header_field_problem", "request_line_problem"]
 
-GatewayRequest = Request
+GatewayRequest = IGatewayRequest  # either front end's request (HTTP/1.1: mtlsgate.http.server.Request; HTTP/2: h2server.H2Request)
 
 log = Logger(namespace="mtlsgate.proxy.exchange")
 access_log = Logger(namespace="mtlsgate.access")
@@ -326,7 +327,7 @@ class _Exchange:
         The upstream switched to WebSocket: relay its 101 head (hop-by-hop headers but Upgrade and Connection
         dropped), then both connections become a byte tunnel; the access line is written when it closes.
         """
-        request = self.request
+        request = IUpgradableRequest(self.request)  # only an HTTP/1.1 request gets here: upgrade_to is set on no other
         client_response_headers(response.headers, into=request.responseHeaders)
         request.setHeader(b"upgrade", b"websocket")
         request.setHeader(b"connection", b"Upgrade")

@@ -94,3 +94,27 @@ def test_an_acme_tls_connection_is_closed_after_the_handshake_and_never_reaches_
 
 def test_http_clients_are_still_served_beside_it(gateway, pki):
     assert https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"])[0] == 200
+
+
+def test_offering_h2_beside_acme_tls_for_a_name_under_validation_still_gets_no_http(gateway, pki):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(*pki["alice"])
+    ctx.set_alpn_protocols(["h2", "acme-tls/1"])
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=10), server_hostname="acme.test") as sock:
+        assert sock.selected_alpn_protocol() == "acme-tls/1"
+        received = b""
+        try:
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (ssl.SSLError, ConnectionError):
+            pass
+    assert received == b""
+
+
+def test_http2_clients_are_served_beside_it(gateway, pki):
+    from tests.h2peer import simple_get
+
+    assert simple_get(gateway.port, pki).status == 200

@@ -36,7 +36,7 @@ def test_a_refused_certificate_gets_403_on_every_stream_and_never_reaches_the_up
         answers = [c.response(sid) for sid in ids]
     assert [a.status for a in answers] == [403] * 5
     assert all(reason.encode() in bytes(a.body) for a in answers)
-    lines = [line for line in bob_only.proc.wait_for_log(f"/h2-{client}-4 HTTP/2").splitlines() if f"/h2-{client}-" in line and "mtlsgate.access" in line]
+    lines = [line for line in bob_only.proc.wait_for_log(f"/h2-{client}-4 HTTP/2").splitlines() if f"/h2-{client}-" in line and " HTTP/2\" " in line]
     assert len(lines) == 5 and all(" 403 " in line and "upstream=- " in line for line in lines)
 
 

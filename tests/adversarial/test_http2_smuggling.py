@@ -25,7 +25,7 @@ def gateway(start_gateway, pki, echo_upstream):
 
 
 def _access_lines(gateway) -> str:
-    return "\n".join(line for line in gateway.proc.output().splitlines() if "[mtlsgate.access" in line)
+    return "\n".join(line for line in gateway.proc.output().splitlines() if " HTTP/2\" " in line)  # access lines (also as a worker's)
 
 
 def _assert_never_forwarded(gateway, pki, marker: str) -> None:

@@ -637,3 +637,15 @@ def test_the_settings_frame_announces_the_stream_and_header_list_limits():
     # h2's own enforcement sits at twice each (the polite refusals come first): pinned, as it rests on replacing local_settings
     assert peer.server.conn.local_settings.max_concurrent_streams == 2 * h2server.MAX_CONCURRENT_STREAMS
     assert peer.server.conn.decoder.max_header_list_size == 2 * 12345
+
+
+def test_request_bodies_held_for_one_connection_stay_within_its_window():
+    peer = Peer()
+    ids = [peer.get(method=b"POST", end=False) for _ in range(30)]
+    peer.pump()
+    for sid in ids:  # nobody upstream takes anything: every stream fills its window, until the connection's is shut
+        peer.fill(sid)
+        peer.pump()
+    held = sum(r.body.received for r in peer.requests)
+    assert peer.client.outbound_flow_control_window == 0
+    assert held == h2server._CONNECTION_WINDOW
