@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -27,7 +27,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from mtlsgate.tls import pki
-from mtlsgate.config.model import Route
+from mtlsgate.config.model import Route, TCPRoute
 from mtlsgate.proxy.healthcheck import HealthChecker, http_probe
 from mtlsgate.http.client import HTTP11Agent
 from mtlsgate.tls.server import CIPHERS
@@ -86,7 +86,7 @@ class UpstreamTLSPolicy:
     certificate the gateway presents, and the name verified (C{tls_server_name}, else the URL's host).
     """
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route | TCPRoute, alpn: Sequence[bytes] = (b"http/1.1",)) -> None:
         self.route = route
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -106,7 +106,8 @@ class UpstreamTLSPolicy:
             for extra in chain[1:]:
                 ctx.add_extra_chain_cert(extra)
             ctx.use_privatekey(key)
-        ctx.set_alpn_protos([b"http/1.1"])
+        if alpn:  # a TCP route's tls:// upstream (mtlsgate.proxy.tcp) offers none
+            ctx.set_alpn_protos(list(alpn))
         self._ctx = ctx
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
