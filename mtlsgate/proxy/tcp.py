@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -235,6 +235,9 @@ class SNIDispatchFactory(Factory):
         self.http = http
         self.tcp = tcp
 
+    def logPrefix(self) -> str:
+        return self.http.logPrefix()
+
     def startFactory(self) -> None:
         self.http.doStart()
 
@@ -405,7 +408,7 @@ class Tunnel(Protocol):
         attempt = self._attempt = _UpstreamSide(self, target, lambda failure: self._connect_failed(failure, targets))
         self._timed_out = False
         self._connect_timer = self.reactor.callLater(route.connect_timeout, self._connect_too_slow)
-        connecting = self._connecting = connectProtocol(endpoint, attempt)
+        connecting = self._connecting = endpoint.connect(_QuietFactory(attempt))
         connecting.addCallback(self._tcp_connected)
         connecting.addErrback(lambda failure: self._connect_failed(failure, targets))
 
@@ -443,7 +446,7 @@ class Tunnel(Protocol):
         log.warn("TCP route {route}: upstream {upstream} unreachable ({error}); closing the connection from {client}",
                  route=route.name, upstream=targets[0].url, error=why, client=self._client_host())
         self.ending, self.detail = CONNECT_FAILED, why
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._close_client()
 
     def established(self, side: _UpstreamSide) -> None:
         """The upstream is connected (and for tls://, its certificate verified): send the PROXY header and what the client sent, then pipe."""
@@ -463,7 +466,7 @@ class Tunnel(Protocol):
                          route=self.entry.route.name, client=self._client_host(), error=str(e))
                 self.ending, self.detail = ERROR, str(e)
                 upstream.abortConnection()
-                tls.loseConnection()
+                self._close_client()
                 return
             upstream.write(header)
         self.upstream = side
@@ -510,9 +513,17 @@ class Tunnel(Protocol):
             self.ending = UPSTREAM_CLOSED
             if not reason.check(type(connectionDone.value)):
                 self.detail = _describe(reason)
+        self._close_client()
+
+    def _close_client(self) -> None:
+        """
+        Close the client's connection: what is buffered for it goes first, then close_notify.  Reading
+        resumes (it may be paused, waiting for the upstream or by its back-pressure) so that the
+        client's close_notify and FIN are seen and the connection ends.
+        """
         tls: Any = self.transport
         tls.unregisterProducer()
-        tls.resumeProducing()  # it may be paused by the upstream's back-pressure; let close_notify be read
+        tls.resumeProducing()
         tls.loseConnection()
 
     # --- idle, closing --------------------------------------------------------------------------
@@ -538,13 +549,11 @@ class Tunnel(Protocol):
         if self.ending is None:
             self.ending = ending
         self._stop_connecting()
-        tls: Any = self.transport
         upstream: Any = self.upstream.transport if self.upstream is not None else None
         if upstream is not None:
             upstream.unregisterProducer()
             upstream.loseConnection()
-        tls.unregisterProducer()
-        tls.loseConnection()
+        self._close_client()
         self._abort_timer = self.reactor.callLater(_ABORT_AFTER_CLOSE, self._abort)
 
     def _abort(self) -> None:
@@ -563,6 +572,18 @@ class Tunnel(Protocol):
         self.proxy.metrics.tcp_connection(route, ending)
         if self.proxy.state.log_access:
             write_tcp_access_line(self, ending, self.reactor.seconds() - self.started)
+
+
+class _QuietFactory(Factory):
+    """connectProtocol's one-protocol factory, without a "Starting factory" log line per upstream connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
 
 
 @implementer(IHandshakeListener)

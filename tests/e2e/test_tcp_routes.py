@@ -1,0 +1,245 @@
+"""
+TCP routes end to end: the real twistd process, with real peers: redis-server reached by redis-cli
+over TLS with a client certificate, a plain TCP echo, a TLS upstream that requires the gateway's
+client certificate, a recorder of the PROXY v2 header; idle and connect failures, drain on SIGTERM,
+ALPN, metrics and the access line.  The attacker's side is in tests/adversarial/test_tcp_routes.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from mtlsgate.identity import parse_xfcc
+from tests.conftest import Proc, find_tool, free_port, scrape, wait_for_port
+from tests.tcp_peers import (
+    CountingUpstream,
+    RecordingUpstream,
+    client_context,
+    connect,
+    parse_proxy_v2,
+    read_until_closed,
+    start_tcp_gateway,
+    tcp_certificate,
+    tcp_config,
+    tls_upstream_context,
+)  # fmt: skip
+
+
+@pytest.fixture
+def echo():
+    up = CountingUpstream()
+    yield up
+    up.stop()
+
+
+def _start(start_gateway, tmp_path, pki, routes, **top):
+    port = free_port()
+    return start_tcp_gateway(start_gateway, tmp_path, tcp_config(pki, port, routes, **top))
+
+
+@pytest.mark.needs("redis-server", "redis-cli")
+def test_redis_cli_reaches_redis_server_through_a_tcp_route(start_gateway, tmp_path, pki, procs):
+    help_text = subprocess.run([find_tool("redis-cli"), "--help"], capture_output=True, text=True).stdout
+    assert "--tls" in help_text and "--sni" in help_text, "this redis-cli was built without TLS"
+    redis_port = free_port()
+    redis = Proc([find_tool("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                 tmp_path / "redis.log")
+    procs.append(redis)
+    wait_for_port(redis_port, redis.popen, log=redis.log)
+    gateway = _start(start_gateway, tmp_path, pki, [{"host": "redis.test", "to": f"tcp://127.0.0.1:{redis_port}",
+                                                     "allow_client": {"uri": ["spiffe://test/ns/prod/sa/alice"]}}])
+
+    def cli(who: str, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [find_tool("redis-cli"), "--tls", "--sni", "redis.test", "--cacert", pki["ca"], "--cert", pki[who][0], "--key", pki[who][1],
+             "-h", "127.0.0.1", "-p", str(gateway.port), *command],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    assert cli("alice", "PING").stdout.strip() == "PONG"
+    assert cli("alice", "SET", "greeting", "hello through mtlsgate").stdout.strip() == "OK"
+    assert cli("alice", "GET", "greeting").stdout.strip() == "hello through mtlsgate"
+    refused = cli("bob", "PING")
+    assert "PONG" not in refused.stdout
+    out = gateway.proc.wait_for_log("end=refused")
+    assert "TCP redis.test end=client_closed" in out or "TCP redis.test end=upstream_closed" in out
+    assert "spiffe://test/ns/prod/sa/alice" in out
+
+
+def test_32_mib_each_way_arrive_intact_with_metrics_and_an_access_line(start_gateway, tmp_path, pki, echo):
+    admin = free_port()
+    gateway = _start(start_gateway, tmp_path, pki, [{"host": "echo.test", "to": f"tcp://127.0.0.1:{echo.port}"}],
+                     admin_address=f"tcp:{admin}:interface=127.0.0.1")
+    size = 32 * 1024 * 1024
+    payload = os.urandom(1 << 20) * 32
+    sock = connect(gateway.port, client_context(pki), "echo.test", timeout=120)
+    sent, received = _pump(sock, payload)
+    assert sent == size and len(received) == size
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+    sock.close()
+    out = gateway.proc.wait_for_log("end=client_closed")
+    assert f"up={size} down={size}" in out
+    metrics = scrape(admin)
+    assert metrics[("mtlsgate_tcp_bytes_total", (("direction", "up"), ("route", "echo.test")))] == size
+    assert metrics[("mtlsgate_tcp_bytes_total", (("direction", "down"), ("route", "echo.test")))] == size
+    assert metrics[("mtlsgate_tcp_connections_total", (("end", "client_closed"), ("route", "echo.test")))] == 1
+    assert metrics[("mtlsgate_tcp_active_connections", (("route", "echo.test"),))] == 0
+
+
+def _pump(sock: ssl.SSLSocket, payload: bytes, timeout: float = 300) -> tuple[int, bytes]:
+    """Send C{payload} and read as many bytes back, in one thread (one SSL object is not for two threads at once)."""
+    sock.setblocking(False)
+    sent, chunks, got = 0, [], 0
+    deadline = time.monotonic() + timeout
+    while got < len(payload) and time.monotonic() < deadline:
+        readable, writable, _ = select.select([sock], [sock] if sent < len(payload) else [], [], 5)
+        if readable or sock.pending():
+            try:
+                chunk = sock.recv(1 << 18)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                chunk = None
+            if chunk == b"":
+                break
+            if chunk:
+                chunks.append(chunk)
+                got += len(chunk)
+        if writable:
+            try:
+                sent += sock.send(payload[sent : sent + (1 << 16)])
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass
+    sock.setblocking(True)
+    return sent, b"".join(chunks)
+
+
+def test_a_tls_upstream_gets_the_gateways_client_certificate(start_gateway, tmp_path, pki):
+    upstream = CountingUpstream(tls=tls_upstream_context(pki))
+    try:
+        tls_keys = {"tls_custom_ca_file": pki["ca"], "tls_client_cert_file": pki["gateway_client"][0],
+                    "tls_client_key_file": pki["gateway_client"][1]}  # fmt: skip
+        gateway = _start(start_gateway, tmp_path, pki, [
+            {"host": "tls-echo.test", "to": f"tls://127.0.0.1:{upstream.port}", **tls_keys},
+            {"host": "echo.test", "to": f"tls://127.0.0.1:{upstream.port}", "tls_server_name": "wrong.internal", **tls_keys},
+        ])  # fmt: skip
+        sock = connect(gateway.port, client_context(pki), "tls-echo.test")
+        sock.sendall(b"hello over two TLS hops")
+        assert sock.recv(100) == b"hello over two TLS hops"
+        sock.close()
+        subject = dict(pair[0] for pair in upstream.peer_certificates[0]["subject"])
+        assert subject["commonName"] == "gateway"
+        # the upstream's certificate does not carry the name the route checks: the client is closed, with the reason logged
+        sock = connect(gateway.port, client_context(pki), "echo.test")
+        sock.sendall(b"hello")
+        assert read_until_closed(sock) == b""
+        sock.close()
+        out = gateway.proc.wait_for_log("end=connect_failed")
+        assert "upstream certificate does not match wrong.internal" in out and "Traceback" not in out
+    finally:
+        upstream.stop()
+
+
+def test_proxy_protocol_v2_carries_the_client_address_and_identity(start_gateway, tmp_path, pki):
+    upstream = RecordingUpstream()
+    upstream.want = len(b"hello")
+    try:
+        gateway = _start(start_gateway, tmp_path, pki, [{"host": "pp.test", "to": f"tcp://127.0.0.1:{upstream.port}", "proxy_protocol": "v2"}])
+        sock = connect(gateway.port, client_context(pki, "alice"), "pp.test")
+        client_port = sock.getsockname()[1]
+        sock.sendall(b"hello")
+        assert read_until_closed(sock) == b"ok\n"
+        sock.close()
+        header, rest = parse_proxy_v2(upstream.received[0])
+        assert rest == b"hello"
+        assert header["command"] == 1 and header["family"] == 0x11
+        assert header["src"] == ("127.0.0.1", client_port) and header["dst"] == ("127.0.0.1", gateway.port)
+        tlvs = header["tlvs"]
+        assert tlvs[0x02] == b"pp.test"
+        assert tlvs[0xE0] == b"spiffe://test/ns/prod/sa/alice"
+        (element,) = parse_xfcc(tlvs[0xE1].decode("ascii"))
+        assert element["URI"] == ["spiffe://test/ns/prod/sa/alice"] and "CN=alice" in element["Subject"][0]
+        assert header["ssl"]["client"] == 0x07 and header["ssl"]["verify"] == 0
+        assert header["ssl"][0x22] == b"alice" and header["ssl"][0x21].startswith(b"TLSv1.")
+    finally:
+        upstream.stop()
+
+
+def test_an_idle_tunnel_is_closed(start_gateway, tmp_path, pki, echo):
+    gateway = _start(start_gateway, tmp_path, pki, [{"host": "echo.test", "to": f"tcp://127.0.0.1:{echo.port}", "idle_timeout": "1s"}])
+    sock = connect(gateway.port, client_context(pki), "echo.test", timeout=60)
+    sock.sendall(b"ping")
+    assert sock.recv(4) == b"ping"
+    assert read_until_closed(sock) == b""  # nothing more either way: the gateway closes it
+    sock.close()
+    gateway.proc.wait_for_log("end=idle_timeout")
+    assert echo.closed.wait(20)
+
+
+def test_a_dead_upstream_closes_the_client_with_a_reason_and_failover_finds_a_live_one(start_gateway, tmp_path, pki, echo):
+    dead = free_port()
+    gateway = _start(start_gateway, tmp_path, pki, [
+        {"host": "dead.test", "to": f"tcp://127.0.0.1:{dead}"},
+        {"host": "echo.test", "to": [f"tcp://127.0.0.1:{dead}", f"tcp://127.0.0.1:{echo.port}"]},
+    ])  # fmt: skip
+    sock = connect(gateway.port, client_context(pki), "dead.test")
+    sock.sendall(b"anyone?")
+    assert read_until_closed(sock) == b""
+    sock.close()
+    out = gateway.proc.wait_for_log("end=connect_failed")
+    assert f"upstream tcp://127.0.0.1:{dead} unreachable" in out and "Traceback" not in out
+    for _ in range(2):  # round-robin starts at either; the dead one fails over to the live one
+        sock = connect(gateway.port, client_context(pki), "echo.test")
+        sock.sendall(b"live")
+        assert sock.recv(4) == b"live"
+        sock.close()
+    assert echo.accepted == 2
+
+
+def test_sigterm_drains_open_tunnels_then_closes_them(start_gateway, tmp_path, pki, echo):
+    gateway = _start(start_gateway, tmp_path, pki, [{"host": "echo.test", "to": f"tcp://127.0.0.1:{echo.port}"}],
+                     limits={"shutdown_timeout": "3s"})
+    sock = connect(gateway.port, client_context(pki), "echo.test", timeout=60)
+    sock.sendall(b"before")
+    assert sock.recv(6) == b"before"
+    gateway.proc.signal(signal.SIGTERM)
+    gateway.proc.wait_for_log("waiting up to 3s for 1 TCP tunnel(s)")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=5).close()  # no longer accepting
+    sock.sendall(b"during")
+    assert sock.recv(6) == b"during"  # the open tunnel still works until shutdown_timeout
+    assert read_until_closed(sock) == b""
+    sock.close()
+    assert gateway.proc.popen.wait(30) in (0, -signal.SIGTERM)  # twistd re-raises the signal it stopped on
+    assert "end=shutdown" in gateway.proc.output()
+
+
+def test_alpn_on_a_tcp_route_is_the_routes_own(start_gateway, tmp_path, pki, echo, echo_upstream):
+    port = free_port()
+    config = tcp_config(pki, port, [{"host": "echo.test", "to": f"tcp://127.0.0.1:{echo.port}", "alpn": ["postgresql"]}], echo_upstream)
+    gateway = start_tcp_gateway(start_gateway, tmp_path, config)
+
+    def negotiated(name: str, offered: list[str]) -> str | None:
+        ctx = client_context(pki)
+        ctx.set_alpn_protocols(offered)
+        sock = connect(gateway.port, ctx, name)
+        protocol = sock.selected_alpn_protocol()
+        sock.close()
+        return protocol
+
+    assert negotiated("echo.test", ["postgresql"]) == "postgresql"
+    assert negotiated("echo.test", ["h2", "http/1.1"]) is None  # a TCP route's bytes are not HTTP
+    assert negotiated("localhost", ["h2", "http/1.1"]) == "http/1.1"
+
+
+def test_tcp_route_certificate_is_served_for_its_name(pki):
+    """The test certificate carries every TCP route name (a sanity check of the fixture the other tests rely on)."""
+    cert, _ = tcp_certificate(pki)
+    assert ssl.PEM_cert_to_DER_cert(open(cert).read())
