@@ -70,6 +70,8 @@ class TLSFacts:
 
 
 def _tlv(kind: int, value: bytes) -> bytes:
+    if len(value) > _MAX_LENGTH:
+        raise HeaderTooLong(f"a TLV of {len(value)} bytes does not fit the PROXY v2 header's {_MAX_LENGTH}")
     return struct.pack("!BH", kind, len(value)) + value
 
 

@@ -334,6 +334,7 @@ class Tunnel(Protocol):
         self._abort_timer: Any = None
         self._last = self.started
         self._admitted = False
+        self._piped = False  # each side is the other's producer (established)
         self._gone = False  # the client connection is lost
 
     # --- the client's side --------------------------------------------------------------------
@@ -388,9 +389,9 @@ class Tunnel(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._stop_connecting()
+        self._unpipe()
         upstream: Any = self.upstream.transport if self.upstream is not None else None
         if upstream is not None:
-            upstream.unregisterProducer()
             upstream.loseConnection()  # what the client sent is written first
         self._pending = []
         self.proxy.release(self)
@@ -475,6 +476,7 @@ class Tunnel(Protocol):
             upstream.write(data)
         tls.registerProducer(_Reading(upstream), True)  # the client reads slowly: stop reading from the upstream
         upstream.registerProducer(_Reading(tls), True)  # the upstream reads slowly: stop reading from the client
+        self._piped = True
         tls.resumeProducing()
 
     def _tls_facts(self) -> TLSFacts:
@@ -515,14 +517,23 @@ class Tunnel(Protocol):
                 self.detail = _describe(reason)
         self._close_client()
 
+    def _unpipe(self) -> None:
+        """Undo the producer registrations of L{established}, once (closing either side needs them gone first)."""
+        if not self._piped:
+            return
+        self._piped = False
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.unregisterProducer()  # type: ignore[attr-defined]
+
     def _close_client(self) -> None:
         """
         Close the client's connection: what is buffered for it goes first, then close_notify.  Reading
         resumes (it may be paused, waiting for the upstream or by its back-pressure) so that the
         client's close_notify and FIN are seen and the connection ends.
         """
+        self._unpipe()
         tls: Any = self.transport
-        tls.unregisterProducer()
         tls.resumeProducing()
         tls.loseConnection()
 
@@ -549,9 +560,9 @@ class Tunnel(Protocol):
         if self.ending is None:
             self.ending = ending
         self._stop_connecting()
+        self._unpipe()
         upstream: Any = self.upstream.transport if self.upstream is not None else None
         if upstream is not None:
-            upstream.unregisterProducer()
             upstream.loseConnection()
         self._close_client()
         self._abort_timer = self.reactor.callLater(_ABORT_AFTER_CLOSE, self._abort)
