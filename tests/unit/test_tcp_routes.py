@@ -300,3 +300,17 @@ def test_the_dispatch_hands_the_connection_over_once_the_handshake_is_done(name,
     dispatch.handshakeCompleted()
     assert isinstance(tls.wrappedProtocol, Tunnel) is tcp
     assert (len(reactor.tcpClients), len(built)) == ((1, 0) if tcp else (0, 1))
+
+
+def test_mtlsgate_check_warns_about_a_tcp_route_no_certificate_names(pki):
+    from datetime import datetime, timezone
+
+    from mtlsgate.cli.check import Checker
+
+    config = _config(pki, {"from": "tcp+https://db.test:5432", "to": "tcp://127.0.0.1:5432"}, {"from": "tcp+https://localhost", "to": "tcp://h:1"})
+    checker = Checker(config, datetime.now(timezone.utc))
+    checker.run()
+    warnings = [message for level, message in checker.findings.lines if level == "warning"]
+    assert any("TCP route db.test:5432: no served certificate carries db.test" in w for w in warnings)
+    assert not any("carries localhost" in w for w in warnings)
+    assert any("plain tcp://" in w for w in warnings)
