@@ -312,7 +312,9 @@ def _parse_tcp_from(value: Any, key: str) -> tuple[str, int | None]:
         pass
     else:
         raise ConfigError(key, f"a TCP route is picked by SNI, which carries DNS names only, not IP addresses; got {value!r}")
-    return parse_domain(host, key), port
+    if len(host) > 253 or not all(_LABEL.match(label) for label in host.split(".")):
+        raise ConfigError(key, f"not a valid DNS name (letters, digits, '-' and dots), as SNI carries it: {value!r}")
+    return host, port
 
 
 def parse_tcp_upstream(value: Any, key: str) -> str:
