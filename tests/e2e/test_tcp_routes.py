@@ -17,6 +17,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from mtlsgate.identity import parse_xfcc
 from tests.conftest import Proc, find_tool, free_port, scrape, wait_for_port
@@ -121,6 +122,36 @@ def _pump(sock: ssl.SSLSocket, payload: bytes, timeout: float = 300) -> tuple[in
     return sent, b"".join(chunks)
 
 
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_client_that_never_reads_cannot_make_the_gateway_buffer(start_gateway, tmp_path, pki, echo):
+    """Back-pressure both ways: the echo's answers pile up unread, the echo stops reading, and so must the gateway."""
+    gateway = _start(start_gateway, tmp_path, pki, [{"host": "echo.test", "to": f"tcp://127.0.0.1:{echo.port}"}])
+    before = _rss_mib(gateway.proc.popen.pid)
+    sock = connect(gateway.port, client_context(pki), "echo.test", timeout=60)
+    chunk, sent, limit = os.urandom(1 << 16), 0, 256 << 20
+    sock.settimeout(5)
+    try:
+        while sent < limit:
+            sent += sock.send(chunk)
+    except (TimeoutError, ssl.SSLWantWriteError):
+        pass
+    assert sent < limit, "the gateway took 256 MiB from a client that reads nothing"
+    grown = _rss_mib(gateway.proc.popen.pid) - before
+    assert grown < 64, f"the gateway grew by {grown:.0f} MiB holding {sent >> 20} MiB in flight"
+    sock.settimeout(60)
+    got = 0
+    while got < sent:  # reading again lets everything through, nothing lost
+        data = sock.recv(1 << 18)
+        assert data, f"closed after {got} of {sent} bytes"
+        got += len(data)
+    assert got == sent
+    sock.close()
+
+
 def test_a_tls_upstream_gets_the_gateways_client_certificate(start_gateway, tmp_path, pki):
     upstream = CountingUpstream(tls=tls_upstream_context(pki))
     try:
@@ -219,6 +250,29 @@ def test_sigterm_drains_open_tunnels_then_closes_them(start_gateway, tmp_path, p
     sock.close()
     assert gateway.proc.popen.wait(30) in (0, -signal.SIGTERM)  # twistd re-raises the signal it stopped on
     assert "end=shutdown" in gateway.proc.output()
+
+
+def test_reload_adds_a_tcp_route_and_keeps_open_tunnels(start_gateway, tmp_path, pki, echo):
+    port = free_port()
+    config = tcp_config(pki, port, [{"host": "echo.test", "to": f"tcp://127.0.0.1:{echo.port}"}], watch_interval="off")
+    gateway = start_tcp_gateway(start_gateway, tmp_path, config)
+    sock = connect(gateway.port, client_context(pki), "echo.test", timeout=60)
+    sock.sendall(b"one")
+    assert sock.recv(3) == b"one"
+    config = tcp_config(pki, port, [{"host": "echo.test", "to": f"tcp://127.0.0.1:{echo.port}"},
+                                    {"host": "record.test", "to": f"tcp://127.0.0.1:{echo.port}", "allow_client": {"cn": ["bob"]}}],
+                        watch_interval="off")  # fmt: skip
+    (tmp_path / f"tcp-{port}.yaml").write_text(yaml.safe_dump(config))
+    gateway.proc.signal(signal.SIGHUP)
+    gateway.proc.wait_for_log("reloaded:")
+    sock.sendall(b"two")
+    assert sock.recv(3) == b"two"  # the tunnel opened before the reload carries on
+    new = connect(gateway.port, client_context(pki, "bob"), "record.test")
+    new.sendall(b"new")
+    assert new.recv(3) == b"new"
+    new.close()
+    sock.close()
+    assert echo.accepted == 2
 
 
 def test_alpn_on_a_tcp_route_is_the_routes_own(start_gateway, tmp_path, pki, echo, echo_upstream):
