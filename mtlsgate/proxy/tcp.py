@@ -52,7 +52,7 @@ OVER_LIMIT = "over_limit"
 SHUTDOWN = "shutdown"
 ERROR = "error"
 
-_ABORT_AFTER_CLOSE = 10.0  # after an orderly close (idle, shutdown), how long before the connections are aborted
+_ABORT_AFTER_CLOSE = 10.0  # after the gateway closes a tunnel (any reason), how long before its connections are aborted
 
 
 def normal_server_name(raw: bytes | str | None) -> str | None:
@@ -368,7 +368,7 @@ class Tunnel(Protocol):
 
     def _refuse(self, ending: str, detail: str) -> None:
         self.ending, self.detail = ending, detail
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._close_client()
 
     def dataReceived(self, data: bytes) -> None:
         if self.ending is not None or not self._admitted:
@@ -536,6 +536,9 @@ class Tunnel(Protocol):
         tls: Any = self.transport
         tls.resumeProducing()
         tls.loseConnection()
+        if self._abort_timer is None and not self._gone:
+            # A client that answers close_notify with neither its own nor a FIN would hold the connection: not for long.
+            self._abort_timer = self.reactor.callLater(_ABORT_AFTER_CLOSE, self._abort)
 
     # --- idle, closing --------------------------------------------------------------------------
 
@@ -565,7 +568,6 @@ class Tunnel(Protocol):
         if upstream is not None:
             upstream.loseConnection()
         self._close_client()
-        self._abort_timer = self.reactor.callLater(_ABORT_AFTER_CLOSE, self._abort)
 
     def _abort(self) -> None:
         self._abort_timer = None

@@ -85,6 +85,16 @@ def test_a_refused_client_never_reaches_the_upstream(start_gateway, tmp_path, pk
     assert upstream.accepted == 0
 
 
+def test_a_refused_client_that_never_closes_is_cut_off(start_gateway, tmp_path, pki, upstream):
+    """The gateway's close_notify unanswered, the socket held open: the connection still ends (its access line is written when it does)."""
+    gateway = _gateway(start_gateway, tmp_path, pki, upstream, {"allow_client": BOB_ONLY})
+    sock = connect(gateway.port, client_context(pki, "alice"), "echo.test")
+    gateway.proc.wait_for_log("no upstream connection made")
+    gateway.proc.wait_for_log("end=refused", timeout=30)
+    sock.close()
+    assert upstream.accepted == 0
+
+
 def test_an_untrusted_certificate_fails_the_handshake_under_reject_connection(start_gateway, tmp_path, pki, upstream):
     gateway = _gateway(start_gateway, tmp_path, pki, upstream)
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
