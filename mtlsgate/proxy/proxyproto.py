@@ -17,7 +17,8 @@ TLVs sent (types from the specification, plus two of the custom range 0xE0-0xEF)
   exactly the value HTTP routes send in that header: Hash, Subject, URI and DNS SANs), ASCII.
 
 A client is only ever described here after the gateway admitted it: a refused client never gets an
-upstream connection, so there is no header for one.
+upstream connection, so there is no header for one.  The header is written first on the upstream's
+TCP connection, before a tls:// upstream's handshake (mtlsgate.proxy.tcp), as HAProxy sends it.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -335,6 +335,7 @@ class Tunnel(Protocol):
         self._last = self.started
         self._admitted = False
         self._piped = False  # each side is the other's producer (established)
+        self.proxy_header: bytes | None = None  # PROXY v2, sent first on the upstream's TCP connection
         self._gone = False  # the client connection is lost
 
     # --- the client's side --------------------------------------------------------------------
@@ -361,6 +362,14 @@ class Tunnel(Protocol):
                      client=self._client_host(), route=route.name, limit=route.max_connections)
             self._refuse(OVER_LIMIT, f"max_connections {route.max_connections}")
             return
+        if route.proxy_protocol == "v2":
+            try:
+                self.proxy_header = proxy_v2_header(self.client, tls.getHost(), self._tls_facts())
+            except HeaderTooLong as e:
+                log.warn("refused {client} on TCP route {route}: {error}", client=self._client_host(), route=route.name, error=str(e))
+                self._refuse(ERROR, str(e))
+                self.proxy.release(self)
+                return
         self._admitted = True
         tls.pauseProducing()  # nothing more is read from the client until the upstream is there
         self._watch_idle()
@@ -402,10 +411,7 @@ class Tunnel(Protocol):
     def _connect(self, targets: list[Target]) -> None:
         target = self.target = targets[0]
         route = self.entry.route
-        endpoint: Any = HostnameEndpoint(self.reactor, target.host, target.port, timeout=route.connect_timeout)
-        if target.tls:
-            assert self.entry.policy is not None
-            endpoint = wrapClientTLS(self.entry.policy.creatorForNetloc(target.host.encode("idna"), target.port), endpoint)
+        endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=route.connect_timeout)
         attempt = self._attempt = _UpstreamSide(self, target, lambda failure: self._connect_failed(failure, targets))
         self._timed_out = False
         self._connect_timer = self.reactor.callLater(route.connect_timeout, self._connect_too_slow)
@@ -450,7 +456,7 @@ class Tunnel(Protocol):
         self._close_client()
 
     def established(self, side: _UpstreamSide) -> None:
-        """The upstream is connected (and for tls://, its certificate verified): send the PROXY header and what the client sent, then pipe."""
+        """The upstream is connected (and for tls://, its certificate verified): send what the client sent, then pipe."""
         if self._connect_timer is not None and self._connect_timer.active():
             self._connect_timer.cancel()
         self._connect_timer = None
@@ -459,17 +465,6 @@ class Tunnel(Protocol):
             return
         tls: Any = self.transport
         upstream: Any = side.transport
-        if self.entry.route.proxy_protocol == "v2":
-            try:
-                header = proxy_v2_header(self.client, tls.getHost(), self._tls_facts())
-            except HeaderTooLong as e:
-                log.warn("TCP route {route}: closing the connection from {client}: {error}",
-                         route=self.entry.route.name, client=self._client_host(), error=str(e))
-                self.ending, self.detail = ERROR, str(e)
-                upstream.abortConnection()
-                self._close_client()
-                return
-            upstream.write(header)
         self.upstream = side
         pending, self._pending = self._pending, []
         for data in pending:
@@ -613,7 +608,21 @@ class _UpstreamSide(Protocol):
         self.established = False
 
     def connectionMade(self) -> None:
-        if not self.target.tls:
+        """
+        The PROXY header goes first on the TCP connection, before a tls:// upstream's ClientHello, in the
+        clear: where HAProxy sends it and nginx (C{listen ... ssl proxy_protocol}) and HAProxy
+        (C{accept-proxy}) read it.  Then TLS starts (its handshake and the certificate check end in
+        L{handshakeCompleted}), or, for tcp://, the tunnel is established.
+        """
+        transport: Any = self.transport
+        header = self.tunnel.proxy_header
+        if header is not None:
+            transport.write(header)
+        if self.target.tls:
+            policy = self.tunnel.entry.policy
+            assert policy is not None
+            transport.startTLS(policy.creatorForNetloc(self.target.host.encode("idna"), self.target.port))
+        else:
             self._establish()
 
     def handshakeCompleted(self) -> None:
