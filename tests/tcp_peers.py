@@ -151,11 +151,11 @@ def tcp_config(pki: dict[str, Any], port: int, tcp_routes: list[dict[str, Any]],
     }
 
 
-def start_tcp_gateway(start_gateway: Any, tmp_path: Path, config: dict[str, Any]) -> Any:
+def start_tcp_gateway(start_gateway: Any, tmp_path: Path, config: dict[str, Any], *args: str) -> Any:
     port = int(config["address"].split(":")[1])
     path = tmp_path / f"tcp-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return start_gateway(["--config", str(path)], port=port)
+    return start_gateway(["--config", str(path), *args], port=port)
 
 
 def new_port() -> int:

@@ -41,10 +41,10 @@ def upstream():
     up.stop()
 
 
-def _gateway(start_gateway, tmp_path, pki, upstream, route=None, http_upstream=None, **top):
+def _gateway(start_gateway, tmp_path, pki, upstream, route=None, http_upstream=None, args=(), **top):
     port = free_port()
     config = tcp_config(pki, port, [{"host": "echo.test", "to": f"tcp://127.0.0.1:{upstream.port}", **(route or {})}], http_upstream, **top)
-    return start_tcp_gateway(start_gateway, tmp_path, config)
+    return start_tcp_gateway(start_gateway, tmp_path, config, *args)
 
 
 def _exchange(port: int, ctx: ssl.SSLContext, name: str | None, data: bytes = b"PING\r\n", session=None) -> tuple[bytes, ssl.SSLSocket]:
@@ -229,7 +229,8 @@ def test_bytes_in_the_same_flight_as_the_finished_of_a_refused_client_go_nowhere
 
 
 def test_more_tunnels_than_max_connections_are_refused(start_gateway, tmp_path, pki, upstream):
-    gateway = _gateway(start_gateway, tmp_path, pki, upstream, {"max_connections": 1})
+    # One process: a route's max_connections counts per worker (see configuration.md), so a second worker would admit one more.
+    gateway = _gateway(start_gateway, tmp_path, pki, upstream, {"max_connections": 1}, args=("--workers", "1"))
     first = connect(gateway.port, client_context(pki), "echo.test")
     first.sendall(b"one")
     assert first.recv(3) == b"one"
