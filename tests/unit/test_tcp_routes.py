@@ -315,3 +315,20 @@ def test_mtlsgate_check_warns_about_a_tcp_route_no_certificate_names(pki):
     assert any("TCP route db.test:5432: no served certificate carries db.test" in w for w in warnings)
     assert not any("carries localhost" in w for w in warnings)
     assert any("plain tcp://" in w for w in warnings)
+
+
+def test_the_access_log_formats_a_tunnels_line():
+    import json
+
+    from mtlsgate.observe.accesslog import format_combined, format_json
+
+    event = {
+        "log_time": 0, "kind": "tcp", "client": "10.0.0.1", "identity": "spiffe://t/a", "spiffe_id": "spiffe://t/a", "common_name": "a",
+        "fingerprint": "ab" * 32, "server_name": "db.test", "route": "db.test:5432", "upstream": "tcp://h:5432", "end": "client_closed",
+        "detail": None, "bytes_up": 10, "bytes_down": 20, "duration": 1.5,
+    }  # fmt: skip
+    line = format_combined(event)
+    assert line.startswith('10.0.0.1 - spiffe://t/a [01/Jan/1970:00:00:00 +0000] "TCP db.test:5432" end=client_closed up=10 down=20 ')
+    assert line.endswith(f"upstream=tcp://h:5432 cn=a sha256={'ab' * 32} 1.500s")
+    record = json.loads(format_json(event))
+    assert (record["kind"], record["end"], record["bytes_up"], record["bytes_down"], record["server_name"]) == ("tcp", "client_closed", 10, 20, "db.test")
