@@ -68,7 +68,7 @@ def normal_server_name(raw: bytes | str | None) -> str | None:
     return name or None
 
 
-def requested_server_name(connection: Any) -> bytes | None:
+def accepted_server_name(connection: Any) -> bytes | None:
     """
     The server name the TLS layer accepted for this connection, the one its certificate was picked
     for.  On a resumed TLS 1.2 session OpenSSL keeps the name the session was made for (and gives
@@ -265,7 +265,7 @@ class _Dispatch(Protocol):
         connection = tls.getHandle()  # type: ignore[union-attr]
         entry = None
         if connection.get_alpn_proto_negotiated() != ALPN_ACME_TLS:  # an RFC 8737 validation is closed by the TLS layer
-            entry = self.factory.tcp.route_for(requested_server_name(connection))
+            entry = self.factory.tcp.route_for(accepted_server_name(connection))
         chosen: Any = self.factory.http.buildProtocol(self.addr) if entry is None else Tunnel(self.factory.tcp, entry)
         tls.wrappedProtocol = chosen  # type: ignore[union-attr]
         chosen.makeConnection(tls)
@@ -344,7 +344,7 @@ class Tunnel(Protocol):
         tls: Any = self.transport
         self.client = tls.getPeer()
         connection = tls.getHandle()
-        self.server_name = normal_server_name(requested_server_name(connection))
+        self.server_name = normal_server_name(accepted_server_name(connection))
         self.peer = peer_of(self)  # the TLS layer's verdict, as HTTP routes read it (resumed sessions included)
         route = self.entry.route
         reason = refusal(self.peer, self.proxy.state, route)
