@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import free_port
 
 #: The names TCP routes are tested with; the gateway serves one certificate carrying them all.
-TCP_NAMES = ["echo.test", "tls-echo.test", "redis.test", "record.test", "pp.test", "dead.test"]
+TCP_NAMES = ["echo.test", "tls-echo.test", "redis.test", "record.test", "pp.test", "dead.test", "pg.test"]
 
 
 def tcp_certificate(pki: dict[str, Any]) -> tuple[str, str]:
@@ -233,3 +233,91 @@ def _tlvs(data: bytes) -> dict[int, bytes]:
         found[kind] = value
         pos += 3 + length
     return found
+
+
+class LocalTunnel:
+    """
+    A client-side tunnel, as ghostunnel's client mode or stunnel run beside a client that cannot start
+    with TLS itself: plain TCP on a loopback port, each connection carried over TLS (a client
+    certificate, SNI C{server_name}) to the gateway.  One thread per connection, one non-blocking loop
+    (one SSL object is not for two threads at once).
+    """
+
+    def __init__(self, gateway_port: int, ctx: ssl.SSLContext, server_name: str) -> None:
+        self.gateway_port = gateway_port
+        self.ctx = ctx
+        self.server_name = server_name
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                plain, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._carry, args=(plain,), daemon=True).start()
+
+    def _carry(self, plain: socket.socket) -> None:
+        import selectors
+
+        try:
+            tls = connect(self.gateway_port, self.ctx, self.server_name)
+        except (OSError, ssl.SSLError):
+            plain.close()
+            return
+        plain.setblocking(False)
+        tls.setblocking(False)
+        to_tls, to_plain = b"", b""
+        open_sides = 2
+        with selectors.DefaultSelector() as selector:
+            selector.register(plain, selectors.EVENT_READ)
+            selector.register(tls, selectors.EVENT_READ)
+            while open_sides == 2 and not self._stopping.is_set():
+                for key, _ in selector.select(1) or [(None, None)]:
+                    try:
+                        if key is not None and key.fileobj is plain:
+                            data = plain.recv(65536)
+                            if not data:
+                                open_sides -= 1
+                            to_tls += data
+                        elif key is not None or tls.pending():
+                            data = tls.recv(65536)
+                            if not data:
+                                open_sides -= 1
+                            to_plain += data
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                        pass
+                    except OSError:
+                        open_sides = 0
+                for sock, attr in ((tls, "to_tls"), (plain, "to_plain")):
+                    pending = to_tls if attr == "to_tls" else to_plain
+                    while pending:
+                        try:
+                            sent = sock.send(pending)
+                        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                            break
+                        except OSError:
+                            pending, open_sides = b"", 0
+                            break
+                        pending = pending[sent:]
+                    if attr == "to_tls":
+                        to_tls = pending
+                    else:
+                        to_plain = pending
+        for sock in (plain, tls):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self.listener.close()

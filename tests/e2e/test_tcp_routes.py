@@ -23,6 +23,7 @@ from mtlsgate.identity import parse_xfcc
 from tests.conftest import Proc, find_tool, free_port, scrape, wait_for_port
 from tests.tcp_peers import (
     CountingUpstream,
+    LocalTunnel,
     RecordingUpstream,
     client_context,
     connect,
@@ -74,6 +75,59 @@ def test_redis_cli_reaches_redis_server_through_a_tcp_route(start_gateway, tmp_p
     out = gateway.proc.wait_for_log("end=refused")
     assert "TCP redis.test end=client_closed" in out or "TCP redis.test end=upstream_closed" in out
     assert "spiffe://test/ns/prod/sa/alice" in out
+
+
+@pytest.mark.needs("psql", "initdb", "postgres")
+def test_psql_15_goes_through_a_local_client_side_tunnel_not_directly(start_gateway, tmp_path, pki, procs):
+    """
+    psql before PostgreSQL 17 sends SSLRequest in plain text before any TLS, so a route that
+    terminates TLS cannot serve it directly (docs/configuration.md, "Clients that need a local
+    tunnel"); through a local client-side tunnel (plain locally, TLS with a client certificate to the
+    gateway) it works.
+    """
+    import pwd
+    import shutil
+    import tempfile
+
+    user = pwd.getpwnam("postgres")
+
+    def as_postgres() -> None:
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+
+    pgdir = tempfile.mkdtemp(prefix="mtlsgate-pg-")  # outside pytest's root-only tmp_path: postgres must reach it
+    try:
+        os.chown(pgdir, user.pw_uid, user.pw_gid)
+        subprocess.run([find_tool("initdb"), "-D", f"{pgdir}/data", "--auth=trust", "-U", "postgres"], preexec_fn=as_postgres,
+                       check=True, capture_output=True, timeout=120)  # fmt: skip
+        pg_port = free_port()
+        postgres = Proc([find_tool("postgres"), "-D", f"{pgdir}/data", "-p", str(pg_port), "-k", pgdir, "-c", "listen_addresses=127.0.0.1"],
+                        tmp_path / "postgres.log", preexec_fn=as_postgres)  # fmt: skip
+        procs.append(postgres)
+        wait_for_port(pg_port, postgres.popen, log=postgres.log)
+        gateway = _start(start_gateway, tmp_path, pki, [{"host": "pg.test", "to": f"tcp://127.0.0.1:{pg_port}"}])
+        direct = subprocess.run(
+            [find_tool("psql"), f"host=127.0.0.1 port={gateway.port} user=postgres dbname=postgres sslmode=verify-ca sslrootcert={pki['ca']} "
+             f"sslcert={pki['alice'][0]} sslkey={pki['alice'][1]} connect_timeout=20", "-c", "select 'direct'"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert direct.returncode != 0 and "direct" not in direct.stdout
+        tunnel = LocalTunnel(gateway.port, client_context(pki, "alice"), "pg.test")
+        try:
+            through = subprocess.run(
+                [find_tool("psql"), f"host=127.0.0.1 port={tunnel.port} user=postgres dbname=postgres sslmode=disable connect_timeout=20",
+                 "-At", "-c", "select 'through ' || 'mtlsgate'"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+        finally:
+            tunnel.stop()
+        assert through.stdout.strip() == "through mtlsgate", through.stderr
+        gateway.proc.wait_for_log("TCP pg.test end=")
+    finally:
+        for proc in procs:
+            if proc.argv[0] == find_tool("postgres"):
+                proc.stop()
+        shutil.rmtree(pgdir, ignore_errors=True)
 
 
 def test_32_mib_each_way_arrive_intact_with_metrics_and_an_access_line(start_gateway, tmp_path, pki, echo):
