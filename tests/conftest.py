@@ -6,6 +6,7 @@ nginx) started per test and always stopped.
 from __future__ import annotations
 
 import functools
+import glob
 import http.client
 import json
 import os
@@ -112,8 +113,12 @@ def _needed_tools(request: pytest.FixtureRequest) -> None:
 
 
 def find_tool(name: str) -> str | None:
-    """The path of an external program: on PATH, or in /usr/sbin (nginx, for a user without it on PATH)."""
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    """
+    The path of an external program: on PATH, or in /usr/sbin (nginx, for a user without it on PATH), or
+    in Debian's /usr/lib/postgresql/VERSION/bin (initdb and postgres are not on PATH there).
+    """
+    extra = ["/usr/sbin", "/sbin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    return shutil.which(name) or shutil.which(name, path=":".join(extra))
 
 
 class Proc:

@@ -29,6 +29,8 @@ def watched_files(config: Config) -> list[str]:
     files += [f for f in (config.downstream_mtls.ca_file, config.downstream_mtls.crl_file) if f]
     for route in config.routes:
         files += [f for f in (route.tls_custom_ca_file, route.tls_client_cert_file, route.tls_client_key_file) if f]
+    for tcp_route in config.tcp_routes:
+        files += [f for f in (tcp_route.tls_custom_ca_file, tcp_route.tls_client_cert_file, tcp_route.tls_client_key_file) if f]
     return sorted(set(files))
 
 

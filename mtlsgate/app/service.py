@@ -33,6 +33,7 @@ from mtlsgate.http.h2server import H2ServerFactory
 from mtlsgate.http.negotiate import NegotiatingFactory
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
+from mtlsgate.proxy.tcp import SNIDispatchFactory, TCPProxy, TCPState, tcp_state
 from mtlsgate.observe.summary import certificates_table, routes_table
 from mtlsgate.tls.server import (
     CertificateSet,
@@ -69,6 +70,7 @@ class World:
     certificates: CertificateSet
     proxy: ProxyState
     upstreams: tuple[UpstreamGroup, ...]
+    tcp: TCPState = TCPState(routes={})
 
 
 def private_key_files(config: Config) -> list[str]:
@@ -77,6 +79,7 @@ def private_key_files(config: Config) -> list[str]:
     if config.certs_dir and os.path.isdir(config.certs_dir):
         files += [os.path.join(config.certs_dir, n) for n in sorted(os.listdir(config.certs_dir)) if n.endswith((".pem", ".key"))]
     files += [route.tls_client_key_file or route.tls_client_cert_file for route in config.routes if route.tls_client_cert_file]
+    files += [route.tls_client_key_file or route.tls_client_cert_file for route in config.tcp_routes if route.tls_client_cert_file]
     return sorted(set(files))
 
 
@@ -110,7 +113,8 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
         hsts_header=config.hsts.header() if config.hsts is not None else None,
         log_access=config.access_log != "off",
     )
-    return World(config=config, verification=verification, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries))
+    tcp = tcp_state(config.tcp_routes, config.allow_client, state.require_client_certificate, state.log_access)
+    return World(config=config, verification=verification, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries), tcp=tcp)
 
 
 def served_certificates(config: Config) -> list[ServedCertificate]:
@@ -144,6 +148,11 @@ def warn_about(config: Config) -> None:
             log.warn("route {route}: tls_skip_verify is on; the upstream's certificate is NOT verified", route=route.name)
         elif any(url.startswith("http://") for url in route.to):
             log.warn("route {route}: upstream over plain http://; traffic to it is not encrypted", route=route.name)
+    for tcp_route in config.tcp_routes:
+        if tcp_route.tls_skip_verify:
+            log.warn("TCP route {route}: tls_skip_verify is on; the upstream's certificate is NOT verified", route=tcp_route.name)
+        elif any(url.startswith("tcp://") for url in tcp_route.to):
+            log.warn("TCP route {route}: upstream over plain tcp://; traffic to it is not encrypted", route=tcp_route.name)
     if config.downstream_mtls.client_auth == "off":
         log.warn("client certificates are not requested (client_auth off): the gateway only terminates TLS")
 
@@ -253,7 +262,10 @@ class GatewayService(MultiService):
         config = world.config
         # HTTP/1.1 and HTTP/2 front ends over the same handler, by ALPN (h2 is offered only with http2 on; a reload may turn it on)
         site = self.site = NegotiatingFactory(GatewaySite(self.resource, config.limits), H2ServerFactory(self.resource.handle, config.limits, reactor))
-        tls_factory = GatewayTLSFactory(server_tls, site, reactor, metrics=self.metrics, limits=config.limits)
+        # TCP routes: the connection's SNI, once its handshake is done, picks a TCP route or HTTP (mtlsgate.proxy.tcp).
+        self.tcp = TCPProxy(reactor, world.tcp, self.metrics)
+        server_tls.alpn_for_name = self.tcp.alpn_for
+        tls_factory = GatewayTLSFactory(server_tls, SNIDispatchFactory(site, self.tcp), reactor, metrics=self.metrics, limits=config.limits)
         self.https = _Listener(reactor, config.address, tls_factory, "HTTPS", worker.https_fd if worker else None)
         self.https.setServiceParent(self)
         self.listeners = [self.https]
@@ -385,8 +397,12 @@ class GatewayService(MultiService):
             log.info("every route also requires: {rule}", rule=self.world.config.allow_client.explain())
         if routes:
             log.info("{n} route(s):\n{table}", n=len(routes), table=routes_table(routes))
-        else:
+        elif not self.world.config.tcp_routes:
             log.warn("no routes: every request will get 404")
+        for tcp_route in self.world.config.tcp_routes:
+            log.info("TCP route {route}: TLS connections naming {host} (SNI) on {address} are piped to {to} ({rule})",
+                     route=tcp_route.name, host=tcp_route.host, address=self.world.config.address, to=", ".join(tcp_route.to),
+                     rule=tcp_route.allow_client.explain())  # fmt: skip
         if self.reload_config is not None and hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
         self._restart_ticket_rotation(self.world.config.session_ticket_rotation)
@@ -399,7 +415,9 @@ class GatewayService(MultiService):
         self._restart_ticket_rotation(None)
         closing = defer.DeferredList([defer.maybeDeferred(listener.stopService) for listener in self.listeners])
         closing.addCallback(lambda _: self.site.drain())  # HTTP/2 connections: GOAWAY, no new streams
-        closing.addCallback(lambda _: self.resource.drained(self.world.config.limits.shutdown_timeout))
+        closing.addCallback(lambda _: defer.DeferredList([
+            self.resource.drained(self.world.config.limits.shutdown_timeout), self.tcp.drained(self.world.config.limits.shutdown_timeout),
+        ]))  # fmt: skip
         closing.addCallback(lambda _: defer.DeferredList([defer.maybeDeferred(group.close) for group in self.world.upstreams]))
         # The last responses may still sit in TLS write buffers (twisted aggregates small writes to
         # the next reactor turn); the reactor aborts connections once it stops, so give them a moment.
@@ -425,6 +443,7 @@ class GatewayService(MultiService):
         self.world = world
         self.server_tls.install(world.certificates)
         self.resource.state = world.proxy
+        self.tcp.state = world.tcp
         for group in world.upstreams:
             group.start(replacing=old.upstreams)
         for group in old.upstreams:
@@ -436,7 +455,7 @@ class GatewayService(MultiService):
             log.warn("reload: listener addresses or autocert settings changed; those take effect on restart")
         log.info(
             "reloaded: {certs} certificate(s), {routes} route(s)",
-            certs=len(world.certificates.served), routes=len(config.routes),
+            certs=len(world.certificates.served), routes=len(config.routes) + len(config.tcp_routes),
         )
         return True
 

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from mtlsgate.config.load import load_config
-from mtlsgate.config.model import Config, Route
+from mtlsgate.config.model import Config, Route, TCPRoute
 from mtlsgate.identity import Identity, printable
 from mtlsgate.tls.pki import PKIError, is_issued_by, load_certificates, load_crls, load_key_and_chain
 from mtlsgate.observe.summary import ROUTE_HEADERS, days_left, issuer_label, route_rows, short_path, table_lines
@@ -151,10 +151,12 @@ class Checker:
         self.now = now
         self.findings = Findings()
         self.certificate_rows: list[list[str]] = []
+        self.served_dns_names: set[str] = set()
         self.roots = self._bundle_roots()
 
     def _bundle_roots(self) -> list[x509.Certificate]:
         bundles = [self.config.downstream_mtls.ca_file, *(route.tls_custom_ca_file for route in self.config.routes)]
+        bundles += [route.tls_custom_ca_file for route in self.config.tcp_routes]
         roots = []
         for path in filter(None, bundles):
             try:
@@ -168,9 +170,11 @@ class Checker:
         self.check_downstream()
         for index, route in enumerate(self.config.routes):
             self.check_route(index, route)
+        for tcp_route in self.config.tcp_routes:
+            self.check_tcp_route(tcp_route)
         if self.config.downstream_mtls.client_auth == "off":
             self.findings.warning("downstream_mtls: client certificates are not requested (client_auth off): the gateway only terminates TLS")
-        if not self.config.routes:
+        if not self.config.routes and not self.config.tcp_routes:
             self.findings.warning("routes: none; every request will get 404")
 
     def _served_files(self) -> list[tuple[str, str, str | None]]:
@@ -190,6 +194,7 @@ class Checker:
                 continue
             leaf = chain[0]
             self.certificate_rows.append([short_path(cert_path), served_names(leaf), issuer_label(leaf), days_left(leaf, self.now)])
+            self.served_dns_names.update(name.lower() for name in Identity.from_certificate(leaf).dns_names)
             self._validity(f"{key}: {cert_path}", chain)
             self.findings.extend(chain_findings(f"{key}: {cert_path}", chain, self.roots))
             if _eku_lacks(leaf, "serverAuth"):
@@ -275,6 +280,27 @@ class Checker:
         elif any(url.startswith("http://") for url in route.to):
             self.findings.warning(f"{key} ({route.name}): upstream over plain http://; traffic to it is not encrypted")
 
+    def check_tcp_route(self, route: TCPRoute) -> None:
+        """A TCP route: its upstream TLS files as an HTTP route's, and a served certificate for its name (SNI picks it)."""
+        key = f"TCP route {route.name}"
+        if route.tls_custom_ca_file:
+            self._bundle(f"{key}: tls_custom_ca_file", route.tls_custom_ca_file)
+        if route.tls_client_cert_file:
+            try:
+                chain = load_key_and_chain(route.tls_client_cert_file, route.tls_client_key_file)[1]
+            except PKIError as e:
+                self.findings.error(f"{key}: tls_client_cert_file: {e}")
+            else:
+                self._validity(f"{key}: tls_client_cert_file: {route.tls_client_cert_file}", chain)
+        wildcard = "*." + route.host.split(".", 1)[1] if "." in route.host else None
+        if self.config.autocert is None and route.host not in self.served_dns_names and wildcard not in self.served_dns_names:
+            self.findings.warning(f"{key}: no served certificate carries {route.host}; clients asking for it get the default certificate"
+                                  + (" (unknown_sni: reject refuses them)" if self.config.unknown_sni == "reject" else ""))
+        if route.tls_skip_verify:
+            self.findings.warning(f"{key}: tls_skip_verify is on; the upstream's certificate is NOT verified")
+        elif any(url.startswith("tcp://") for url in route.to):
+            self.findings.warning(f"{key}: upstream over plain tcp://; traffic to it is not encrypted")
+
 
 def _downstream_summary(config: Config) -> str:
     mtls = config.downstream_mtls
@@ -313,6 +339,11 @@ def report(checker: Checker, source: str, out: TextIO, err: TextIO) -> int:
     print("routes:", file=out)
     for line in table_lines(ROUTE_HEADERS, route_rows(config.routes)):
         print("  " + line, file=out)
+    if config.tcp_routes:
+        print("TCP routes (picked by SNI on the TLS listener):", file=out)
+        rows = [[r.name, ", ".join(r.to), r.allow_client.explain(), r.proxy_protocol or "-"] for r in config.tcp_routes]
+        for line in table_lines(["route", "upstreams", "client rules", "PROXY"], rows):
+            print("  " + line, file=out)
     out.flush()
     for level, message in checker.findings.lines:
         print(f"{level}: {message}", file=err)

@@ -9,6 +9,7 @@ too: a typo must never pass silently.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ from mtlsgate.identity import AllowRules
 from mtlsgate.http.pathnorm import prefix_problem
 from mtlsgate.app.sockets import parse_tcp_listen
 from mtlsgate.proxy.healthcheck import GRPC_HEALTH_PATH
-from mtlsgate.config.model import Autocert, CHALLENGE_TYPES, CertificateSpec, Config, ConfigError, DownstreamMTLS, HSTS, HealthCheck, Limits, Route
+from mtlsgate.config.model import Autocert, CHALLENGE_TYPES, CertificateSpec, Config, ConfigError, DownstreamMTLS, HSTS, HealthCheck, Limits, Route, TCPRoute
 
 
 def _check_keys(data: Mapping[str, Any], where: str, allowed: Sequence[str]) -> None:
@@ -291,6 +292,99 @@ def _route(data: Any, key: str, websocket_idle_timeout: float = 300.0) -> Route:
     )
 
 
+_TCP_ROUTE_KEYS = (
+    "from", "to", "tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file", "tls_server_name", "tls_skip_verify",
+    "allow_client", "connect_timeout", "idle_timeout", "max_connections", "proxy_protocol", "alpn",
+)  # fmt: skip
+
+TCP_SCHEME = "tcp+https://"
+
+
+def is_tcp_route(data: Any) -> bool:
+    """Whether a C{routes:} entry is a TCP route (C{from: tcp+https://...})."""
+    return isinstance(data, Mapping) and isinstance(data.get("from"), str) and data["from"].lower().startswith(TCP_SCHEME)
+
+
+def _parse_tcp_from(value: Any, key: str) -> tuple[str, int | None]:
+    """C{tcp+https://db.example.com:5432}: the exact DNS name SNI must carry, and the optional service port."""
+    text = _string(value, key, optional=False)
+    assert text is not None
+    parts = urlsplit("https://" + text[len(TCP_SCHEME):])
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(key, f"bad port in {value!r}") from None
+    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment or parts.username is not None:
+        raise ConfigError(key, f"expected tcp+https://HOST or tcp+https://HOST:PORT, got {value!r}")
+    host = parts.hostname.lower().rstrip(".")
+    if "*" in host:
+        raise ConfigError(key, f"a TCP route names one exact host (SNI picks it); wildcards are not supported, got {value!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(key, f"a TCP route is picked by SNI, which carries DNS names only, not IP addresses; got {value!r}")
+    if len(host) > 253 or not all(_LABEL.match(label) for label in host.split(".")):
+        raise ConfigError(key, f"not a valid DNS name (letters, digits, '-' and dots), as SNI carries it: {value!r}")
+    return host, port
+
+
+def parse_tcp_upstream(value: Any, key: str) -> str:
+    """A TCP route's upstream: C{tcp://HOST:PORT} (plain) or C{tls://HOST:PORT}."""
+    text = _string(value, key, optional=False)
+    assert text is not None
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(key, f"bad port in {value!r}") from None
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname or port is None or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(key, f"expected tcp://HOST:PORT or tls://HOST:PORT, got {value!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _tcp_route(data: Any, key: str) -> TCPRoute:
+    _check_keys(data, key, _TCP_ROUTE_KEYS)
+    host, port = _parse_tcp_from(data.get("from"), f"{key}.from")
+    targets = data.get("to")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets:
+        raise ConfigError(f"{key}.to", "expected one upstream (tcp://HOST:PORT or tls://HOST:PORT) or a non-empty list of them")
+    to = tuple(parse_tcp_upstream(url, f"{key}.to[{i}]") for i, url in enumerate(targets))
+    cert = _readable_file(data.get("tls_client_cert_file"), f"{key}.tls_client_cert_file")
+    client_key = _readable_file(data.get("tls_client_key_file"), f"{key}.tls_client_key_file")
+    if client_key and not cert:
+        raise ConfigError(f"{key}.tls_client_key_file", "given without tls_client_cert_file")
+    if not any(url.startswith("tls://") for url in to):
+        for name in ("tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file", "tls_server_name", "tls_skip_verify"):
+            if name in data:
+                raise ConfigError(f"{key}.{name}", "applies to tls:// upstreams, and this route has none")
+    proxy_protocol = _off(data.get("proxy_protocol", "off"))
+    max_connections = data.get("max_connections")
+    alpn = _string_list(data.get("alpn"), f"{key}.alpn")
+    for i, protocol in enumerate(alpn):
+        if len(protocol.encode("utf-8")) > 255:
+            raise ConfigError(f"{key}.alpn[{i}]", "an ALPN protocol name is at most 255 bytes")
+    return TCPRoute(
+        host=host,
+        port=port,
+        to=to,
+        tls_custom_ca_file=_readable_file(data.get("tls_custom_ca_file"), f"{key}.tls_custom_ca_file"),
+        tls_client_cert_file=cert,
+        tls_client_key_file=client_key,
+        tls_server_name=_string(data.get("tls_server_name"), f"{key}.tls_server_name"),
+        tls_skip_verify=_boolean(data.get("tls_skip_verify", False), f"{key}.tls_skip_verify"),
+        allow_client=_allow_rules(data.get("allow_client"), f"{key}.allow_client"),
+        connect_timeout=parse_duration(data.get("connect_timeout", 10), f"{key}.connect_timeout"),
+        idle_timeout=parse_duration(data.get("idle_timeout", "10m"), f"{key}.idle_timeout"),
+        max_connections=None if max_connections is None else _count(max_connections, f"{key}.max_connections"),
+        proxy_protocol=None if _choice(proxy_protocol, f"{key}.proxy_protocol", ("off", "v2")) == "off" else "v2",
+        alpn=alpn,
+    )
+
+
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
@@ -475,12 +569,14 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
     if not isinstance(routes, list):
         raise ConfigError("routes", "expected a list of routes")
     websocket_idle_timeout = parse_duration(data.get("websocket_idle_timeout", "300s"), "websocket_idle_timeout")
-    parsed_routes = tuple(_route(route, f"routes[{i}]", websocket_idle_timeout) for i, route in enumerate(routes))
+    http_indexes = [i for i, route in enumerate(routes) if not is_tcp_route(route)]
+    parsed_routes = tuple(_route(routes[i], f"routes[{i}]", websocket_idle_timeout) for i in http_indexes)
     seen: dict[tuple[str, str], int] = {}
-    for i, route in enumerate(parsed_routes):
+    for i, route in zip(http_indexes, parsed_routes):
         if (route.host, route.prefix) in seen:
             raise ConfigError(f"routes[{i}].from", f"duplicates routes[{seen[route.host, route.prefix]}] ({route.host} {route.prefix})")
         seen[route.host, route.prefix] = i
+    tcp_routes = _tcp_routes(routes, seen)
     return Config(
         address=_ip_endpoint(data.get("address", "tcp:8443"), "address"),
         http_address=http_address,
@@ -490,6 +586,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         downstream_mtls=_downstream_mtls(data.get("downstream_mtls"), "downstream_mtls"),
         allow_client=_allow_rules(data.get("allow_client"), "allow_client"),
         routes=parsed_routes,
+        tcp_routes=tcp_routes,
         access_log=_string(_off(data.get("access_log")), "access_log"),
         watch_interval=None if data.get("watch_interval") in ("off", False) else parse_duration(data.get("watch_interval", "5s"), "watch_interval"),
         session_ticket_rotation=None if data.get("session_ticket_rotation") in ("off", False)
@@ -506,6 +603,29 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         websocket_idle_timeout=websocket_idle_timeout,
         source=source,
     )
+
+
+def _tcp_routes(routes: list[Any], http_routes: dict[tuple[str, str], int]) -> tuple[TCPRoute, ...]:
+    """
+    The TCP routes of C{routes:}.  SNI picks them, so a name is one TCP route or HTTP routes, never
+    both, and two TCP routes cannot share a name (the port in C{from} is not seen by the gateway).
+    """
+    parsed: list[TCPRoute] = []
+    names: dict[str, int] = {}
+    http_hosts = {host: i for (host, _), i in http_routes.items()}
+    for i, data in enumerate(routes):
+        if not is_tcp_route(data):
+            continue
+        route = _tcp_route(data, f"routes[{i}]")
+        if route.host in names:
+            raise ConfigError(f"routes[{i}].from", f"{route.host} is already the TCP route routes[{names[route.host]}]: SNI carries the name only, "
+                              "so two TCP routes cannot share a name (the port does not tell them apart)")
+        if route.host in http_hosts:
+            raise ConfigError(f"routes[{i}].from", f"{route.host} is also the HTTP route routes[{http_hosts[route.host]}]: "
+                              "a TLS connection naming it by SNI is either piped (TCP) or served as HTTP, not both")
+        names[route.host] = i
+        parsed.append(route)
+    return tuple(parsed)
 
 
 _MAX_WORKERS = 64

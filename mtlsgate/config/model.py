@@ -86,6 +86,35 @@ class Route:
 
 
 @attrs.frozen
+class TCPRoute:
+    """
+    A TCP route (C{from: tcp+https://HOST[:PORT]}): a TLS connection whose SNI names C{host} is not
+    served as HTTP; once its client certificate and the allow rules admit it, its bytes are piped to
+    one of C{to} (C{tcp://HOST:PORT} or C{tls://HOST:PORT}).  See mtlsgate.proxy.tcp.
+    """
+
+    host: str  # lower case, an exact DNS name (SNI carries names only)
+    port: int | None = None  # the service port of Pomerium's form: part of the route's name, not a listener
+    to: tuple[str, ...] = ()  # tcp://HOST:PORT or tls://HOST:PORT
+    tls_custom_ca_file: str | None = None
+    tls_client_cert_file: str | None = None
+    tls_client_key_file: str | None = None
+    tls_server_name: str | None = None
+    tls_skip_verify: bool = False
+    allow_client: AllowRules = AllowRules()
+    connect_timeout: float = 10.0  # TCP connect plus, for tls://, the upstream TLS handshake
+    idle_timeout: float = 600.0  # no byte either way for this long closes the tunnel (nginx stream's proxy_timeout)
+    max_connections: int | None = None  # open tunnels on this route; None: only the listener's max_connections
+    proxy_protocol: str | None = None  # "v2": a PROXY protocol v2 header (client address, identity TLVs) first
+    alpn: tuple[str, ...] = ()  # ALPN protocols this route accepts from clients (e.g. postgresql); none: no ALPN
+
+    @property
+    def name(self) -> str:
+        """A short label for logs and metrics: C{db.example.com:5432}."""
+        return self.host if self.port is None else f"{self.host}:{self.port}"
+
+
+@attrs.frozen
 class Limits:
     """Bounds on every phase of a client connection (nginx's timeouts and buffer limits)."""
 
@@ -150,6 +179,7 @@ class Config:
     downstream_mtls: DownstreamMTLS = DownstreamMTLS()
     allow_client: AllowRules = AllowRules()
     routes: tuple[Route, ...] = ()
+    tcp_routes: tuple[TCPRoute, ...] = ()  # the routes given as from: tcp+https://...
     access_log: str | None = None  # a file path, "-" for stdout, "off", or None for the twistd log only
     access_log_format: str = "combined"  # or "json"
     watch_interval: float | None = 5.0  # None: reload on SIGHUP only

@@ -37,7 +37,32 @@ def _quoted(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def format_tcp_combined(event: dict[str, Any]) -> str:
+    """A TCP route's connection (C{kind: tcp}): the combined line's first fields, then what a tunnel has instead of a request."""
+    when = datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
+    return (
+        f"{event['client']} - {event['identity']} [{when}] \"TCP {event['route']}\" end={event['end']} up={event['bytes_up']} "
+        f"down={event['bytes_down']} route={event['route']} upstream={event['upstream']} cn={event['common_name']} "
+        f"sha256={event['fingerprint']} {event['duration']:.3f}s"
+    )
+
+
+def format_tcp_json(event: dict[str, Any]) -> str:
+    when = datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc).isoformat(timespec="milliseconds")
+    record = {
+        "time": when, "kind": "tcp", "client": event["client"], "identity": event["identity"], "spiffe_id": event.get("spiffe_id"),
+        "common_name": None if event["common_name"] == "-" else event["common_name"],
+        "fingerprint_sha256": None if event["fingerprint"] == "-" else event["fingerprint"],
+        "server_name": event.get("server_name"), "route": event["route"], "upstream": event["upstream"], "end": event["end"],
+        "detail": event.get("detail"), "bytes_up": event["bytes_up"], "bytes_down": event["bytes_down"],
+        "duration_s": round(event["duration"], 6), "pid": os.getpid(),
+    }  # fmt: skip
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+
+
 def format_combined(event: dict[str, Any]) -> str:
+    if event.get("kind") == "tcp":
+        return format_tcp_combined(event)
     when = datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
     request = f"{event['method']} {event['uri']} {event['proto']}"
     return (
@@ -49,6 +74,8 @@ def format_combined(event: dict[str, Any]) -> str:
 
 
 def format_json(event: dict[str, Any]) -> str:
+    if event.get("kind") == "tcp":
+        return format_tcp_json(event)
     when = datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc).isoformat(timespec="milliseconds")
     record = {
         "time": when,

@@ -49,7 +49,20 @@ class GatewayMetrics:
             multiprocess_mode="livesum",
         )  # fmt: skip
         self.acme_orders = Counter("mtlsgate_acme_orders", "ACME orders, by result (issued, failed).", ["result"], registry=self.registry)
+        self.tcp_connections = Counter(
+            "mtlsgate_tcp_connections", "Connections on TCP routes, by route and how they ended (client_closed, upstream_closed, "
+            "idle_timeout, connect_failed, refused, over_limit, shutdown, error).", ["route", "end"], registry=self.registry,
+        )  # fmt: skip
+        self.tcp_bytes_total = Counter(
+            "mtlsgate_tcp_bytes", "Bytes piped on TCP routes, by route and direction (up: client to upstream, down: upstream to client).",
+            ["route", "direction"], registry=self.registry,
+        )  # fmt: skip
+        self.tcp_active = Gauge(
+            "mtlsgate_tcp_active_connections", "Open tunnels on TCP routes, by route.", ["route"], registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.registry.register(_ExpiryCollector(certificates))
+        self._tcp_byte_children: dict[tuple[str, str], Any] = {}
         self._request_children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
 
@@ -79,6 +92,21 @@ class GatewayMetrics:
 
     def tunnel_closed(self) -> None:
         self.tunnels.dec()
+
+    def tcp_opened(self, route: str) -> None:
+        self.tcp_active.labels(route=route).inc()
+
+    def tcp_closed(self, route: str) -> None:
+        self.tcp_active.labels(route=route).dec()
+
+    def tcp_bytes(self, route: str, direction: str, count: int) -> None:
+        child = self._tcp_byte_children.get((route, direction))
+        if child is None:
+            child = self._tcp_byte_children[route, direction] = self.tcp_bytes_total.labels(route=route, direction=direction)
+        child.inc(count)
+
+    def tcp_connection(self, route: str, end: str) -> None:
+        self.tcp_connections.labels(route=route, end=end).inc()
 
     def acme_order(self, result: str) -> None:
         self.acme_orders.labels(result=result).inc()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -27,7 +27,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from mtlsgate.tls import pki
-from mtlsgate.config.model import Route
+from mtlsgate.config.model import Route, TCPRoute
 from mtlsgate.proxy.healthcheck import HealthChecker, grpc_probe, http_probe
 from mtlsgate.http.client import HTTP11Agent
 from mtlsgate.http.h2client import H2Agent
@@ -85,10 +85,11 @@ class UpstreamTLSPolicy:
     """
     The client TLS policy of one route: trust (the route's CA file, or the system store), the client
     certificate the gateway presents, and the name verified (C{tls_server_name}, else the URL's host).
-    ALPN offers C{h2} alone for an C{upstream_protocol: http2} route, C{http/1.1} otherwise.
+    ALPN offers C{alpn} when given (a TCP route), else C{h2} alone for an C{upstream_protocol: http2} route,
+    C{http/1.1} otherwise.
     """
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route | TCPRoute, alpn: Sequence[bytes] | None = None) -> None:
         self.route = route
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -108,7 +109,10 @@ class UpstreamTLSPolicy:
             for extra in chain[1:]:
                 ctx.add_extra_chain_cert(extra)
             ctx.use_privatekey(key)
-        ctx.set_alpn_protos([b"h2"] if route.upstream_protocol == "http2" else [b"http/1.1"])
+        if alpn is None:  # an HTTP route: by its upstream_protocol
+            alpn = [b"h2"] if isinstance(route, Route) and route.upstream_protocol == "http2" else [b"http/1.1"]
+        if alpn:  # a TCP route's tls:// upstream (mtlsgate.proxy.tcp) offers none, or what the route names
+            ctx.set_alpn_protos(list(alpn))
         self._ctx = ctx
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:

@@ -512,6 +512,9 @@ class ServerTLS:
         #: Set by autocert: an object whose C{certificate_for(server_name)} gives the TLS-ALPN-01
         #: validation C{(key, certificate)} for a name under validation, or None.
         self.acme_validation: Any = None
+        #: Set by the TCP routes (mtlsgate.proxy.tcp): for a server name, the ALPN protocols its route
+        #: accepts (server order; empty: none), or None when the name is not a TCP route's (HTTP's ALPN).
+        self.alpn_for_name: Callable[[str | None], Sequence[bytes] | None] | None = None
 
     def build(
         self, served: Sequence[ServedCertificate], verification: ClientVerification | None, unknown_sni: str = "default", http2: bool = False,
@@ -540,6 +543,11 @@ class ServerTLS:
                 conn.use_privatekey(key)
                 conn.set_verify(SSL.VERIFY_NONE)
                 return ALPN_ACME_TLS
+        if self.alpn_for_name is not None:
+            raw = conn.get_servername()
+            protocols = self.alpn_for_name(raw.decode("ascii", "replace") if raw else None)
+            if protocols is not None:  # a TCP route's connection: never http/1.1 (or h2), only what the route names
+                return next((p for p in protocols if p in offered), SSL.NO_OVERLAPPING_PROTOCOLS)  # type: ignore[return-value]
         certificates = self._certificates
         return _select_http(conn, offered, certificates is not None and certificates.http2)
 

@@ -32,6 +32,11 @@ def test_every_config_key_is_documented(key):
     assert f"`{key}`" in REFERENCE
 
 
+@pytest.mark.parametrize("key", config._TCP_ROUTE_KEYS)
+def test_every_tcp_route_key_is_documented(key):
+    assert f"`{key}`" in REFERENCE
+
+
 @pytest.mark.parametrize("flag", _flags())
 def test_every_flag_is_documented(flag):
     assert f"--{flag}" in REFERENCE
