@@ -429,7 +429,8 @@ def test_alpn_on_a_tcp_route_is_the_routes_own(start_gateway, tmp_path, pki, ech
 
     assert negotiated("echo.test", ["postgresql"]) == "postgresql"
     assert negotiated("echo.test", ["h2", "http/1.1"]) is None  # a TCP route's bytes are not HTTP
-    assert negotiated("localhost", ["h2", "http/1.1"]) == "http/1.1"
+    assert negotiated("localhost", ["h2", "http/1.1"]) == "h2"  # an HTTP route's: the HTTP front ends' choice
+    assert negotiated("localhost", ["http/1.1"]) == "http/1.1"
 
 
 def test_tcp_route_certificate_is_served_for_its_name(pki):
