@@ -95,3 +95,6 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+from tests.acme.conftest import start_pebble  # noqa: E402,F401 - the pebble fixture, for the cluster tests
