@@ -88,10 +88,16 @@ def _key_pem(key: Any) -> bytes:
 class SharedStore:
     """The cluster's data in Redis, through one L{RedisClient}; C{node} names this gateway in events."""
 
-    def __init__(self, client: RedisClient, sealer: Sealer, node: str) -> None:
+    def __init__(self, client: RedisClient, sealer: Sealer | None, node: str) -> None:
+        """C{sealer}: None for a user of the CRLs alone (C{mtlsgate ca revoke --storage}), which never sees a key."""
         self.client = client
-        self.sealer = sealer
+        self._sealer = sealer
         self.node = node
+
+    @property
+    def sealer(self) -> Sealer:
+        assert self._sealer is not None, "this shared store was opened without the storage key"
+        return self._sealer
 
     # --- certificates ---------------------------------------------------------------------------
 

@@ -307,11 +307,13 @@ class ClientVerification:
             crls = _newest_per_issuer(crls + tuple(crl for crl in shared_crls if any(_is_crl_of(crl, ca) for ca in bundle)))
         if not (crls and settings.crl_check == "chain"):
             return cls(settings=settings, crls=crls)
-        assert settings.crl_file is not None
+        where = settings.crl_file or "the shared store's CRLs"
+        if settings.crl_file and shared_crls:
+            where = f"{settings.crl_file} and the shared store's CRLs"
         for ca in bundle:
             if not any(_is_crl_of(crl, ca) for crl in crls):
                 raise pki.PKIError(
-                    f"{settings.crl_file}: no CRL from CA {printable(ca.subject.rfc4514_string())} of {settings.ca_file} "
+                    f"{where}: no CRL from CA {printable(ca.subject.rfc4514_string())} of {settings.ca_file} "
                     "(crl_check: chain needs one from every CA in the bundle; crl_check: leaf checks client certificates only)"
                 )
         anchors = [ca for ca in bundle if not pki.is_issued_by(ca, ca)]
