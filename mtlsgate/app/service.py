@@ -266,6 +266,8 @@ class GatewayService(MultiService):
         self.cluster: ClusterNode | None = None
         if config.storage is not None and (worker is None or worker.acme):
             self._join_cluster(config)
+        elif config.storage is not None:
+            self._follow_cluster(config)
         http01 = None
         if config.autocert is not None:
             if worker is None or worker.acme:
@@ -343,6 +345,22 @@ class GatewayService(MultiService):
             on_certificates=self.refresh_certificates, on_crls=self.install_shared_crls,
         )  # fmt: skip
         self.cluster.setServiceParent(self)
+
+    def _follow_cluster(self, config: Config) -> None:
+        """A worker beside the one connected to the shared store: it picks up what that one copies to disk (CRLs, certificates)."""
+        from mtlsgate.cluster.cache import cached_crls, crl_cache_file
+
+        assert config.certs_dir is not None
+        certs_dir = config.certs_dir
+        interval = config.watch_interval or _STORE_WATCH_INTERVAL
+        FileWatch(self.reactor, lambda: [crl_cache_file(certs_dir)], lambda: self.install_shared_crls(cached_crls(certs_dir)), interval).setServiceParent(self)
+        if config.autocert is None:  # with autocert, _follow_autocert watches the certificates
+
+            def stored() -> list[str]:
+                names = sorted(os.listdir(certs_dir)) if os.path.isdir(certs_dir) else []
+                return [certs_dir] + [os.path.join(certs_dir, n) for n in names if n.endswith(".pem")]
+
+            FileWatch(self.reactor, stored, self.refresh_certificates, interval).setServiceParent(self)
 
     def install_shared_crls(self, crls: Sequence[Any]) -> None:
         """New CRLs from the shared store: new contexts for the same certificates; open connections carry on."""

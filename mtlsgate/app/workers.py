@@ -170,8 +170,8 @@ class WorkerGroup(MultiService):
             if self.http_socket is not None:
                 fds[HTTP_FD] = self.http_socket.fileno()
                 args.append("--http")
-            if self.config.autocert is not None:
-                args.append("--acme")
+            if self.config.autocert is not None or self.config.storage is not None:
+                args.append("--acme")  # autocert, and the shared store's connection (docs/cluster.md), live in worker 0
         env = dict(os.environ)
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
