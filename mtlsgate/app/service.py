@@ -407,6 +407,7 @@ class GatewayService(MultiService):
             from mtlsgate.cluster.node import ClusterCertificateStore, SharedResponder
 
             responders = [SharedResponder(self.cluster, r) if r.challenge_type != "dns-01" else r for r in responders]
+            self.cluster.names = frozenset(name.lower() for group in settings.domains for name in group)
             store = ClusterCertificateStore(self.cluster)
         if "dns-01" in settings.challenges and settings.dns_hook:
             responders.append(DNS01Responder(self.reactor, settings.dns_hook, settings.dns_resolver, settings.propagation_timeout))

@@ -77,7 +77,9 @@ class ClusterNode(Service):
         self.on_certificates = on_certificates
         self.on_crls = on_crls
         self.responders: dict[str, IResponder] = {}  # this node's own responders, by challenge type
+        self.names: frozenset[str] = frozenset()  # the names this node answers challenges for (its autocert domains)
         self._applied: dict[str, dict[str, Any]] = {}  # challenges answered here, by id
+        self._ignored: set[str] = set()  # challenges for names not ours, reported once
         self.crls: list[x509.CertificateRevocationList] = cached_crls(certs_dir)
         self.available: bool | None = None
         self.problem: str | None = "not connected yet"
@@ -269,6 +271,13 @@ class ClusterNode(Service):
             if ident not in self._applied:
                 responder = self.responders.get(challenge["type"])
                 if responder is None:
+                    continue
+                if str(challenge["name"]).lower() not in self.names:
+                    if ident in self._ignored:
+                        continue
+                    self._ignored.add(ident)
+                    log.warn("ignoring the {type} challenge for {name} in the shared store: not one of this gateway's autocert domains",
+                             type=challenge["type"], name=challenge["name"])  # fmt: skip
                     continue
                 responder.start_responding(challenge["name"], challenge["token"], challenge["value"])
                 self._applied[ident] = challenge

@@ -5,7 +5,7 @@ What the cluster keeps in Redis, and the operations on it (every one returns a D
     mtlsgate:certs            set of NAMEs                                   the index of the above
     mtlsgate:account          JSON {key: sealed key}                         the ACME account key
     mtlsgate:lock:NAME        random token, PX lease                         the issuance lock (L{mtlsgate.cluster.lock})
-    mtlsgate:challenges       hash ID -> JSON {type, name, token, value, expires}   HTTP-01 / TLS-ALPN-01 material
+    mtlsgate:challenges       hash ID -> sealed JSON {type, name, token, value, expires}   HTTP-01 / TLS-ALPN-01 material
     mtlsgate:ack:ID           set of node ids, short TTL                     nodes that loaded challenge ID
     mtlsgate:crls             hash ISSUER-SHA256 -> JSON {number, pem}       the newest CRL per issuer
     mtlsgate:events           pub/sub channel: JSON {kind, name, node}       "certificate", "crl", "challenge"
@@ -23,10 +23,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.logger import Logger
 
 from mtlsgate.cluster.connection import RedisClient
-from mtlsgate.cluster.seal import Sealer
+from mtlsgate.cluster.seal import SealError, Sealer
 from mtlsgate.tls import pki
+
+log = Logger(namespace="mtlsgate.cluster")
 
 PREFIX = "mtlsgate:"
 CHANNEL = PREFIX + "events"
@@ -93,6 +96,7 @@ class SharedStore:
         self.client = client
         self._sealer = sealer
         self.node = node
+        self._rejected: set[str] = set()  # challenges that did not open, reported once
 
     @property
     def sealer(self) -> Sealer:
@@ -146,8 +150,13 @@ class SharedStore:
     # --- challenges -----------------------------------------------------------------------------
 
     async def add_challenge(self, ident: str, challenge: dict[str, Any]) -> int:
-        """Store one challenge and announce it; returns how many nodes received the announcement."""
-        await self.client.call("hset", CHALLENGES, ident, json.dumps(challenge))
+        """
+        Store one challenge, sealed (only a holder of the storage key can make the nodes answer one: else
+        write access to Redis would let anyone pass the CA's validation for our names), and announce it;
+        returns how many nodes received the announcement.
+        """
+        sealed = self.sealer.seal(json.dumps(challenge).encode(), (CHALLENGES + "\n" + ident).encode())
+        await self.client.call("hset", CHALLENGES, ident, sealed)
         await self.client.call("delete", PREFIX + "ack:" + ident)
         return int(await self.client.call("publish", CHANNEL, event("challenge", ident, self.node)))
 
@@ -157,8 +166,18 @@ class SharedStore:
         await self.client.call("publish", CHANNEL, event("challenge", ident, self.node))
 
     async def challenges(self) -> dict[str, dict[str, Any]]:
+        """The challenges that open with the storage key; others (forged, or of another key) are left out, and logged."""
         raw = await self.client.call("hgetall", CHALLENGES) or {}
-        return {ident: json.loads(value) for ident, value in raw.items()}
+        found = {}
+        for ident, value in raw.items():
+            try:
+                found[ident] = json.loads(self.sealer.open(value, (CHALLENGES + "\n" + ident).encode()))
+            except (SealError, ValueError) as e:
+                if ident in self._rejected:
+                    continue
+                self._rejected.add(ident)
+                log.warn("ignoring challenge {ident} in the shared store: {error}", ident=ident, error=str(e))
+        return found
 
     async def acknowledge(self, ident: str) -> None:
         await self.client.call("sadd", PREFIX + "ack:" + ident, self.node)

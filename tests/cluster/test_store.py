@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import base64
-import json
 
 import pytest
 import pytest_twisted
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from mtlsgate.cluster.seal import SealError, Sealer, new_key_text, read_key_file
 from mtlsgate.config.model import Storage
-from mtlsgate.tls.pki import DevCA
 
 pytestmark = pytest.mark.needs("redis-server")
 
@@ -79,26 +76,6 @@ async def test_a_certificate_round_trips_and_a_dump_discloses_no_key(redis_serve
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_key_paired_with_another_chain_does_not_open(redis_server, tmp_path, pki):
-    """Someone who can write to Redis swaps the chain beside a sealed key: the key is bound to its chain."""
-    from mtlsgate.cluster.lock import LeaseLock
-
-    server = redis_server()
-    store = shared_store(storage_for(server, tmp_path))
-    issued = pki["gateway_obj"]
-    lease = await LeaseLock(store.client.reactor, store.client, 10).acquire("a.test")
-    await store.put_certificate("a.test", issued.key, [issued.certificate], lease.token)
-    await lease.release()
-    value = json.loads(await store.client.call("get", "mtlsgate:cert:a.test"))
-    other = DevCA.create(None, name="attacker").issue_server(["a.test"])
-    value["chain"] = other.cert_pem().decode()
-    await store.client.call("set", "mtlsgate:cert:a.test", json.dumps(value))
-    with pytest.raises(SealError):
-        await store.get_certificate("a.test")
-    await store.client.close()
-
-
-@pytest_twisted.ensureDeferred
 async def test_every_node_gets_the_same_account_key(redis_server, tmp_path):
     server = redis_server()
     storage = storage_for(server, tmp_path)
@@ -109,24 +86,6 @@ async def test_every_node_gets_the_same_account_key(redis_server, tmp_path):
     assert b"PRIVATE KEY" not in server.command("GET", "mtlsgate:account")
     await a.client.close()
     await b.client.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_stale_crl_never_replaces_a_newer_one(redis_server, tmp_path, pki):
-    """Publishing an older CRL (a replayed one) must not un-revoke anything."""
-    server = redis_server()
-    store = shared_store(storage_for(server, tmp_path))
-    ca = pki["ca_obj"]
-    old = ca.crl([])
-    new = ca.crl([pki["revoked_obj"].certificate])
-    number = lambda crl: crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number  # noqa: E731
-    assert number(new) > number(old)
-    assert await store.put_crl(new)
-    assert not await store.put_crl(old)
-    assert not await store.put_crl(new)  # the same one again changes nothing
-    [kept] = await store.crls()
-    assert kept.get_revoked_certificate_by_serial_number(pki["revoked_obj"].certificate.serial_number) is not None
-    await store.client.close()
 
 
 @pytest_twisted.ensureDeferred
