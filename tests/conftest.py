@@ -427,17 +427,19 @@ def admin_get(port: int, path: str) -> tuple[int, str]:
 class RedisServer:
     """One redis-server process; L{stop} and L{start} again keep the port (and, with C{persist}, the data)."""
 
-    def __init__(self, workdir: Path, port: int, persist: bool, password: str | None = None) -> None:
+    def __init__(self, workdir: Path, port: int, persist: bool, password: str | None = None, tls: dict[str, str] | None = None) -> None:
+        """C{tls}: C{cert}, C{key}, C{ca} files; then Redis speaks TLS only, and requires a client certificate from C{ca}."""
         self.workdir = workdir
         self.port = port
         self.persist = persist
         self.password = password
+        self.tls = tls
         self.proc: Proc | None = None
         self._runs = itertools.count(1)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"rediss://localhost:{self.port}/0" if self.tls else f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -445,6 +447,10 @@ class RedisServer:
                 "--dbfilename", "dump.rdb", "--save", "3600 1" if self.persist else "", "--appendonly", "no"]  # fmt: skip
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.tls:
+            argv[argv.index("--port") + 1] = "0"
+            argv += ["--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"], "--tls-key-file", self.tls["key"],
+                     "--tls-ca-cert-file", self.tls["ca"], "--tls-auth-clients", "yes"]  # fmt: skip
         self.proc = Proc(argv, self.workdir / f"redis-{next(self._runs)}.log", cwd=self.workdir)
         deadline = time.monotonic() + 20
         while not self.ping():
@@ -467,7 +473,12 @@ class RedisServer:
         wire = b""
         for cmd in (*parts, [a.encode() for a in args]):
             wire += b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in cmd)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", self.port), timeout=5))
+            if self.tls:
+                ctx = ssl.create_default_context(cafile=self.tls["ca"])
+                ctx.load_cert_chain(self.tls["client_cert"], self.tls["client_key"])
+                s = stack.enter_context(ctx.wrap_socket(s, server_hostname="localhost"))
             s.sendall(wire)
             time.sleep(0.05)
             s.settimeout(2)
@@ -489,7 +500,7 @@ class RedisServer:
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     """
-    C{redis_server(persist=False, password=None)}: a real redis-server on a free loopback port in the
+    C{redis_server(persist=False, password=None, tls=None)}: a real redis-server on a free loopback port in the
     test's directory (no persistence unless C{persist}: then SIGTERM writes dump.rdb and a restart
     reads it); all stopped by PID at teardown.
     """
@@ -498,8 +509,8 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     started: list[RedisServer] = []
     numbers = itertools.count(1)
 
-    def start(persist: bool = False, password: str | None = None, **_: Any) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis-{next(numbers)}", free_port(), persist, password)
+    def start(persist: bool = False, password: str | None = None, tls: dict[str, str] | None = None) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{next(numbers)}", free_port(), persist, password, tls)
         started.append(server)
         return server.start()
 

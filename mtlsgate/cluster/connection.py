@@ -83,6 +83,10 @@ class RedisClient:
             replyTimeout=settings.timeout, username=settings.username,
         )  # fmt: skip
         self._factory.reconnect = True
+        # txredisapi reports a refusal (a wrong password, an unknown database) here, once, and stops trying.
+        self._factory.deferred.addErrback(
+            lambda f: log.error("shared store {url} refused the connection: {error}", url=self.url.display(), error=f.getErrorMessage())
+        )
         self._factory.startConnecting(endpoint or endpoint_for(reactor, settings))
         self._handler = self._factory.handler
 
@@ -148,6 +152,7 @@ class Subscription:
         url = parse_storage_url(settings.url)
         self._factory = _SubscriberFactory(url.display(), storage_password(settings), settings.username, channel, on_message, on_subscribed, on_lost)
         self._factory.reconnect = True
+        self._factory.deferred.addErrback(lambda f: None)  # reported by the command connection, which meets the same refusal
         self._factory.startConnecting(endpoint or endpoint_for(reactor, settings))
 
     def close(self) -> defer.Deferred[Any]:
