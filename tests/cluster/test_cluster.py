@@ -137,22 +137,24 @@ def hold_lock(redis, seconds: int) -> None:
     assert b"OK" in redis.command("SET", f"mtlsgate:lock:{NAME}", "held-by-the-test", "PX", str(seconds * 1000), "NX")
 
 
-def test_three_nodes_order_once_and_all_serve_the_certificate_validated_on_another_node(cluster):
+@pytest.mark.parametrize("challenge", ["tls-alpn-01", "http-01"])
+def test_three_nodes_order_once_and_all_serve_the_certificate_validated_on_another_node(cluster, challenge):
     """B and C wait on a lock the test holds (polling slowly); A (short lease, quick to poll) then wins the lock, and the CA validates on C."""
     c = cluster()
     a, b, third = NODES  # the CA's validator reaches only C (the fixture's DNS)
     hold_lock(c.redis, 120)
-    c.start(b)
-    c.start(third)
-    c.start(a, lease="3s")
+    c.start(b, challenges=[challenge])
+    c.start(third, challenges=[challenge])
+    c.start(a, lease="3s", challenges=[challenge])
     for address in (b, third, a):
         c.nodes[address].wait_for_log("another gateway of the cluster is ordering", timeout=60)
     c.redis.command("DEL", f"mtlsgate:lock:{NAME}")
     c.nodes[a].wait_for_log(ISSUED, timeout=90)
-    assert "3 of 3 gateway(s) answer the tls-alpn-01 challenge" in c.nodes[a].output()
-    assert "closed the acme-tls/1 connection" in c.nodes[third].output()  # the CA validated on C
-    assert "closed the acme-tls/1 connection" not in c.nodes[a].output() + c.nodes[b].output()
-    assert "answering the tls-alpn-01 challenge for shared.example.test (from the shared store)" in c.nodes[third].output()
+    assert f"3 of 3 gateway(s) answer the {challenge} challenge" in c.nodes[a].output()
+    validated = "closed the acme-tls/1 connection" if challenge == "tls-alpn-01" else "answered the http-01 challenge"
+    assert validated in c.nodes[third].output()  # the CA validated on C
+    assert validated not in c.nodes[a].output() + c.nodes[b].output()
+    assert f"answering the {challenge} challenge for shared.example.test (from the shared store)" in c.nodes[third].output()
     leaves = {address: wait_until(lambda address=address: c.serves_issued(address), 30, f"{address} serves the issued certificate") for address in NODES}
     assert len({leaf.serial_number for leaf in leaves.values()}) == 1
     logs = c.logs()
