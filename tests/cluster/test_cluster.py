@@ -165,6 +165,11 @@ def test_three_nodes_order_once_and_all_serve_the_certificate_validated_on_anoth
         assert admin_get(c.admin[address], "/readyz") == (200, "ready\n")
     raw = c.redis.command("GET", f"mtlsgate:cert:{NAME}")
     assert b"BEGIN CERTIFICATE" in raw and b"PRIVATE KEY" not in raw
+    # Redis loses everything (a new instance without persistence): the nodes write back what they hold
+    c.redis.command("FLUSHALL")
+    wait_until(lambda: b"BEGIN CERTIFICATE" in c.redis.command("GET", f"mtlsgate:cert:{NAME}"), 30, "the certificate written back")
+    assert "wrote the local certificate for shared.example.test back to the shared store" in c.logs()
+    assert c.logs().count(ORDERED) == 1
 
 
 def test_a_renewal_also_happens_once(cluster):
