@@ -117,9 +117,9 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS, shared_crls
 
 
 def served_certificates(config: Config) -> list[ServedCertificate]:
-    """The configured certificates and certs_dir's; with autocert and nothing yet, a placeholder."""
+    """The configured certificates and certs_dir's; with autocert (or a shared store to copy from) and nothing yet, a placeholder."""
     served = load_served_certificates(config.certificates, config.certs_dir)
-    if not served and config.autocert is not None:
+    if not served and (config.autocert is not None or config.storage is not None):
         served = [placeholder_certificate()]
     return served
 
@@ -479,7 +479,9 @@ class GatewayService(MultiService):
             log.error("reload refused, keeping the running configuration: {error}", error=str(e))
             return False
         old_config = self.world.config
-        listeners_changed = (config.address, config.http_address, config.autocert) != (old_config.address, old_config.http_address, old_config.autocert)
+        listeners_changed = (config.address, config.http_address, config.autocert, config.storage) != (
+            old_config.address, old_config.http_address, old_config.autocert, old_config.storage
+        )
         old = self.world
         self.world = world
         self.server_tls.install(world.certificates)
@@ -492,7 +494,7 @@ class GatewayService(MultiService):
         if config.session_ticket_rotation != old_config.session_ticket_rotation:
             self._restart_ticket_rotation(config.session_ticket_rotation)
         if listeners_changed:
-            log.warn("reload: listener addresses or autocert settings changed; those take effect on restart")
+            log.warn("reload: listener addresses, autocert or storage settings changed; those take effect on restart")
         log.info(
             "reloaded: {certs} certificate(s), {routes} route(s)",
             certs=len(world.certificates.served), routes=len(config.routes),

@@ -261,7 +261,10 @@ class ClusterNode(Service):
     async def _sync_challenges(self) -> None:
         assert self.shared is not None
         now = self.reactor.seconds()
-        current = {ident: c for ident, c in (await self.shared.challenges()).items() if c.get("expires", 0) > now}
+        stored = await self.shared.challenges()
+        current = {ident: c for ident, c in stored.items() if c.get("expires", 0) > now}
+        for ident in stored.keys() - current.keys():  # left behind by a node that died validating
+            await self.shared.forget_challenge(ident)
         for ident in [i for i in self._applied if i not in current]:
             challenge = self._applied.pop(ident)
             responder = self.responders.get(challenge["type"])

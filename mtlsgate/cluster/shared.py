@@ -165,6 +165,10 @@ class SharedStore:
         await self.client.call("delete", PREFIX + "ack:" + ident)
         await self.client.call("publish", CHANNEL, event("challenge", ident, self.node))
 
+    async def forget_challenge(self, ident: str) -> None:
+        """Remove an expired challenge without announcing it (nobody answers it any more)."""
+        await self.client.call("hdel", CHALLENGES, ident)
+
     async def challenges(self) -> dict[str, dict[str, Any]]:
         """The challenges that open with the storage key; others (forged, or of another key) are left out, and logged."""
         raw = await self.client.call("hgetall", CHALLENGES) or {}

@@ -501,7 +501,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         data = {}
     _check_keys(data, "", _TOP_KEYS)
     certs_dir = _string(data.get("certs_dir"), "certs_dir")
-    if certs_dir is not None and not os.path.isdir(certs_dir) and data.get("autocert") is None:
+    if certs_dir is not None and not os.path.isdir(certs_dir) and data.get("autocert") is None and data.get("storage") is None:
         raise ConfigError("certs_dir", f"{certs_dir}: no such directory")
     certificates = _certificates(data.get("certificates"), "certificates")
     if not certificates and certs_dir is None and data.get("autocert") is None:
