@@ -6,6 +6,7 @@ Light on purpose: the gateway reads this at start-up without importing txredisap
 
 from __future__ import annotations
 
+import json
 import os
 
 from cryptography import x509
@@ -32,3 +33,25 @@ def write_cached_crls(certs_dir: str, crls: list[x509.CertificateRevocationList]
         return
     os.makedirs(os.path.dirname(crl_cache_file(certs_dir)), mode=0o700, exist_ok=True)
     pki.write_public_file(crl_cache_file(certs_dir), b"".join(crl.public_bytes(Encoding.PEM) for crl in crls))
+
+
+def state_file(certs_dir: str) -> str:
+    return os.path.join(certs_dir, ".cluster", "state.json")
+
+
+def write_state(certs_dir: str, problem: str | None) -> None:
+    """Whether this node reaches the shared store (None) or why not, for a worker group's parent (its /readyz)."""
+    os.makedirs(os.path.dirname(state_file(certs_dir)), mode=0o700, exist_ok=True)
+    pki.write_public_file(state_file(certs_dir), json.dumps({"problem": problem}).encode())
+
+
+def read_state(certs_dir: str | None) -> str | None:
+    """What L{write_state} last wrote: None while the store answers (or nothing was written)."""
+    if not certs_dir:
+        return None
+    try:
+        with open(state_file(certs_dir), encoding="utf-8") as f:
+            problem = json.load(f).get("problem")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(problem) if problem else None

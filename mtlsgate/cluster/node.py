@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from mtlsgate.acme.responders import IResponder
 from mtlsgate.acme.store import DirectoryStore, ICertificateStore, IIssuanceLock, LeaseLost
-from mtlsgate.cluster.cache import cached_crls, write_cached_crls
+from mtlsgate.cluster.cache import cached_crls, write_cached_crls, write_state
 from mtlsgate.cluster.connection import RedisClient, StoreUnavailable, Subscription
 from mtlsgate.cluster.lock import Lease, LeaseLock
 from mtlsgate.cluster.seal import SealError, Sealer
@@ -126,15 +126,25 @@ class ClusterNode(Service):
             self.available, self.problem, self._down_since = True, None, None
             if self.up is not None:
                 self.up.set(1)
+            self._write_state()
 
     def _mark_down(self, reason: str) -> None:
         if self.available is not False:
             self._down_since = datetime.now(timezone.utc)
             log.warn("shared store unavailable ({reason}); serving the local copy, ordering waits for it", reason=reason)
         self.available = False
-        self.problem = f"shared store unavailable since {self._down_since.isoformat(timespec='seconds') if self._down_since else '?'}: {reason}"
+        problem = f"shared store unavailable since {self._down_since.isoformat(timespec='seconds') if self._down_since else '?'}: {reason}"
+        changed, self.problem = problem != self.problem, problem
         if self.up is not None:
             self.up.set(0)
+        if changed:
+            self._write_state()
+
+    def _write_state(self) -> None:
+        try:
+            write_state(self.certs_dir, self.problem)
+        except (OSError, pki.PKIError) as e:
+            log.warn("cannot record the shared store's state for the other processes: {error}", error=str(e))
 
     def degraded(self) -> str | None:
         """None while the shared store answers; else why not (for /readyz)."""

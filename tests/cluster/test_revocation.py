@@ -18,7 +18,7 @@ import yaml
 
 from mtlsgate.cluster.seal import new_key_text
 from tests.cluster.test_cluster import NODES, wait_until
-from tests.conftest import TWISTD, Proc, free_port, gateway_config, start_echo_upstream, subprocess_env
+from tests.conftest import TWISTD, Proc, admin_get, free_port, gateway_config, start_echo_upstream, subprocess_env
 
 pytestmark = pytest.mark.needs("redis-server")
 
@@ -63,12 +63,13 @@ def test_ca_revoke_with_storage_refuses_the_client_on_every_node(redis_server, p
     key_file.write_text(new_key_text())
     port = free_port()
     configs = {}
+    admin = {address: free_port() for address in NODES}
     for address in NODES:
         config = gateway_config(pki, port, [f"https://127.0.0.1:{upstream}"])
         config.update(
             address=f"tcp:{port}:interface={address}", downstream_mtls={"ca_file": str(tmp_path / "ca" / "ca.pem")},
             certs_dir=str(tmp_path / f"certs-{address}"), storage=redis.url, storage_key_file=str(key_file), storage_sync_interval="2s",
-            workers=workers, watch_interval="1s",
+            workers=workers, watch_interval="1s", admin_address=f"tcp:{admin[address]}",
         )  # fmt: skip
         (tmp_path / f"certs-{address}").mkdir()
         path = tmp_path / f"gw-{address}.yaml"
@@ -110,8 +111,12 @@ def test_ca_revoke_with_storage_refuses_the_client_on_every_node(redis_server, p
     assert held.getresponse().status == 200  # the verdict of its handshake stands for its life; new ones are refused
     held.close()
 
-    # Redis goes away; a node restarts: it still refuses alice, from its copy on disk
+    # Redis goes away: /readyz stays 200 and says why it is degraded (with workers, the parent's too)
     redis.stop()
+    for address in (NODES[0], NODES[2]):
+        wait_until(lambda address=address: admin_get(admin[address], "/readyz")[0] == 200
+                   and "ready, degraded: shared store unavailable" in admin_get(admin[address], "/readyz")[1], 30, f"{address} degraded")  # fmt: skip
+    # a node restarts: it still refuses alice, from its copy on disk
     nodes[NODES[1]].stop()
     start(NODES[1])
     assert refused(NODES[1], port, pki["ca"], alice)
