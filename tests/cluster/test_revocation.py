@@ -18,7 +18,7 @@ import yaml
 
 from mtlsgate.cluster.seal import new_key_text
 from tests.cluster.test_cluster import NODES, wait_until
-from tests.conftest import TWISTD, Proc, admin_get, free_port, gateway_config, start_echo_upstream, subprocess_env
+from tests.conftest import TWISTD, Proc, admin_get, free_port, gateway_config, scrape, start_echo_upstream, subprocess_env
 
 pytestmark = pytest.mark.needs("redis-server")
 
@@ -111,6 +111,8 @@ def test_ca_revoke_with_storage_refuses_the_client_on_every_node(redis_server, p
     assert held.getresponse().status == 200  # the verdict of its handshake stands for its life; new ones are refused
     held.close()
 
+    up = [value for (name, _), value in scrape(admin[NODES[0]]).items() if name == "mtlsgate_shared_store_up"]
+    assert up == [1.0]  # with workers, worker 0's (labelled with its pid)
     # Redis goes away: /readyz stays 200 and says why it is degraded (with workers, the parent's too)
     redis.stop()
     for address in (NODES[0], NODES[2]):
