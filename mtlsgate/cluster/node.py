@@ -39,6 +39,7 @@ from mtlsgate.cluster.shared import CHANNEL, SharedStore
 from mtlsgate.cluster.url import parse_storage_url
 from mtlsgate.config.model import Storage
 from mtlsgate.tls import pki
+from mtlsgate.tls.server import newest_crl_per_issuer
 
 log = Logger(namespace="mtlsgate.cluster")
 
@@ -258,7 +259,7 @@ class ClusterNode(Service):
     async def _sync_crls(self) -> None:
         assert self.shared is not None
         shared = await self.shared.crls()
-        merged = _newest_per_issuer(self.crls + shared)
+        merged = list(newest_crl_per_issuer(self.crls + shared))
         for crl in merged:  # ours that the store lacks (it lost its data): back again; the store keeps only newer ones
             if not any(crl.public_bytes(Encoding.DER) == s.public_bytes(Encoding.DER) for s in shared):
                 await self.shared.put_crl(crl)
@@ -343,15 +344,20 @@ def _ders(crls: list[x509.CertificateRevocationList]) -> list[bytes]:
     return sorted(crl.public_bytes(Encoding.DER) for crl in crls)
 
 
-def _newest_per_issuer(crls: list[x509.CertificateRevocationList]) -> list[x509.CertificateRevocationList]:
-    from mtlsgate.cluster.shared import crl_number
+class _HeldLease:
+    """What L{ClusterCertificateStore.acquire} hands the issuing service: the lease, until C{release()}."""
 
-    newest: dict[bytes, x509.CertificateRevocationList] = {}
-    for crl in crls:
-        issuer = crl.issuer.public_bytes()
-        if issuer not in newest or crl_number(crl) > crl_number(newest[issuer]):
-            newest[issuer] = crl
-    return list(newest.values())
+    def __init__(self, store: ClusterCertificateStore, name: str, lease: Lease) -> None:
+        self.store = store
+        self.name = name
+        self.lease = lease
+
+    async def _release(self) -> None:
+        self.store._leases.pop(self.name, None)
+        await self.lease.release()
+
+    def release(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._release())
 
 
 @implementer(ICertificateStore, IIssuanceLock)
@@ -382,7 +388,7 @@ class ClusterCertificateStore:
     def prepare(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self.node.prepare())
 
-    async def _acquire(self, name: str) -> Any:
+    async def _acquire(self, name: str) -> _HeldLease | None:
         assert self.node.lock is not None
         try:
             lease = await self.node.lock.acquire(name)
@@ -391,18 +397,8 @@ class ClusterCertificateStore:
             raise
         if lease is None:
             return None
-        self._leases[name] = held = lease
-        store = self
-
-        class Held:
-            async def _release(self) -> None:
-                store._leases.pop(name, None)
-                await held.release()
-
-            def release(self) -> defer.Deferred[None]:
-                return defer.Deferred.fromCoroutine(self._release())
-
-        return Held()
+        self._leases[name] = lease
+        return _HeldLease(self, name, lease)
 
     def acquire(self, name: str) -> defer.Deferred[Any]:
         return defer.Deferred.fromCoroutine(self._acquire(name))

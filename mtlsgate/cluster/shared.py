@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from mtlsgate.cluster.connection import RedisClient
 from mtlsgate.cluster.seal import SealError, Sealer
 from mtlsgate.tls import pki
+from mtlsgate.tls.server import crl_number
 
 log = Logger(namespace="mtlsgate.cluster")
 
@@ -70,14 +71,6 @@ def lock_key(name: str) -> str:
 
 def event(kind: str, name: str, node: str) -> str:
     return json.dumps({"kind": kind, "name": name, "node": node})
-
-
-def crl_number(crl: x509.CertificateRevocationList) -> int:
-    """The CRL number (RFC 5280 5.2.3), else its thisUpdate as a number: what makes one CRL newer than another."""
-    try:
-        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-    except x509.ExtensionNotFound:
-        return int(crl.last_update_utc.timestamp())
 
 
 def issuer_id(crl: x509.CertificateRevocationList) -> str:

@@ -304,7 +304,7 @@ class ClientVerification:
         crls = tuple(pki.load_crls(settings.crl_file)) if settings.crl_file else ()
         bundle = pki.load_certificates(settings.ca_file) if settings.ca_file else []  # fail early, naming the file, on an empty bundle
         if shared_crls:
-            crls = _newest_per_issuer(crls + tuple(crl for crl in shared_crls if any(_is_crl_of(crl, ca) for ca in bundle)))
+            crls = newest_crl_per_issuer(crls + tuple(crl for crl in shared_crls if any(_is_crl_of(crl, ca) for ca in bundle)))
         if not (crls and settings.crl_check == "chain"):
             return cls(settings=settings, crls=crls)
         where = settings.crl_file or "the shared store's CRLs"
@@ -337,18 +337,20 @@ class ClientVerification:
         return bool(self.crls) and self.settings.crl_check == "chain"
 
 
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL number (RFC 5280 5.2.3), else its thisUpdate as a number: what makes one CRL of an issuer newer than another."""
     try:
         return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
     except x509.ExtensionNotFound:
         return int(crl.last_update_utc.timestamp())
 
 
-def _newest_per_issuer(crls: Sequence[x509.CertificateRevocationList]) -> tuple[x509.CertificateRevocationList, ...]:
+def newest_crl_per_issuer(crls: Sequence[x509.CertificateRevocationList]) -> tuple[x509.CertificateRevocationList, ...]:
+    """Of several CRLs, the newest (L{crl_number}) of each issuer."""
     newest: dict[bytes, x509.CertificateRevocationList] = {}
     for crl in crls:
         issuer = crl.issuer.public_bytes()
-        if issuer not in newest or _crl_number(crl) > _crl_number(newest[issuer]):
+        if issuer not in newest or crl_number(crl) > crl_number(newest[issuer]):
             newest[issuer] = crl
     return tuple(newest.values())
 
