@@ -139,12 +139,15 @@ def hold_lock(redis, seconds: int) -> None:
 
 @pytest.mark.parametrize("challenge", ["tls-alpn-01", "http-01"])
 def test_three_nodes_order_once_and_all_serve_the_certificate_validated_on_another_node(cluster, challenge):
-    """B and C wait on a lock the test holds (polling slowly); A (short lease, quick to poll) then wins the lock, and the CA validates on C."""
+    """
+    B and C wait on a lock the test holds, looking again every 200s (a third of their lease); A (lease 3s) looks
+    every second, so A wins the lock once the test lets it go, and the CA validates on C.
+    """
     c = cluster()
     a, b, third = NODES  # the CA's validator reaches only C (the fixture's DNS)
     hold_lock(c.redis, 120)
-    c.start(b, challenges=[challenge])
-    c.start(third, challenges=[challenge])
+    c.start(b, lease="600s", challenges=[challenge])
+    c.start(third, lease="600s", challenges=[challenge])
     c.start(a, lease="3s", challenges=[challenge])
     for address in (b, third, a):
         c.nodes[address].wait_for_log("another gateway of the cluster is ordering", timeout=60)
