@@ -156,7 +156,7 @@ class AcmeIssuingService(Service):
             try:
                 await _maybe(self.store.prepare())
             except Exception as e:  # noqa: BLE001 - the local copy carries on; ordering waits for the store
-                log.warn("shared store not reachable ({error}); working from the local copy", error=str(e))
+                log.warn("shared store: {error}; working from the local copy", error=str(e))
         waits = []
         for group in self.settings.domains:
             if self._retry_at.get(group[0], 0) > self.reactor.seconds():

@@ -475,6 +475,12 @@ def _storage(data: Mapping[str, Any], certs_dir: str | None) -> Storage | None:
     password_env = _string(data.get("storage_password_env"), "storage_password_env")
     if password_file and password_env:
         raise ConfigError("storage_password_env", "give storage_password_file or storage_password_env, not both")
+    if password_env and not os.environ.get(password_env):
+        raise ConfigError("storage_password_env", f"the environment variable {password_env} is not set or empty")
+    if password_file:
+        with open(password_file, encoding="utf-8", errors="replace") as f:
+            if not f.readline().rstrip("\r\n"):
+                raise ConfigError("storage_password_file", f"{password_file}: the first line (the password) is empty")
     tls = data.get("storage_tls") or {}
     if not isinstance(tls, dict):
         raise ConfigError("storage_tls", "expected a mapping with ca_file, cert, key")

@@ -36,6 +36,8 @@ def test_a_complete_storage_section(base, tmp_path):
         ({"storage": "redis://h:6379/zero"}, "storage", "the database must be a number"),
         ({"storage_key_file": None}, "storage_key_file", "is required"),
         ({"storage_password_env": "A", "storage_password_file": "KEYFILE"}, "storage_password_env", "not both"),
+        ({"storage_password_env": "MTLSGATE_TEST_UNSET_VARIABLE"}, "storage_password_env", "is not set or empty"),
+        ({"storage_password_file": "EMPTYFILE"}, "storage_password_file", "the first line (the password) is empty"),
         ({"storage_tls": {"ca_file": "KEYFILE"}}, "storage_tls", "is for rediss://"),
         ({"storage_tls": {"verify": True}, "storage": "rediss://h"}, "storage_tls.verify", "unknown key"),
         ({"storage_lease": "500ms"}, "storage_lease", "at least 1s"),
@@ -43,8 +45,10 @@ def test_a_complete_storage_section(base, tmp_path):
         ({"storage": None}, "storage_key_file", "needs storage"),
     ],
 )
-def test_a_bad_storage_setting_names_its_key(base, change, key, problem):
-    data = {**base, **{k: (base["storage_key_file"] if v == "KEYFILE" else v) for k, v in change.items()}}
+def test_a_bad_storage_setting_names_its_key(base, change, key, problem, tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    files = {"KEYFILE": base["storage_key_file"], "EMPTYFILE": str(tmp_path / "empty")}
+    data = {**base, **{k: files.get(v, v) if isinstance(v, str) else v for k, v in change.items()}}
     data = {k: v for k, v in data.items() if v is not None}
     with pytest.raises(ConfigError) as caught:
         config_from_mapping(data)
