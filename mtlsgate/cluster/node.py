@@ -81,6 +81,7 @@ class ClusterNode(Service):
         self.names: frozenset[str] = frozenset()  # the names this node answers challenges for (its autocert domains)
         self._applied: dict[str, dict[str, Any]] = {}  # challenges answered here, by id
         self._ignored: set[str] = set()  # challenges for names not ours, reported once
+        self._challenge_sync = defer.DeferredLock()
         self.crls: list[x509.CertificateRevocationList] = cached_crls(certs_dir)
         self.available: bool | None = None
         self.problem: str | None = "not connected yet"
@@ -270,6 +271,14 @@ class ClusterNode(Service):
             self.on_crls(merged)
 
     async def _sync_challenges(self) -> None:
+        """One at a time (a sync that read the list before a removal must not re-apply what a later one stopped)."""
+        await self._challenge_sync.acquire()
+        try:
+            await self._sync_challenges_now()
+        finally:
+            self._challenge_sync.release()
+
+    async def _sync_challenges_now(self) -> None:
         assert self.shared is not None
         now = self.reactor.seconds()
         stored = await self.shared.challenges()
