@@ -5,9 +5,11 @@ nginx) started per test and always stopped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import http.client
+import itertools
 import json
 import os
 import resource
@@ -23,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -425,3 +427,98 @@ def admin_get(port: int, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+class RedisServer:
+    """One redis-server process; L{stop} and L{start} again keep the port (and, with C{persist}, the data)."""
+
+    def __init__(self, workdir: Path, port: int, persist: bool, password: str | None = None, tls: dict[str, str] | None = None) -> None:
+        """C{tls}: C{cert}, C{key}, C{ca} files; then Redis speaks TLS only, and requires a client certificate from C{ca}."""
+        self.workdir = workdir
+        self.port = port
+        self.persist = persist
+        self.password = password
+        self.tls = tls
+        self.proc: Proc | None = None
+        self._runs = itertools.count(1)
+
+    @property
+    def url(self) -> str:
+        return f"rediss://localhost:{self.port}/0" if self.tls else f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [find_tool("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                "--dbfilename", "dump.rdb", "--save", "3600 1" if self.persist else "", "--appendonly", "no"]  # fmt: skip
+        if self.password:
+            argv += ["--requirepass", self.password]
+        if self.tls:
+            argv[argv.index("--port") + 1] = "0"
+            argv += ["--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"], "--tls-key-file", self.tls["key"],
+                     "--tls-ca-cert-file", self.tls["ca"], "--tls-auth-clients", "yes"]  # fmt: skip
+        self.proc = Proc(argv, self.workdir / f"redis-{next(self._runs)}.log", cwd=self.workdir)
+        deadline = time.monotonic() + 20
+        while not self.ping():
+            if self.proc.popen.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.popen.returncode}:\n{self.proc.output()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server not answering after 20s:\n{self.proc.output()}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM by PID: with C{persist}, redis-server writes dump.rdb before it exits."""
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def command(self, *args: str) -> bytes:
+        """One command over a raw socket (RESP), for test assertions; returns the raw reply."""
+        parts = ([b"AUTH", self.password.encode()],) if self.password else ()
+        wire = b""
+        for cmd in (*parts, [a.encode() for a in args]):
+            wire += b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in cmd)
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", self.port), timeout=5))
+            if self.tls:
+                ctx = ssl.create_default_context(cafile=self.tls["ca"])
+                ctx.load_cert_chain(self.tls["client_cert"], self.tls["client_key"])
+                s = stack.enter_context(ctx.wrap_socket(s, server_hostname="localhost"))
+            s.sendall(wire)
+            time.sleep(0.05)
+            s.settimeout(2)
+            data = b""
+            with contextlib.suppress(TimeoutError, socket.timeout):
+                while chunk := s.recv(65536):
+                    data += chunk
+                    if data.endswith(b"\r\n") and (not self.password or data.count(b"\r\n") >= 2):
+                        break
+        return data
+
+    def ping(self) -> bool:
+        try:
+            return b"PONG" in self.command("PING")
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """
+    C{redis_server(persist=False, password=None, tls=None)}: a real redis-server on a free loopback port in the
+    test's directory (no persistence unless C{persist}: then SIGTERM writes dump.rdb and a restart
+    reads it); all stopped by PID at teardown.
+    """
+    if not find_tool("redis-server"):
+        pytest.skip("redis-server not installed")
+    started: list[RedisServer] = []
+    numbers = itertools.count(1)
+
+    def start(persist: bool = False, password: str | None = None, tls: dict[str, str] | None = None) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{next(numbers)}", free_port(), persist, password, tls)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

@@ -26,7 +26,7 @@ from mtlsgate.acme.client import (
     ACMEClient, ACMEError, ari_certificate_id, challenge_token, challenge_type, dns01_txt_value, http_client, renewal_time_in,
 )  # fmt: skip
 from mtlsgate.acme.responders import DNSHookError, IResponder
-from mtlsgate.acme.store import ICertificateStore
+from mtlsgate.acme.store import ICertificateStore, IIssuanceLock, LeaseLost
 from mtlsgate.config.model import Autocert
 from mtlsgate.observe.metrics import GatewayMetrics
 
@@ -34,6 +34,10 @@ log = Logger(namespace="mtlsgate.acme")
 
 DEFAULT_RENEW_BEFORE = 30 * 86400.0
 MAX_BACKOFF = 86400.0
+
+
+class OrderedElsewhere(Exception):
+    """Another gateway of the cluster holds the issuance lease for this name; its result is awaited, not duplicated."""
 
 
 class NotStored(Exception):
@@ -148,6 +152,11 @@ class AcmeIssuingService(Service):
         self._schedule(self._next_wake())
 
     async def _check(self) -> None:
+        if IIssuanceLock.providedBy(self.store):
+            try:
+                await _maybe(self.store.prepare())
+            except Exception as e:  # noqa: BLE001 - the local copy carries on; ordering waits for the store
+                log.warn("shared store: {error}; working from the local copy", error=str(e))
         waits = []
         for group in self.settings.domains:
             if self._retry_at.get(group[0], 0) > self.reactor.seconds():
@@ -239,6 +248,11 @@ class AcmeIssuingService(Service):
             await self._order(names)
         except defer.CancelledError:
             raise
+        except OrderedElsewhere:
+            wait = self.store.wait_for_other()  # type: ignore[attr-defined]
+            self._retry_at[names[0]] = self.reactor.seconds() + wait
+            log.info("another gateway of the cluster is ordering the certificate for {names}; looking again in {wait:.0f}s", names=label, wait=wait)
+            return
         except Exception as e:  # noqa: BLE001 - every failure is logged and retried later
             failures = self._failures.get(names[0], 0) + 1
             self._failures[names[0]] = failures
@@ -256,6 +270,26 @@ class AcmeIssuingService(Service):
         self._retry_at.pop(names[0], None)
 
     async def _order(self, names: tuple[str, ...]) -> None:
+        """
+        With a shared store (a cluster), order only while holding the name's lease: exactly one
+        gateway orders; the others wait for its result (L{OrderedElsewhere}).
+        """
+        if not IIssuanceLock.providedBy(self.store):
+            return await self._order_here(names)
+        lease = await self.store.acquire(names[0])
+        if lease is None:
+            raise OrderedElsewhere()
+        try:
+            await _maybe(self.store.prepare())  # another gateway may have stored one just before we got the lease
+            if not await self._needs_certificate(names):
+                log.info("the certificate for {names} was stored by another gateway meanwhile", names=", ".join(names))
+                self.installed()
+                return None
+            return await self._order_here(names)
+        finally:
+            await _maybe(lease.release())
+
+    async def _order_here(self, names: tuple[str, ...]) -> None:
         """Obtain a certificate (or take the one issued last time but not stored) and keep it."""
         kept = self._unstored.pop(names[0], None)
         if kept is not None and kept[1][0].not_valid_after_utc.timestamp() > self.reactor.seconds():
@@ -272,7 +306,9 @@ class AcmeIssuingService(Service):
         """
         label = ", ".join(names)
         try:
-            self.store.store(names[0], key, chain)
+            await _maybe(self.store.store(names[0], key, chain))
+        except LeaseLost:
+            raise  # another gateway holds the lease now and orders; this certificate is dropped
         except Exception as e:
             self._unstored[names[0]] = (key, chain)
             raise NotStored(str(e)) from e

@@ -26,11 +26,32 @@ class ICertificateStore(Interface):
     def get(name: str) -> tuple[Any, list[x509.Certificate]] | None:
         """The key and chain (leaf first) stored under C{name}, or None."""
 
-    def store(name: str, key: Any, chain: list[x509.Certificate]) -> None:
-        """Replace what is stored under C{name}, atomically: a reader sees the old or the new."""
+    def store(name: str, key: Any, chain: list[x509.Certificate]) -> Any:
+        """Replace what is stored under C{name}, atomically: a reader sees the old or the new. None, or a Deferred."""
 
     def account_key() -> Any:
         """The ACME account's private key, made (and kept) on first use."""
+
+
+class LeaseLost(Exception):
+    """A fenced write refused: this node's issuance lease ran out and another node may hold it now."""
+
+
+class IIssuanceLock(Interface):
+    """
+    A store shared by several gateways (L{mtlsgate.cluster}) also decides which of them orders a
+    certificate: the issuing service asks it before ordering, and the winner's L{ICertificateStore.store}
+    is fenced by the lease it got.
+    """
+
+    def prepare() -> Any:
+        """Bring the local view up to date with the shared store (a Deferred); a failure is logged, not fatal."""
+
+    def acquire(name: str) -> Any:
+        """A Deferred firing with a lease object (with C{release()}) if this node may order C{name}, or None if another node is."""
+
+    def wait_for_other() -> float:
+        """Seconds to wait before looking again when another node holds the lease."""
 
 
 def file_name_for(name: str) -> str:

@@ -47,8 +47,10 @@ from mtlsgate.tls.server import (
 from mtlsgate.proxy.upstream import UpstreamGroup
 
 if TYPE_CHECKING:
-    # The ACME stack (acme, josepy, treq: ~9 MiB) is imported only by a gateway that runs autocert.
+    # The ACME stack (acme, josepy, treq: ~9 MiB) is imported only by a gateway that runs autocert,
+    # txredisapi only by one with a shared store.
     from mtlsgate.acme.service import AcmeIssuingService
+    from mtlsgate.cluster.node import ClusterNode
 
 log = Logger(namespace="mtlsgate")
 
@@ -97,10 +99,13 @@ def check_key_permissions(config: Config) -> None:
             log.warn("{problem}", problem=problem)
 
 
-def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
-    """Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem."""
+def build_world(reactor: Any, config: Config, server_tls: ServerTLS, shared_crls: Sequence[Any] = ()) -> World:
+    """
+    Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem.
+    C{shared_crls}: the CRLs of a cluster's shared store (L{mtlsgate.cluster}), beside C{crl_file}'s.
+    """
     check_key_permissions(config)
-    verification = ClientVerification.load(config.downstream_mtls)
+    verification = ClientVerification.load(config.downstream_mtls, shared_crls)
     certificates = server_tls.build(served_certificates(config), verification, config.unknown_sni, config.http2)
     entries = []
     for route in config.routes:
@@ -118,9 +123,9 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
 
 
 def served_certificates(config: Config) -> list[ServedCertificate]:
-    """The configured certificates and certs_dir's; with autocert and nothing yet, a placeholder."""
+    """The configured certificates and certs_dir's; with autocert (or a shared store to copy from) and nothing yet, a placeholder."""
     served = load_served_certificates(config.certificates, config.certs_dir)
-    if not served and config.autocert is not None:
+    if not served and (config.autocert is not None or config.storage is not None):
         served = [placeholder_certificate()]
     return served
 
@@ -235,9 +240,11 @@ class _Listener(Service):
         return getattr(self.port.getHost(), "port", None) if self.port is not None else None
 
 
-def admin_listener_for(reactor: Any, address: str, registry: Any, readiness: Callable[[], str | None]) -> _Listener:
+def admin_listener_for(
+    reactor: Any, address: str, registry: Any, readiness: Callable[[], str | None], degraded: Callable[[], str | None] = lambda: None,
+) -> _Listener:
     """The admin listener (C{/metrics}, C{/healthz}, C{/readyz}), not yet started."""
-    admin = server.Site(admin_resource(registry, readiness))
+    admin = server.Site(admin_resource(registry, readiness, degraded))
     admin.noisy = False  # no "Starting factory" lines
     admin.log = lambda request: None  # type: ignore[method-assign]
     return _Listener(reactor, address, admin, "admin (/metrics, /healthz, /readyz)")
@@ -248,10 +255,11 @@ class GatewayService(MultiService):
 
     def __init__(
         self, reactor: Any, world: World, server_tls: ServerTLS, reload_config: Callable[[], Config] | None = None,
-        worker: WorkerRole | None = None,
+        worker: WorkerRole | None = None, shared_crls: Sequence[Any] = (),
     ) -> None:  # fmt: skip
         super().__init__()
         self.reactor = reactor
+        self.shared_crls = list(shared_crls)
         self.server_tls = server_tls
         self.reload_config = reload_config
         self.world = world
@@ -270,6 +278,11 @@ class GatewayService(MultiService):
         self.https.setServiceParent(self)
         self.listeners = [self.https]
         self.autocert: AcmeIssuingService | None = None
+        self.cluster: ClusterNode | None = None
+        if config.storage is not None and (worker is None or worker.acme):
+            self._join_cluster(config)
+        elif config.storage is not None:
+            self._follow_cluster(config)
         http01 = None
         if config.autocert is not None:
             if worker is None or worker.acme:
@@ -284,7 +297,7 @@ class GatewayService(MultiService):
             http_listener.setServiceParent(self)
             self.listeners.append(http_listener)
         if config.admin_address and worker is None:  # a worker group's parent serves the admin listener
-            admin_listener = admin_listener_for(reactor, config.admin_address, self.metrics.registry, self.readiness)
+            admin_listener = admin_listener_for(reactor, config.admin_address, self.metrics.registry, self.readiness, self.degraded)
             admin_listener.setServiceParent(self)
             self.listeners.append(admin_listener)
         if config.access_log and config.access_log != "off":
@@ -337,6 +350,51 @@ class GatewayService(MultiService):
 
         FileWatch(self.reactor, stored, self.refresh_certificates, config.watch_interval or _STORE_WATCH_INTERVAL).setServiceParent(self)
 
+    def _join_cluster(self, config: Config) -> None:
+        """The shared store (docs/cluster.md): certificates and CRLs from the other gateways, swapped in as they come."""
+        from mtlsgate.cluster.node import ClusterNode
+
+        assert config.storage is not None and config.certs_dir is not None
+        self.cluster = ClusterNode(
+            self.reactor, config.storage, config.certs_dir, self.metrics.registry,
+            on_certificates=self.refresh_certificates, on_crls=self.install_shared_crls,
+        )  # fmt: skip
+        self.cluster.setServiceParent(self)
+
+    def _follow_cluster(self, config: Config) -> None:
+        """A worker beside the one connected to the shared store: it picks up what that one copies to disk (CRLs, certificates)."""
+        from mtlsgate.cluster.cache import cached_crls, crl_cache_file
+
+        assert config.certs_dir is not None
+        certs_dir = config.certs_dir
+        interval = config.watch_interval or _STORE_WATCH_INTERVAL
+        FileWatch(self.reactor, lambda: [crl_cache_file(certs_dir)], lambda: self.install_shared_crls(cached_crls(certs_dir)), interval).setServiceParent(self)
+        if config.autocert is None:  # with autocert, _follow_autocert watches the certificates
+
+            def stored() -> list[str]:
+                names = sorted(os.listdir(certs_dir)) if os.path.isdir(certs_dir) else []
+                return [certs_dir] + [os.path.join(certs_dir, n) for n in names if n.endswith(".pem")]
+
+            FileWatch(self.reactor, stored, self.refresh_certificates, interval).setServiceParent(self)
+
+    def install_shared_crls(self, crls: Sequence[Any]) -> None:
+        """New CRLs from the shared store: new contexts for the same certificates; open connections carry on."""
+        world = self.world
+        try:
+            verification = ClientVerification.load(world.config.downstream_mtls, crls)
+            certificates = self.server_tls.build(world.certificates.served, verification, world.config.unknown_sni)
+        except (PKIError, OSError) as e:
+            log.error("shared CRLs not installed, keeping the ones in use: {error}", error=str(e))
+            return
+        self.shared_crls = list(crls)
+        self.world = attrs.evolve(world, verification=verification, certificates=certificates)
+        self.server_tls.install(certificates)
+        log.info("installed {n} CRL(s) for client certificates (shared store and crl_file)", n=len(verification.crls))
+
+    def degraded(self) -> str | None:
+        """Why the gateway serves in a degraded state (the shared store is away), or None."""
+        return self.cluster.degraded() if self.cluster is not None else None
+
     def _files_changed(self) -> None:
         log.info("configuration or certificate files changed; reloading")
         self.reload()
@@ -345,7 +403,7 @@ class GatewayService(MultiService):
         """Build the issuing service and its responders; returns the http-01 lookup, if any."""
         from mtlsgate.acme.responders import DNS01Responder, HTTP01Responder, TLSALPN01Responder
         from mtlsgate.acme.service import AcmeIssuingService
-        from mtlsgate.acme.store import DirectoryStore
+        from mtlsgate.acme.store import DirectoryStore, ICertificateStore
 
         settings = config.autocert
         assert settings is not None and config.certs_dir is not None
@@ -359,11 +417,16 @@ class GatewayService(MultiService):
             http = HTTP01Responder()
             http01 = http.answer
             responders.append(http)
+        store: ICertificateStore = DirectoryStore(config.certs_dir)
+        if self.cluster is not None:  # any gateway may be the one the CA reaches: all answer every challenge
+            from mtlsgate.cluster.node import ClusterCertificateStore, SharedResponder
+
+            responders = [SharedResponder(self.cluster, r) if r.challenge_type != "dns-01" else r for r in responders]
+            self.cluster.names = frozenset(name.lower() for group in settings.domains for name in group)
+            store = ClusterCertificateStore(self.cluster)
         if "dns-01" in settings.challenges and settings.dns_hook:
             responders.append(DNS01Responder(self.reactor, settings.dns_hook, settings.dns_resolver, settings.propagation_timeout))
-        self.autocert = AcmeIssuingService(
-            self.reactor, settings, DirectoryStore(config.certs_dir), responders, self.refresh_certificates, metrics=self.metrics,
-        )  # fmt: skip
+        self.autocert = AcmeIssuingService(self.reactor, settings, store, responders, self.refresh_certificates, metrics=self.metrics)
         return http01
 
     def _expiries(self) -> list[tuple[str, datetime]]:
@@ -433,12 +496,14 @@ class GatewayService(MultiService):
         assert self.reload_config is not None
         try:
             config = self.reload_config()
-            world = build_world(self.reactor, config, self.server_tls)
+            world = build_world(self.reactor, config, self.server_tls, self.shared_crls)
         except (ConfigError, PKIError, OSError) as e:
             log.error("reload refused, keeping the running configuration: {error}", error=str(e))
             return False
         old_config = self.world.config
-        listeners_changed = (config.address, config.http_address, config.autocert) != (old_config.address, old_config.http_address, old_config.autocert)
+        listeners_changed = (config.address, config.http_address, config.autocert, config.storage) != (
+            old_config.address, old_config.http_address, old_config.autocert, old_config.storage
+        )
         old = self.world
         self.world = world
         self.server_tls.install(world.certificates)
@@ -452,7 +517,7 @@ class GatewayService(MultiService):
         if config.session_ticket_rotation != old_config.session_ticket_rotation:
             self._restart_ticket_rotation(config.session_ticket_rotation)
         if listeners_changed:
-            log.warn("reload: listener addresses or autocert settings changed; those take effect on restart")
+            log.warn("reload: listener addresses, autocert or storage settings changed; those take effect on restart")
         log.info(
             "reloaded: {certs} certificate(s), {routes} route(s)",
             certs=len(world.certificates.served), routes=len(config.routes) + len(config.tcp_routes),
@@ -485,8 +550,13 @@ def make_gateway(
     """Build the whole gateway service, or raise L{ConfigError}/L{PKIError} before anything listens."""
     config = fit_to_descriptors(config)
     server_tls = ServerTLS()
-    world = build_world(reactor, config, server_tls)
-    return GatewayService(reactor, world, server_tls, reload_config, worker)
+    shared_crls: list[Any] = []
+    if config.storage is not None:  # what this node last loaded from the shared store: revocations hold while Redis is away
+        from mtlsgate.cluster.cache import cached_crls
+
+        shared_crls = list(cached_crls(config.certs_dir))
+    world = build_world(reactor, config, server_tls, shared_crls)
+    return GatewayService(reactor, world, server_tls, reload_config, worker, shared_crls)
 
 
 def fail(message: str) -> None:

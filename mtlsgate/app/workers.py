@@ -126,7 +126,7 @@ class WorkerGroup(MultiService):
         if config.admin_address:
             self.metrics_dir = tempfile.mkdtemp(prefix="mtlsgate-metrics-")
             registry = worker_group_registry(self.metrics_dir, self._expiries, lambda: len(self.workers))
-            admin_listener_for(reactor, config.admin_address, registry, self.readiness).setServiceParent(self)
+            admin_listener_for(reactor, config.admin_address, registry, self.readiness, self.degraded).setServiceParent(self)
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -170,8 +170,8 @@ class WorkerGroup(MultiService):
             if self.http_socket is not None:
                 fds[HTTP_FD] = self.http_socket.fileno()
                 args.append("--http")
-            if self.config.autocert is not None:
-                args.append("--acme")
+            if self.config.autocert is not None or self.config.storage is not None:
+                args.append("--acme")  # autocert, and the shared store's connection (docs/cluster.md), live in worker 0
         env = dict(os.environ)
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
@@ -230,6 +230,14 @@ class WorkerGroup(MultiService):
             return certificate_problem(served_certificates(self.config))
         except (PKIError, OSError) as e:
             return str(e)
+
+    def degraded(self) -> str | None:
+        """With a shared store: why worker 0 cannot reach it, as it last recorded (docs/cluster.md), or None."""
+        if self.config.storage is None:
+            return None
+        from mtlsgate.cluster.cache import read_state
+
+        return read_state(self.config.certs_dir)
 
     # --- stop ----------------------------------------------------------------------------------
 

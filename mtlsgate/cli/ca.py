@@ -262,12 +262,45 @@ def revocations_json(entries: Sequence[Revocation]) -> bytes:
     return (json.dumps({"revoked": [entry.to_json() for entry in entries]}, indent=2) + "\n").encode("utf-8")
 
 
-def _write_crl(ca: DevCA, directory: str, entries: Sequence[Revocation], days: int) -> None:
+def _write_crl(ca: DevCA, directory: str, entries: Sequence[Revocation], days: int, args: argparse.Namespace | None = None) -> None:
     crl = ca.crl_for_serials([(entry.serial, entry.revoked_at) for entry in entries], days=days)
     path = os.path.join(directory, "crl.pem")
     write_public_file(path, crl.public_bytes(Encoding.PEM))
     print(f"wrote {path}: {len(entries)} revoked certificate(s)"
           f", next update {_date(crl.next_update_utc)} (run 'mtlsgate ca crl' again before then)")  # type: ignore[arg-type]
+    if args is not None and args.storage:
+        _publish(crl, args)
+
+
+def _storage_from(args: argparse.Namespace) -> Any:
+    """The C{--storage*} flags as the gateway's storage settings (no storage key: a CRL is public)."""
+    from mtlsgate.cluster.url import parse_storage_url
+    from mtlsgate.config.model import Storage
+
+    try:
+        url = parse_storage_url(args.storage)
+    except ValueError as e:
+        raise CommandError(f"--storage: {e}") from None
+    if (args.storage_ca_file or args.storage_cert) and not url.tls:
+        raise CommandError("--storage-ca-file and --storage-cert are for rediss:// (Redis over TLS)")
+    return Storage(
+        url=args.storage, key_file="", password_file=args.storage_password_file, password_env=args.storage_password_env,
+        username=url.username, ca_file=args.storage_ca_file, cert=args.storage_cert, key=args.storage_key, timeout=10.0,
+    )  # fmt: skip
+
+
+def _publish(crl: x509.CertificateRevocationList, args: argparse.Namespace) -> None:
+    from mtlsgate.cluster.publish import publish_crl
+
+    storage = _storage_from(args)
+    try:
+        stored = publish_crl(storage, crl)
+    except Exception as e:  # noqa: BLE001 - txredisapi's errors, StoreUnavailable: one line, not a traceback
+        raise CommandError(f"--storage {args.storage}: the CRL was written locally but not published: {e}") from None
+    if stored:
+        print(f"published the CRL to {args.storage}: every gateway sharing it refuses the revoked certificates within seconds")
+    else:
+        print(f"{args.storage} already holds this CRL or a newer one for this CA; nothing published")
 
 
 def ca_revoke(args: argparse.Namespace) -> int:
@@ -288,7 +321,7 @@ def ca_revoke(args: argparse.Namespace) -> int:
         write_public_file(registry, revocations_json(entries))
         print(f"revoked {subject!r} (serial {serial_hex(cert.serial_number)}); recorded in {registry}")
     try:
-        _write_crl(ca, args.dir, entries, args.days)
+        _write_crl(ca, args.dir, entries, args.days, args)
     except PKIError as e:
         raise PKIError(f"{e} (the revocation is recorded in {registry}; run 'mtlsgate ca crl' once this is fixed)") from None
     return 0
@@ -297,7 +330,7 @@ def ca_revoke(args: argparse.Namespace) -> int:
 def ca_crl(args: argparse.Namespace) -> int:
     check_days(args.days)
     ca = load_ca(args.dir)
-    _write_crl(ca, args.dir, read_revocations(os.path.join(args.dir, "revoked.json")), args.days)
+    _write_crl(ca, args.dir, read_revocations(os.path.join(args.dir, "revoked.json")), args.days, args)
     return 0
 
 
@@ -431,6 +464,16 @@ def _show_ca(cert: x509.Certificate, directory: str) -> None:
 # --- the parsers -----------------------------------------------------------------------------------
 
 
+def _storage_flags(parser: Any) -> None:
+    """C{--storage URL} and its password and TLS flags (the password never on the command line)."""
+    parser.add_argument("--storage", metavar="URL", help="also publish the CRL to this cluster's shared store (redis://HOST:PORT/DB, rediss://...)")
+    parser.add_argument("--storage-password-file", metavar="FILE", help="Redis password: the first line of FILE")
+    parser.add_argument("--storage-password-env", metavar="VAR", help="Redis password: the environment variable VAR")
+    parser.add_argument("--storage-ca-file", metavar="FILE", help="rediss://: the CA bundle to trust for Redis's certificate [system]")
+    parser.add_argument("--storage-cert", metavar="FILE", help="rediss://: the client certificate to present (PEM, may hold the key)")
+    parser.add_argument("--storage-key", metavar="FILE", help="rediss://: the client certificate's key, if not in --storage-cert")
+
+
 def add_parsers(subparsers: Any) -> None:
     """C{mtlsgate ca ...} and its subcommands."""
     ca = subparsers.add_parser("ca", help="a local development CA", description="A local development CA, kept in one directory.")
@@ -462,11 +505,13 @@ def add_parsers(subparsers: Any) -> None:
     revoke.add_argument("certfile", metavar="CERTFILE")
     revoke.add_argument("--dir", default=DEFAULT_DIR, help=dir_help)
     revoke.add_argument("--days", type=int, default=CRL_DAYS, help=f"the CRL's validity in days [{CRL_DAYS}]")
+    _storage_flags(revoke)
     revoke.set_defaults(run=ca_revoke)
 
     crl = sub.add_parser("crl", help="(re)write DIR/crl.pem listing every revoked certificate")
     crl.add_argument("--dir", default=DEFAULT_DIR, help=dir_help)
     crl.add_argument("--days", type=int, default=CRL_DAYS, help=f"the CRL's validity in days [{CRL_DAYS}]")
+    _storage_flags(crl)
     crl.set_defaults(run=ca_crl)
 
     show = sub.add_parser("show", help="print the identity the gateway would see in a certificate")

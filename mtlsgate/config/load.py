@@ -21,8 +21,12 @@ import yaml
 from mtlsgate.identity import AllowRules
 from mtlsgate.http.pathnorm import prefix_problem
 from mtlsgate.app.sockets import parse_tcp_listen
+from mtlsgate.cluster.seal import SealError, read_key_file
+from mtlsgate.cluster.url import parse_storage_url
 from mtlsgate.proxy.healthcheck import GRPC_HEALTH_PATH
-from mtlsgate.config.model import Autocert, CHALLENGE_TYPES, CertificateSpec, Config, ConfigError, DownstreamMTLS, HSTS, HealthCheck, Limits, Route, TCPRoute
+from mtlsgate.config.model import (
+    Autocert, CHALLENGE_TYPES, CertificateSpec, Config, ConfigError, DownstreamMTLS, HSTS, HealthCheck, Limits, Route, Storage, TCPRoute,
+)  # fmt: skip
 
 
 def _check_keys(data: Mapping[str, Any], where: str, allowed: Sequence[str]) -> None:
@@ -389,7 +393,8 @@ _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
     "limits", "hsts", "strict_permissions", "workers", "worker_affinity", "session_ticket_rotation",
-    "unknown_sni", "http2", "websocket_idle_timeout",
+    "unknown_sni", "http2", "websocket_idle_timeout", "storage", "storage_key_file", "storage_password_file", "storage_password_env",
+    "storage_tls", "storage_lease", "storage_sync_interval",
 )  # fmt: skip
 
 _LIMIT_KEYS = tuple(f.name for f in attrs.fields(Limits))
@@ -553,13 +558,63 @@ def _autocert(data: Any, key: str, certs_dir: str | None, http_address: str | No
     )
 
 
+def _storage(data: Mapping[str, Any], certs_dir: str | None) -> Storage | None:
+    """C{storage: redis://...} and its C{storage_*} keys (docs/cluster.md)."""
+    given = _string(data.get("storage"), "storage")
+    if given is None:
+        others = [k for k in _TOP_KEYS if k.startswith("storage_") and data.get(k) is not None]
+        if others:
+            raise ConfigError(others[0], "needs storage: redis://HOST:PORT/DB")
+        return None
+    try:
+        url = parse_storage_url(given)
+    except ValueError as e:
+        raise ConfigError("storage", str(e)) from None
+    if certs_dir is None:
+        raise ConfigError("certs_dir", "is required with storage: the node keeps what it last loaded there, to serve while Redis is away")
+    key_file = _readable_file(data.get("storage_key_file"), "storage_key_file", optional=False)
+    assert key_file is not None
+    try:
+        read_key_file(key_file)
+    except SealError as e:
+        raise ConfigError("storage_key_file", str(e)) from None
+    password_file = _readable_file(data.get("storage_password_file"), "storage_password_file")
+    password_env = _string(data.get("storage_password_env"), "storage_password_env")
+    if password_file and password_env:
+        raise ConfigError("storage_password_env", "give storage_password_file or storage_password_env, not both")
+    if password_env and not os.environ.get(password_env):
+        raise ConfigError("storage_password_env", f"the environment variable {password_env} is not set or empty")
+    if password_file:
+        with open(password_file, encoding="utf-8", errors="replace") as f:
+            if not f.readline().rstrip("\r\n"):
+                raise ConfigError("storage_password_file", f"{password_file}: the first line (the password) is empty")
+    tls = data.get("storage_tls") or {}
+    if not isinstance(tls, dict):
+        raise ConfigError("storage_tls", "expected a mapping with ca_file, cert, key")
+    _check_keys(tls, "storage_tls", ("ca_file", "cert", "key"))
+    if tls and not url.tls:
+        raise ConfigError("storage_tls", "is for rediss:// (Redis over TLS); storage is redis://")
+    cert = _readable_file(tls.get("cert"), "storage_tls.cert")
+    key = _readable_file(tls.get("key"), "storage_tls.key")
+    if key and not cert:
+        raise ConfigError("storage_tls.key", "needs storage_tls.cert")
+    lease = parse_duration(data.get("storage_lease", "30s"), "storage_lease")
+    if lease < 1:
+        raise ConfigError("storage_lease", "at least 1s")
+    return Storage(
+        url=given, key_file=key_file, password_file=password_file, password_env=password_env, username=url.username,
+        ca_file=_readable_file(tls.get("ca_file"), "storage_tls.ca_file"), cert=cert, key=key, lease=lease,
+        sync_interval=parse_duration(data.get("storage_sync_interval", "30s"), "storage_sync_interval"),
+    )  # fmt: skip
+
+
 def config_from_mapping(data: Any, source: str | None = None) -> Config:
     """Validate a plain mapping (parsed YAML, or flags turned into the same shape) into a L{Config}."""
     if data is None:
         data = {}
     _check_keys(data, "", _TOP_KEYS)
     certs_dir = _string(data.get("certs_dir"), "certs_dir")
-    if certs_dir is not None and not os.path.isdir(certs_dir) and data.get("autocert") is None:
+    if certs_dir is not None and not os.path.isdir(certs_dir) and data.get("autocert") is None and data.get("storage") is None:
         raise ConfigError("certs_dir", f"{certs_dir}: no such directory")
     certificates = _certificates(data.get("certificates"), "certificates")
     if not certificates and certs_dir is None and data.get("autocert") is None:
@@ -598,6 +653,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         http2=_boolean(data.get("http2", True), "http2"),
         access_log_format=_choice(data.get("access_log_format", "combined"), "access_log_format", ("combined", "json")),
         autocert=_autocert(data.get("autocert"), "autocert", certs_dir, http_address),
+        storage=_storage(data, certs_dir),
         workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443"), http_address),
         worker_affinity=_choice(data.get("worker_affinity", "connection"), "worker_affinity", ("connection", "client_ip")),
         websocket_idle_timeout=websocket_idle_timeout,
@@ -687,7 +743,7 @@ def load_config(path: str, overrides: Callable[[dict[str, Any]], dict[str, Any]]
 
 _PATH_KEYS = {
     "cert", "key", "ca_file", "crl_file", "certs_dir", "tls_custom_ca_file", "tls_client_cert_file",
-    "tls_client_key_file", "access_log", "dns_hook",
+    "tls_client_key_file", "access_log", "dns_hook", "storage_key_file", "storage_password_file",
 }  # fmt: skip
 
 

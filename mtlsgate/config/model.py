@@ -168,6 +168,23 @@ class Autocert:
 
 
 @attrs.frozen
+class Storage:
+    """A shared store for a cluster of gateways (docs/cluster.md): Redis at C{url}."""
+
+    url: str  # redis://HOST:PORT/DB or rediss://HOST:PORT/DB (TLS)
+    key_file: str  # the key that seals private keys at rest (base64 of 32 bytes)
+    password_file: str | None = None
+    password_env: str | None = None
+    username: str | None = None  # a Redis ACL user (from the URL: redis://USER@HOST)
+    ca_file: str | None = None  # rediss://: trust for the server's certificate (default: the system's)
+    cert: str | None = None  # rediss://: the client certificate (and key) to present
+    key: str | None = None
+    lease: float = 30.0  # how long the issuance lock lives without renewal
+    sync_interval: float = 30.0  # reconciliation with the store, beside pub/sub notifications
+    timeout: float = 5.0  # per command
+
+
+@attrs.frozen
 class Config:
     """The whole gateway configuration."""
 
@@ -190,6 +207,7 @@ class Config:
     unknown_sni: str = "default"  # or "reject": fail handshakes for names no certificate carries
     http2: bool = True  # ALPN offers h2 (then http/1.1): HTTP/2 clients get the HTTP/2 front end
     autocert: Autocert | None = None
+    storage: Storage | None = None  # certificates, ACME and revocation shared through Redis
     workers: int = 1  # processes serving the TLS listener (nginx's worker_processes)
     worker_affinity: str = "connection"  # or "client_ip": a client's connections all reach one worker
     websocket_idle_timeout: float = 300.0  # the default of the routes' websocket_idle_timeout

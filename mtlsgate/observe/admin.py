@@ -28,12 +28,20 @@ class _Text(Resource):
         return text.encode("utf-8") + b"\n"
 
 
-def admin_resource(registry: CollectorRegistry, readiness: Callable[[], str | None]) -> Resource:
-    """C{readiness} returns None when ready, else why not (answered with 503)."""
+def admin_resource(
+    registry: CollectorRegistry, readiness: Callable[[], str | None], degraded: Callable[[], str | None] = lambda: None,
+) -> Resource:
+    """
+    C{readiness} returns None when ready, else why not (answered with 503); C{degraded}, why a ready
+    gateway serves in a degraded state (a cluster's shared store is away), still answered with 200.
+    """
 
     def ready() -> tuple[int, str]:
         problem = readiness()
-        return (200, "ready") if problem is None else (503, f"not ready: {problem}")
+        if problem is not None:
+            return 503, f"not ready: {problem}"
+        why = degraded()
+        return (200, "ready") if why is None else (200, f"ready, degraded: {why}")
 
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))

@@ -296,16 +296,25 @@ class ClientVerification:
     revoked_anchors: frozenset[str] = frozenset()
 
     @classmethod
-    def load(cls, settings: DownstreamMTLS) -> ClientVerification:
+    def load(cls, settings: DownstreamMTLS, shared_crls: Sequence[x509.CertificateRevocationList] = ()) -> ClientVerification:
+        """
+        C{shared_crls} (from a cluster's shared store) join the file's: only those a CA of the bundle
+        signed count, and per issuer only the newest (by CRL number) is kept, so an older CRL never
+        un-revokes what a newer one lists.
+        """
         crls = tuple(pki.load_crls(settings.crl_file)) if settings.crl_file else ()
         bundle = pki.load_certificates(settings.ca_file) if settings.ca_file else []  # fail early, naming the file, on an empty bundle
+        if shared_crls:
+            crls = newest_crl_per_issuer(crls + tuple(crl for crl in shared_crls if any(_is_crl_of(crl, ca) for ca in bundle)))
         if not (crls and settings.crl_check == "chain"):
             return cls(settings=settings, crls=crls)
-        assert settings.crl_file is not None
+        where = settings.crl_file or "the shared store's CRLs"
+        if settings.crl_file and shared_crls:
+            where = f"{settings.crl_file} and the shared store's CRLs"
         for ca in bundle:
             if not any(_is_crl_of(crl, ca) for crl in crls):
                 raise pki.PKIError(
-                    f"{settings.crl_file}: no CRL from CA {printable(ca.subject.rfc4514_string())} of {settings.ca_file} "
+                    f"{where}: no CRL from CA {printable(ca.subject.rfc4514_string())} of {settings.ca_file} "
                     "(crl_check: chain needs one from every CA in the bundle; crl_check: leaf checks client certificates only)"
                 )
         anchors = [ca for ca in bundle if not pki.is_issued_by(ca, ca)]
@@ -327,6 +336,24 @@ class ClientVerification:
     @property
     def checks_chain(self) -> bool:
         return bool(self.crls) and self.settings.crl_check == "chain"
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL number (RFC 5280 5.2.3), else its thisUpdate as a number: what makes one CRL of an issuer newer than another."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return int(crl.last_update_utc.timestamp())
+
+
+def newest_crl_per_issuer(crls: Sequence[x509.CertificateRevocationList]) -> tuple[x509.CertificateRevocationList, ...]:
+    """Of several CRLs, the newest (L{crl_number}) of each issuer."""
+    newest: dict[bytes, x509.CertificateRevocationList] = {}
+    for crl in crls:
+        issuer = crl.issuer.public_bytes()
+        if issuer not in newest or crl_number(crl) > crl_number(newest[issuer]):
+            newest[issuer] = crl
+    return tuple(newest.values())
 
 
 def _is_crl_of(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:

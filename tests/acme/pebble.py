@@ -78,13 +78,13 @@ class Pebble:
     def start(
         cls, workdir: Path, http_port: int, tls_port: int, *,
         nonce_reject_percent: int = 0, eab: dict[str, str] | None = None, env: dict[str, str] | None = None,
-        timeout: float = 20.0,
+        timeout: float = 20.0, validity: int | None = None,
     ) -> Pebble:  # fmt: skip
         """
         Start both processes in C{workdir} and return once all their ports accept connections. pebble's
         validator connects to C{http_port} for http-01 and C{tls_port} for tls-alpn-01. C{eab} maps key
         ids to base64url HMAC keys and makes external account binding required. C{env} is added to
-        pebble's environment (e.g. C{PEBBLE_CHAIN_LENGTH}).
+        pebble's environment (e.g. C{PEBBLE_CHAIN_LENGTH}). C{validity}: the certificates' lifetime in seconds.
         """
         workdir.mkdir(parents=True, exist_ok=True)
         ca = DevCA.create(str(workdir / "ca"), name="pebble test CA")
@@ -108,6 +108,7 @@ class Pebble:
                     "ocspResponderURL": "",
                     "externalAccountBindingRequired": bool(eab),
                     "externalAccountMACKeys": eab or {},
+                    **({"certificateValidityPeriod": validity} if validity else {}),
                 }
             }
             config_path = workdir / "pebble-config.json"
@@ -204,6 +205,10 @@ class Pebble:
     def intermediate_pem(self) -> bytes:
         """The intermediate that signs the certificates pebble issues."""
         return self._management_get("/intermediates/0")
+
+    def set_a(self, name: str, address: str) -> None:
+        """Make C{name} resolve to C{address} (instead of the default 127.0.0.1) for pebble's validator."""
+        _post_json(self.challtestsrv_url + "/add-a", {"host": _fqdn(name), "addresses": [address]})
 
     def set_txt(self, fqdn: str, value: str) -> None:
         """Add a TXT value for C{fqdn} (values accumulate; the name is matched case-insensitively)."""

@@ -1,4 +1,4 @@
-"""What a gateway process imports: the ACME stack (acme, josepy, treq: ~9 MiB per process) only when it runs autocert."""
+"""What a gateway process imports: the ACME stack (acme, josepy, treq: ~9 MiB per process) only when it runs autocert, txredisapi only with a shared store."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from tests.conftest import subprocess_env
 
-HEAVY = ("acme", "josepy", "treq")
+HEAVY = ("acme", "josepy", "treq", "txredisapi")
 
 
 def test_a_gateway_without_autocert_never_imports_the_acme_stack(tmp_path):

@@ -1,0 +1,1 @@
+"""Several gateways behind a load balancer, sharing certificates, ACME and revocation through Redis (docs/cluster.md)."""
