@@ -316,9 +316,50 @@ class ThreadedListener:
 
 
 class Gateway:
-    def __init__(self, proc: Proc, port: int) -> None:
+    """A started gateway: its process, its TLS port, and how many processes serve it (C{--workers})."""
+
+    def __init__(self, proc: Proc, port: int, workers: int = 1) -> None:
         self.proc = proc
         self.port = port
+        self.workers = workers
+
+    def reload(self, timeout: float = 20.0) -> str:
+        """
+        SIGHUP, then the output once every serving process has reloaded: with workers, each worker
+        reloads on its own and logs its own C{reloaded:} line; until the last has, a connection may
+        still reach one serving the old configuration.
+        """
+        before = len(self.proc.output())
+        self.proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while (out := self.proc.output())[before:].count("reloaded:") < self.workers:
+            assert time.monotonic() < deadline, f"{self.workers} process(es) did not all log 'reloaded:' in {timeout}s:\n{out}"
+            time.sleep(0.05)
+        return out
+
+    def log_prefix(self, source: str = "127.0.0.1") -> str:
+        """
+        What starts the log lines of the process serving connections from C{source}: C{""} for one
+        process; with workers, the worker C{worker_affinity: client_ip} sends that address to.
+        """
+        return "" if self.workers == 1 else f"[worker-{worker_for_address(source, self.workers)}] "
+
+
+def worker_for_address(source: str, workers: int) -> int:
+    """
+    The worker C{worker_affinity: client_ip} hands a connection from the IPv4 address C{source}:
+    the hash of L{mtlsgate.app.sockets.client_address_program}, in Python.
+    """
+    value = int.from_bytes(socket.inet_aton(source), "big")
+    return (((value * 2654435761) & 0xFFFFFFFF) >> 16) % workers
+
+
+def gateway_workers(args: list[str]) -> int:
+    """How many processes serve a gateway started with C{args} (C{--workers N}, else 1)."""
+    if "--workers" in args:
+        value = args[args.index("--workers") + 1]
+        return (os.cpu_count() or 1) if value == "auto" else int(value)
+    return 1
 
 
 @pytest.fixture
@@ -356,7 +397,7 @@ def start_gateway(procs, tmp_path):
         procs.append(proc)
         assert port is not None
         wait_for_port(port, proc.popen, log=proc.log)
-        return Gateway(proc, port)
+        return Gateway(proc, port, gateway_workers(argv))
 
     return start
 
