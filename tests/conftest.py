@@ -323,19 +323,24 @@ class Gateway:
         self.port = port
         self.workers = workers
 
-    def reload(self, timeout: float = 20.0) -> str:
+    def wait_for_each(self, text: str, timeout: float = 20.0, after: int = 0) -> str:
         """
-        SIGHUP, then the output once every serving process has reloaded: with workers, each worker
-        reloads on its own and logs its own C{reloaded:} line; until the last has, a connection may
-        still reach one serving the old configuration.
+        The output once every serving process has logged C{text} (past the first C{after}
+        characters): with workers, each worker (a health checker, a reload, a rotation of its own)
+        logs its own line, tagged C{[worker-N]}.
         """
-        before = len(self.proc.output())
-        self.proc.signal(signal.SIGHUP)
+        lines = [text] if self.workers == 1 else [f"[worker-{index}] {text}" for index in range(self.workers)]
         deadline = time.monotonic() + timeout
-        while (out := self.proc.output())[before:].count("reloaded:") < self.workers:
-            assert time.monotonic() < deadline, f"{self.workers} process(es) did not all log 'reloaded:' in {timeout}s:\n{out}"
+        while not all(line in (out := self.proc.output())[after:] for line in lines):
+            assert time.monotonic() < deadline, f"not every process logged {text!r} in {timeout}s:\n{out}"
             time.sleep(0.05)
         return out
+
+    def reload(self, timeout: float = 20.0) -> str:
+        """SIGHUP, then the output once every serving process has reloaded: until the last has, a connection may reach an old configuration."""
+        before = len(self.proc.output())
+        self.proc.signal(signal.SIGHUP)
+        return self.wait_for_each("reloaded:", timeout, after=before)
 
     def log_prefix(self, source: str = "127.0.0.1") -> str:
         """
@@ -397,7 +402,11 @@ def start_gateway(procs, tmp_path):
         procs.append(proc)
         assert port is not None
         wait_for_port(port, proc.popen, log=proc.log)
-        return Gateway(proc, port, gateway_workers(argv))
+        gateway = Gateway(proc, port, gateway_workers(argv))
+        if gateway.workers > 1:  # the parent listens first; each worker then starts serving on its own
+            for index in range(gateway.workers):
+                proc.wait_for_log(f"worker {index} serving", timeout=60)
+        return gateway
 
     return start
 
