@@ -23,7 +23,8 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from mtlsgate.app import fdlimit
-from mtlsgate.observe.accesslog import AccessLogService
+from mtlsgate.accounting import RequestObservers
+from mtlsgate.observe.accesslog import AccessEvents, AccessLogService
 from mtlsgate.observe.admin import admin_resource
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.app.filewatch import FileWatch, watched_files
@@ -106,7 +107,6 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
         global_rules=config.allow_client,
         require_client_certificate=config.downstream_mtls.client_auth == "require",
         hsts_header=config.hsts.header() if config.hsts is not None else None,
-        log_access=config.access_log != "off",
     )
     return World(config=config, verification=verification, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries))
 
@@ -247,7 +247,8 @@ class GatewayService(MultiService):
         self.worker = worker
         server_tls.install(world.certificates)
         self.metrics = GatewayMetrics(self._expiries)
-        self.resource = ProxyResource(reactor, world.proxy, self.metrics)
+        self.access_events = AccessEvents(enabled=world.config.access_log != "off")  # off: no per-request event at all
+        self.resource = ProxyResource(reactor, world.proxy, RequestObservers([self.access_events, self.metrics]))
         config = world.config
         site = GatewaySite(self.resource, config.limits)
         tls_factory = GatewayTLSFactory(server_tls, site, reactor, metrics=self.metrics, limits=config.limits)
@@ -421,6 +422,7 @@ class GatewayService(MultiService):
         self.world = world
         self.server_tls.install(world.certificates)
         self.resource.state = world.proxy
+        self.access_events.enabled = config.access_log != "off"
         for group in world.upstreams:
             group.start(replacing=old.upstreams)
         for group in old.upstreams:

@@ -20,13 +20,13 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_headers, upstream_request_headers
 from mtlsgate.http.body import BodyTooLarge, RequestBody
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.server import HTTPServerFactory, Request
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
-from mtlsgate.observe.metrics import GatewayMetrics
 from mtlsgate.http.pathnorm import PathRefused, normalize_target
 from mtlsgate.proxy.routing import RouteTable, normalize_host
 from mtlsgate.tls.server import peer_verdict
@@ -38,7 +38,6 @@ __all__ = ["BodyTooLarge", "GatewayRequest", "RequestBody", "header_field_proble
 GatewayRequest = Request
 
 log = Logger(namespace="mtlsgate.proxy.exchange")
-access_log = Logger(namespace="mtlsgate.access")
 
 # --- the peer's identity, once per connection -----------------------------------------------------
 
@@ -194,20 +193,18 @@ class ProxyState:
     global_rules: AllowRules
     require_client_certificate: bool
     hsts_header: bytes | None = None  # Strict-Transport-Security for HTTPS responses
-    log_access: bool = True  # access_log: off turns the per-request event off entirely
 
 
 class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
     def __init__(
-        self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics, log_access: bool = True,
-        target: bytes | None = None,
+        self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, observer: IRequestObserver, target: bytes | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
         self.target = request.uri if target is None else target  # the normal form that was routed: exactly what goes upstream
-        self.metrics = metrics
-        self.log_access = log_access
+        self.observer = observer
+        self.upstream_latency: float | None = None
         self.request = request
         self.entry = entry
         self.peer = peer
@@ -217,7 +214,7 @@ class _Exchange:
         self.pending: defer.Deferred[Any] | None = None
         self.timed_out = False
         self.client_gone = False
-        self.accounted = False  # the access line and the request metric, once per request
+        self.accounted = False  # the observer is told once per request
         self.waiting = True  # for the upstream's response headers (the route timeout applies)
         self.timer: Any = None
         if request.body is not None:
@@ -264,7 +261,7 @@ class _Exchange:
     def _response(self, response: Any) -> None:
         self.pending = None
         self._stop_waiting()
-        self.metrics.upstream_responded(self.entry.route.name, self.reactor.seconds() - self.started)
+        self.upstream_latency = self.reactor.seconds() - self.started
         request = self.request
         if self.client_gone:
             response.deliverBody(Protocol())
@@ -351,37 +348,36 @@ class _Exchange:
         self._access(code, len(body))
 
     def _access(self, status: int, size: int) -> None:
-        """Log and count the request, once: a response cut off by the upstream is not also the client's 499."""
+        """Tell the observer (access log, metrics) once: a response cut off by the upstream is not also the client's 499."""
         if self.accounted:
             return
         self.accounted = True
-        route = self.entry.route.name
-        if self.log_access:
-            write_access_line(self.request, self.peer, route, self.upstream, status, size, self.reactor.seconds() - self.started)
-        self.metrics.request(route, status)
+        duration = self.reactor.seconds() - self.started
+        self.observer.request_finished(
+            finished(self.request, self.peer, self.entry.route.name, self.upstream, status, size, duration, self.upstream_latency)
+        )
 
 
-def write_access_line(request: GatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float) -> None:
-    """One access event per request, with fields a formatter or a metrics observer can read."""
-    identity = peer.identity
-    access_log.info(
-        "{client} {identity} \"{method} {uri} {proto}\" {status} {size} route={route} upstream={upstream}"
-        " cn={common_name} sha256={fingerprint} {duration:.3f}s",
-        client=request.getClientAddress().host if request.getClientAddress() else "-",
-        identity=peer.label,
-        spiffe_id=identity.spiffe_id if identity else None,
-        common_name=printable(identity.common_name or "-").replace(" ", "_") if identity else "-",
-        fingerprint=identity.fingerprint_sha256 if identity else "-",
+def finished(
+    request: GatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float, upstream_latency: float | None = None,
+) -> FinishedRequest:  # fmt: skip
+    """The record of one finished HTTP/1.x request, for the request observer."""
+    address = request.getClientAddress()
+    return FinishedRequest(
+        client=getattr(address, "host", None) or "-",
+        peer=peer.label,
+        identity=peer.identity,
+        protocol=request.clientproto.decode("ascii", "replace"),
         method=request.method.decode("ascii", "replace"),
-        uri=request.uri.decode("ascii", "replace"),
-        proto=request.clientproto.decode("ascii", "replace"),
-        referer=_header_text(request, b"referer"),
-        user_agent=_header_text(request, b"user-agent"),
+        target=request.uri.decode("ascii", "replace"),
         status=status,
         size=size,
         route=route,
         upstream=upstream,
         duration=duration,
+        upstream_latency=upstream_latency,
+        referer=_header_text(request, b"referer"),
+        user_agent=_header_text(request, b"user-agent"),
     )
 
 
@@ -418,10 +414,10 @@ class ProxyResource:
     for the route, and relay to the route's upstreams.
     """
 
-    def __init__(self, reactor: Any, state: ProxyState, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, reactor: Any, state: ProxyState, observer: IRequestObserver = RequestObservers()) -> None:
         self.reactor = reactor
         self.state = state
-        self.metrics = metrics or GatewayMetrics()
+        self.observer = observer  # told of every finished request: the access log and the metrics
         self.in_flight = 0
         self._drained: list[defer.Deferred[None]] = []
 
@@ -453,9 +449,7 @@ class ProxyResource:
             # is not read, and the connection closes after this answer, which says so.
             request.channel.stop_parsing()
             request.setHeader(b"connection", b"close")
-        if self.state.log_access:
-            write_access_line(request, peer, route, "-", code, len(body), 0.0)
-        self.metrics.request(route, code)
+        self.observer.request_finished(finished(request, peer, route, "-", code, len(body), 0.0))
         request.write(body)
         request.finish()
 
@@ -502,7 +496,7 @@ class ProxyResource:
         request.proceed()  # routed, authorized, within max_body_size: now "100 Continue" (refusals above answer at once)
         self.in_flight += 1
         request.when_done(self._finished)
-        _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access, target.forward).start()
+        _Exchange(self.reactor, request, entry, peer, self.observer, target.forward).start()
 
     def _own_answer(self, request: GatewayRequest, peer: Peer) -> bool:
         """
