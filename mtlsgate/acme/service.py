@@ -29,6 +29,7 @@ from mtlsgate.acme.responders import DNSHookError, IResponder
 from mtlsgate.acme.store import ICertificateStore
 from mtlsgate.config.model import Autocert
 from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.reactors import IReactorTimeAndTCP
 
 log = Logger(namespace="mtlsgate.acme")
 
@@ -82,7 +83,7 @@ class AcmeIssuingService(Service):
     """
 
     def __init__(
-        self, reactor: Any, settings: Autocert, store: ICertificateStore, responders: Sequence[IResponder],
+        self, reactor: IReactorTimeAndTCP, settings: Autocert, store: ICertificateStore, responders: Sequence[IResponder],
         installed: Callable[[], None], client_factory: Callable[[], ACMEClient] | None = None,
         metrics: GatewayMetrics | None = None,
     ) -> None:  # fmt: skip

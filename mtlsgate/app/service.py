@@ -43,6 +43,7 @@ from mtlsgate.tls.server import (
     placeholder_certificate,
 )  # fmt: skip
 from mtlsgate.proxy.upstream import UpstreamGroup
+from mtlsgate.reactors import IGatewayReactor, IReactorTimeAndTCP
 
 if TYPE_CHECKING:
     # The ACME stack (acme, josepy, treq: ~9 MiB) is imported only by a gateway that runs autocert.
@@ -93,7 +94,7 @@ def check_key_permissions(config: Config) -> None:
             log.warn("{problem}", problem=problem)
 
 
-def build_world(reactor: Any, config: Config, server_tls: ServerTLS) -> World:
+def build_world(reactor: IReactorTimeAndTCP, config: Config, server_tls: ServerTLS) -> World:
     """Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem."""
     check_key_permissions(config)
     verification = ClientVerification.load(config.downstream_mtls)
@@ -174,7 +175,7 @@ class _Listener(Service):
     binding happens in privilegedStartService (before twistd -u).
     """
 
-    def __init__(self, reactor: Any, description: str, factory: Any, what: str, adopt_fd: int | None = None) -> None:
+    def __init__(self, reactor: IGatewayReactor, description: str, factory: Any, what: str, adopt_fd: int | None = None) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
@@ -224,7 +225,7 @@ class _Listener(Service):
         return getattr(self.port.getHost(), "port", None) if self.port is not None else None
 
 
-def admin_listener_for(reactor: Any, address: str, registry: Any, readiness: Callable[[], str | None]) -> _Listener:
+def admin_listener_for(reactor: IGatewayReactor, address: str, registry: Any, readiness: Callable[[], str | None]) -> _Listener:
     """The admin listener (C{/metrics}, C{/healthz}, C{/readyz}), not yet started."""
     admin = server.Site(admin_resource(registry, readiness))
     admin.noisy = False  # no "Starting factory" lines
@@ -236,7 +237,7 @@ class GatewayService(MultiService):
     """The gateway: listeners plus the current L{World}, reloadable with L{reload} (SIGHUP)."""
 
     def __init__(
-        self, reactor: Any, world: World, server_tls: ServerTLS, reload_config: Callable[[], Config] | None = None,
+        self, reactor: IGatewayReactor, world: World, server_tls: ServerTLS, reload_config: Callable[[], Config] | None = None,
         worker: WorkerRole | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
@@ -459,7 +460,7 @@ def fit_to_descriptors(config: Config) -> Config:
 
 
 def make_gateway(
-    reactor: Any, config: Config, reload_config: Callable[[], Config] | None = None, worker: WorkerRole | None = None,
+    reactor: IGatewayReactor, config: Config, reload_config: Callable[[], Config] | None = None, worker: WorkerRole | None = None,
 ) -> GatewayService:
     """Build the whole gateway service, or raise L{ConfigError}/L{PKIError} before anything listens."""
     config = fit_to_descriptors(config)

@@ -31,6 +31,7 @@ from prometheus_client import multiprocess
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
@@ -40,6 +41,7 @@ from mtlsgate.observe.metrics import worker_group_registry
 from mtlsgate.tls.pki import PKIError
 from mtlsgate.app.service import StartupError, admin_listener_for, certificate_expiries, certificate_problem, served_certificates
 from mtlsgate.app.sockets import listening_socket, parse_tcp_listen, reuse_port_group, steer_by_client_address
+from mtlsgate.reactors import IGatewayReactor
 
 log = Logger(namespace="mtlsgate.app.workers")
 
@@ -108,7 +110,7 @@ class WorkerGroup(MultiService):
     @param reload_config: re-reads the configuration, for the parent's own view of certificates.
     """
 
-    def __init__(self, reactor: Any, config: Config, argv: list[str], reload_config: Callable[[], Config] | None = None) -> None:
+    def __init__(self, reactor: IGatewayReactor, config: Config, argv: list[str], reload_config: Callable[[], Config] | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
@@ -251,7 +253,7 @@ class WorkerGroup(MultiService):
         for worker in list(self.workers.values()):
             _signal(worker, "TERM")
         kill = self.reactor.callLater(self.config.limits.shutdown_timeout + _KILL_GRACE, self._kill_stragglers)
-        self._all_ended.addBoth(lambda result: (kill.cancel() if kill.active() else None, result)[1])
+        self._all_ended.addBoth(_cancelling, kill)
         return self._all_ended
 
     def _kill_stragglers(self) -> None:
@@ -266,6 +268,13 @@ class WorkerGroup(MultiService):
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return result
+
+
+def _cancelling(result: Any, timer: IDelayedCall) -> Any:
+    """A callback that cancels C{timer} (if still pending) and passes C{result} on."""
+    if timer.active():
+        timer.cancel()
+    return result
 
 
 def _signal(worker: _Worker, name: str) -> None:

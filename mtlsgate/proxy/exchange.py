@@ -11,7 +11,7 @@ from typing import Any, Callable
 import attrs
 from twisted.internet import defer
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -106,7 +106,7 @@ class _ResponseRelay(Protocol):
 
     transport: Any  # the response body's producer (the upstream connection)
 
-    def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: Any, stall_timeout: float) -> None:
+    def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: IReactorTime, stall_timeout: float) -> None:
         self.request = request
         self._done = done
         self.bytes = 0
@@ -199,7 +199,7 @@ class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
     def __init__(
-        self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, observer: IRequestObserver, target: bytes | None = None,
+        self, reactor: IReactorTime, request: GatewayRequest, entry: RouteEntry, peer: Peer, observer: IRequestObserver, target: bytes | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
         self.target = request.uri if target is None else target  # the normal form that was routed: exactly what goes upstream
@@ -381,6 +381,13 @@ def finished(
     )
 
 
+def _cancelling(result: Any, timer: IDelayedCall) -> Any:
+    """A callback that cancels C{timer} (if still pending) and passes C{result} on."""
+    if timer.active():
+        timer.cancel()
+    return result
+
+
 def _loggable(raw: bytes) -> str:
     """Client bytes for a log line: printable ASCII as is, the rest escaped."""
     return raw[:512].decode("latin-1").encode("unicode_escape").decode("ascii")
@@ -414,7 +421,7 @@ class ProxyResource:
     for the route, and relay to the route's upstreams.
     """
 
-    def __init__(self, reactor: Any, state: ProxyState, observer: IRequestObserver = RequestObservers()) -> None:
+    def __init__(self, reactor: IReactorTime, state: ProxyState, observer: IRequestObserver = RequestObservers()) -> None:
         self.reactor = reactor
         self.state = state
         self.observer = observer  # told of every finished request: the access log and the metrics
@@ -430,7 +437,7 @@ class ProxyResource:
         log.info("waiting up to {timeout:g}s for {n} request(s) in flight", timeout=timeout, n=self.in_flight)
         self._drained.append(d)
         timer = self.reactor.callLater(timeout, lambda: None if d.called else d.callback(None))
-        d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        d.addBoth(_cancelling, timer)
         return d
 
     def _finished(self, result: Any) -> None:
