@@ -33,7 +33,7 @@ from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, eventAsJSON, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from mtlsgate.config.model import Config, ConfigError
@@ -52,6 +52,20 @@ _FIRST_DELAY = 0.5  # seconds before restarting a worker that died
 _MAX_DELAY = 30.0
 _YOUNG = 10.0  # a worker that dies younger than this doubles its next delay
 _KILL_GRACE = 10.0  # seconds past shutdown_timeout before a worker that will not stop is killed
+
+
+def relayed_event(event: dict[str, Any]) -> str:
+    """
+    One log event of a worker as it goes to the parent: JSON after a record separator, as Twisted's
+    C{jsonFileLogObserver} writes it, but with the message already rendered here, where the fields
+    are real values.  Through JSON, Twisted formats from each field's C{str()} and drops the format
+    spec (C{:.3f}, C{:g}), so the parent would write "1.0s" where a single process writes "1s".  The
+    fields themselves still travel with the event.
+    """
+    if event.get("log_format") is not None:
+        text = formatEvent(event)
+        event = {**event, "log_format": text.replace("{", "{{").replace("}", "}}")}
+    return "\x1e" + eventAsJSON(event) + "\n"
 
 
 class _Worker(ProcessProtocol):
@@ -247,11 +261,15 @@ class WorkerGroup(MultiService):
         return d
 
     def _stop_workers(self) -> defer.Deferred[None] | None:
+        for worker in list(self.workers.values()):
+            _signal(worker, "TERM")
+        # Each worker closes its listening socket at once and drains; the parent's copies would keep
+        # them listening, queueing new connections no one will accept until the drain ends.  Closed
+        # now, a new connection is refused, as with a single process.
+        self._close_sockets()
         if not self.workers:
             return None
         self._all_ended = defer.Deferred()
-        for worker in list(self.workers.values()):
-            _signal(worker, "TERM")
         kill = self.reactor.callLater(self.config.limits.shutdown_timeout + _KILL_GRACE, self._kill_stragglers)
         self._all_ended.addBoth(_cancelling, kill)
         return self._all_ended
@@ -261,10 +279,13 @@ class WorkerGroup(MultiService):
             log.warn("worker {index} (pid {pid}) did not stop in time; killing it", index=worker.index, pid=worker.pid)
             _signal(worker, "KILL")
 
-    def _close(self, result: Any) -> Any:
+    def _close_sockets(self) -> None:
         for sock in self.https_sockets + ([self.http_socket] if self.http_socket else []):
             sock.close()
         self.https_sockets, self.http_socket = [], None
+
+    def _close(self, result: Any) -> Any:
+        self._close_sockets()
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return result
