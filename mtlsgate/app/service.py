@@ -366,9 +366,13 @@ class GatewayService(MultiService):
     def refresh_certificates(self) -> None:
         """Re-read the served certificates (autocert stored a new one) and swap them in."""
         try:
-            self._swap_certificates(served_certificates(self.world.config))
+            served = served_certificates(self.world.config)
+            self._swap_certificates(served)
         except (PKIError, OSError) as e:
             log.error("new certificates not installed, keeping the served ones: {error}", error=str(e))
+            return
+        # With workers, each says so: the one running autocert, and each that found the new file.
+        log.info("certificates refreshed: serving {names}", names=", ".join(name for s in served for name in s.names) or "-")
 
     def startService(self) -> None:
         warn_about(self.world.config)
