@@ -12,13 +12,14 @@ import hashlib
 import json
 from typing import Any
 
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPullProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web import resource, server
 from zope.interface import implementer
 
 from mtlsgate.config.model import CertificateSpec, DownstreamMTLS
 from mtlsgate.proxy.exchange import peer_of
+from mtlsgate.reactors import IGatewayReactor
 from mtlsgate.tls.server import ClientVerification, GatewayTLSFactory, ServerTLS, load_served_certificates
 
 log = Logger(namespace="mtlsgate.testing")
@@ -55,7 +56,7 @@ class EchoUpstream(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IReactorTime) -> None:
         super().__init__()
         self.reactor = reactor
 
@@ -75,7 +76,7 @@ class EchoUpstream(resource.Resource):
             return server.NOT_DONE_YET
         if parts[0] == "slow" and len(parts) == 2:
             call = self.reactor.callLater(float(parts[1]), self._finish, request)
-            request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+            request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
             return server.NOT_DONE_YET
         return self._echo(request)
 
@@ -106,7 +107,7 @@ class EchoUpstream(resource.Resource):
         return json.dumps(body, indent=2).encode() + b"\n"
 
 
-def make_echo_upstream(reactor: Any, address: str, cert: str, key: str | None, client_ca: str | None) -> Any:
+def make_echo_upstream(reactor: IGatewayReactor, address: str, cert: str, key: str | None, client_ca: str | None) -> Any:
     """The echo upstream on an endpoint; it requires a client certificate when C{client_ca} is given."""
     from mtlsgate.app.service import _Listener
 
@@ -129,10 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--key")
     up.add_argument("--client-ca", help="require client certificates from this CA")
     args = parser.parse_args(argv)
-    from twisted.internet import reactor
-
     from mtlsgate.app.run import run_service
+    from mtlsgate.reactors import installed_reactor
 
+    reactor = installed_reactor()
     run_service(reactor, make_echo_upstream(reactor, args.listen, args.cert, args.key, args.client_ca))
 
 

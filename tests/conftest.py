@@ -323,9 +323,55 @@ class ThreadedListener:
 
 
 class Gateway:
-    def __init__(self, proc: Proc, port: int) -> None:
+    """A started gateway: its process, its TLS port, and how many processes serve it (C{--workers})."""
+
+    def __init__(self, proc: Proc, port: int, workers: int = 1) -> None:
         self.proc = proc
         self.port = port
+        self.workers = workers
+
+    def wait_for_each(self, text: str, timeout: float = 20.0, after: int = 0) -> str:
+        """
+        The output once every serving process has logged C{text} (past the first C{after}
+        characters): with workers, each worker (a health checker, a reload, a rotation of its own)
+        logs its own line, tagged C{[worker-N]}.
+        """
+        lines = [text] if self.workers == 1 else [f"[worker-{index}] {text}" for index in range(self.workers)]
+        deadline = time.monotonic() + timeout
+        while not all(line in (out := self.proc.output())[after:] for line in lines):
+            assert time.monotonic() < deadline, f"not every process logged {text!r} in {timeout}s:\n{out}"
+            time.sleep(0.05)
+        return out
+
+    def reload(self, timeout: float = 20.0) -> str:
+        """SIGHUP, then the output once every serving process has reloaded: until the last has, a connection may reach an old configuration."""
+        before = len(self.proc.output())
+        self.proc.signal(signal.SIGHUP)
+        return self.wait_for_each("reloaded:", timeout, after=before)
+
+    def log_prefix(self, source: str = "127.0.0.1") -> str:
+        """
+        What starts the log lines of the process serving connections from C{source}: C{""} for one
+        process; with workers, the worker C{worker_affinity: client_ip} sends that address to.
+        """
+        return "" if self.workers == 1 else f"[worker-{worker_for_address(source, self.workers)}] "
+
+
+def worker_for_address(source: str, workers: int) -> int:
+    """
+    The worker C{worker_affinity: client_ip} hands a connection from the IPv4 address C{source}:
+    the hash of L{mtlsgate.app.sockets.client_address_program}, in Python.
+    """
+    value = int.from_bytes(socket.inet_aton(source), "big")
+    return (((value * 2654435761) & 0xFFFFFFFF) >> 16) % workers
+
+
+def gateway_workers(args: list[str]) -> int:
+    """How many processes serve a gateway started with C{args} (C{--workers N}, else 1)."""
+    if "--workers" in args:
+        value = args[args.index("--workers") + 1]
+        return (os.cpu_count() or 1) if value == "auto" else int(value)
+    return 1
 
 
 @pytest.fixture
@@ -363,7 +409,11 @@ def start_gateway(procs, tmp_path):
         procs.append(proc)
         assert port is not None
         wait_for_port(port, proc.popen, log=proc.log)
-        return Gateway(proc, port)
+        gateway = Gateway(proc, port, gateway_workers(argv))
+        if gateway.workers > 1:  # the parent listens first; each worker then starts serving on its own
+            for index in range(gateway.workers):
+                proc.wait_for_log(f"worker {index} serving", timeout=60)
+        return gateway
 
     return start
 

@@ -22,10 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from treq.client import HTTPClient
 from twisted.internet import defer, ssl
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from mtlsgate.reactors import IReactorTimeAndTCP
 from mtlsgate.tls import pki
 
 log = Logger(namespace="mtlsgate.acme")
@@ -126,7 +128,7 @@ class ACMEClient:
     """
 
     def __init__(
-        self, reactor: Any, http: Any, directory_url: str, account_key: Any,
+        self, reactor: IReactorTime, http: Any, directory_url: str, account_key: Any,
         *, poll_interval: float = 1.0, poll_limit: float = 30.0, poll_timeout: float = 300.0, request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:  # fmt: skip
         self.reactor = reactor
@@ -436,7 +438,7 @@ def _problem(content: bytes) -> messages.Error | None:
         return None
 
 
-def http_client(reactor: Any, ca_file: str | None, pool: HTTPConnectionPool) -> HTTPClient:
+def http_client(reactor: IReactorTimeAndTCP, ca_file: str | None, pool: HTTPConnectionPool) -> HTTPClient:
     """A treq client for the ACME server: the system's trust store, or only C{ca_file}'s CAs."""
     policy = BrowserLikePolicyForHTTPS()
     if ca_file is not None:

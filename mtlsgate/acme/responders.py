@@ -25,6 +25,7 @@ from twisted.names import client as dns_client
 from twisted.names import dns
 from zope.interface import Attribute, Interface, implementer
 
+from mtlsgate.reactors import IGatewayReactor
 from mtlsgate.tls import pki
 
 log = Logger(namespace="mtlsgate.acme")
@@ -160,7 +161,7 @@ class DNS01Responder:
     challenge_type = "dns-01"
 
     def __init__(
-        self, reactor: Any, hook: str, resolver: tuple[str, int] | None = None,
+        self, reactor: IGatewayReactor, hook: str, resolver: tuple[str, int] | None = None,
         propagation_timeout: float = 120.0, poll_interval: float = 2.0,
     ) -> None:  # fmt: skip
         self.reactor = reactor

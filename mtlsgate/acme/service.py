@@ -29,6 +29,7 @@ from mtlsgate.acme.responders import DNSHookError, IResponder
 from mtlsgate.acme.store import ICertificateStore, IIssuanceLock, LeaseLost
 from mtlsgate.config.model import Autocert
 from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.reactors import IReactorTimeAndTCP
 
 log = Logger(namespace="mtlsgate.acme")
 
@@ -86,7 +87,7 @@ class AcmeIssuingService(Service):
     """
 
     def __init__(
-        self, reactor: Any, settings: Autocert, store: ICertificateStore, responders: Sequence[IResponder],
+        self, reactor: IReactorTimeAndTCP, settings: Autocert, store: ICertificateStore, responders: Sequence[IResponder],
         installed: Callable[[], None], client_factory: Callable[[], ACMEClient] | None = None,
         metrics: GatewayMetrics | None = None,
     ) -> None:  # fmt: skip
@@ -216,16 +217,16 @@ class AcmeIssuingService(Service):
     def issue(self, names: Sequence[str]) -> defer.Deferred[None]:
         """Order, validate, finalize, store and install a certificate for C{names} (coalesced per name)."""
         name = names[0]
-        if name not in self._in_flight:
-            d = defer.Deferred.fromCoroutine(self._issue(tuple(names)))
-            self._in_flight[name] = d
+        d = self._in_flight.get(name)
+        if d is None:
+            d = self._in_flight[name] = defer.Deferred.fromCoroutine(self._issue(tuple(names)))
 
             def done(result: Any) -> Any:
                 del self._in_flight[name]
                 return result
 
-            d.addBoth(done)
-        return _chained(self._in_flight[name])
+            d.addBoth(done)  # at once if the attempt already ended (a store that fails without a wait): d is kept here
+        return _chained(d)
 
     def _default_client(self) -> ACMEClient:
         if self._pool is None:

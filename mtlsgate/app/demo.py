@@ -14,6 +14,7 @@ import yaml
 from twisted.application.service import MultiService
 
 from mtlsgate.config.load import config_from_mapping
+from mtlsgate.reactors import IGatewayReactor
 from mtlsgate.testing import make_echo_upstream
 from mtlsgate.tls.pki import DevCA
 
@@ -70,7 +71,7 @@ def demo_instructions(directory: str, port: int) -> str:
     )
 
 
-def make_demo_service(reactor: Any, directory: str, port: int = 8443, upstream_port: int = 9443) -> MultiService:
+def make_demo_service(reactor: IGatewayReactor, directory: str, port: int = 8443, upstream_port: int = 9443) -> MultiService:
     """The gateway and its echo upstream, in one service."""
     from mtlsgate.app.service import make_gateway
 

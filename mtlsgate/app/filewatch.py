@@ -8,9 +8,10 @@ without a SIGHUP.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -49,7 +50,7 @@ def snapshot(paths: Iterable[str]) -> Snapshot:
 class FileWatch(Service):
     """Calls C{changed} (once per change) when any file of C{files()} changes; C{files} is re-read after each call."""
 
-    def __init__(self, reactor: Any, files: Callable[[], list[str]], changed: Callable[[], None], interval: float) -> None:
+    def __init__(self, reactor: IReactorTime, files: Callable[[], list[str]], changed: Callable[[], None], interval: float) -> None:
         self.files = files
         self.changed = changed
         self.loop = LoopingCall(self._check)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorCore
 
 
-def run_service(reactor: Any, service: IService) -> None:
+def run_service(reactor: IReactorCore, service: IService) -> None:
     """Run a service in the foreground with log lines on stdout, until SIGINT/SIGTERM."""
     from twisted.logger import globalLogBeginner, textFileLogObserver
 

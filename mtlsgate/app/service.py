@@ -23,7 +23,8 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from mtlsgate.app import fdlimit
-from mtlsgate.observe.accesslog import AccessLogService
+from mtlsgate.accounting import RequestObservers
+from mtlsgate.observe.accesslog import AccessEvents, AccessLogService
 from mtlsgate.observe.admin import admin_resource
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.app.filewatch import FileWatch, watched_files
@@ -45,6 +46,7 @@ from mtlsgate.tls.server import (
     placeholder_certificate,
 )  # fmt: skip
 from mtlsgate.proxy.upstream import UpstreamGroup
+from mtlsgate.reactors import IGatewayReactor, IReactorTimeAndTCP
 
 if TYPE_CHECKING:
     # The ACME stack (acme, josepy, treq: ~9 MiB) is imported only by a gateway that runs autocert,
@@ -99,7 +101,7 @@ def check_key_permissions(config: Config) -> None:
             log.warn("{problem}", problem=problem)
 
 
-def build_world(reactor: Any, config: Config, server_tls: ServerTLS, shared_crls: Sequence[Any] = ()) -> World:
+def build_world(reactor: IReactorTimeAndTCP, config: Config, server_tls: ServerTLS, shared_crls: Sequence[Any] = ()) -> World:
     """
     Load every file and build every context; raises L{ConfigError} or L{PKIError} on a problem.
     C{shared_crls}: the CRLs of a cluster's shared store (L{mtlsgate.cluster}), beside C{crl_file}'s.
@@ -116,9 +118,8 @@ def build_world(reactor: Any, config: Config, server_tls: ServerTLS, shared_crls
         global_rules=config.allow_client,
         require_client_certificate=config.downstream_mtls.client_auth == "require",
         hsts_header=config.hsts.header() if config.hsts is not None else None,
-        log_access=config.access_log != "off",
     )
-    tcp = tcp_state(config.tcp_routes, config.allow_client, state.require_client_certificate, state.log_access)
+    tcp = tcp_state(config.tcp_routes, config.allow_client, state.require_client_certificate, config.access_log != "off")
     return World(config=config, verification=verification, certificates=certificates, proxy=state, upstreams=tuple(e.upstreams for e in entries), tcp=tcp)
 
 
@@ -190,7 +191,7 @@ class _Listener(Service):
     binding happens in privilegedStartService (before twistd -u).
     """
 
-    def __init__(self, reactor: Any, description: str, factory: Any, what: str, adopt_fd: int | None = None) -> None:
+    def __init__(self, reactor: IGatewayReactor, description: str, factory: Any, what: str, adopt_fd: int | None = None) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
@@ -241,7 +242,7 @@ class _Listener(Service):
 
 
 def admin_listener_for(
-    reactor: Any, address: str, registry: Any, readiness: Callable[[], str | None], degraded: Callable[[], str | None] = lambda: None,
+    reactor: IGatewayReactor, address: str, registry: Any, readiness: Callable[[], str | None], degraded: Callable[[], str | None] = lambda: None,
 ) -> _Listener:
     """The admin listener (C{/metrics}, C{/healthz}, C{/readyz}), not yet started."""
     admin = server.Site(admin_resource(registry, readiness, degraded))
@@ -254,7 +255,7 @@ class GatewayService(MultiService):
     """The gateway: listeners plus the current L{World}, reloadable with L{reload} (SIGHUP)."""
 
     def __init__(
-        self, reactor: Any, world: World, server_tls: ServerTLS, reload_config: Callable[[], Config] | None = None,
+        self, reactor: IGatewayReactor, world: World, server_tls: ServerTLS, reload_config: Callable[[], Config] | None = None,
         worker: WorkerRole | None = None, shared_crls: Sequence[Any] = (),
     ) -> None:  # fmt: skip
         super().__init__()
@@ -266,7 +267,8 @@ class GatewayService(MultiService):
         self.worker = worker
         server_tls.install(world.certificates)
         self.metrics = GatewayMetrics(self._expiries)
-        self.resource = ProxyResource(reactor, world.proxy, self.metrics)
+        self.access_events = AccessEvents(enabled=world.config.access_log != "off")  # off: no per-request event at all
+        self.resource = ProxyResource(reactor, world.proxy, RequestObservers([self.access_events, self.metrics]), self.metrics)
         config = world.config
         # HTTP/1.1 and HTTP/2 front ends over the same handler, by ALPN (h2 is offered only with http2 on; a reload may turn it on)
         site = self.site = NegotiatingFactory(GatewaySite(self.resource, config.limits), H2ServerFactory(self.resource.handle, config.limits, reactor))
@@ -442,9 +444,13 @@ class GatewayService(MultiService):
     def refresh_certificates(self) -> None:
         """Re-read the served certificates (autocert stored a new one) and swap them in."""
         try:
-            self._swap_certificates(served_certificates(self.world.config))
+            served = served_certificates(self.world.config)
+            self._swap_certificates(served)
         except (PKIError, OSError) as e:
             log.error("new certificates not installed, keeping the served ones: {error}", error=str(e))
+            return
+        # With workers, each says so: the one running autocert, and each that found the new file.
+        log.info("certificates refreshed: serving {names}", names=", ".join(name for s in served for name in s.names) or "-")
 
     def startService(self) -> None:
         warn_about(self.world.config)
@@ -509,6 +515,7 @@ class GatewayService(MultiService):
         self.server_tls.install(world.certificates)
         self.resource.state = world.proxy
         self.tcp.state = world.tcp
+        self.access_events.enabled = config.access_log != "off"
         for group in world.upstreams:
             group.start(replacing=old.upstreams)
         for group in old.upstreams:
@@ -545,7 +552,7 @@ def fit_to_descriptors(config: Config) -> Config:
 
 
 def make_gateway(
-    reactor: Any, config: Config, reload_config: Callable[[], Config] | None = None, worker: WorkerRole | None = None,
+    reactor: IGatewayReactor, config: Config, reload_config: Callable[[], Config] | None = None, worker: WorkerRole | None = None,
 ) -> GatewayService:
     """Build the whole gateway service, or raise L{ConfigError}/L{PKIError} before anything listens."""
     config = fit_to_descriptors(config)

@@ -269,11 +269,12 @@ class Options(usage.Options):
             return
         try:
             self.config = self.load()
-            from twisted.internet import reactor
-
             from twisted.application.service import IService
 
             from mtlsgate.app.service import build_world, make_gateway
+            from mtlsgate.reactors import installed_reactor
+
+            reactor = installed_reactor()
 
             self.service: IService
             if self.config.workers > 1 and self.worker is None:
@@ -294,9 +295,8 @@ class Options(usage.Options):
 def makeService(options: Options) -> Any:
     """The twistd entry point: the gateway service built (and validated) in postOptions."""
     if options["demo"] is not None:
-        from twisted.internet import reactor
-
         from mtlsgate.app.demo import make_demo_service
+        from mtlsgate.reactors import installed_reactor
 
-        return make_demo_service(reactor, options["demo"])
+        return make_demo_service(installed_reactor(), options["demo"])
     return options.service

@@ -41,15 +41,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("mtlsgate worker: the parent is gone")
 
     from twisted.internet import reactor
-    from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import FileLogObserver, Logger, globalLogBeginner
     from twisted.python import usage
 
     from mtlsgate.app.service import WorkerRole
     from mtlsgate.app.tap import Options
-    from mtlsgate.app.workers import EVENTS_FD, HTTP_FD, HTTPS_FD
+    from mtlsgate.app.workers import EVENTS_FD, HTTP_FD, HTTPS_FD, relayed_event
 
     events = os.fdopen(EVENTS_FD, "w", encoding="utf-8")
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(events)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([FileLogObserver(events, relayed_event)], redirectStandardIO=False)
     options = Options()
     options.worker = WorkerRole(index=args.index, https_fd=HTTPS_FD, http_fd=HTTP_FD if args.http else None, acme=args.acme)
     try:

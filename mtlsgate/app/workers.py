@@ -31,8 +31,9 @@ from prometheus_client import multiprocess
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, eventAsJSON, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from mtlsgate.config.model import Config, ConfigError
@@ -40,6 +41,7 @@ from mtlsgate.observe.metrics import worker_group_registry
 from mtlsgate.tls.pki import PKIError
 from mtlsgate.app.service import StartupError, admin_listener_for, certificate_expiries, certificate_problem, served_certificates
 from mtlsgate.app.sockets import listening_socket, parse_tcp_listen, reuse_port_group, steer_by_client_address
+from mtlsgate.reactors import IGatewayReactor
 
 log = Logger(namespace="mtlsgate.app.workers")
 
@@ -50,6 +52,20 @@ _FIRST_DELAY = 0.5  # seconds before restarting a worker that died
 _MAX_DELAY = 30.0
 _YOUNG = 10.0  # a worker that dies younger than this doubles its next delay
 _KILL_GRACE = 10.0  # seconds past shutdown_timeout before a worker that will not stop is killed
+
+
+def relayed_event(event: dict[str, Any]) -> str:
+    """
+    One log event of a worker as it goes to the parent: JSON after a record separator, as Twisted's
+    C{jsonFileLogObserver} writes it, but with the message already rendered here, where the fields
+    are real values.  Through JSON, Twisted formats from each field's C{str()} and drops the format
+    spec (C{:.3f}, C{:g}), so the parent would write "1.0s" where a single process writes "1s".  The
+    fields themselves still travel with the event.
+    """
+    if event.get("log_format") is not None:
+        text = formatEvent(event)
+        event = {**event, "log_format": text.replace("{", "{{").replace("}", "}}")}
+    return "\x1e" + eventAsJSON(event) + "\n"
 
 
 class _Worker(ProcessProtocol):
@@ -108,7 +124,7 @@ class WorkerGroup(MultiService):
     @param reload_config: re-reads the configuration, for the parent's own view of certificates.
     """
 
-    def __init__(self, reactor: Any, config: Config, argv: list[str], reload_config: Callable[[], Config] | None = None) -> None:
+    def __init__(self, reactor: IGatewayReactor, config: Config, argv: list[str], reload_config: Callable[[], Config] | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
@@ -253,13 +269,17 @@ class WorkerGroup(MultiService):
         return d
 
     def _stop_workers(self) -> defer.Deferred[None] | None:
+        for worker in list(self.workers.values()):
+            _signal(worker, "TERM")
+        # Each worker closes its listening socket at once and drains; the parent's copies would keep
+        # them listening, queueing new connections no one will accept until the drain ends.  Closed
+        # now, a new connection is refused, as with a single process.
+        self._close_sockets()
         if not self.workers:
             return None
         self._all_ended = defer.Deferred()
-        for worker in list(self.workers.values()):
-            _signal(worker, "TERM")
         kill = self.reactor.callLater(self.config.limits.shutdown_timeout + _KILL_GRACE, self._kill_stragglers)
-        self._all_ended.addBoth(lambda result: (kill.cancel() if kill.active() else None, result)[1])
+        self._all_ended.addBoth(_cancelling, kill)
         return self._all_ended
 
     def _kill_stragglers(self) -> None:
@@ -267,13 +287,23 @@ class WorkerGroup(MultiService):
             log.warn("worker {index} (pid {pid}) did not stop in time; killing it", index=worker.index, pid=worker.pid)
             _signal(worker, "KILL")
 
-    def _close(self, result: Any) -> Any:
+    def _close_sockets(self) -> None:
         for sock in self.https_sockets + ([self.http_socket] if self.http_socket else []):
             sock.close()
         self.https_sockets, self.http_socket = [], None
+
+    def _close(self, result: Any) -> Any:
+        self._close_sockets()
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return result
+
+
+def _cancelling(result: Any, timer: IDelayedCall) -> Any:
+    """A callback that cancels C{timer} (if still pending) and passes C{result} on."""
+    if timer.active():
+        timer.cancel()
+    return result
 
 
 def _signal(worker: _Worker, name: str) -> None:

@@ -21,10 +21,10 @@ from mtlsgate.version import version
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor
-
     from mtlsgate.app.demo import make_demo_service
+    from mtlsgate.reactors import installed_reactor
 
+    reactor = installed_reactor()
     run_service(reactor, make_demo_service(reactor, args.dir, args.port, args.upstream_port))
     return 0
 

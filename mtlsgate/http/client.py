@@ -17,7 +17,7 @@ import attrs
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer
 from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -689,7 +689,7 @@ class ConnectionPool:
     L{retire} (reload, shutdown) closes the idle ones and keeps any more from being pooled.
     """
 
-    def __init__(self, reactor: Any, persistent: bool = True, max_idle: int = MAX_IDLE_PER_ORIGIN, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(self, reactor: IReactorTime, persistent: bool = True, max_idle: int = MAX_IDLE_PER_ORIGIN, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.reactor = reactor
         self.persistent = persistent
         self.max_idle = max_idle
@@ -852,7 +852,7 @@ class HTTP11Agent:
     keyed by scheme, host and port; C{persistent=False} sends C{Connection: close} and pools nothing.
     """
 
-    def __init__(self, reactor: Any, endpoints: IAgentEndpointFactory, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+    def __init__(self, reactor: IReactorTime, endpoints: IAgentEndpointFactory, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
                  persistent: bool = True, max_idle: int = MAX_IDLE_PER_ORIGIN, idle_timeout: float = IDLE_TIMEOUT) -> None:  # fmt: skip
         self.reactor = reactor
         self.endpoints = endpoints

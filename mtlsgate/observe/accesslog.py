@@ -8,7 +8,7 @@ per request to a file (or stdout), in the spirit of nginx's C{access_log}, in on
 
 Lines are written by a thread of their own, so a slow disk never stalls the reactor; if the disk
 falls so far behind that the queue fills, lines are dropped and the drops counted in the twistd log.
-The access events also reach the twistd log.
+The access events (L{AccessEvents}, told of each finished request) also reach the twistd log.
 """
 
 from __future__ import annotations
@@ -26,11 +26,53 @@ from twisted.application.service import Service
 from twisted.logger import ILogObserver, LogPublisher, Logger, globalLogPublisher
 from zope.interface import implementer
 
+from mtlsgate.accounting import FinishedRequest, IRequestObserver
+from mtlsgate.identity import printable
+
 ACCESS_NAMESPACE = "mtlsgate.access"
 FORMATS = ("combined", "json")
 _QUEUE_LINES = 10000
 
 log = Logger(namespace="mtlsgate")
+access_log = Logger(namespace=ACCESS_NAMESPACE)
+
+
+@implementer(IRequestObserver)
+class AccessEvents:
+    """
+    Each finished request as one event in the C{mtlsgate.access} log namespace, with fields a
+    formatter (L{AccessLogObserver}) can read; the twistd log shows it too.  Not C{enabled}
+    (C{access_log: off}, which a reload may switch): no event at all.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def request_finished(self, record: FinishedRequest) -> None:
+        if not self.enabled:
+            return
+        identity = record.identity
+        access_log.info(
+            "{client} {identity} \"{method} {uri} {proto}\" {status} {size} route={route} upstream={upstream}"
+            " cn={common_name} sha256={fingerprint} {duration:.3f}s" + ("" if record.tunnel is None else " tunnel_in={tunnel_in} tunnel_out={tunnel_out}"),
+            tunnel_in=None if record.tunnel is None else record.tunnel[0],
+            tunnel_out=None if record.tunnel is None else record.tunnel[1],
+            client=record.client,
+            identity=record.peer,
+            spiffe_id=identity.spiffe_id if identity else None,
+            common_name=printable(identity.common_name or "-").replace(" ", "_") if identity else "-",
+            fingerprint=identity.fingerprint_sha256 if identity else "-",
+            method=record.method,
+            uri=record.target,
+            proto=record.protocol,
+            referer=record.referer,
+            user_agent=record.user_agent,
+            status=record.status,
+            size=record.size,
+            route=record.route,
+            upstream=record.upstream,
+            duration=record.duration,
+        )
 
 
 def _quoted(value: Any) -> str:

@@ -14,13 +14,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from zope.interface import implementer
 
+from mtlsgate.accounting import FinishedRequest, IRequestObserver
 from mtlsgate.tls.observer import IConnectionObserver
 
 #: Upstream latency buckets, seconds: from a loopback hop to a slow backend.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-@implementer(IConnectionObserver)
+@implementer(IConnectionObserver, IRequestObserver)
 class GatewayMetrics:
     """
     @param certificates: returns the certificates being served now, as C{(name, not_after)}
@@ -65,6 +66,12 @@ class GatewayMetrics:
         self._tcp_byte_children: dict[tuple[str, str], Any] = {}
         self._request_children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
+
+    def request_finished(self, record: FinishedRequest) -> None:
+        """A request finished: counted by route and status, and its upstream's latency (if one answered) observed."""
+        if record.upstream_latency is not None:
+            self.upstream_responded(record.route, record.upstream_latency)
+        self.request(record.route, record.status)
 
     def request(self, route: str, status: int) -> None:
         child = self._request_children.get((route, status))

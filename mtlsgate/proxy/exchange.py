@@ -11,7 +11,7 @@ from typing import Any, Callable
 import attrs
 from twisted.internet import defer
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,6 +20,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_headers, client_response_trailers, upstream_request_headers
 from mtlsgate.http.body import BodyTooLarge, RequestBody
@@ -41,7 +42,6 @@ __all__ = ["BodyTooLarge", "GatewayRequest", "RequestBody", "header_field_proble
 GatewayRequest = IGatewayRequest  # either front end's request (HTTP/1.1: mtlsgate.http.server.Request; HTTP/2: h2server.H2Request)
 
 log = Logger(namespace="mtlsgate.proxy.exchange")
-access_log = Logger(namespace="mtlsgate.access")
 
 # --- the peer's identity, once per connection -----------------------------------------------------
 
@@ -110,7 +110,7 @@ class _ResponseRelay(Protocol):
 
     transport: Any  # the response body's producer (the upstream connection)
 
-    def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: Any, stall_timeout: float) -> None:
+    def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: IReactorTime, stall_timeout: float) -> None:
         self.request = request
         self._done = done
         self.bytes = 0
@@ -224,20 +224,19 @@ class ProxyState:
     global_rules: AllowRules
     require_client_certificate: bool
     hsts_header: bytes | None = None  # Strict-Transport-Security for HTTPS responses
-    log_access: bool = True  # access_log: off turns the per-request event off entirely
 
 
 class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
     def __init__(
-        self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics, log_access: bool = True,
-        target: bytes | None = None, tunnel_opened: Callable[[Tunnel], None] | None = None,
+        self, reactor: IReactorTime, request: GatewayRequest, entry: RouteEntry, peer: Peer, observer: IRequestObserver, target: bytes | None = None,
+        tunnel_opened: Callable[[Tunnel], None] | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
         self.target = request.uri if target is None else target  # the normal form that was routed: exactly what goes upstream
-        self.metrics = metrics
-        self.log_access = log_access
+        self.observer = observer
+        self.upstream_latency: float | None = None
         self.request = request
         self.entry = entry
         self.peer = peer
@@ -248,7 +247,7 @@ class _Exchange:
         self.pending: defer.Deferred[Any] | None = None
         self.timed_out = False
         self.client_gone = False
-        self.accounted = False  # the access line and the request metric, once per request
+        self.accounted = False  # the observer is told once per request
         self.waiting = True  # for the upstream's response headers (the route timeout applies)
         self.timer: Any = None
         self.tunnel_opened = tunnel_opened  # set for a WebSocket upgrade: a 101 from the upstream becomes a tunnel
@@ -303,7 +302,7 @@ class _Exchange:
         self.pending = None
         self.response = response
         self._stop_waiting()
-        self.metrics.upstream_responded(self.entry.route.name, self.reactor.seconds() - self.started)
+        self.upstream_latency = self.reactor.seconds() - self.started
         request = self.request
         if self.client_gone:
             response.deliverBody(Protocol())
@@ -345,10 +344,10 @@ class _Exchange:
         log.info("WebSocket tunnel on route {route} via {upstream} closed ({why}) after {duration:.3f}s: {up} bytes up, {down} bytes down",
                  route=route, upstream=self.upstream, why=tunnel.close_reason, duration=self.reactor.seconds() - tunnel.started,
                  up=tunnel.bytes_from_client, down=tunnel.bytes_to_client)  # fmt: skip
-        if self.log_access:
-            write_access_line(self.request, self.peer, route, self.upstream, 101, tunnel.bytes_to_client, self.reactor.seconds() - self.started,
-                              tunnel=(tunnel.bytes_from_client, tunnel.bytes_to_client))  # fmt: skip
-        self.metrics.request(route, 101)
+        self.observer.request_finished(finished(
+            self.request, self.peer, route, self.upstream, 101, tunnel.bytes_to_client, self.reactor.seconds() - self.started,
+            self.upstream_latency, tunnel=(tunnel.bytes_from_client, tunnel.bytes_to_client),
+        ))  # fmt: skip
 
     def _relayed(self, failure: Failure | None) -> None:
         if self.client_gone:
@@ -436,45 +435,49 @@ class _Exchange:
         self._access(code, len(body))
 
     def _access(self, status: int, size: int) -> None:
-        """Log and count the request, once: a response cut off by the upstream is not also the client's 499."""
+        """Tell the observer (access log, metrics) once: a response cut off by the upstream is not also the client's 499."""
         if self.accounted:
             return
         self.accounted = True
-        route = self.entry.route.name
-        if self.log_access:
-            write_access_line(self.request, self.peer, route, self.upstream, status, size, self.reactor.seconds() - self.started)
-        self.metrics.request(route, status)
+        duration = self.reactor.seconds() - self.started
+        self.observer.request_finished(
+            finished(self.request, self.peer, self.entry.route.name, self.upstream, status, size, duration, self.upstream_latency)
+        )
 
 
-def write_access_line(
-    request: GatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float, tunnel: tuple[int, int] | None = None,
-) -> None:  # fmt: skip
+def finished(
+    request: GatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float, upstream_latency: float | None = None,
+    tunnel: tuple[int, int] | None = None,
+) -> FinishedRequest:  # fmt: skip
     """
-    One access event per request, with fields a formatter or a metrics observer can read; C{tunnel}: a WebSocket
-    tunnel's bytes from and to the client (the line is written when it closes).
+    The record of one finished request (HTTP/1.x or HTTP/2), for the request observer; C{tunnel}: a WebSocket
+    tunnel's bytes from and to the client (the record is made when it closes).
     """
-    identity = peer.identity
-    access_log.info(
-        "{client} {identity} \"{method} {uri} {proto}\" {status} {size} route={route} upstream={upstream}"
-        " cn={common_name} sha256={fingerprint} {duration:.3f}s" + ("" if tunnel is None else " tunnel_in={tunnel_in} tunnel_out={tunnel_out}"),
-        tunnel_in=None if tunnel is None else tunnel[0],
-        tunnel_out=None if tunnel is None else tunnel[1],
-        client=request.getClientAddress().host if request.getClientAddress() else "-",
-        identity=peer.label,
-        spiffe_id=identity.spiffe_id if identity else None,
-        common_name=printable(identity.common_name or "-").replace(" ", "_") if identity else "-",
-        fingerprint=identity.fingerprint_sha256 if identity else "-",
+    address = request.getClientAddress()
+    return FinishedRequest(
+        client=getattr(address, "host", None) or "-",
+        peer=peer.label,
+        identity=peer.identity,
+        protocol=request.clientproto.decode("ascii", "replace"),
         method=request.method.decode("ascii", "replace"),
-        uri=request.uri.decode("ascii", "replace"),
-        proto=request.clientproto.decode("ascii", "replace"),
-        referer=_header_text(request, b"referer"),
-        user_agent=_header_text(request, b"user-agent"),
+        target=request.uri.decode("ascii", "replace"),
         status=status,
         size=size,
         route=route,
         upstream=upstream,
         duration=duration,
+        upstream_latency=upstream_latency,
+        referer=_header_text(request, b"referer"),
+        user_agent=_header_text(request, b"user-agent"),
+        tunnel=tunnel,
     )
+
+
+def _cancelling(result: Any, timer: IDelayedCall) -> Any:
+    """A callback that cancels C{timer} (if still pending) and passes C{result} on."""
+    if timer.active():
+        timer.cancel()
+    return result
 
 
 def _loggable(raw: bytes) -> str:
@@ -510,10 +513,13 @@ class ProxyResource:
     for the route, and relay to the route's upstreams.
     """
 
-    def __init__(self, reactor: Any, state: ProxyState, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self, reactor: IReactorTime, state: ProxyState, observer: IRequestObserver = RequestObservers(), metrics: GatewayMetrics | None = None,
+    ) -> None:  # fmt: skip
         self.reactor = reactor
         self.state = state
-        self.metrics = metrics or GatewayMetrics()
+        self.observer = observer  # told of every finished request: the access log and the metrics
+        self.metrics = metrics or GatewayMetrics()  # the open WebSocket tunnels' gauge
         self.in_flight = 0  # requests, and WebSocket tunnels, open
         self.tunnels: set[Tunnel] = set()
         self.draining = False  # shutting down: a tunnel that opens now is told to go away at once
@@ -531,7 +537,7 @@ class ProxyResource:
         log.info("waiting up to {timeout:g}s for {n} request(s) in flight", timeout=timeout, n=self.in_flight)
         self._drained.append(d)
         timer = self.reactor.callLater(timeout, lambda: None if d.called else d.callback(None))
-        d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        d.addBoth(_cancelling, timer)
         return d
 
     def _tunnel_opened(self, tunnel: Tunnel) -> None:
@@ -570,9 +576,7 @@ class ProxyResource:
             # is not read, and the connection closes after this answer, which says so.
             request.channel.stop_parsing()
             request.setHeader(b"connection", b"close")
-        if self.state.log_access:
-            write_access_line(request, peer, route, "-", code, len(body), 0.0)
-        self.metrics.request(route, code)
+        self.observer.request_finished(finished(request, peer, route, "-", code, len(body), 0.0))
         request.write(body)
         request.finish()
 
@@ -623,7 +627,7 @@ class ProxyResource:
         self.in_flight += 1
         request.when_done(self._finished)
         tunnel_opened = self._tunnel_opened if websocket else None
-        _Exchange(self.reactor, request, entry, peer, self.metrics, state.log_access, target.forward, tunnel_opened).start()
+        _Exchange(self.reactor, request, entry, peer, self.observer, target.forward, tunnel_opened).start()
 
     def _websocket_allowed(self, request: GatewayRequest, peer: Peer, route: Route) -> bool:
         """

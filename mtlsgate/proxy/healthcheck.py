@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, cast
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -170,7 +170,7 @@ class HealthChecker:
     state of a checker being replaced; the first round of checks runs at L{start}.
     """
 
-    def __init__(self, reactor: Any, route_name: str, targets: Iterable[str], settings: HealthCheck, probe: Probe) -> None:
+    def __init__(self, reactor: IReactorTime, route_name: str, targets: Iterable[str], settings: HealthCheck, probe: Probe) -> None:
         self.reactor = reactor
         self.route_name = route_name
         self.settings = settings

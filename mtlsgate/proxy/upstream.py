@@ -19,7 +19,7 @@ from service_identity.cryptography import verify_certificate_hostname, verify_ce
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI
@@ -31,6 +31,7 @@ from mtlsgate.config.model import Route, TCPRoute
 from mtlsgate.proxy.healthcheck import HealthChecker, grpc_probe, http_probe
 from mtlsgate.http.client import HTTP11Agent
 from mtlsgate.http.h2client import H2Agent
+from mtlsgate.reactors import IReactorTimeAndTCP
 from mtlsgate.tls.server import CIPHERS
 
 log = Logger(namespace="mtlsgate.proxy.upstream")
@@ -129,7 +130,7 @@ class _HandshakeBoundedEndpoint:
     upstream) after C{connect_timeout}, not after the route's whole C{timeout}.
     """
 
-    def __init__(self, reactor: Any, tls: IStreamClientEndpoint, timeout: float) -> None:
+    def __init__(self, reactor: IReactorTime, tls: IStreamClientEndpoint, timeout: float) -> None:
         self._reactor = reactor
         self._tls = tls
         self._timeout = timeout
@@ -182,7 +183,7 @@ class _EndpointPerOrigin:
     IDNA-encodes the name of) a new endpoint for every request: 6 % of a keep-alive request's time.
     """
 
-    def __init__(self, reactor: Any, policy: UpstreamTLSPolicy, connect_timeout: float | None) -> None:
+    def __init__(self, reactor: IReactorTimeAndTCP, policy: UpstreamTLSPolicy, connect_timeout: float | None) -> None:
         self.reactor = reactor
         self.policy = policy
         self.connect_timeout = connect_timeout
@@ -208,7 +209,7 @@ class UpstreamGroup:
     with C{health_check}, the checker that takes dead upstreams out of that order.
     """
 
-    def __init__(self, reactor: Any, route: Route, max_per_host: int = 64) -> None:
+    def __init__(self, reactor: IReactorTimeAndTCP, route: Route, max_per_host: int = 64) -> None:
         self.route = route
         self.targets = route.to
         policy = UpstreamTLSPolicy(route)

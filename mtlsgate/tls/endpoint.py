@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint, IStreamServerEndpointStringParser
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mtlsgate.config.model import CertificateSpec, ConfigError, DownstreamMTLS
+from mtlsgate.reactors import IReactorTimeAndTCP
 from mtlsgate.tls.pki import PKIError
 from mtlsgate.tls.server import ClientVerification, GatewayTLSFactory, ServerTLS, load_served_certificates
 
@@ -26,7 +27,7 @@ from mtlsgate.tls.server import ClientVerification, GatewayTLSFactory, ServerTLS
 class MTLSServerEndpoint:
     """TLS (and client-certificate verification) by the gateway's L{ServerTLS} over a TCP endpoint."""
 
-    def __init__(self, reactor: Any, tcp: IStreamServerEndpoint, server_tls: ServerTLS) -> None:
+    def __init__(self, reactor: IReactorTime, tcp: IStreamServerEndpoint, server_tls: ServerTLS) -> None:
         self.reactor = reactor
         self.tcp = tcp
         self.server_tls = server_tls
@@ -42,7 +43,7 @@ class MTLSEndpointParser:
     # twistd hands the string's fields over as keyword arguments; naming them here (where the
     # interface says **kwargs) is how each field gets its default and its place in the help text.
     def parseStreamServer(  # type: ignore[override]
-        self, reactor: Any, port: str, cert: str | None = None, key: str | None = None, client_ca: str | None = None,
+        self, reactor: IReactorTimeAndTCP, port: str, cert: str | None = None, key: str | None = None, client_ca: str | None = None,
         crl: str | None = None, client_auth: str | None = None, max_verify_depth: str = "2",
         interface: str = "", backlog: str = "50",
     ) -> MTLSServerEndpoint:  # fmt: skip

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 from OpenSSL.crypto import X509StoreFlags
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
@@ -739,7 +739,7 @@ class GatewayTLSFactory(TLSMemoryBIOFactory):
     protocol = _HandshakeLoggingTLSProtocol
 
     def __init__(
-        self, creator: ServerTLS, wrapped: object, reactor: Any, metrics: IConnectionObserver | None = None, limits: Limits = Limits(),
+        self, creator: ServerTLS, wrapped: object, reactor: IReactorTime, metrics: IConnectionObserver | None = None, limits: Limits = Limits(),
     ) -> None:  # fmt: skip
         super().__init__(creator, False, wrapped, reactor)  # type: ignore[arg-type]
         self.reactor = reactor

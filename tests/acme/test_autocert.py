@@ -6,6 +6,7 @@ Autocert end to end: the real twistd gateway gets real certificates from a real 
 from __future__ import annotations
 
 import os
+import re
 import resource
 import socket
 import ssl
@@ -20,6 +21,16 @@ from tests.acme.pebble import write_dns_hook
 from tests.conftest import free_port, scrape
 
 ISSUED = "installed the certificate for"
+REFRESHED = "certificates refreshed: serving"
+
+
+def issued_everywhere(gateway, timeout: float = 60, after: int = 0) -> str:
+    """
+    The log once a certificate is issued (past C{after}) and every serving process serves it: with
+    workers, worker 0 issues it and the others load it from certs_dir a moment later.
+    """
+    gateway.proc.wait_for_log(ISSUED, timeout=timeout, after=after)
+    return gateway.wait_for_each(REFRESHED, timeout=timeout, after=after)
 
 
 def served_certificate(port: int, server_name: str, ca_pem: bytes | None = None, client: tuple[str, str] | None = None) -> x509.Certificate:
@@ -66,7 +77,7 @@ def test_http01_issues_a_certificate_that_verifies_against_the_ca_root(start_peb
     pebble, https, config = http01_setup(start_pebble, tmp_path, "web.example.test", extra={"admin_address": f"tcp:{admin}"})
     certs = tmp_path / "certs"
     gateway = start_gateway(["--config", str(config)], port=https)
-    log = gateway.proc.wait_for_log(ISSUED, timeout=60)
+    log = issued_everywhere(gateway)
     assert "answered the http-01 challenge" in log
     leaf = served_certificate(https, "web.example.test", pebble.root_pem() + pebble.intermediate_pem())
     assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == ["web.example.test"]
@@ -88,7 +99,7 @@ def test_tls_alpn01_is_answered_by_the_mtls_listener_itself(start_pebble, start_
         **autocert_settings(pebble, domains=["alpn.example.test"], challenges=["tls-alpn-01"]),
     )  # fmt: skip
     gateway = start_gateway(["--config", str(config)], port=https)
-    gateway.proc.wait_for_log(ISSUED, timeout=60)
+    issued_everywhere(gateway)
     leaf = served_certificate(https, "alpn.example.test", pebble.root_pem() + pebble.intermediate_pem(), client=pki["alice"])
     assert leaf.issuer != leaf.subject
     with pytest.raises(ssl.SSLError):  # mTLS still holds for everyone else
@@ -138,7 +149,7 @@ def test_dns01_issues_a_wildcard_with_its_apex(start_pebble, start_gateway, tmp_
         ),
     )  # fmt: skip
     gateway = start_gateway(["--config", str(config)], port=https)
-    log = gateway.proc.wait_for_log(ISSUED, timeout=90)
+    log = issued_everywhere(gateway, timeout=90)
     assert "TXT _acme-challenge.apps.example.test is visible" in log
     trust = pebble.root_pem() + pebble.intermediate_pem()
     for name in ("web.apps.example.test", "apps.example.test"):
@@ -152,7 +163,7 @@ def test_restart_reuses_the_account_and_the_stored_certificate(start_pebble, sta
     _, https, config = http01_setup(start_pebble, tmp_path, "again.example.test")
     certs = tmp_path / "certs"
     first = start_gateway(["--config", str(config)], port=https)
-    first.proc.wait_for_log(ISSUED, timeout=60)
+    issued_everywhere(first)
     account_key = (certs / "acme-account.key").read_bytes()
     issued = served_certificate(https, "again.example.test")
     first.proc.stop()
@@ -166,18 +177,21 @@ def test_restart_reuses_the_account_and_the_stored_certificate(start_pebble, sta
 
 
 def test_renewal_replaces_the_served_certificate_without_a_restart(start_pebble, start_gateway, tmp_path):
-    _, https, config = http01_setup(start_pebble, tmp_path, "renew.example.test", renew_before="36500d", check_interval="1s")
+    # Renewed every second or so: with workers, every connection of the test reaches one worker
+    # (client_ip), whose own refreshes the test waits for.
+    _, https, config = http01_setup(start_pebble, tmp_path, "renew.example.test", renew_before="36500d", check_interval="1s",
+                                    extra={"worker_affinity": "client_ip"})  # fmt: skip
     gateway = start_gateway(["--config", str(config)], port=https)
-    gateway.proc.wait_for_log(ISSUED, timeout=60)
-    first = served_certificate(https, "renew.example.test")
+    issued_everywhere(gateway)
+    refreshed = gateway.log_prefix() + REFRESHED
     with socket.create_connection(("127.0.0.1", https)) as held:  # a connection open across the swap
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
         with ctx.wrap_socket(held, server_hostname="renew.example.test") as tls:
-            wait_for_count(gateway.proc, ISSUED, 2, timeout=60)
+            first = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+            wait_for_count(gateway.proc, refreshed, gateway.proc.output().count(refreshed) + 1, timeout=60)  # a renewal, installed
             tls.sendall(b"GET / HTTP/1.1\r\nHost: renew.example.test\r\n\r\n")
             assert tls.recv(100).startswith(b"HTTP/1.1 404")  # still served, on the old certificate
-            assert x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number == first.serial_number
     assert served_certificate(https, "renew.example.test").serial_number != first.serial_number
 
 
@@ -204,8 +218,9 @@ def test_a_renewal_the_disk_has_no_room_for_leaves_the_served_certificate_until_
     assert [p.name for p in certs.iterdir() if p.name.startswith(".")] == []
     assert served_certificate(https, "full.example.test").serial_number == old.serial_number
 
-    resource.prlimit(gateway.proc.popen.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    log = gateway.proc.wait_for_log(ISSUED, timeout=60)
+    for pid in [gateway.proc.popen.pid, *worker_pids(gateway)]:  # with workers, worker 0 is the one writing
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    log = issued_everywhere(gateway)
     until_stored = log[: log.index(ISSUED)]
     assert "storing the certificate for full.example.test issued earlier, without a new order" in until_stored
     assert until_stored.count("ordered a certificate for full.example.test") == 1  # one order, stored on a later try
@@ -280,6 +295,11 @@ def test_a_failing_dns_hook_is_reported_clearly(start_pebble, start_gateway, tmp
     gateway = start_gateway(["--config", str(config)], port=https)
     log = gateway.proc.wait_for_log("not issued (attempt 1)", timeout=60)
     assert "exited with 3: no credentials for the DNS API" in log
+
+
+def worker_pids(gateway) -> list[int]:
+    """The worker processes of a gateway started with workers (none for one process), from its log."""
+    return [int(pid) for pid in re.findall(r"worker \d+ started \(pid (\d+)\)", gateway.proc.output())]
 
 
 def wait_for_count(proc, text: str, count: int, timeout: float) -> None:
@@ -361,7 +381,7 @@ def test_renewal_follows_the_cas_renewal_information(start_pebble, start_gateway
                "directory": f"https://localhost:{ari.port}/dir", "ca_file": str(trust)},
         )  # fmt: skip
         gateway = start_gateway(["--config", str(config)], port=https)
-        gateway.proc.wait_for_log(ISSUED, timeout=60)
+        issued_everywhere(gateway)
         first = served_certificate(https, "ari.example.test")
         wait_for_count(gateway.proc, ISSUED, 2, timeout=60)
         assert "CA suggests renewing between" in gateway.proc.output()

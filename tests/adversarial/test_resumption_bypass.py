@@ -8,12 +8,16 @@ a certificate that failed verification never gets a TLS 1.3 ticket that resumes,
 version a resumed connection is trusted only with a certificate that verified in a full handshake
 under the trust settings now in force; otherwise 403 with the reason (``enforcement: policy``) and
 the upstream sees nothing.  Also: one certificate with two common names is refused.
+
+With workers, a session resumes only on the worker that made it (each has its own ticket key and
+session cache), so every test that resumes asks for C{worker_affinity: client_ip}: the session is
+offered to the very process that issued it, the attacker's best case.  A session carried to another
+worker is its own attack: L{test_a_session_made_on_one_worker_admits_no_one_on_another}.
 """
 
 from __future__ import annotations
 
 import http.client
-import signal
 import socket
 import ssl
 from datetime import datetime, timedelta, timezone
@@ -27,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mtlsgate.tls import pki as pkimod
-from tests.conftest import echo_json, gateway_args
+from tests.conftest import echo_json, gateway_args, worker_for_address
 
 VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2"), pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3")]
 
@@ -41,9 +45,9 @@ class _Client:
         self.ctx.load_cert_chain(*cert)
         self.session: ssl.SSLSession | None = None
 
-    def get(self, port: int) -> tuple[bool, int, bytes]:
-        """A request on a new connection offering the last session: (resumed?, status, body)."""
-        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    def get(self, port: int, source: str = "127.0.0.1") -> tuple[bool, int, bytes]:
+        """A request on a new connection (from C{source}) offering the last session: (resumed?, status, body)."""
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
         conn.sock = self.ctx.wrap_socket(raw, server_hostname="localhost", session=self.session)
         conn.request("GET", "/", headers={"Host": "localhost"})
@@ -85,6 +89,9 @@ def _two_common_names(pki, directory: Path) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
+#: With workers, every connection of the test client reaches the worker that issued its session.
+SAME_WORKER = ("--worker-affinity", "client_ip")
+
 REFUSED = [
     ("stranger", "untrusted issuer"),
     ("expired", "expired"),
@@ -98,7 +105,7 @@ REFUSED = [
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("who, reason", REFUSED)
 def test_a_refused_certificate_cannot_resume_its_way_in(start_gateway, pki, echo_upstream, tmp_path, who, reason, version):
-    extra = ["--crl", pki["crl"], "--enforcement", "policy"]
+    extra = ["--crl", pki["crl"], "--enforcement", "policy", *SAME_WORKER]
     if who == "long_chain":
         cert, extra = _long_chain_client(pki, tmp_path), [*extra, "--max-verify-depth", "1"]
     elif who == "two_cns":
@@ -122,7 +129,7 @@ def test_a_refused_certificate_cannot_resume_its_way_in(start_gateway, pki, echo
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("enforcement", ["policy", "reject_connection"])
 def test_a_good_client_resumes_and_keeps_its_identity(start_gateway, pki, echo_upstream, version, enforcement):
-    gateway = start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"], "--enforcement", enforcement))
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"], "--enforcement", enforcement, *SAME_WORKER))
     client = _Client(pki["ca"], pki["alice"], version)
     assert client.get(gateway.port)[:2] == (False, 200)
     for _ in range(3):
@@ -136,13 +143,12 @@ def test_a_good_client_resumes_and_keeps_its_identity(start_gateway, pki, echo_u
 def test_a_reload_that_revokes_a_client_beats_resumption(start_gateway, pki, echo_upstream, tmp_path, version, enforcement):
     crl = tmp_path / "clients.crl"
     crl.write_bytes(pki["ca_obj"].crl([]).public_bytes(Encoding.PEM))
-    gateway = start_gateway(gateway_args(pki, echo_upstream, "--crl", str(crl), "--enforcement", enforcement))
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--crl", str(crl), "--enforcement", enforcement, *SAME_WORKER))
     client = _Client(pki["ca"], pki["revoked"], version)
     assert client.get(gateway.port)[1] == 200
     assert client.get(gateway.port)[:2] == (True, 200)
     crl.write_bytes(Path(pki["crl"]).read_bytes())  # now revoking this client
-    gateway.proc.signal(signal.SIGHUP)
-    gateway.proc.wait_for_log("reloaded:")
+    gateway.reload()  # every worker: the revocation is in force wherever the client lands
     if enforcement == "reject_connection":
         with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
             client.get(gateway.port)
@@ -158,3 +164,51 @@ def test_two_common_names_are_refused_at_the_handshake_under_reject_connection(s
     with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
         client.get(gateway.port)
     assert "more than one common name" in gateway.proc.wait_for_log("refused client certificate from 127.0.0.1")
+
+
+def _two_workers_sources() -> tuple[str, str]:
+    """Two loopback addresses that C{worker_affinity: client_ip} sends to different workers of two."""
+    sources = [f"127.0.0.{n}" for n in range(1, 9)]
+    first = sources[0]
+    other = next(source for source in sources if worker_for_address(source, 2) != worker_for_address(first, 2))
+    return first, other
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("who, reason", [("stranger", "untrusted issuer"), ("revoked", "revoked")])
+def test_a_session_made_on_one_worker_admits_no_one_on_another(start_gateway, pki, echo_upstream, version, who, reason):
+    """
+    Workers keep their own ticket keys, session caches and records of verified certificates: a
+    session a refused certificate got from one worker, offered to the other, is refused there too
+    (it does not resume, or resumes with no verdict on record), and never reaches the upstream.
+    """
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"], "--enforcement", "policy", "--workers", "2", *SAME_WORKER))
+    issuer, other = _two_workers_sources()
+    client = _Client(pki["ca"], pki[who], version)
+    resumed, status, body = client.get(gateway.port, issuer)
+    assert (resumed, status) == (False, 403) and reason in body.decode()
+    session = client.session
+    assert session is not None
+    for _ in range(3):
+        client.session = session  # always the first worker's session, never one the other worker hands out
+        resumed, status, body = client.get(gateway.port, other)
+        assert status == 403 and reason in body.decode(), f"resumed={resumed}: {body[:300]!r}"
+        assert b"x-forwarded-client-cert" not in body.lower()
+    out = gateway.proc.output()
+    for source in (issuer, other):  # the test did reach both workers
+        assert f"[worker-{worker_for_address(source, 2)}] refused {source}" in out
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_good_session_carried_to_another_worker_keeps_its_identity(start_gateway, pki, echo_upstream, version):
+    """A good client's session offered to the other worker: served (after a full handshake there) as the same identity."""
+    gateway = start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"], "--workers", "2", *SAME_WORKER))
+    issuer, other = _two_workers_sources()
+    client = _Client(pki["ca"], pki["alice"], version)
+    assert client.get(gateway.port, issuer)[:2] == (False, 200)
+    session = client.session
+    for _ in range(2):
+        client.session = session
+        resumed, status, body = client.get(gateway.port, other)
+        assert status == 200
+        assert "spiffe://test/ns/prod/sa/alice" in echo_json(body)["headers"]["x-forwarded-client-cert"][0]

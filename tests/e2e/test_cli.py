@@ -5,7 +5,6 @@ checked with openssl, and its certificates and CRLs used by the real gateway.
 
 from __future__ import annotations
 
-import signal
 import stat
 import subprocess
 import sys
@@ -384,8 +383,7 @@ def test_a_cli_client_certificate_is_admitted_then_refused_after_revoke_and_sigh
 
     ok(mtlsgate(tmp_path, "ca", "revoke", "alice.pem", "--dir", "ca"))
     ok(mtlsgate(tmp_path, "ca", "crl", "--dir", "ca"))
-    gateway.proc.signal(signal.SIGHUP)
-    gateway.proc.wait_for_log("reloaded:")
+    gateway.reload()  # with workers, every one
     status, _, body = https_request(gateway.port, "/after", ca=ca_pem, cert=alice)
     assert status == 403 and b"revoked" in body
     assert "revoked" in gateway.proc.wait_for_log("refused 127.0.0.1")

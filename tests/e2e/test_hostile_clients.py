@@ -27,7 +27,9 @@ def write_config(tmp_path, pki, upstream_port, port, **extra):
 def gateway(start_gateway, pki, echo_upstream, tmp_path):
     port = free_port()
     limits = {"handshake_timeout": "1s", "header_timeout": "1s", "idle_timeout": "3s", "max_connections": 20}
-    return start_gateway(["--config", str(write_config(tmp_path, pki, echo_upstream, port, limits=limits))], port=port)
+    # With workers, max_connections is each worker's: every connection from the test's one address reaches one worker.
+    config = write_config(tmp_path, pki, echo_upstream, port, limits=limits, worker_affinity="client_ip")
+    return start_gateway(["--config", str(config)], port=port)
 
 
 def tls_socket(port: int, pki) -> ssl.SSLSocket:

@@ -65,8 +65,7 @@ def test_sighup_swaps_certificate_and_routes_while_a_connection_stays_open(start
     renewed = pki["ca_obj"].issue_server(["localhost", "127.0.0.1"])
     renewed.write(str(tmp_path / "served.pem"), str(tmp_path / "served-key.pem"))
     _config(tmp_path, pki, echo_upstream, port, allow_client={"cn": ["bob"]})
-    gateway.proc.signal(signal.SIGHUP)
-    gateway.proc.wait_for_log("reloaded:")
+    gateway.reload()  # with workers, every one
 
     # The connection opened before the reload is still usable; the new route rules apply to it.
     status, body = _get(conn, "/after")
@@ -105,7 +104,7 @@ def test_a_new_crl_takes_effect_without_a_signal(start_gateway, pki, echo_upstre
 
     revoked = pki["ca_obj"].crl([carol.certificate])
     crl.write_bytes(revoked.public_bytes(Encoding.PEM))
-    log = gateway.proc.wait_for_log("reloaded:", timeout=15)
+    log = gateway.wait_for_each("reloaded:", timeout=15)  # with workers, each watches the files itself
     assert "files changed; reloading" in log
     try:
         https_request(port, "/", ca=pki["ca"], cert=(str(tmp_path / "carol.pem"), str(tmp_path / "carol-key.pem")))

@@ -111,6 +111,9 @@ def test_sigterm_drains_a_request_in_flight(start_gateway, pki, echo_upstream, t
     slow.start()
     time.sleep(0.7)  # the request is at the upstream now
     gateway.proc.signal(signal.SIGTERM)
+    gateway.proc.wait_for_log("for 1 request(s) in flight")
+    with pytest.raises(OSError):  # while it drains, a new connection is refused, not queued for no one
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=2).close()
     slow.join(30)
     assert result and result[0][0] == 200
     assert gateway.proc.popen.wait(30) in (0, -signal.SIGTERM)

@@ -123,3 +123,25 @@ def test_a_certificate_the_store_cannot_write_is_logged_and_stored_at_the_next_t
     assert "a.example.com" not in service._retry_at
     service.stopService()
     assert not clock.getDelayedCalls()
+
+
+def test_an_attempt_that_fails_without_waiting_is_reported_once_without_a_traceback(tmp_path, pki):
+    """A store that refuses at once (no CA round trip: the certificate issued earlier) ends the attempt before issue() returns."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the certificate directory's parent should be")
+    clock = Clock()
+    clock.advance(time.time())
+    service = IssuingService(clock, DirectoryStore(str(blocked / "certs")), pki["ca_obj"], [])
+    with capturedLogs() as events:
+        service.startService()
+        clock.advance(0)
+        clock.advance(service._retry_at["a.example.com"] - clock.seconds())
+    texts = [formatEvent(e) for e in events]
+    assert [t.split(":")[0] for t in texts if "not stored" in t] == [
+        "certificate for a.example.com issued but not stored (attempt 1)", "certificate for a.example.com issued but not stored (attempt 2)",
+    ]  # fmt: skip
+    assert not [e for e in events if e.get("log_failure") is not None], texts  # no "autocert check failed" with a KeyError
+    failed = service.issue(["a.example.com"])  # a direct caller gets the failure as a Deferred, not an exception
+    assert failed.called and not service._in_flight
+    failed.addErrback(lambda f: None)
+    service.stopService()

@@ -1,7 +1,7 @@
 """
 The package's layout is its architecture, and imports point down it (docs/architecture.md):
 
-    cli  ->  app, testing, config.load  ->  proxy, observe, acme, cluster  ->  http, tls  ->  config.model, identity, version
+    cli  ->  app, testing, config.load  ->  proxy, observe, acme, cluster  ->  http, tls  ->  config.model, identity, version, accounting, reactors
 
 A module may import its own layer or any below; an import that points up fails here by name.
 """
@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import PACKAGE_DIR
 
 LAYERS = {
-    "mtlsgate.identity": 0, "mtlsgate.version": 0, "mtlsgate.config.model": 0,
+    "mtlsgate.identity": 0, "mtlsgate.version": 0, "mtlsgate.config.model": 0, "mtlsgate.accounting": 0, "mtlsgate.reactors": 0,
     "mtlsgate.http": 1, "mtlsgate.tls": 1,
     "mtlsgate.proxy": 2, "mtlsgate.observe": 2, "mtlsgate.acme": 2, "mtlsgate.cluster": 2,
     "mtlsgate.config.load": 3, "mtlsgate.app": 3, "mtlsgate.testing": 3,

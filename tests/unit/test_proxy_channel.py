@@ -15,9 +15,12 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
+from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.identity import AllowRules
+from mtlsgate.observe.accesslog import AccessEvents
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry, header_field_problem, request_line_problem
 from mtlsgate.proxy.routing import RouteTable
 
@@ -55,15 +58,15 @@ class Upstream:
         return d
 
 
+@implementer(IRequestObserver)
 class Metrics:
+    """A request observer that keeps (route, status) of each finished request."""
+
     def __init__(self) -> None:
         self.requests: list[tuple[str, int]] = []
 
-    def request(self, route: str, status: int) -> None:
-        self.requests.append((route, status))
-
-    def upstream_responded(self, route: str, seconds: float) -> None:
-        pass
+    def request_finished(self, record: FinishedRequest) -> None:
+        self.requests.append((record.route, record.status))
 
 
 class Gateway:
@@ -76,7 +79,7 @@ class Gateway:
         route = Route(host="localhost", timeout=timeout)
         table = RouteTable([("localhost", "/", RouteEntry(route=route, upstreams=self.upstream))])  # type: ignore[arg-type]
         state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False, hsts_header=b"max-age=60")
-        site = GatewaySite(ProxyResource(self.reactor, state, self.metrics))  # type: ignore[arg-type]
+        site = GatewaySite(ProxyResource(self.reactor, state, RequestObservers([AccessEvents(), self.metrics])))
         site.reactor = self.reactor
         self.channel = site.buildProtocol(None)
         self.transport = StringTransport()

@@ -347,8 +347,8 @@ class Metrics:
         self.events: list[Any] = []
         self.open = 0
 
-    def request(self, route: str, status: int) -> None:
-        self.events.append((route, status))
+    def request_finished(self, record: Any) -> None:
+        self.events.append((record.route, record.status))
 
     def upstream_responded(self, route: str, seconds: float) -> None:
         pass
@@ -368,7 +368,7 @@ class Proxy:
         route = Route(host="localhost", allow_websockets=allow, websocket_idle_timeout=30)
         table = RouteTable([("localhost", "/", RouteEntry(route=route, upstreams=self.upstream))])  # type: ignore[arg-type]
         state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False)
-        self.resource = ProxyResource(self.reactor, state, self.metrics)  # type: ignore[arg-type]
+        self.resource = ProxyResource(self.reactor, state, self.metrics, self.metrics)  # type: ignore[arg-type]
         self.channel = GatewaySite(self.resource).buildProtocol(None)
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)

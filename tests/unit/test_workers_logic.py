@@ -95,3 +95,28 @@ def test_client_address_steering_sends_each_address_to_one_socket_of_the_group()
             sock.close()
     assert all(len(indexes) == 1 for indexes in landed.values()), landed
     assert len(landed) == 4 and set().union(*landed.values()) == {0, 1}
+
+
+def test_a_workers_log_line_reads_as_the_same_line_of_a_single_process(pki):
+    """The parent writes a worker's event with its format specs applied ({:g}, {:.3f}), and its braces and fields intact."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from mtlsgate.app.workers import EVENTS_FD, relayed_event
+
+    event = {
+        "log_format": "handshake not done within {timeout:g}s; {duration:.3f}s for {path!r} {{literal}}",
+        "timeout": 1.0, "duration": 0.0123456, "path": "/a{b}", "log_namespace": "mtlsgate.tls", "log_level": None,
+        "log_time": 0.0, "status": 200,
+    }  # fmt: skip
+    single = formatEvent(event)
+    assert single == "handshake not done within 1s; 0.012s for '/a{b}' {literal}"
+    relayed: list[dict] = []
+    globalLogPublisher.addObserver(relayed.append)
+    try:
+        worker = _Worker(_group(pki, Clock()), 1)
+        worker.childDataReceived(EVENTS_FD, relayed_event(event).encode())
+    finally:
+        globalLogPublisher.removeObserver(relayed.append)
+    [seen] = [e for e in relayed if e.get("log_namespace") == "mtlsgate.tls"]
+    assert formatEvent(seen) == single
+    assert seen["log_system"] == "worker-1" and seen["status"] == 200 and seen["duration"] == 0.0123456
