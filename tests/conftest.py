@@ -163,6 +163,17 @@ class Proc:
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in log after {timeout}s:\n{self.output()}")
 
+    def wait_for_count(self, text: str, count: int, timeout: float = 10.0) -> str:
+        """
+        The output once C{text} is in it C{count} times: with workers, their lines reach this log
+        through the parent, a moment after the event (the test must not read it sooner).
+        """
+        deadline = time.monotonic() + timeout
+        while (out := self.output()).count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} seen {out.count(text)} times in {timeout}s, wanted {count}:\n{out}"
+            time.sleep(0.05)
+        return out
+
     def signal(self, sig: int) -> None:
         self.popen.send_signal(sig)
 

@@ -120,7 +120,7 @@ def test_resuming_a_refused_session_never_reaches_the_upstream(start_gateway, tm
         sock.close()
     assert session is not None
     assert upstream.accepted == 0
-    assert gateway.proc.output().count("no upstream connection made") == 4
+    assert gateway.proc.wait_for_count("no upstream connection made", 4).count("no upstream connection made") == 4
 
 
 @pytest.mark.parametrize("version", VERSIONS)
