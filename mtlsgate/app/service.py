@@ -20,14 +20,12 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web import server
 
 from mtlsgate.app import fdlimit
 from mtlsgate.observe.accesslog import AccessLogService
-from mtlsgate.observe.admin import admin_resource
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.app.filewatch import FileWatch, watched_files
-from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.tls.pki import PKIError
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
@@ -226,6 +224,12 @@ class _Listener(Service):
 
 def admin_listener_for(reactor: Any, address: str, registry: Any, readiness: Callable[[], str | None]) -> _Listener:
     """The admin listener (C{/metrics}, C{/healthz}, C{/readyz}), not yet started."""
+    # twisted.web's server and prometheus_client's exposition (about 4 MiB per process together) are imported only by a
+    # process that serves the admin or the plain-HTTP listener: a worker serving only HTTPS never does.
+    from twisted.web import server
+
+    from mtlsgate.observe.admin import admin_resource
+
     admin = server.Site(admin_resource(registry, readiness))
     admin.noisy = False  # no "Starting factory" lines
     admin.log = lambda request: None  # type: ignore[method-assign]
@@ -246,7 +250,9 @@ class GatewayService(MultiService):
         self.world = world
         self.worker = worker
         server_tls.install(world.certificates)
-        self.metrics = GatewayMetrics(self._expiries)
+        # Metrics are read only through the admin listener (a worker group's parent serves it, from the files
+        # the workers' GatewayMetrics write); without one, nothing is counted.
+        self.metrics: GatewayMetrics | NoMetrics = GatewayMetrics(self._expiries) if world.config.admin_address else NoMetrics()
         self.resource = ProxyResource(reactor, world.proxy, self.metrics)
         config = world.config
         site = GatewaySite(self.resource, config.limits)
@@ -262,6 +268,8 @@ class GatewayService(MultiService):
             else:
                 self._follow_autocert(config)
         if config.http_address and (worker is None or worker.http_fd is not None):
+            from twisted.web import server
+
             redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port, http01))
             redirect.log = lambda request: None  # type: ignore[method-assign]
             redirect.noisy = False
@@ -269,6 +277,7 @@ class GatewayService(MultiService):
             http_listener.setServiceParent(self)
             self.listeners.append(http_listener)
         if config.admin_address and worker is None:  # a worker group's parent serves the admin listener
+            assert isinstance(self.metrics, GatewayMetrics)
             admin_listener = admin_listener_for(reactor, config.admin_address, self.metrics.registry, self.readiness)
             admin_listener.setServiceParent(self)
             self.listeners.append(admin_listener)

@@ -27,6 +27,17 @@ def _die_with_parent() -> None:
         pass  # not Linux: the parent's stop still reaches every worker
 
 
+def _release_free_memory() -> None:
+    """
+    glibc: give the heap pages start-up freed (parsing, building contexts) back to the system (about
+    1.3 MiB of a worker's idle RSS); a no-op elsewhere.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mtlsgate.app.worker")
     parser.add_argument("--index", type=int, required=True)
@@ -60,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.callWhenRunning(_release_free_memory)
     Logger(namespace="mtlsgate.app.workers").info(
         "worker {index} serving (pid {pid})", index=args.index, pid=os.getpid(), mtlsgate_worker_ready=True
     )

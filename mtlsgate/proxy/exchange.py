@@ -6,7 +6,7 @@ certificate, and relays the exchange to an upstream.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 from twisted.internet import defer
@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import http
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 from zope.interface import implementer
@@ -26,11 +26,14 @@ from mtlsgate.http.body import BodyTooLarge, RequestBody
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.server import HTTPServerFactory, Request
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
-from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.http.pathnorm import PathRefused, normalize_target
 from mtlsgate.proxy.routing import RouteTable, normalize_host
 from mtlsgate.tls.server import peer_verdict
 from mtlsgate.proxy.upstream import UpstreamGroup
+
+if TYPE_CHECKING:
+    from twisted.web import server  # the redirect listener's requests; twisted.web.server is imported only where it serves
 
 # Names other modules and tests import from here; they live in mtlsgate.http now.
 __all__ = ["BodyTooLarge", "GatewayRequest", "RequestBody", "header_field_problem", "request_line_problem"]
@@ -201,7 +204,7 @@ class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
     def __init__(
-        self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics, log_access: bool = True,
+        self, reactor: Any, request: GatewayRequest, entry: RouteEntry, peer: Peer, metrics: GatewayMetrics | NoMetrics, log_access: bool = True,
         target: bytes | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
@@ -418,7 +421,7 @@ class ProxyResource:
     for the route, and relay to the route's upstreams.
     """
 
-    def __init__(self, reactor: Any, state: ProxyState, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, reactor: Any, state: ProxyState, metrics: GatewayMetrics | NoMetrics | None = None) -> None:
         self.reactor = reactor
         self.state = state
         self.metrics = metrics or GatewayMetrics()
