@@ -15,6 +15,7 @@ Memory: the RSS of every process of each side after start-up and after a warm-up
     PYTHONPATH=. python bench/cpu_per_request.py                               # mtlsgate and aiohttp, --workers 1
     PYTHONPATH=. python bench/cpu_per_request.py --mtlsgate base=/tmp/base --mtlsgate new=.   # two code versions (A/B)
     PYTHONPATH=. python bench/cpu_per_request.py --workers 2 --idle 1000 --requests 0          # memory only
+    PYTHONPATH=. python bench/cpu_per_request.py --no-aiohttp --repeats 1 --py-spy /tmp/prof   # and a py-spy profile
 
 C{--mtlsgate NAME=DIR} runs twistd with PYTHONPATH=DIR (an export of a commit: C{git archive REV | tar -x -C DIR}).
 """
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="/1k", choices=("/1k", "/1m"), help="the upstream resource [default: /1k]")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side; the median is reported [default: 3]")
     parser.add_argument("--idle", type=int, default=0, help="hold N idle TLS connections for the memory figure [default: 0, skip]")
+    parser.add_argument("--py-spy", metavar="PREFIX", help="also profile each mtlsgate side (py-spy --format raw) to PREFIX-NAME.txt during one more run")
     parser.add_argument("--config", default="limits: {max_connections: 20000, idle_timeout: 300s}\n", help="mtlsgate's YAML config")
     args = parser.parse_args(argv)
     if not shutil.which("ab") or not os.path.exists(harness.NGINX):
@@ -169,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
                     used = cpu_seconds(pids) - before
                     failed[side] += r["failed"]
                     cpu[side].append(used / args.requests * 1e6)
+
+        if args.py_spy:
+            for name, _ in gateways:
+                port, pid = sides[name]
+                worker = tree(pid)[-1]
+                spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-o", f"{args.py_spy}-{name}.txt", "--pid", str(worker)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                time.sleep(1)
+                harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=max(args.requests, 20000), keepalive=True)
+                spy.send_signal(2)
+                spy.wait(60)
 
         idle: dict[str, float] = {}
         if args.idle:

@@ -106,11 +106,19 @@ class _ResponseRelay(Protocol):
     Upstream response body to the client, pausing the upstream when the client reads slowly, and
     cutting off an upstream that goes silent mid-body for C{stall_timeout} seconds (the time the
     client itself holds things up does not count).
+
+    The stall clock: a body chunk only notes its time, and the timer checks it when it fires.  Given
+    C{on_resume}, the relay has no timer of its own: the exchange's one timer per request (the route
+    timeout while it waits for the response headers) goes on as the stall timer, asking L{stall_left}
+    when it fires, and C{on_resume} is called when a pause (which stops the clock) ends.
     """
 
     transport: Any  # the response body's producer (the upstream connection)
 
-    def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: Any, stall_timeout: float) -> None:
+    def __init__(
+        self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: Any, stall_timeout: float,
+        on_resume: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         self.request = request
         self._done = done
         self.bytes = 0
@@ -118,17 +126,28 @@ class _ResponseRelay(Protocol):
         self._stall_timeout = stall_timeout
         self._stall_timer: Any = None
         self._stalled = False
-        self._last = 0.0  # when the last body bytes came (or the watch started): the timer checks it when it fires
+        self._on_resume = on_resume
+        self.paused = False  # by the client's back-pressure: the stall clock stops
+        self._last = reactor.seconds()  # when the last body bytes came (or the watch started): the timer checks it when it fires
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
-        self._watch()
+        if self._on_resume is None:
+            self._watch()
+
+    def stall_left(self) -> float | None:
+        """Seconds left before the upstream counts as stalled (0 or less: it has); None while paused (the clock is stopped)."""
+        if self.paused:
+            return None
+        return self._last + self._stall_timeout - self._reactor.seconds()
+
+    def stall(self) -> None:
+        """The upstream sent nothing for C{stall_timeout}: cut it off (connectionLost follows)."""
+        self._stalled = True
+        self.transport.stopProducing()
 
     def _watch(self) -> None:
-        """
-        Start the stall clock afresh.  One timer per response, not one per chunk: a chunk only notes its
-        time, and the timer, when it fires, re-arms itself for what is left since the last chunk.
-        """
+        """Start the stall clock afresh, on a timer of the relay's own."""
         self._unwatch()
         self._last = self._reactor.seconds()
         self._stall_timer = self._reactor.callLater(self._stall_timeout, self._check)
@@ -139,13 +158,12 @@ class _ResponseRelay(Protocol):
         self._stall_timer = None
 
     def _check(self) -> None:
-        left = self._last + self._stall_timeout - self._reactor.seconds()
-        if left > 0:
+        left = self.stall_left()
+        if left is not None and left > 0:
             self._stall_timer = self._reactor.callLater(left, self._check)
             return
         self._stall_timer = None
-        self._stalled = True
-        self.transport.stopProducing()  # closes the upstream connection; connectionLost follows
+        self.stall()
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -161,11 +179,17 @@ class _ResponseRelay(Protocol):
         self._done(None if reason.check(ResponseDone, http.PotentialDataLoss) else reason)
 
     def pauseProducing(self) -> None:
+        self.paused = True
         self._unwatch()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._watch()
+        self.paused = False
+        if self._on_resume is None:
+            self._watch()
+        else:
+            self._last = self._reactor.seconds()
+            self._on_resume()
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -266,7 +290,9 @@ class _Exchange:
 
     def _response(self, response: Any) -> None:
         self.pending = None
-        self._stop_waiting()
+        self.waiting = False  # the route timeout is over; its timer goes on as the relay's stall timer
+        if self.client_gone:
+            self._cancel_timer()
         self.metrics.upstream_responded(self.entry.route.name, self.reactor.seconds() - self.started)
         request = self.request
         if self.client_gone:
@@ -280,10 +306,12 @@ class _Exchange:
             request.setHeader(b"content-length", b"%d" % response.length)
         if not response.headers.hasHeader(b"server"):
             request.setHeader(b"server", b"mtlsgate")
-        self.relay = _ResponseRelay(request, self._relayed, self.reactor, self.entry.route.timeout)
+        self.relay = _ResponseRelay(request, self._relayed, self.reactor, self.entry.route.timeout, self._arm_timer)
+        self._arm_timer()
         response.deliverBody(self.relay)
 
     def _relayed(self, failure: Failure | None) -> None:
+        self._cancel_timer()
         if self.client_gone:
             return
         size = self.relay.bytes if self.relay else 0
@@ -309,8 +337,32 @@ class _Exchange:
         body = self.request.body
         if body is not None and body.waiting_on_client():
             self._cancel_timer()
-        elif self.timer is None:
-            self.timer = self.reactor.callLater(self.entry.route.timeout, self._timeout)
+        else:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """
+        The exchange's one timer: the route timeout while waiting for the response headers, then the
+        relay's stall timer (L{_fired} tells which); armed unless it runs already.
+        """
+        if self.timer is None:
+            self.timer = self.reactor.callLater(self.entry.route.timeout, self._fired)
+
+    def _fired(self) -> None:
+        self.timer = None
+        if self.waiting:
+            self._timeout()
+            return
+        relay = self.relay
+        if relay is None or self.client_gone:
+            return
+        left = relay.stall_left()
+        if left is None:
+            return  # paused by the client: the relay re-arms the timer when it resumes
+        if left > 0:
+            self.timer = self.reactor.callLater(left, self._fired)
+            return
+        relay.stall()
 
     def _timeout(self) -> None:
         self.timer = None
