@@ -7,7 +7,9 @@ starts the bench's nginx mTLS upstream and one or more gateways (mtlsgate, optio
 versions, and the aiohttp + uvloop peer of bench/aiohttp_proxy.py), drives each with
 C{ab -k -n N -c C} (TLS 1.3, a client certificate, as bench/run.py does), and reads the utime+stime
 of the gateway's process tree from /proc before and after: microseconds of gateway CPU per request.
-Runs alternate between the sides (A B C A B C ...), and the median of the repeats is reported.
+Runs alternate between the sides (A B C A B C ...); the median and the minimum of the repeats are
+reported (other load on the machine only ever adds to a run's cost: cache misses, more wake-ups with
+less work each, so the minimum is the steadier figure on a busy machine).
 
 Memory: the RSS of every process of each side after start-up and after a warm-up, and (--idle N) per
 1,000 handshaken idle TLS connections.
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{side:>10}:"
         if cpu[side]:
             runs = ", ".join(f"{v:.1f}" for v in cpu[side])
-            line += f" CPU {statistics.median(cpu[side]):6.1f} us/request (runs: {runs}; failed {failed[side]:.0f})"
+            line += f" CPU {statistics.median(cpu[side]):6.1f} us/request, min {min(cpu[side]):6.1f} (runs: {runs}; failed {failed[side]:.0f})"
         line += f"  RSS MiB started {started[side]} warm {warm[side]}"
         if side in idle:
             line += f"  per 1,000 idle TLS connections {idle[side]:.1f} MiB"

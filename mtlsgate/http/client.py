@@ -68,13 +68,28 @@ class ClientRequest:
         """The request line and headers, framing included, as one string."""
         parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         headers = self.headers
-        if not headers.hasHeader(b"host"):
-            parts += (b"Host: ", self.host, b"\r\n")
-        for name, values in headers.getAllRawHeaders():
-            if name.lower() in _FRAMING:
-                continue
-            for value in values:
-                parts += (name, b": ", value, b"\r\n")
+        pairs = getattr(headers, "pairs", None)  # a HeaderPairs (mtlsgate.http.headers): the fields in order, written as they are
+        if pairs is not None:
+            has_host = False
+            fields: list[bytes] = []
+            for name, value in pairs:
+                lowered = name.lower()
+                if lowered in _FRAMING:
+                    continue
+                if lowered == b"host":
+                    has_host = True
+                fields += (name, b": ", value, b"\r\n")
+            if not has_host:
+                parts += (b"Host: ", self.host, b"\r\n")
+            parts += fields
+        else:
+            if not headers.hasHeader(b"host"):
+                parts += (b"Host: ", self.host, b"\r\n")
+            for name, values in headers.getAllRawHeaders():
+                if name.lower() in _FRAMING:
+                    continue
+                for value in values:
+                    parts += (name, b": ", value, b"\r\n")
         body = self.body
         if body is None:
             if self.method in (b"POST", b"PUT"):
@@ -131,18 +146,34 @@ class UpstreamResponse:
     previousResponse = None
 
     def __init__(self, connection: UpstreamConnection, request: ClientRequest, version: tuple[bytes, int, int], code: int, phrase: bytes,
-                 headers: Headers, length: Any) -> None:  # fmt: skip
+                 headers: Headers | list[tuple[bytes, bytes]], length: Any) -> None:  # fmt: skip
         self._connection: UpstreamConnection | None = connection
         self.request = request
         self.version = version
         self.code = code
         self.phrase = phrase
-        self.headers = headers
+        # The fields as received, (name, value) in order; headers (a twisted Headers) is built from them when asked for.
+        self.raw_headers: list[tuple[bytes, bytes]] | None = None
+        self._headers: Headers | None = None
+        if isinstance(headers, Headers):
+            self._headers = headers
+        else:
+            self.raw_headers = headers
         self.length = length
         self._protocol: Any = None
         self._buffer: list[bytes] = []
         self._end: Failure | None = None  # how the body ended, when it did before deliverBody
         self.finished = False  # the body's protocol was told connectionLost (or will be, at deliverBody)
+
+    @property
+    def headers(self) -> Headers:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = Headers()
+            for name, value in self.raw_headers or ():
+                headers.addRawHeader(name, value)
+            self.raw_headers = None  # from now on the Headers is the response's fields
+        return headers
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -433,10 +464,7 @@ class UpstreamConnection(Protocol):
             length = UNKNOWN_LENGTH
         else:
             length = parse.length
-        headers = Headers()
-        for name, value in parse.headers:
-            headers.addRawHeader(name, value)
-        self._response = UpstreamResponse(self, request, (b"HTTP", int(version[0]), int(version[2])), code, parse.phrase, headers, length)
+        self._response = UpstreamResponse(self, request, (b"HTTP", int(version[0]), int(version[2])), code, parse.phrase, parse.headers, length)
         return True
 
     def _after_feed(self) -> None:

@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mtlsgate.config.model import Limits, Route
-from mtlsgate.http.headers import client_response_headers, upstream_request_headers
+from mtlsgate.http.headers import client_response_headers, client_response_pairs, upstream_request_headers, upstream_request_pairs
 from mtlsgate.http.body import BodyTooLarge, RequestBody
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.server import HTTPServerFactory, Request
@@ -254,13 +254,28 @@ class _Exchange:
     def start(self) -> None:
         request = self.request
         route = self.entry.route
-        headers = upstream_request_headers(
-            request.requestHeaders,
-            client_ip=request.getClientAddress().host,
-            proto="https" if request.isSecure() else "http",
-            xfcc=self.peer.xfcc if route.forward_client_cert == "xfcc" else None,
-            preserve_host=route.preserve_host_header,
-        )
+        headers: Any
+        pairs = getattr(request, "raw_headers", None)
+        if pairs is not None and request.host_values is not None and request.connection_values is not None:
+            # The fields as received, filtered in one pass into the upstream request's head (no Headers built).
+            hosts = request.host_values
+            headers = upstream_request_pairs(
+                pairs,
+                connection=request.connection_values,
+                host=hosts[0] if hosts else None,
+                client_ip=request.getClientAddress().host,
+                proto="https" if request.isSecure() else "http",
+                xfcc=self.peer.xfcc if route.forward_client_cert == "xfcc" else None,
+                preserve_host=route.preserve_host_header,
+            )
+        else:
+            headers = upstream_request_headers(
+                request.requestHeaders,
+                client_ip=request.getClientAddress().host,
+                proto="https" if request.isSecure() else "http",
+                xfcc=self.peer.xfcc if route.forward_client_cert == "xfcc" else None,
+                preserve_host=route.preserve_host_header,
+            )
         self._attempt(self.entry.upstreams.order(), headers)
 
     def _attempt(self, targets: list[str], headers: Any) -> None:
@@ -299,12 +314,20 @@ class _Exchange:
             response.deliverBody(Protocol())
             return
         request.setResponseCode(response.code, response.phrase)
-        client_response_headers(response.headers, into=request.responseHeaders)
+        raw = getattr(response, "raw_headers", None)
+        if raw is not None and hasattr(request, "forward_headers"):
+            # The upstream's fields as received, filtered in one pass and written as they are (no Headers built).
+            pairs, names = client_response_pairs(raw)
+            request.forward_headers(pairs, names)
+            has_server = b"server" in names
+        else:
+            client_response_headers(response.headers, into=request.responseHeaders)
+            has_server = response.headers.hasHeader(b"server")
         if isinstance(response.length, int) and request.method != b"HEAD" and response.code not in (204, 304):
             # Agent keeps Content-Length out of response.headers (it is framing); a known length is
             # passed on so that clients see the size and the response is not chunked.
             request.setHeader(b"content-length", b"%d" % response.length)
-        if not response.headers.hasHeader(b"server"):
+        if not has_server:
             request.setHeader(b"server", b"mtlsgate")
         self.relay = _ResponseRelay(request, self._relayed, self.reactor, self.entry.route.timeout, self._arm_timer)
         self._arm_timer()
@@ -519,7 +542,9 @@ class ProxyResource:
         state = self.state
         if state.hsts_header is not None and request.isSecure():
             request.setHeader(b"strict-transport-security", state.hsts_header)
-        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        hosts = getattr(request, "host_values", None)
+        if hosts is None or getattr(request, "raw_headers", None) is None:
+            hosts = request.requestHeaders.getRawHeaders(b"host") or []
         host = hosts[0].decode("ascii", "replace") if hosts else ""
         peer = peer_of(request.channel)
         if self._own_answer(request, peer):
