@@ -72,13 +72,19 @@ class ClientRequest:
         if pairs is not None:
             has_host = False
             fields: list[bytes] = []
-            for name, value in pairs:
-                lowered = name.lower()
-                if lowered in _FRAMING:
-                    continue
-                if lowered == b"host":
-                    has_host = True
-                fields += (name, b": ", value, b"\r\n")
+            if getattr(headers, "framed_by_client", False):  # no framing or Connection field among them: only Host to look for
+                for name, value in pairs:
+                    if len(name) == 4 and name.lower() == b"host":
+                        has_host = True
+                    fields += (name, b": ", value, b"\r\n")
+            else:
+                for name, value in pairs:
+                    lowered = name.lower()
+                    if lowered in _FRAMING:
+                        continue
+                    if lowered == b"host":
+                        has_host = True
+                    fields += (name, b": ", value, b"\r\n")
             if not has_host:
                 parts += (b"Host: ", self.host, b"\r\n")
             parts += fields

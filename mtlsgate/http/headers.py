@@ -97,10 +97,13 @@ class HeaderPairs:
     C{getAllRawHeaders}) for anything else that looks.
     """
 
-    __slots__ = ("pairs",)
+    __slots__ = ("pairs", "framed_by_client")
 
-    def __init__(self, pairs: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, pairs: list[tuple[bytes, bytes]], framed_by_client: bool = False) -> None:
         self.pairs = pairs
+        # True: no framing or Connection field among the pairs (upstream_request_pairs dropped them), so the client
+        # need not look for them again before adding its own.
+        self.framed_by_client = framed_by_client
 
     def hasHeader(self, name: bytes) -> bool:
         name = name.lower()
@@ -165,7 +168,7 @@ def upstream_request_pairs(
         out.append((b"X-Forwarded-Host", host))
     if xfcc is not None:
         out.append((b"X-Forwarded-Client-Cert", xfcc))
-    return HeaderPairs(out)
+    return HeaderPairs(out, framed_by_client=True)
 
 
 def client_response_pairs(pairs: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
