@@ -289,6 +289,12 @@ class HTTPServerProtocol(Protocol):
     """One client connection: requests parsed one at a time, each handed to C{handler} at the end of its head."""
 
     factory: HTTPServerFactory
+    # The fields of the head being parsed, as received, and the Host, Connection and Expect values among them: made by _begin
+    # for each head (not per connection: an idle connection holds none of them).
+    _pairs: list[tuple[bytes, bytes]]
+    _hosts: list[bytes]
+    _connection: list[bytes]
+    _expect: list[bytes]
 
     def __init__(self, handler: Callable[[Request], None], limits: Limits, reactor: IReactorTime) -> None:
         self.handler = handler
@@ -311,11 +317,7 @@ class HTTPServerProtocol(Protocol):
         self._abort_timer: IDelayedCall | None = None
         self._last_activity = 0.0
         self._upload = _UploadReading(self)
-        # the head being parsed by llhttp (set by the callbacks)
-        self._pairs: list[tuple[bytes, bytes]] = []
-        self._hosts: list[bytes] = []
-        self._connection: list[bytes] = []
-        self._expect: list[bytes] = []
+        # the head being parsed by llhttp (set by the callbacks; the field lists are made by _begin, for each head)
         self._head_done = False
         self._message_done = False
         self._content_length: int | None = None
