@@ -4,7 +4,8 @@ server protocol, ProxyResource, exchange, upstream client (HTTP11Agent with its 
 relay, with both connections on StringTransports (no TLS, no sockets, no reactor turns).  A figure
 for A/B of code versions on a busy machine: a single thread on one core, timed as the best of several
 batches, so other load on the machine barely moves it.  It leaves out what bench/cpu_per_request.py
-includes (TLS, syscalls, the reactor), so the two together say where a change paid.
+includes (TLS, syscalls, the reactor), so the two together say where a change paid.  Metrics are
+counted (as by a gateway with an admin listener), access lines are off.
 
     PYTHONPATH=. python bench/inmemory_request.py                        # this checkout
     PYTHONPATH=/tmp/base python bench/inmemory_request.py                # an export of another commit
