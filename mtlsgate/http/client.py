@@ -17,7 +17,7 @@ import attrs
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer
 from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -354,6 +354,10 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        if ITCPTransport.providedBy(self.transport):
+            # A request's head and its body can go out in separate writes (an upload streams as the client sends it): with
+            # Nagle, a body chunk would wait for the upstream's (delayed) ACK of the head, up to 40 ms.
+            self.transport.setTcpNoDelay(True)
 
     # -- sending --
 

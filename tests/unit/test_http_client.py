@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -21,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from zope.interface import directlyProvides
 
 from mtlsgate.http.client import HTTP11Agent, ResponseHeadersTooLarge, UpstreamConnection, UpstreamProtocolError
 from mtlsgate.http.headers import HeaderPairs
@@ -116,6 +118,17 @@ def test_the_agent_provides_iagent_and_writes_the_request_head_in_one_write():
     transport = endpoint.connections[0].transport
     assert transport.value() == b"GET /path?q=1 HTTP/1.1\r\nHost: upstream.test:8443\r\nX-One: 1\r\nX-One: 2\r\n\r\n"
     assert (endpoint.uri.scheme, endpoint.uri.host, endpoint.uri.port) == (b"https", b"upstream.test", 8443)
+
+
+def test_upstream_connections_send_without_nagle():
+    """An upload's chunks go out in their own writes after the head: Nagle would hold each back for the upstream's delayed ACK."""
+    calls: list[bool] = []
+    transport = StringTransport()
+    directlyProvides(transport, ITCPTransport)
+    transport.setTcpNoDelay = calls.append  # type: ignore[attr-defined]
+    agent, _, _ = make()
+    UpstreamConnection(agent.pool, None, 1000).makeConnection(transport)
+    assert calls == [True]
 
 
 @pytest.mark.parametrize("framed_by_client", [False, True])
