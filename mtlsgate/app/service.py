@@ -406,8 +406,8 @@ class GatewayService(MultiService):
         closing = defer.DeferredList([defer.maybeDeferred(listener.stopService) for listener in self.listeners])
         closing.addCallback(lambda _: self.resource.drained(self.world.config.limits.shutdown_timeout))
         closing.addCallback(lambda _: defer.DeferredList([defer.maybeDeferred(group.close) for group in self.world.upstreams]))
-        # The last responses may still sit in TLS write buffers (twisted aggregates small writes to
-        # the next reactor turn); the reactor aborts connections once it stops, so give them a moment.
+        # The last responses may still sit in the transports' write buffers (Twisted's TCP transport sends
+        # on a later reactor turn); the reactor aborts connections once it stops, so give them a moment.
         closing.addCallback(lambda _: task.deferLater(self.reactor, _FLUSH_GRACE, lambda: None))
         closing.addCallback(lambda _: super(GatewayService, self).stopService())
         return closing
