@@ -261,12 +261,14 @@ class _Exchange:
         route = self.entry.route
         headers: Any
         pairs = getattr(request, "raw_headers", None)
-        if pairs is not None and request.host_values is not None and request.connection_values is not None:
-            # The fields as received, filtered in one pass into the upstream request's head (no Headers built).
-            hosts = request.host_values
+        hosts = getattr(request, "host_values", None)
+        connection = getattr(request, "connection_values", None)
+        if pairs is not None and hosts is not None and connection is not None:
+            # The fields as received, filtered in one pass into the upstream request's head (no Headers built); a request
+            # object without them (another front end, a test) takes the Headers path below.
             headers = upstream_request_pairs(
                 pairs,
-                connection=request.connection_values,
+                connection=connection,
                 host=hosts[0] if hosts else None,
                 client_ip=request.getClientAddress().host,
                 proto="https" if request.isSecure() else "http",
