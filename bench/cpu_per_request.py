@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = {side: [round(rss_mib(p), 1) for p in tree(pid)] for side, (port, pid) in sides.items()}
 
         cpu: dict[str, list[float]] = {side: [] for side in sides}
+        p99: dict[str, list[float]] = {side: [] for side in sides}
         failed: dict[str, float] = {side: 0 for side in sides}
         if args.requests:
             for _ in range(args.repeats):
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                     used = cpu_seconds(pids) - before
                     failed[side] += r["failed"]
                     cpu[side].append(used / args.requests * 1e6)
+                    p99[side].append(r["p99"])
 
         if args.py_spy:
             for name, _ in gateways:
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if cpu[side]:
             runs = ", ".join(f"{v:.1f}" for v in cpu[side])
             line += f" CPU {statistics.median(cpu[side]):6.1f} us/request, min {min(cpu[side]):6.1f} (runs: {runs}; failed {failed[side]:.0f})"
+            line += f" p99 {statistics.median(p99[side]):.0f} ms (max {max(p99[side]):.0f})"
         line += f"  RSS MiB started {started[side]} warm {warm[side]}"
         if side in idle:
             line += f"  per 1,000 idle TLS connections {idle[side]:.1f} MiB"

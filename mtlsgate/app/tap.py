@@ -299,4 +299,9 @@ def makeService(options: Options) -> Any:
         from mtlsgate.app.demo import make_demo_service
 
         return make_demo_service(reactor, options["demo"])
+    from twisted.internet import reactor
+
+    from mtlsgate.app.memory import settle_when_running
+
+    settle_when_running(reactor)  # the twistd process: a single gateway, or a worker group's parent
     return options.service

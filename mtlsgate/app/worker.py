@@ -27,17 +27,6 @@ def _die_with_parent() -> None:
         pass  # not Linux: the parent's stop still reaches every worker
 
 
-def _release_free_memory() -> None:
-    """
-    glibc: give the heap pages start-up freed (parsing, building contexts) back to the system (about
-    1.3 MiB of a worker's idle RSS); a no-op elsewhere.
-    """
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mtlsgate.app.worker")
     parser.add_argument("--index", type=int, required=True)
@@ -55,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
     from twisted.python import usage
 
+    from mtlsgate.app.memory import settle_when_running
     from mtlsgate.app.service import WorkerRole
     from mtlsgate.app.tap import Options
     from mtlsgate.app.workers import EVENTS_FD, HTTP_FD, HTTPS_FD
@@ -71,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.callWhenRunning(_release_free_memory)
+    settle_when_running(reactor)
     Logger(namespace="mtlsgate.app.workers").info(
         "worker {index} serving (pid {pid})", index=args.index, pid=os.getpid(), mtlsgate_worker_ready=True
     )

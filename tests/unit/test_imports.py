@@ -63,3 +63,19 @@ def test_a_gateway_with_an_admin_listener_counts_requests(pki, tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "GatewayMetrics"
+
+
+def test_settle_freezes_what_start_up_made(tmp_path):
+    """After start-up the gateway moves start-up's objects out of the collector's way (full collections skip them)."""
+    probe = (
+        "import gc\n"
+        "import mtlsgate.app.service, mtlsgate.app.tap\n"
+        "from mtlsgate.app.memory import settle\n"
+        "before = gc.get_freeze_count()\n"
+        "settle()\n"
+        "print(before, gc.get_freeze_count())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    before, after = map(int, result.stdout.split())
+    assert before == 0 and after > 10000
