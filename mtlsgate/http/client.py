@@ -712,7 +712,9 @@ class Exchange:
         self.agent = agent
         self.origin = origin
         self.request = request
-        self.deferred: defer.Deferred[IResponse] = defer.Deferred(self._cancel)
+        # Dropped once fired: its canceller refers back to this exchange, and the cycle would leave both (and the response
+        # they hold) to the cyclic garbage collector.
+        self.deferred: defer.Deferred[IResponse] | None = defer.Deferred(self._cancel)
         self.connection: UpstreamConnection | None = None
         self.connecting: defer.Deferred[Any] | None = None
         self.cancelled = False
@@ -743,15 +745,19 @@ class Exchange:
 
     def respond(self, response: UpstreamResponse) -> None:
         self.connection = None
-        if not self.deferred.called:
-            self.deferred.callback(response)
+        d = self.deferred
+        if d is not None and not d.called:
+            self.deferred = None
+            d.callback(response)
         elif not response.finished:
             response.stopProducing()  # cancelled meanwhile: nobody will read the body
 
     def fail(self, failure: Failure) -> None:
         self.connection = None
-        if not self.deferred.called:
-            self.deferred.errback(failure)
+        d = self.deferred
+        if d is not None and not d.called:
+            self.deferred = None
+            d.errback(failure)
 
     def lost_reused(self, reason: Failure) -> None:
         """A pooled connection closed before any byte of the response: send again on a fresh one when that is safe."""
@@ -802,8 +808,10 @@ class HTTP11Agent:
             return defer.fail()
         request = ClientRequest(method, uri, Headers() if headers is None else headers, target, bodyProducer, origin.host, self.persistent)
         exchange = Exchange(self, origin, request)
+        d = exchange.deferred
+        assert d is not None
         exchange.start()
-        return exchange.deferred
+        return d
 
     def _split(self, uri: bytes) -> tuple[_Origin, bytes]:
         """C{uri}'s origin (made once per origin) and its request target in origin form (as L{URI.originForm} has it)."""

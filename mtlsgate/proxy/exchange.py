@@ -99,6 +99,10 @@ def GatewaySite(resource: ProxyResource, limits: Limits = Limits()) -> HTTPServe
 _CLEAN_END = (ResponseDone, PotentialDataLoss)  # how a response body ends when all of it came
 
 
+def _ignore(reason: Failure | None) -> None:
+    pass
+
+
 class UpstreamStalled(Exception):
     """The upstream sent nothing for the route's timeout in the middle of a response body."""
 
@@ -179,16 +183,22 @@ class _ResponseRelay(Protocol):
             self.request.unregisterProducer()
         if self._stalled:
             reason = Failure(UpstreamStalled(f"no bytes for {self._stall_timeout:g}s in the middle of the response body"))
+        done, self._done, self._on_resume = self._done, _ignore, None
+        self.transport = None  # the response body's producer, which holds this relay: no cycle left to the garbage collector
         # isinstance, not Failure.check: check works out the exception's class names on first use (about 2 us a response); and
         # PotentialDataLoss imported once: twisted.web.http is a deprecation proxy whose every attribute read runs Python (~3 us)
-        self._done(None if isinstance(reason.value, _CLEAN_END) else reason)
+        done(None if isinstance(reason.value, _CLEAN_END) else reason)
 
     def pauseProducing(self) -> None:
+        if self.transport is None:
+            return  # the body is over
         self.paused = True
         self._unwatch()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        if self.transport is None:
+            return
         self.paused = False
         if self._on_resume is None:
             self._watch()
@@ -198,7 +208,8 @@ class _ResponseRelay(Protocol):
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.transport.stopProducing()
+        if self.transport is not None:
+            self.transport.stopProducing()
 
 
 def _plain(request: GatewayRequest, code: int, text: str) -> bytes:
