@@ -28,7 +28,7 @@ from mtlsgate.acme.client import (
 from mtlsgate.acme.responders import DNSHookError, IResponder
 from mtlsgate.acme.store import ICertificateStore, IIssuanceLock, LeaseLost
 from mtlsgate.config.model import Autocert
-from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.reactors import IReactorTimeAndTCP
 
 log = Logger(namespace="mtlsgate.acme")
@@ -89,7 +89,7 @@ class AcmeIssuingService(Service):
     def __init__(
         self, reactor: IReactorTimeAndTCP, settings: Autocert, store: ICertificateStore, responders: Sequence[IResponder],
         installed: Callable[[], None], client_factory: Callable[[], ACMEClient] | None = None,
-        metrics: GatewayMetrics | None = None,
+        metrics: GatewayMetrics | NoMetrics | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
         self.metrics = metrics or GatewayMetrics()

@@ -20,15 +20,13 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web import server
 
 from mtlsgate.app import fdlimit
 from mtlsgate.accounting import RequestObservers
 from mtlsgate.observe.accesslog import AccessEvents, AccessLogService
-from mtlsgate.observe.admin import admin_resource
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.app.filewatch import FileWatch, watched_files
-from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.tls.pki import PKIError
 from mtlsgate.http.h2server import H2ServerFactory
 from mtlsgate.http.negotiate import NegotiatingFactory
@@ -245,6 +243,12 @@ def admin_listener_for(
     reactor: IGatewayReactor, address: str, registry: Any, readiness: Callable[[], str | None], degraded: Callable[[], str | None] = lambda: None,
 ) -> _Listener:
     """The admin listener (C{/metrics}, C{/healthz}, C{/readyz}), not yet started."""
+    # twisted.web's server and prometheus_client's exposition (about 4 MiB per process together) are imported only by a
+    # process that serves the admin or the plain-HTTP listener: a worker serving only HTTPS never does.
+    from twisted.web import server
+
+    from mtlsgate.observe.admin import admin_resource
+
     admin = server.Site(admin_resource(registry, readiness, degraded))
     admin.noisy = False  # no "Starting factory" lines
     admin.log = lambda request: None  # type: ignore[method-assign]
@@ -266,7 +270,9 @@ class GatewayService(MultiService):
         self.world = world
         self.worker = worker
         server_tls.install(world.certificates)
-        self.metrics = GatewayMetrics(self._expiries)
+        # Metrics are read only through the admin listener (a worker group's parent serves it, from the files
+        # the workers' GatewayMetrics write); without one, nothing is counted.
+        self.metrics: GatewayMetrics | NoMetrics = GatewayMetrics(self._expiries) if world.config.admin_address else NoMetrics()
         self.access_events = AccessEvents(enabled=world.config.access_log != "off")  # off: no per-request event at all
         self.resource = ProxyResource(reactor, world.proxy, RequestObservers([self.access_events, self.metrics]), self.metrics)
         config = world.config
@@ -292,6 +298,8 @@ class GatewayService(MultiService):
             else:
                 self._follow_autocert(config)
         if config.http_address and (worker is None or worker.http_fd is not None):
+            from twisted.web import server
+
             redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port, http01))
             redirect.log = lambda request: None  # type: ignore[method-assign]
             redirect.noisy = False
@@ -299,6 +307,7 @@ class GatewayService(MultiService):
             http_listener.setServiceParent(self)
             self.listeners.append(http_listener)
         if config.admin_address and worker is None:  # a worker group's parent serves the admin listener
+            assert isinstance(self.metrics, GatewayMetrics)
             admin_listener = admin_listener_for(reactor, config.admin_address, self.metrics.registry, self.readiness, self.degraded)
             admin_listener.setServiceParent(self)
             self.listeners.append(admin_listener)
@@ -488,8 +497,8 @@ class GatewayService(MultiService):
             self.resource.drained(self.world.config.limits.shutdown_timeout), self.tcp.drained(self.world.config.limits.shutdown_timeout),
         ]))  # fmt: skip
         closing.addCallback(lambda _: defer.DeferredList([defer.maybeDeferred(group.close) for group in self.world.upstreams]))
-        # The last responses may still sit in TLS write buffers (twisted aggregates small writes to
-        # the next reactor turn); the reactor aborts connections once it stops, so give them a moment.
+        # The last responses may still sit in the transports' write buffers (Twisted's TCP transport sends
+        # on a later reactor turn); the reactor aborts connections once it stops, so give them a moment.
         closing.addCallback(lambda _: task.deferLater(self.reactor, _FLUSH_GRACE, lambda: None))
         closing.addCallback(lambda _: super(GatewayService, self).stopService())
         return closing

@@ -299,4 +299,8 @@ def makeService(options: Options) -> Any:
         from mtlsgate.reactors import installed_reactor
 
         return make_demo_service(installed_reactor(), options["demo"])
+    from mtlsgate.app.memory import settle_when_running
+    from mtlsgate.reactors import installed_reactor
+
+    settle_when_running(installed_reactor())  # the twistd process: a single gateway, or a worker group's parent
     return options.service

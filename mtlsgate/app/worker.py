@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.logger import FileLogObserver, Logger, globalLogBeginner
     from twisted.python import usage
 
+    from mtlsgate.app.memory import settle_when_running
     from mtlsgate.app.service import WorkerRole
     from mtlsgate.app.tap import Options
     from mtlsgate.app.workers import EVENTS_FD, HTTP_FD, HTTPS_FD, relayed_event
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    settle_when_running(reactor)
     Logger(namespace="mtlsgate.app.workers").info(
         "worker {index} serving (pid {pid})", index=args.index, pid=os.getpid(), mtlsgate_worker_ready=True
     )

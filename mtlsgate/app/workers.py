@@ -27,7 +27,6 @@ import tempfile
 from typing import Any, Callable
 
 import attrs
-from prometheus_client import multiprocess
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
@@ -203,6 +202,8 @@ class WorkerGroup(MultiService):
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         if self.metrics_dir is not None and worker.pid is not None:
+            from prometheus_client import multiprocess
+
             multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
         how = _exit_text(reason)
         if self.stopping:

@@ -17,7 +17,7 @@ import attrs
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer
 from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, IReactorTime, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -70,14 +70,35 @@ class ClientRequest:
         """The request line and headers, framing included, as one string."""
         parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         headers = self.headers
-        if not headers.hasHeader(b"host"):
-            parts += (b"Host: ", self.host, b"\r\n")
         skip = _FRAMING if self.upgrade is None else _FRAMING_UPGRADE
-        for name, values in headers.getAllRawHeaders():
-            if name.lower() in skip:
-                continue
-            for value in values:
-                parts += (name, b": ", value, b"\r\n")
+        pairs = getattr(headers, "pairs", None)  # a HeaderPairs (mtlsgate.http.headers): the fields in order, written as they are
+        if pairs is not None:
+            has_host = False
+            fields: list[bytes] = []
+            if getattr(headers, "framed_by_client", False):  # no framing or Connection field among them: only Host to look for
+                for name, value in pairs:
+                    if len(name) == 4 and name.lower() == b"host":
+                        has_host = True
+                    fields += (name, b": ", value, b"\r\n")
+            else:
+                for name, value in pairs:
+                    lowered = name.lower()
+                    if lowered in skip:
+                        continue
+                    if lowered == b"host":
+                        has_host = True
+                    fields += (name, b": ", value, b"\r\n")
+            if not has_host:
+                parts += (b"Host: ", self.host, b"\r\n")
+            parts += fields
+        else:
+            if not headers.hasHeader(b"host"):
+                parts += (b"Host: ", self.host, b"\r\n")
+            for name, values in headers.getAllRawHeaders():
+                if name.lower() in skip:
+                    continue
+                for value in values:
+                    parts += (name, b": ", value, b"\r\n")
         body = self.body
         if body is None:
             if self.method in (b"POST", b"PUT"):
@@ -136,18 +157,34 @@ class UpstreamResponse:
     previousResponse = None
 
     def __init__(self, connection: UpstreamConnection, request: ClientRequest, version: tuple[bytes, int, int], code: int, phrase: bytes,
-                 headers: Headers, length: Any) -> None:  # fmt: skip
+                 headers: Headers | list[tuple[bytes, bytes]], length: Any) -> None:  # fmt: skip
         self._connection: UpstreamConnection | None = connection
         self.request = request
         self.version = version
         self.code = code
         self.phrase = phrase
-        self.headers = headers
+        # The fields as received, (name, value) in order; headers (a twisted Headers) is built from them when asked for.
+        self.raw_headers: list[tuple[bytes, bytes]] | None = None
+        self._headers: Headers | None = None
+        if isinstance(headers, Headers):
+            self._headers = headers
+        else:
+            self.raw_headers = headers
         self.length = length
         self._protocol: Any = None
         self._buffer: list[bytes] = []
         self._end: Failure | None = None  # how the body ended, when it did before deliverBody
         self.finished = False  # the body's protocol was told connectionLost (or will be, at deliverBody)
+
+    @property
+    def headers(self) -> Headers:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = Headers()
+            for name, value in self.raw_headers or ():
+                headers.addRawHeader(name, value)
+            self.raw_headers = None  # from now on the Headers is the response's fields
+        return headers
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -357,6 +394,10 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        if ITCPTransport.providedBy(self.transport):
+            # A request's head and its body can go out in separate writes (an upload streams as the client sends it): with
+            # Nagle, a body chunk would wait for the upstream's (delayed) ACK of the head, up to 40 ms.
+            self.transport.setTcpNoDelay(True)
 
     # -- sending --
 
@@ -483,10 +524,7 @@ class UpstreamConnection(Protocol):
             length = UNKNOWN_LENGTH
         else:
             length = parse.length
-        headers = Headers()
-        for name, value in parse.headers:
-            headers.addRawHeader(name, value)
-        self._response = UpstreamResponse(self, request, (b"HTTP", int(version[0]), int(version[2])), code, parse.phrase, headers, length)
+        self._response = UpstreamResponse(self, request, (b"HTTP", int(version[0]), int(version[2])), code, parse.phrase, parse.headers, length)
         return True
 
     def _upgrade_response(self, parse: _Parse) -> bool:
@@ -782,7 +820,9 @@ class Exchange:
         self.agent = agent
         self.origin = origin
         self.request = request
-        self.deferred: defer.Deferred[IResponse] = defer.Deferred(self._cancel)
+        # Dropped once fired: its canceller refers back to this exchange, and the cycle would leave both (and the response
+        # they hold) to the cyclic garbage collector.
+        self.deferred: defer.Deferred[IResponse] | None = defer.Deferred(self._cancel)
         self.connection: UpstreamConnection | None = None
         self.connecting: defer.Deferred[Any] | None = None
         self.cancelled = False
@@ -813,15 +853,19 @@ class Exchange:
 
     def respond(self, response: UpstreamResponse) -> None:
         self.connection = None
-        if not self.deferred.called:
-            self.deferred.callback(response)
+        d = self.deferred
+        if d is not None and not d.called:
+            self.deferred = None
+            d.callback(response)
         elif not response.finished:
             response.stopProducing()  # cancelled meanwhile: nobody will read the body
 
     def fail(self, failure: Failure) -> None:
         self.connection = None
-        if not self.deferred.called:
-            self.deferred.errback(failure)
+        d = self.deferred
+        if d is not None and not d.called:
+            self.deferred = None
+            d.errback(failure)
 
     def lost_reused(self, reason: Failure) -> None:
         """A pooled connection closed before any byte of the response: send again on a fresh one when that is safe."""
@@ -872,8 +916,10 @@ class HTTP11Agent:
             return defer.fail()
         request = ClientRequest(method, uri, Headers() if headers is None else headers, target, bodyProducer, origin.host, self.persistent)
         exchange = Exchange(self, origin, request)
+        d = exchange.deferred
+        assert d is not None
         exchange.start()
-        return exchange.deferred
+        return d
 
     def upgrade(self, method: bytes, uri: bytes, headers: Headers | None = None, protocol: bytes = b"websocket") -> defer.Deferred[IResponse]:
         """
@@ -891,8 +937,10 @@ class HTTP11Agent:
             return defer.fail()
         request = ClientRequest(method, uri, Headers() if headers is None else headers, target, None, origin.host, False, protocol)
         exchange = Exchange(self, origin, request)
+        d = exchange.deferred  # taken before start(): a connection failing at once fires it, and the exchange lets go of it
+        assert d is not None
         exchange.start()
-        return exchange.deferred
+        return d
 
     def _split(self, uri: bytes) -> tuple[_Origin, bytes]:
         """C{uri}'s origin (made once per origin) and its request target in origin form (as L{URI.originForm} has it)."""

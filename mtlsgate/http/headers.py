@@ -16,7 +16,7 @@ and more: see docs/security.md, "Response trailers".
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -148,3 +148,109 @@ def sendable_trailers(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
             continue
         out.append((name, value))
     return out
+
+
+# --- the same rules over (name, value) pairs, in one pass: the hot path's form ---------------------------------------------------
+
+
+class HeaderPairs:
+    """
+    Header fields as an ordered list of C{(name, value)} pairs, each name as it was spelled: what the
+    proxy hands the upstream client instead of a L{Headers} when it has the request's fields as
+    received (the client writes them out as they are, without building a L{Headers} and canonicalising
+    each name twice).  It answers the read side of L{Headers} (C{hasHeader}, C{getRawHeaders},
+    C{getAllRawHeaders}) for anything else that looks.
+    """
+
+    __slots__ = ("pairs", "framed_by_client")
+
+    def __init__(self, pairs: list[tuple[bytes, bytes]], framed_by_client: bool = False) -> None:
+        self.pairs = pairs
+        # True: no framing or Connection field among the pairs (upstream_request_pairs dropped them), so the client
+        # need not look for them again before adding its own.
+        self.framed_by_client = framed_by_client
+
+    def hasHeader(self, name: bytes) -> bool:
+        name = name.lower()
+        return any(n.lower() == name for n, _ in self.pairs)
+
+    def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
+        name = name.lower()
+        values = [v for n, v in self.pairs if n.lower() == name]
+        return values or default
+
+    def getAllRawHeaders(self) -> Iterator[tuple[bytes, list[bytes]]]:
+        grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        for name, value in self.pairs:
+            entry = grouped.get(name.lower())
+            if entry is None:
+                grouped[name.lower()] = (name, [value])
+            else:
+                entry[1].append(value)
+        return iter(grouped.values())
+
+
+def _tokens(values: Iterable[bytes]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in values:
+        tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return tokens
+
+
+_UPSTREAM_DROP = HOP_BY_HOP | FRAMING | GATEWAY_OWNED
+_RESPONSE_DROP = HOP_BY_HOP | FRAMING
+
+
+def upstream_request_pairs(
+    pairs: list[tuple[bytes, bytes]],
+    *,
+    connection: list[bytes],
+    host: bytes | None,
+    client_ip: str,
+    proto: str,
+    xfcc: bytes | None,
+    preserve_host: bool,
+) -> HeaderPairs:
+    """
+    L{upstream_request_headers} over the client's fields as received (C{pairs}, whose Connection
+    values are C{connection} and first Host value C{host}), in one pass: the same fields go, the same
+    are added.  The values are the server's, already held to security.md's rules (no CR, LF or other
+    control character).
+    """
+    drop = _UPSTREAM_DROP | _tokens(connection) if connection else _UPSTREAM_DROP
+    if not preserve_host:
+        drop = drop | {b"host"}
+    out = []
+    for name, value in pairs:
+        if b"_" in name:
+            log.debug("dropped the request header {name!r}: '_' in a header name", name=name)
+        elif name.lower() not in drop:
+            out.append((name, value))
+    out.append((b"X-Forwarded-For", client_ip.encode("ascii")))
+    out.append((b"X-Forwarded-Proto", proto.encode("ascii")))
+    if host is not None:
+        out.append((b"X-Forwarded-Host", host))
+    if xfcc is not None:
+        out.append((b"X-Forwarded-Client-Cert", xfcc))
+    return HeaderPairs(out, framed_by_client=True)
+
+
+def client_response_pairs(pairs: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
+    """
+    L{client_response_headers} over the upstream response's fields as received, in one pass: the
+    fields to forward, and the set of their lowercased names.  A value holding CR or LF (which the
+    strict parser never lets through) has them turned into spaces, as L{Headers} would.
+    """
+    connection = [v for n, v in pairs if len(n) == 10 and n.lower() == b"connection"]
+    drop = _RESPONSE_DROP | _tokens(connection) if connection else _RESPONSE_DROP
+    out = []
+    names = set()
+    for name, value in pairs:
+        lowered = name.lower()
+        if lowered not in drop:
+            if b"\r" in value or b"\n" in value:
+                value = b" ".join(value.splitlines())
+            out.append((name, value))
+            names.add(lowered)
+    return out, names

@@ -74,14 +74,24 @@ class Request:
     """
 
     def __init__(
-        self, channel: HTTPServerProtocol, method: bytes, uri: bytes, version: bytes, headers: Headers,
+        self, channel: HTTPServerProtocol, method: bytes, uri: bytes, version: bytes, headers: Headers | list[tuple[bytes, bytes]],
         body: RequestBody | None, persistent: bool, http10_keepalive: bool, expects_continue: bool,
     ) -> None:  # fmt: skip
         self.channel = channel
         self.method = method
         self.uri = uri
         self.clientproto = version
-        self.requestHeaders = headers
+        # The header fields as received, (name, value) in order (Expect taken by the gateway left out); requestHeaders, a
+        # twisted Headers, is built from them only when asked for.  None when the request was given a Headers.
+        self.raw_headers: list[tuple[bytes, bytes]] | None = None
+        self._request_headers: Headers | None = None
+        if isinstance(headers, Headers):
+            self._request_headers = headers
+        else:
+            self.raw_headers = headers
+        self.host_values: list[bytes] | None = None  # the Host values as received, when the server noted them
+        self.connection_values: list[bytes] | None = None  # the Connection values, likewise
+        self.forwarded_headers: list[tuple[bytes, bytes]] = []  # response fields written as they are, after responseHeaders' own
         self.body = body
         self.persistent = persistent  # the connection stays open after this response
         self.http10_keepalive = http10_keepalive
@@ -103,9 +113,42 @@ class Request:
     def path(self) -> bytes:
         return self.uri.split(b"?", 1)[0]
 
+    @property
+    def requestHeaders(self) -> Headers:
+        headers = self._request_headers
+        if headers is None:
+            headers = self._request_headers = Headers()
+            for name, value in self.raw_headers or ():
+                headers.addRawHeader(name, value)
+            self.raw_headers = None  # from now on the Headers is the request's fields: whatever changes it counts
+        return headers
+
+    @requestHeaders.setter
+    def requestHeaders(self, headers: Headers) -> None:
+        self._request_headers = headers
+        self.raw_headers = None
+
     def getHeader(self, name: bytes) -> bytes | None:
+        pairs = self.raw_headers
+        if pairs is not None:
+            name = name.lower()
+            for n, v in reversed(pairs):
+                if n.lower() == name:
+                    return v
+            return None
         values = self.requestHeaders.getRawHeaders(name)
         return values[-1] if values else None
+
+    def forward_headers(self, pairs: list[tuple[bytes, bytes]], names: set[bytes]) -> None:
+        """
+        Response fields to write as they are (an upstream's, already filtered), C{names} their lowercased names: each
+        replaces the field of that name set on responseHeaders so far (the Date, say), as setting them there one by one would.
+        """
+        headers = self.responseHeaders
+        for name, _ in list(headers.getAllRawHeaders()):
+            if name.lower() in names:
+                headers.removeHeader(name)
+        self.forwarded_headers = pairs
 
     def getClientAddress(self) -> Any:
         """The client's address (an IPv4Address or IPv6Address: the gateway listens on TCP only)."""
@@ -177,7 +220,7 @@ class Request:
         self.startedWriting = True
         headers = self.responseHeaders
         self._no_body = self.method == b"HEAD" or self.code in _NO_BODY_CODES or self.code < 200
-        has_length = headers.hasHeader(b"content-length")
+        has_length = headers.hasHeader(b"content-length")  # never among forwarded_headers: framing is the proxy's
         if self.http10_keepalive:
             if has_length and self.persistent:
                 headers.setRawHeaders(b"connection", [b"keep-alive"])
@@ -193,6 +236,8 @@ class Request:
         for name, values in headers.getAllRawHeaders():
             for value in values:
                 parts.append(b"%s: %s\r\n" % (name, value))
+        for name, value in self.forwarded_headers:
+            parts.append(b"%s: %s\r\n" % (name, value))
         parts.append(b"\r\n")
         if data and not self._no_body:
             parts += [b"%x\r\n" % len(data), data, b"\r\n"] if self._chunked else [data]
@@ -289,6 +334,12 @@ class HTTPServerProtocol(Protocol):
     """One client connection: requests parsed one at a time, each handed to C{handler} at the end of its head."""
 
     factory: HTTPServerFactory
+    # The fields of the head being parsed, as received, and the Host, Connection and Expect values among them: made by _begin
+    # for each head (not per connection: an idle connection holds none of them).
+    _pairs: list[tuple[bytes, bytes]]
+    _hosts: list[bytes]
+    _connection: list[bytes]
+    _expect: list[bytes]
 
     def __init__(self, handler: Callable[[Request], None], limits: Limits, reactor: IReactorTime) -> None:
         self.handler = handler
@@ -311,8 +362,7 @@ class HTTPServerProtocol(Protocol):
         self._abort_timer: IDelayedCall | None = None
         self._last_activity = 0.0
         self._upload = _UploadReading(self)
-        # the head being parsed by llhttp (set by the callbacks)
-        self._headers = Headers()
+        # the head being parsed by llhttp (set by the callbacks; the field lists are made by _begin, for each head)
         self._head_done = False
         self._message_done = False
         self._content_length: int | None = None
@@ -512,7 +562,10 @@ class HTTPServerProtocol(Protocol):
     def _begin(self, buf: bytes, line_end: int, head_end: int) -> None:
         """Parse the checked head with llhttp and hand the request to the handler."""
         method, target, version = buf[:line_end].split(b" ")
-        self._headers = Headers()
+        self._pairs = []
+        self._hosts = []
+        self._connection = []
+        self._expect = []
         self._head_done = self._message_done = self._chunked = False
         self._content_length = None
         self._problem = None
@@ -540,24 +593,24 @@ class HTTPServerProtocol(Protocol):
         self._dispatch(method, target, version)
 
     def _dispatch(self, method: bytes, target: bytes, version: bytes) -> None:
-        headers = self._headers
+        pairs = self._pairs
         tokens: set[bytes] = set()
-        for value in headers.getRawHeaders(b"connection", ()):
+        for value in self._connection:
             tokens.update(t.strip().lower() for t in value.split(b","))
         http10_keepalive = version == b"HTTP/1.0" and b"keep-alive" in tokens
         persistent = http10_keepalive or (version == b"HTTP/1.1" and b"close" not in tokens)
         upgrade_to: tuple[bytes, ...] = ()
         if version == b"HTTP/1.1" and b"upgrade" in tokens:
-            upgrade_to = tuple(t.strip().lower() for value in headers.getRawHeaders(b"upgrade", ()) for t in value.split(b",") if t.strip())
+            upgrade_to = tuple(t.strip().lower() for n, value in pairs if len(n) == 7 and n.lower() == b"upgrade" for t in value.split(b",") if t.strip())
             if upgrade_to:
                 # Unless it is switched, a request asking to switch protocols is the last on its connection: the
                 # bytes behind it are never read as a request (the client may have sent the new protocol's already).
                 persistent = False
         expects_continue = False
-        expect = headers.getRawHeaders(b"expect")
+        expect = self._expect
         if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
             # Answered with 100 only once the request may go upstream (Request.proceed); never forwarded.
-            headers.removeHeader(b"expect")
+            pairs = [(n, v) for n, v in pairs if not (len(n) == 6 and n.lower() == b"expect")]
             expects_continue = True
         body = None
         if self._chunked:
@@ -565,7 +618,9 @@ class HTTPServerProtocol(Protocol):
         elif self._content_length:
             body = RequestBody(self._upload, self._content_length)
         self._remaining = None if self._chunked else self._content_length
-        request = Request(self, method, target, version, headers, body, persistent, http10_keepalive, expects_continue)
+        request = Request(self, method, target, version, pairs, body, persistent, http10_keepalive, expects_continue)
+        request.host_values = self._hosts
+        request.connection_values = self._connection
         request.upgrade_to = upgrade_to
         if version == b"HTTP/1.1" and not persistent:
             request.setHeader(b"connection", b"close")
@@ -644,7 +699,13 @@ class HTTPServerProtocol(Protocol):
             self._content_length = int(value)
         elif len(name) == 17 and name.lower() == b"transfer-encoding":
             self._chunked = True
-        self._headers.addRawHeader(name, value)
+        elif len(name) == 4 and name.lower() == b"host":
+            self._hosts.append(value)
+        elif len(name) == 10 and name.lower() == b"connection":
+            self._connection.append(value)
+        elif len(name) == 6 and name.lower() == b"expect":
+            self._expect.append(value)
+        self._pairs.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._head_done = True

@@ -2,6 +2,10 @@
 The gateway's Prometheus metrics, in a registry of its own (so that several gateways in one process,
 as in tests, never share counters).  The parts of the gateway that see an event call the matching
 method; the admin listener exposes the registry at C{/metrics}.
+
+Without an admin listener nobody can read them: the gateway then uses L{NoMetrics}, and
+prometheus_client (about 1.3 MiB per process) is never imported (it is imported here only when a
+registry is built).
 """
 
 from __future__ import annotations
@@ -9,9 +13,6 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
 from zope.interface import implementer
 
 from mtlsgate.accounting import FinishedRequest, IRequestObserver
@@ -29,6 +30,8 @@ class GatewayMetrics:
     """
 
     def __init__(self, certificates: Callable[[], Iterable[tuple[str, datetime]]] = lambda: ()) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "mtlsgate_requests", "Requests answered, by route and status code.", ["route", "status"], registry=self.registry
@@ -119,14 +122,63 @@ class GatewayMetrics:
         self.acme_orders.labels(result=result).inc()
 
 
+@implementer(IConnectionObserver, IRequestObserver)
+class NoMetrics:
+    """The metrics of a gateway without an admin listener: nobody could read them, so nothing is counted."""
+
+    registry = None  # no prometheus_client registry is made (nor the module imported)
+
+    def request_finished(self, record: FinishedRequest) -> None:
+        pass
+
+    def tunnel_opened(self) -> None:
+        pass
+
+    def tunnel_closed(self) -> None:
+        pass
+
+    def tcp_opened(self, route: str) -> None:
+        pass
+
+    def tcp_closed(self, route: str) -> None:
+        pass
+
+    def tcp_bytes(self, route: str, direction: str, count: int) -> None:
+        pass
+
+    def tcp_connection(self, route: str, end: str) -> None:
+        pass
+
+    def request(self, route: str, status: int) -> None:
+        pass
+
+    def upstream_responded(self, route: str, seconds: float) -> None:
+        pass
+
+    def handshake(self, result: str, reason: str = "") -> None:
+        pass
+
+    def connection_opened(self) -> None:
+        pass
+
+    def connection_closed(self) -> None:
+        pass
+
+    def acme_order(self, result: str) -> None:
+        pass
+
+
 def worker_group_registry(
     directory: str, certificates: Callable[[], Iterable[tuple[str, datetime]]], workers: Callable[[], int],
-) -> CollectorRegistry:  # fmt: skip
+) -> Any:  # fmt: skip
     """
     The parent's view of a worker group: every worker's metrics summed from prometheus_client's
     multiprocess files in C{directory} (workers run with C{PROMETHEUS_MULTIPROC_DIR} set to it), plus
     the certificate expiry and the number of workers running.
     """
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory)
     registry.register(_ExpiryCollector(certificates))
@@ -141,7 +193,9 @@ class _WorkersCollector:
     def describe(self) -> list[Any]:
         return []
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
         yield GaugeMetricFamily("mtlsgate_workers", "Worker processes running.", value=self.running())
 
 
@@ -152,7 +206,9 @@ class _ExpiryCollector:
     def describe(self) -> list[Any]:
         return []
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily(
             "mtlsgate_certificate_expiry_seconds", "Seconds until a served certificate expires (negative: expired).", labels=["name"]
         )

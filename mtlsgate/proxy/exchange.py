@@ -6,7 +6,7 @@ certificate, and relays the exchange to an upstream.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 from twisted.internet import defer
@@ -15,14 +15,14 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web import http
+from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers
 from mtlsgate.config.model import Limits, Route
-from mtlsgate.http.headers import client_response_headers, client_response_trailers, upstream_request_headers
+from mtlsgate.http.headers import client_response_headers, client_response_pairs, client_response_trailers, upstream_request_headers, upstream_request_pairs
 from mtlsgate.http.body import BodyTooLarge, RequestBody
 from mtlsgate.http.h2client import H2Agent
 from mtlsgate.http.framing import header_field_problem, request_line_problem
@@ -30,11 +30,14 @@ from mtlsgate.http.interfaces import IGatewayRequest, IUpgradableRequest
 from mtlsgate.http.server import HTTPServerFactory
 from mtlsgate.http.tunnel import Tunnel
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
-from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.http.pathnorm import PathRefused, normalize_target
 from mtlsgate.proxy.routing import RouteTable, normalize_host
 from mtlsgate.tls.server import peer_verdict
 from mtlsgate.proxy.upstream import UpstreamGroup
+
+if TYPE_CHECKING:
+    from twisted.web import server  # the redirect listener's requests; twisted.web.server is imported only where it serves
 
 # Names other modules and tests import from here; they live in mtlsgate.http now.
 __all__ = ["BodyTooLarge", "GatewayRequest", "RequestBody", "header_field_problem", "request_line_problem"]
@@ -96,6 +99,13 @@ def GatewaySite(resource: ProxyResource, limits: Limits = Limits()) -> HTTPServe
 # --- relaying the response ------------------------------------------------------------------------
 
 
+_CLEAN_END = (ResponseDone, PotentialDataLoss)  # how a response body ends when all of it came
+
+
+def _ignore(reason: Failure | None) -> None:
+    pass
+
+
 class UpstreamStalled(Exception):
     """The upstream sent nothing for the route's timeout in the middle of a response body."""
 
@@ -106,11 +116,19 @@ class _ResponseRelay(Protocol):
     Upstream response body to the client, pausing the upstream when the client reads slowly, and
     cutting off an upstream that goes silent mid-body for C{stall_timeout} seconds (the time the
     client itself holds things up does not count).
+
+    The stall clock: a body chunk only notes its time, and the timer checks it when it fires.  Given
+    C{on_resume}, the relay has no timer of its own: the exchange's one timer per request (the route
+    timeout while it waits for the response headers) goes on as the stall timer, asking L{stall_left}
+    when it fires, and C{on_resume} is called when a pause (which stops the clock) ends.
     """
 
     transport: Any  # the response body's producer (the upstream connection)
 
-    def __init__(self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: IReactorTime, stall_timeout: float) -> None:
+    def __init__(
+        self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: IReactorTime, stall_timeout: float,
+        on_resume: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         self.request = request
         self._done = done
         self.bytes = 0
@@ -118,17 +136,28 @@ class _ResponseRelay(Protocol):
         self._stall_timeout = stall_timeout
         self._stall_timer: Any = None
         self._stalled = False
-        self._last = 0.0  # when the last body bytes came (or the watch started): the timer checks it when it fires
+        self._on_resume = on_resume
+        self.paused = False  # by the client's back-pressure: the stall clock stops
+        self._last = reactor.seconds()  # when the last body bytes came (or the watch started): the timer checks it when it fires
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
-        self._watch()
+        if self._on_resume is None:
+            self._watch()
+
+    def stall_left(self) -> float | None:
+        """Seconds left before the upstream counts as stalled (0 or less: it has); None while paused (the clock is stopped)."""
+        if self.paused:
+            return None
+        return self._last + self._stall_timeout - self._reactor.seconds()
+
+    def stall(self) -> None:
+        """The upstream sent nothing for C{stall_timeout}: cut it off (connectionLost follows)."""
+        self._stalled = True
+        self.transport.stopProducing()
 
     def _watch(self) -> None:
-        """
-        Start the stall clock afresh.  One timer per response, not one per chunk: a chunk only notes its
-        time, and the timer, when it fires, re-arms itself for what is left since the last chunk.
-        """
+        """Start the stall clock afresh, on a timer of the relay's own."""
         self._unwatch()
         self._last = self._reactor.seconds()
         self._stall_timer = self._reactor.callLater(self._stall_timeout, self._check)
@@ -139,13 +168,12 @@ class _ResponseRelay(Protocol):
         self._stall_timer = None
 
     def _check(self) -> None:
-        left = self._last + self._stall_timeout - self._reactor.seconds()
-        if left > 0:
+        left = self.stall_left()
+        if left is not None and left > 0:
             self._stall_timer = self._reactor.callLater(left, self._check)
             return
         self._stall_timer = None
-        self._stalled = True
-        self.transport.stopProducing()  # closes the upstream connection; connectionLost follows
+        self.stall()
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -158,18 +186,33 @@ class _ResponseRelay(Protocol):
             self.request.unregisterProducer()
         if self._stalled:
             reason = Failure(UpstreamStalled(f"no bytes for {self._stall_timeout:g}s in the middle of the response body"))
-        self._done(None if reason.check(ResponseDone, http.PotentialDataLoss) else reason)
+        done, self._done, self._on_resume = self._done, _ignore, None
+        self.transport = None  # the response body's producer, which holds this relay: no cycle left to the garbage collector
+        # isinstance, not Failure.check: check works out the exception's class names on first use (about 2 us a response); and
+        # PotentialDataLoss imported once: twisted.web.http is a deprecation proxy whose every attribute read runs Python (~3 us)
+        done(None if isinstance(reason.value, _CLEAN_END) else reason)
 
     def pauseProducing(self) -> None:
+        if self.transport is None:
+            return  # the body is over
+        self.paused = True
         self._unwatch()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._watch()
+        if self.transport is None:
+            return
+        self.paused = False
+        if self._on_resume is None:
+            self._watch()
+        else:
+            self._last = self._reactor.seconds()
+            self._on_resume()
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.transport.stopProducing()
+        if self.transport is not None:
+            self.transport.stopProducing()
 
 
 def _plain(request: GatewayRequest, code: int, text: str) -> bytes:
@@ -258,14 +301,32 @@ class _Exchange:
     def start(self) -> None:
         request = self.request
         route = self.entry.route
-        headers = upstream_request_headers(
-            request.requestHeaders,
-            client_ip=request.getClientAddress().host,
-            proto="https" if request.isSecure() else "http",
-            xfcc=self.peer.xfcc if route.forward_client_cert == "xfcc" else None,
-            preserve_host=route.preserve_host_header,
-            trailers=route.upstream_protocol == "http2",  # the HTTP/1.1 client reads and drops chunked trailers: it does not claim to take them
-        )
+        headers: Any
+        pairs = getattr(request, "raw_headers", None)
+        hosts = getattr(request, "host_values", None)
+        connection = getattr(request, "connection_values", None)
+        if pairs is not None and hosts is not None and connection is not None and route.upstream_protocol == "http1":
+            # The fields as received, filtered in one pass into the upstream request's head (no Headers built); a request
+            # object without them (another front end, a test), or an HTTP/2 upstream (its client takes Headers, and TE:
+            # trailers may go there), takes the Headers path below.
+            headers = upstream_request_pairs(
+                pairs,
+                connection=connection,
+                host=hosts[0] if hosts else None,
+                client_ip=request.getClientAddress().host,
+                proto="https" if request.isSecure() else "http",
+                xfcc=self.peer.xfcc if route.forward_client_cert == "xfcc" else None,
+                preserve_host=route.preserve_host_header,
+            )
+        else:
+            headers = upstream_request_headers(
+                request.requestHeaders,
+                client_ip=request.getClientAddress().host,
+                proto="https" if request.isSecure() else "http",
+                xfcc=self.peer.xfcc if route.forward_client_cert == "xfcc" else None,
+                preserve_host=route.preserve_host_header,
+                trailers=route.upstream_protocol == "http2",  # the HTTP/1.1 client reads and drops chunked trailers: it does not claim to take them
+            )
         self._attempt(self.entry.upstreams.order(), headers)
 
     def _attempt(self, targets: list[str], headers: Any) -> None:
@@ -301,24 +362,36 @@ class _Exchange:
     def _response(self, response: Any) -> None:
         self.pending = None
         self.response = response
-        self._stop_waiting()
         self.upstream_latency = self.reactor.seconds() - self.started
+        self.waiting = False  # the route timeout is over; its timer goes on as the relay's stall timer
+        if self.client_gone:
+            self._cancel_timer()
         request = self.request
         if self.client_gone:
             response.deliverBody(Protocol())
             return
         if response.code == 101 and self.tunnel_opened is not None:
+            self._cancel_timer()  # a tunnel has its own idle timer
             self._switch(response)
             return
         request.setResponseCode(response.code, response.phrase)
-        client_response_headers(response.headers, into=request.responseHeaders)
+        raw = getattr(response, "raw_headers", None)
+        if raw is not None and hasattr(request, "forward_headers"):
+            # The upstream's fields as received, filtered in one pass and written as they are (no Headers built).
+            pairs, names = client_response_pairs(raw)
+            request.forward_headers(pairs, names)
+            has_server = b"server" in names
+        else:
+            client_response_headers(response.headers, into=request.responseHeaders)
+            has_server = response.headers.hasHeader(b"server")
         if isinstance(response.length, int) and request.method != b"HEAD" and response.code not in (204, 304):
             # Agent keeps Content-Length out of response.headers (it is framing); a known length is
             # passed on so that clients see the size and the response is not chunked.
             request.setHeader(b"content-length", b"%d" % response.length)
-        if not response.headers.hasHeader(b"server"):
+        if not has_server:
             request.setHeader(b"server", b"mtlsgate")
-        self.relay = _ResponseRelay(request, self._relayed, self.reactor, self.entry.route.timeout)
+        self.relay = _ResponseRelay(request, self._relayed, self.reactor, self.entry.route.timeout, self._arm_timer)
+        self._arm_timer()
         response.deliverBody(self.relay)
 
     def _switch(self, response: Any) -> None:
@@ -350,6 +423,7 @@ class _Exchange:
         ))  # fmt: skip
 
     def _relayed(self, failure: Failure | None) -> None:
+        self._cancel_timer()
         if self.client_gone:
             return
         size = self.relay.bytes if self.relay else 0
@@ -390,8 +464,32 @@ class _Exchange:
         body = self.request.body
         if body is not None and body.waiting_on_client():
             self._cancel_timer()
-        elif self.timer is None:
-            self.timer = self.reactor.callLater(self.entry.route.timeout, self._timeout)
+        else:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """
+        The exchange's one timer: the route timeout while waiting for the response headers, then the
+        relay's stall timer (L{_fired} tells which); armed unless it runs already.
+        """
+        if self.timer is None:
+            self.timer = self.reactor.callLater(self.entry.route.timeout, self._fired)
+
+    def _fired(self) -> None:
+        self.timer = None
+        if self.waiting:
+            self._timeout()
+            return
+        relay = self.relay
+        if relay is None or self.client_gone:
+            return
+        left = relay.stall_left()
+        if left is None:
+            return  # paused by the client: the relay re-arms the timer when it resumes
+        if left > 0:
+            self.timer = self.reactor.callLater(left, self._fired)
+            return
+        relay.stall()
 
     def _timeout(self) -> None:
         self.timer = None
@@ -514,12 +612,13 @@ class ProxyResource:
     """
 
     def __init__(
-        self, reactor: IReactorTime, state: ProxyState, observer: IRequestObserver = RequestObservers(), metrics: GatewayMetrics | None = None,
+        self, reactor: IReactorTime, state: ProxyState, observer: IRequestObserver = RequestObservers(),
+        metrics: GatewayMetrics | NoMetrics | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
         self.state = state
         self.observer = observer  # told of every finished request: the access log and the metrics
-        self.metrics = metrics or GatewayMetrics()  # the open WebSocket tunnels' gauge
+        self.metrics: GatewayMetrics | NoMetrics = metrics if metrics is not None else NoMetrics()  # the open WebSocket tunnels' gauge
         self.in_flight = 0  # requests, and WebSocket tunnels, open
         self.tunnels: set[Tunnel] = set()
         self.draining = False  # shutting down: a tunnel that opens now is told to go away at once
@@ -585,7 +684,9 @@ class ProxyResource:
         state = self.state
         if state.hsts_header is not None and request.isSecure():
             request.setHeader(b"strict-transport-security", state.hsts_header)
-        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        hosts = getattr(request, "host_values", None)
+        if hosts is None or getattr(request, "raw_headers", None) is None:
+            hosts = request.requestHeaders.getRawHeaders(b"host") or []
         host = hosts[0].decode("ascii", "replace") if hosts else ""
         peer = peer_of(request.channel)
         if self._own_answer(request, peer):

@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from mtlsgate.config.model import TCPRoute
 from mtlsgate.identity import AllowRules, printable
-from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.proxy.exchange import Peer, peer_of
 from mtlsgate.proxy.proxyproto import HeaderTooLong, TLSFacts, proxy_v2_header
 from mtlsgate.proxy.upstream import UpstreamTLSPolicy
@@ -149,10 +149,10 @@ def refusal(peer: Peer, state: TCPState, route: TCPRoute) -> str | None:
 class TCPProxy:
     """The TCP routes in force (L{state}, swapped on reload), the open tunnels, and their counts per route."""
 
-    def __init__(self, reactor: IReactorTime, state: TCPState, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, reactor: IReactorTime, state: TCPState, metrics: GatewayMetrics | NoMetrics | None = None) -> None:
         self.reactor = reactor
         self.state = state
-        self.metrics = metrics or GatewayMetrics()
+        self.metrics: GatewayMetrics | NoMetrics = metrics if metrics is not None else NoMetrics()
         self.tunnels: set[Tunnel] = set()
         self.open_by_route: dict[str, int] = {}
         self._drained: list[defer.Deferred[None]] = []

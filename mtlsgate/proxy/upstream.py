@@ -17,10 +17,11 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
@@ -121,6 +122,27 @@ class UpstreamTLSPolicy:
         return _UpstreamConnectionCreator(self._ctx, name, verify=not self.route.tls_skip_verify)
 
 
+class _DirectTLSFactory(TLSMemoryBIOFactory):
+    protocol = TLSMemoryBIOProtocol  # writes go to OpenSSL at once, not held to the next reactor turn (BufferingTLSTransport)
+
+
+@implementer(IStreamClientEndpoint)
+class _DirectTLSEndpoint:
+    """
+    C{wrapClientTLS(creator, endpoint)}, with TLS writes made at once: the upstream client writes a
+    request's head in one write, so Twisted's default coalescing of small TLS writes (a callLater(0)
+    per write, and a reactor turn of latency) buys nothing here.
+    """
+
+    def __init__(self, creator: IOpenSSLClientConnectionCreator, wrapped: IStreamClientEndpoint) -> None:
+        self._creator = creator
+        self._wrapped = wrapped
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        connecting: defer.Deferred[Any] = self._wrapped.connect(_DirectTLSFactory(self._creator, True, factory))
+        return connecting.addCallback(lambda protocol: protocol.wrappedProtocol)
+
+
 @implementer(IStreamClientEndpoint)
 class _HandshakeBoundedEndpoint:
     """
@@ -191,12 +213,12 @@ class _EndpointPerOrigin:
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
+        endpoint: Any = self._endpoints.get(key)
         if endpoint is None:
             timeout = 30.0 if self.connect_timeout is None else self.connect_timeout  # 30: HostnameEndpoint's own default
             endpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=timeout)
             if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
+                endpoint = _DirectTLSEndpoint(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
                 if self.connect_timeout is not None:
                     endpoint = _HandshakeBoundedEndpoint(self.reactor, endpoint, self.connect_timeout)
             self._endpoints[key] = endpoint

@@ -21,7 +21,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -616,10 +616,15 @@ class ServerTLS:
         return connection
 
 
-class _HandshakeLoggingTLSProtocol(BufferingTLSTransport):
+class _HandshakeLoggingTLSProtocol(TLSMemoryBIOProtocol):
     """
     Logs why a handshake failed, naming the peer and, for a refused certificate, the reason; counts
     handshakes and open connections in the factory's metrics.
+
+    A plain TLSMemoryBIOProtocol, not Twisted's default BufferingTLSTransport: that one holds every
+    write back to the next reactor turn (a callLater(0) per write) to coalesce small writes, and the
+    HTTP server writes each response's head and first body bytes in one writeSequence already, so the
+    delay bought a timer per response and a reactor turn of latency, and nothing else (issue #13).
     """
 
     factory: GatewayTLSFactory

@@ -6,7 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
-from mtlsgate.http.headers import FRAMING, GATEWAY_OWNED, HOP_BY_HOP, client_response_headers, upstream_request_headers
+from mtlsgate.http.headers import (
+    FRAMING, GATEWAY_OWNED, HOP_BY_HOP, client_response_headers, client_response_pairs, upstream_request_headers, upstream_request_pairs,
+)  # fmt: skip
 
 _SPECIAL = sorted(HOP_BY_HOP | FRAMING | GATEWAY_OWNED | {b"host", b"x-custom", b"authorization"})
 _TE_VALUES = [b"trailers", b"gzip, trailers", b"Trailers;q=1", b"deflate", b"trailers\x00x"]
@@ -63,3 +65,41 @@ def test_responses_lose_hop_by_hop_and_framing_and_keep_the_rest(pairs, connecti
     for name, value in pairs:
         if name.lower() not in dropped:
             assert value in out.getRawHeaders(name)
+
+
+# The hot path's form of the same rules (HeaderPairs, one pass over the fields as received) against the Headers form above: whatever
+# a client or an upstream sends, the same fields go and the same are added (names compared case-insensitively, values in order).
+
+
+def _fields(headers) -> list[tuple[bytes, bytes]]:
+    return sorted((name.lower(), value) for name, values in headers.getAllRawHeaders() for value in values)
+
+
+@given(
+    pairs=st.lists(st.tuples(_NAME, _VALUE.map(lambda v: v.strip(b" \t"))), max_size=20), connection=st.lists(_TOKEN, max_size=4),
+    preserve=st.booleans(), xfcc=st.sampled_from([None, b'Hash=00ff;Subject="CN=alice"']),
+)  # fmt: skip
+def test_the_one_pass_request_filter_forwards_exactly_what_the_headers_one_does(pairs, connection, preserve, xfcc):
+    received = list(pairs) + ([(b"Connection", b", ".join(connection))] if connection else [])
+    incoming = _headers(pairs, connection)
+    hosts = [v for n, v in received if n.lower() == b"host"]
+    fast = upstream_request_pairs(
+        received, connection=[v for n, v in received if n.lower() == b"connection"], host=hosts[0] if hosts else None,
+        client_ip="192.0.2.7", proto="https", xfcc=xfcc, preserve_host=preserve,
+    )  # fmt: skip
+    slow = upstream_request_headers(incoming, client_ip="192.0.2.7", proto="https", xfcc=xfcc, preserve_host=preserve)
+    assert _fields(fast) == _fields(slow)
+    for name, _ in fast.pairs:  # and the order of the client's fields of one name is kept
+        assert fast.getRawHeaders(name) == slow.getRawHeaders(name)
+
+
+@given(
+    pairs=st.lists(st.tuples(_NAME, st.binary(max_size=40)), max_size=20),
+    connection=st.lists(_TOKEN, max_size=4),
+)  # fmt: skip
+def test_the_one_pass_response_filter_forwards_exactly_what_the_headers_one_does(pairs, connection):
+    received = list(pairs) + ([(b"Connection", b", ".join(connection))] if connection else [])
+    forwarded, names = client_response_pairs(received)
+    slow = client_response_headers(_headers(pairs, connection))
+    assert sorted((n.lower(), v) for n, v in forwarded) == _fields(slow)  # CR and LF in a value become spaces, as Headers has them
+    assert names == {n.lower() for n, _ in forwarded}

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -21,8 +22,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from zope.interface import directlyProvides
 
 from mtlsgate.http.client import HTTP11Agent, ResponseHeadersTooLarge, UpstreamConnection, UpstreamProtocolError
+from mtlsgate.http.headers import HeaderPairs
 from mtlsgate.proxy.exchange import RequestBody
 
 URL = b"https://upstream.test:8443/path?q=1"
@@ -115,6 +118,32 @@ def test_the_agent_provides_iagent_and_writes_the_request_head_in_one_write():
     transport = endpoint.connections[0].transport
     assert transport.value() == b"GET /path?q=1 HTTP/1.1\r\nHost: upstream.test:8443\r\nX-One: 1\r\nX-One: 2\r\n\r\n"
     assert (endpoint.uri.scheme, endpoint.uri.host, endpoint.uri.port) == (b"https", b"upstream.test", 8443)
+
+
+def test_upstream_connections_send_without_nagle():
+    """An upload's chunks go out in their own writes after the head: Nagle would hold each back for the upstream's delayed ACK."""
+    calls: list[bool] = []
+    transport = StringTransport()
+    directlyProvides(transport, ITCPTransport)
+    transport.setTcpNoDelay = calls.append  # type: ignore[attr-defined]
+    agent, _, _ = make()
+    UpstreamConnection(agent.pool, None, 1000).makeConnection(transport)
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("framed_by_client", [False, True])
+def test_header_pairs_are_written_as_they_are_in_order_framing_from_the_caller_dropped(framed_by_client):
+    """The proxy's form of the fields (HeaderPairs): names as spelled, order kept; the caller's framing and Connection never go out."""
+    agent, endpoint, _ = make()
+    pairs = [(b"x-one", b"1"), (b"Accept", b"*/*"), (b"X-ONE", b"2")]
+    if not framed_by_client:  # a HeaderPairs not built by upstream_request_pairs: the client drops framing itself
+        pairs += [(b"Content-Length", b"99"), (b"connection", b"keep-alive"), (b"Transfer-Encoding", b"chunked")]
+    agent.request(b"GET", URL, HeaderPairs(pairs, framed_by_client=framed_by_client))
+    assert endpoint.connections[0].transport.value() == (
+        b"GET /path?q=1 HTTP/1.1\r\nHost: upstream.test:8443\r\nx-one: 1\r\nAccept: */*\r\nX-ONE: 2\r\n\r\n"
+    )
+    agent.request(b"GET", URL, HeaderPairs([(b"HOST", b"public.example")], framed_by_client=framed_by_client))
+    assert endpoint.connections[1].transport.value() == b"GET /path?q=1 HTTP/1.1\r\nHOST: public.example\r\n\r\n"
 
 
 @pytest.mark.parametrize("url, host, target", [

@@ -18,3 +18,64 @@ def test_a_gateway_without_autocert_never_imports_the_acme_stack(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "", f"imported at start-up: {result.stdout.strip()}"
+
+
+def test_a_worker_serving_only_https_imports_neither_twisted_web_server_nor_prometheus(pki, tmp_path):
+    """
+    twisted.web's server (the redirect and admin listeners) and prometheus_client (read only through the admin
+    listener) cost about 4 MiB per process: a gateway without those listeners builds its whole service without them.
+    """
+    flags = [
+        "--https", "tcp:0:interface=127.0.0.1", "--cert", pki["gateway"][0], "--key", pki["gateway"][1], "--client-ca", pki["ca"],
+        "--route", "*=https://127.0.0.1:9", "--upstream-ca", pki["ca"],
+        "--upstream-cert", pki["gateway_client"][0], "--upstream-key", pki["gateway_client"][1],
+    ]  # fmt: skip
+    probe = (
+        "import sys\n"
+        "from twisted.internet import reactor\n"
+        "import mtlsgate.app.worker, mtlsgate.app.workers\n"
+        "from mtlsgate.app.tap import Options\n"
+        "options = Options()\n"
+        f"options.parseOptions({flags!r})\n"
+        "service = options.service\n"
+        "service.privilegedStartService()\n"
+        "print(' '.join(sorted(m for m in ('twisted.web.server', 'prometheus_client') if m in sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1:] in ([], [""]), f"imported: {result.stdout.strip()}"
+
+
+def test_a_gateway_with_an_admin_listener_counts_requests(pki, tmp_path):
+    """The other side of the above: with admin_address, the metrics are real (prometheus_client's)."""
+    flags = [
+        "--https", "tcp:0:interface=127.0.0.1", "--cert", pki["gateway"][0], "--key", pki["gateway"][1], "--client-ca", pki["ca"],
+        "--route", "*=https://127.0.0.1:9", "--admin", "tcp:0:interface=127.0.0.1",
+    ]  # fmt: skip
+    probe = (
+        "from twisted.internet import reactor\n"
+        "from mtlsgate.app.tap import Options\n"
+        "from mtlsgate.observe.metrics import GatewayMetrics\n"
+        "options = Options()\n"
+        f"options.parseOptions({flags!r})\n"
+        "print(type(options.service.metrics).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "GatewayMetrics"
+
+
+def test_settle_freezes_what_start_up_made(tmp_path):
+    """After start-up the gateway moves start-up's objects out of the collector's way (full collections skip them)."""
+    probe = (
+        "import gc\n"
+        "import mtlsgate.app.service, mtlsgate.app.tap\n"
+        "from mtlsgate.app.memory import settle\n"
+        "before = gc.get_freeze_count()\n"
+        "settle()\n"
+        "print(before, gc.get_freeze_count())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    before, after = map(int, result.stdout.split())
+    assert before == 0 and after > 10000

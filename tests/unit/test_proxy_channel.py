@@ -245,6 +245,75 @@ def test_a_request_without_a_body_times_out_after_the_route_timeout(slow):
     assert slow.transport.value().startswith(b"HTTP/1.1 504 ")
 
 
+class StoppableTransport(UpstreamTransport):
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.stopped = False
+
+    def stopProducing(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionAborted())])))
+
+
+def _respond_slowly(gateway) -> Any:
+    response = Response()
+
+    def deliver(protocol: Any) -> None:
+        response.protocol = protocol
+        response.upstream = StoppableTransport(protocol)  # type: ignore[attr-defined]
+        protocol.makeConnection(response.upstream)  # type: ignore[attr-defined]
+
+    response.deliverBody = deliver  # type: ignore[method-assign]
+    gateway.upstream.pending[0].callback(response)
+    return response
+
+
+def test_the_stall_timer_counts_from_the_last_body_bytes_not_from_the_request(slow):
+    slow.send(b"GET /slow HTTP/1.1\r\n" + H + b"\r\n")
+    slow.reactor.advance(0.8)  # the upstream answers late within the route timeout
+    response = _respond_slowly(slow)
+    response.protocol.dataReceived(b"he")
+    slow.reactor.advance(0.5)  # 1.3s after the request, 0.5s after the headers
+    response.protocol.dataReceived(b"ll")
+    slow.reactor.advance(0.9)
+    assert not response.upstream.stopped
+    slow.reactor.advance(0.2)  # 1.1s without a byte
+    assert response.upstream.stopped and slow.transport.disconnecting
+    assert slow.metrics.requests == [("localhost/", 200)]
+
+
+def test_a_client_that_holds_the_response_up_stops_the_stall_clock(slow):
+    slow.send(b"GET /slow HTTP/1.1\r\n" + H + b"\r\n")
+    response = _respond_slowly(slow)
+    response.protocol.dataReceived(b"he")
+    response.protocol.pauseProducing()  # the client reads slowly
+    slow.reactor.advance(5)
+    assert not response.upstream.stopped
+    response.protocol.resumeProducing()
+    slow.reactor.advance(0.9)
+    assert not response.upstream.stopped
+    slow.reactor.advance(0.2)
+    assert response.upstream.stopped
+
+
+def test_one_timer_per_exchange_for_the_route_timeout_and_the_stall_timer(gateway):
+    """A request answered at once arms one timer (cancelled when the response ends), not one per phase."""
+    armed: list[Any] = []
+    call_later = gateway.reactor.callLater
+
+    def counting(delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+        call = call_later(delay, f, *a, **kw)
+        armed.append(call)
+        return call
+
+    gateway.reactor.callLater = counting  # type: ignore[method-assign]
+    gateway.send(b"GET /a HTTP/1.1\r\n" + H + b"\r\n")
+    _answer(gateway)
+    assert gateway.transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert len(armed) == 1 and not armed[0].active()
+
+
 # --- the server protocol: one request at a time, keep-alive, timers (mtlsgate.http.server) ----------
 
 

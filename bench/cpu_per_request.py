@@ -1,0 +1,226 @@
+"""
+Gateway CPU time per request, and idle memory: figures a busy machine barely moves.
+
+Throughput on a shared machine measures the machine's other load as much as the gateway.  The CPU
+time the gateway's processes spend per request does not depend on how long the run took: this script
+starts the bench's nginx mTLS upstream and one or more gateways (mtlsgate, optionally at several code
+versions, and the aiohttp + uvloop peer of bench/aiohttp_proxy.py), drives each with
+C{ab -k -n N -c C} (TLS 1.3, a client certificate, as bench/run.py does), and reads the utime+stime
+of the gateway's process tree from /proc before and after: microseconds of gateway CPU per request.
+Runs alternate between the sides (A B C A B C ...); the median and the minimum of the repeats are
+reported (other load on the machine only ever adds to a run's cost: cache misses, more wake-ups with
+less work each, so the minimum is the steadier figure on a busy machine).
+
+Memory: the RSS of every process of each side after start-up and after a warm-up, and (--idle N) per
+1,000 handshaken idle TLS connections.
+
+    PYTHONPATH=. python bench/cpu_per_request.py                               # mtlsgate and aiohttp, --workers 1
+    PYTHONPATH=. python bench/cpu_per_request.py --mtlsgate base=/tmp/base --mtlsgate new=.   # two code versions (A/B)
+    PYTHONPATH=. python bench/cpu_per_request.py --workers 2 --idle 1000 --requests 0          # memory only
+    PYTHONPATH=. python bench/cpu_per_request.py --no-aiohttp --repeats 1 --py-spy /tmp/prof   # and a py-spy profile
+
+C{--mtlsgate NAME=DIR} runs twistd with PYTHONPATH=DIR (an export of a commit: C{git archive REV | tar -x -C DIR}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+_spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).with_name("run.py"))
+assert _spec is not None and _spec.loader is not None
+harness: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(harness)
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    """C{pid} and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        children = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split()
+        todo += [int(c) for c in children]
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of C{pids} (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return total / _TICK
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def start_mtlsgate(d: Path, name: str, pythonpath: str, port: int, upstream: int, workers: int, files: dict[str, tuple[Path, Path]],
+                   ca: Path, config: Path) -> subprocess.Popen:  # fmt: skip
+    log = d / f"mtlsgate-{name}.log"
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(pythonpath)}
+    cert, key = files["server"]
+    proc = subprocess.Popen(
+        [*harness.TWISTD, "-n", "--pidfile=", "--logfile", str(log), "mtlsgate", "--config", str(config), "--workers", str(workers),
+         "--https", f"tcp:{port}:interface=127.0.0.1", "--cert", str(cert), "--key", str(key),
+         "--client-ca", str(ca), "--route", f"*=https://127.0.0.1:{upstream}", "--upstream-server-name", "localhost",
+         "--upstream-ca", str(ca), "--upstream-cert", str(files["gwclient"][0]), "--upstream-key", str(files["gwclient"][1]),
+         "--access-log", "off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, cwd=str(d),
+    )  # fmt: skip
+    harness.wait_for(port, proc)
+    harness._wait_for_log(log, f"worker {workers - 1} serving" if workers > 1 else "route(s)")
+    return proc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mtlsgate", action="append", metavar="NAME=DIR", help="an mtlsgate side: its PYTHONPATH [default: mtlsgate=.]")
+    parser.add_argument("--no-aiohttp", action="store_true", help="leave the aiohttp + uvloop peer out")
+    parser.add_argument("--nginx", action="store_true", help="measure nginx as a gateway too")
+    parser.add_argument("--workers", type=int, default=1, help="processes per side [default: 1]")
+    parser.add_argument("--requests", type=int, default=20000, help="requests per run (ab -n); 0: memory only [default: 20000]")
+    parser.add_argument("--concurrency", type=int, default=32, help="ab -c [default: 32]")
+    parser.add_argument("--path", default="/1k", choices=("/1k", "/1m"), help="the upstream resource [default: /1k]")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side; the median is reported [default: 3]")
+    parser.add_argument("--idle", type=int, default=0, help="hold N idle TLS connections for the memory figure [default: 0, skip]")
+    parser.add_argument("--py-spy", metavar="PREFIX", help="also profile each mtlsgate side (py-spy --format raw) to PREFIX-NAME.txt during one more run")
+    parser.add_argument("--config", default="limits: {max_connections: 20000, idle_timeout: 300s}\n", help="mtlsgate's YAML config")
+    args = parser.parse_args(argv)
+    if not shutil.which("ab") or not os.path.exists(harness.NGINX):
+        print("bench: needs nginx and ab", file=sys.stderr)
+        return 2
+    gateways = [tuple(spec.split("=", 1)) for spec in (args.mtlsgate or ["mtlsgate=."])]
+    d = Path(tempfile.mkdtemp(prefix="mtlsgate-cpu-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        ca = harness.DevCA.create(str(d / "ca"), name="bench CA")
+        ca_pem = d / "ca" / "ca.pem"
+        files: dict[str, tuple[Path, Path]] = {}
+        for name, issued in {
+            "server": ca.issue_server(["localhost", "127.0.0.1"]),
+            "gwclient": ca.issue_client("gateway"),
+            "client": ca.issue_client("alice", uris=["spiffe://bench/alice"]),
+        }.items():
+            issued.write(str(d / f"{name}.pem"), str(d / f"{name}-key.pem"))
+            files[name] = (d / f"{name}.pem", d / f"{name}-key.pem")
+        client_pem = d / "client-combined.pem"
+        client_pem.write_bytes(files["client"][0].read_bytes() + files["client"][1].read_bytes())
+        www = d / "upstream" / "www"
+        www.mkdir(parents=True)
+        (www / "1k").write_bytes(b"x" * 1024)
+        (www / "1m").write_bytes(os.urandom(1024 * 1024))
+        config = d / "mtlsgate.yaml"
+        config.write_text(args.config)
+        up_port = harness.free_port()
+        cert, key = files["server"]
+        procs.append(harness.start_nginx(d / "upstream", harness.UPSTREAM.format(port=up_port, cert=cert, key=key, ca=ca_pem, dir=d / "upstream"),
+                                         up_port, max(1, args.workers)))  # fmt: skip
+        sides: dict[str, tuple[int, int]] = {}  # name -> (port, pid)
+        for name, path in gateways:
+            port = harness.free_port()
+            proc = start_mtlsgate(d, name, path, port, up_port, args.workers, files, ca_pem, config)
+            procs.append(proc)
+            sides[name] = (port, proc.pid)
+        if not args.no_aiohttp:
+            port = harness.free_port()
+            proc = harness.start_aiohttp(d, port, up_port, args.workers, files, ca_pem)
+            procs.append(proc)
+            sides["aiohttp"] = (port, proc.pid)
+        if args.nginx:
+            port = harness.free_port()
+            proc = harness.start_nginx(d / "nginx-gw", harness.NGINX_GATEWAY.format(
+                port=port, upstream=up_port, cert=cert, key=key, ca=ca_pem,
+                client_cert=files["gwclient"][0], client_key=files["gwclient"][1]), port, args.workers)  # fmt: skip
+            procs.append(proc)
+            sides["nginx"] = (port, proc.pid)
+
+        time.sleep(1)
+        started = {side: [round(rss_mib(p), 1) for p in tree(pid)] for side, (port, pid) in sides.items()}
+        for side, (port, pid) in sides.items():
+            harness.ab(port, "/1k", client_pem, concurrency=4, requests=2000, keepalive=True)  # warm-up
+        warm = {side: [round(rss_mib(p), 1) for p in tree(pid)] for side, (port, pid) in sides.items()}
+
+        cpu: dict[str, list[float]] = {side: [] for side in sides}
+        p99: dict[str, list[float]] = {side: [] for side in sides}
+        failed: dict[str, float] = {side: 0 for side in sides}
+        if args.requests:
+            for _ in range(args.repeats):
+                for side, (port, pid) in sides.items():
+                    pids = tree(pid)
+                    before = cpu_seconds(pids)
+                    r = harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=args.requests, keepalive=True)
+                    used = cpu_seconds(pids) - before
+                    failed[side] += r["failed"]
+                    cpu[side].append(used / args.requests * 1e6)
+                    p99[side].append(r["p99"])
+
+        if args.py_spy:
+            for name, _ in gateways:
+                port, pid = sides[name]
+                worker = tree(pid)[-1]
+                spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-o", f"{args.py_spy}-{name}.txt", "--pid", str(worker)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                time.sleep(1)
+                harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=max(args.requests, 20000), keepalive=True)
+                spy.send_signal(2)
+                spy.wait(60)
+
+        idle: dict[str, float] = {}
+        if args.idle:
+            for side, (port, pid) in sides.items():
+                pids = tree(pid)
+                before = sum(rss_mib(p) for p in pids)
+                held = harness.hold_idle(port, ca_pem, files["client"], args.idle)
+                time.sleep(1)
+                idle[side] = (sum(rss_mib(p) for p in tree(pid)) - before) / max(1, len(held)) * 1000
+                for sock in held:
+                    sock.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+    print(f"\n{args.workers} process(es) per side; ab -k -c {args.concurrency} -n {args.requests} {args.path}, {args.repeats} run(s) per side, "
+          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    for side in sides:
+        line = f"{side:>10}:"
+        if cpu[side]:
+            runs = ", ".join(f"{v:.1f}" for v in cpu[side])
+            line += f" CPU {statistics.median(cpu[side]):6.1f} us/request, min {min(cpu[side]):6.1f} (runs: {runs}; failed {failed[side]:.0f})"
+            line += f" p99 {statistics.median(p99[side]):.0f} ms (max {max(p99[side]):.0f})"
+        line += f"  RSS MiB started {started[side]} warm {warm[side]}"
+        if side in idle:
+            line += f"  per 1,000 idle TLS connections {idle[side]:.1f} MiB"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
