@@ -57,7 +57,7 @@ from zope.interface import implementer
 
 from mtlsgate.config.model import Limits
 from mtlsgate.http.body import RequestBody
-from mtlsgate.http.framing import header_field_problem
+from mtlsgate.http.framing import header_field_problem, method_problem
 from mtlsgate.http.headers import HOP_BY_HOP, sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IGatewayRequest
 from mtlsgate.http.server import ConnectionLostBeforeResponse, _dates
@@ -126,6 +126,7 @@ class _StreamReading:
 
     def resumeProducing(self) -> None:
         self._request.reading_paused = False
+        self._request.progress()  # the upstream took what it had: the wait is the client's again from now
         self._connection.ack(self._request)
         self._connection.flush()
 
@@ -173,6 +174,22 @@ class H2Request:
         self._no_body = False
         self._trailers: list[tuple[bytes, bytes]] = []
         self._notify: list[Callable[[Failure | None], None]] = []
+        self.last_progress = connection.reactor.seconds()  # a DATA byte in or out, a head out, or the upstream taking the body
+
+    def progress(self) -> None:
+        self.last_progress = self.connection.reactor.seconds()
+
+    @property
+    def waiting_on_client(self) -> bool:
+        """
+        Whether the stream can only move if the client does something: send more of a body the gateway is
+        ready to read (not paused for the upstream), or open its window for response bytes waiting to go.
+        """
+        if self.ended or self.disconnected:
+            return False
+        if self.body is not None and not self.client_ended and not self.discard_body and not self.reading_paused:
+            return True
+        return bool(self.out) or self.end_pending
 
     @property
     def path(self) -> bytes:
@@ -260,6 +277,8 @@ class H2Request:
         if not self.startedWriting:
             self.connection.send_headers(self, self._head(), end_stream=False)
         if not self._no_body:
+            if not self.out:
+                self.progress()  # the wait for the client's window (if any) starts now
             self.out.append(data)
             self.out_size += len(data)
             self.connection.pump(self)
@@ -455,12 +474,29 @@ class H2ServerProtocol(Protocol):
     # --- timers ---------------------------------------------------------------------------------
 
     def _idle_check(self) -> None:
+        """
+        The connection: no byte either way for C{idle_timeout}, GOAWAY.  Each stream: waiting on the client
+        (L{H2Request.waiting_on_client}) with no progress for C{idle_timeout}, RST_STREAM CANCEL, whatever else
+        the connection carries (PINGs, other streams): one connection must not hold 100 stalled requests open.
+        """
         self._idle_timer = None
-        idle = self.reactor.seconds() - self._last_activity
-        if idle < self.limits.idle_timeout:
-            self._idle_timer = self.reactor.callLater(self.limits.idle_timeout - idle, self._idle_check)
+        timeout = self.limits.idle_timeout
+        now = self.reactor.seconds()
+        idle = now - self._last_activity
+        if idle >= timeout:
+            self.go_away(ErrorCodes.NO_ERROR, f"idle for {timeout:g}s")
             return
-        self.go_away(ErrorCodes.NO_ERROR, f"idle for {self.limits.idle_timeout:g}s")
+        next_check = timeout - idle
+        for request in list(self.streams.values()):
+            if not request.waiting_on_client:
+                continue
+            stalled = now - request.last_progress
+            if stalled >= timeout:
+                self.reset(request, ErrorCodes.CANCEL, f"no progress from the client on this stream for {timeout:g}s")
+            else:
+                next_check = min(next_check, timeout - stalled)
+        if not self.closed:
+            self._idle_timer = self.reactor.callLater(next_check, self._idle_check)
 
     # --- input ----------------------------------------------------------------------------------
 
@@ -579,6 +615,9 @@ class H2ServerProtocol(Protocol):
         if authority is not None and not headers.hasHeader(b"host"):
             headers.setRawHeaders(b"host", [authority])  # h2 has refused a Host that differs from :authority
         method = pseudo.get(b":method", b"")
+        why = method_problem(method)
+        if why is not None:  # as the HTTP/1.1 engine refuses it, before the proxy (an upstream client would only fail it as a 502)
+            problem = problem or (400, why)
         uri = pseudo.get(b":path") or (authority or b"")  # CONNECT has no :path
         has_body = event.stream_ended is None
         expect = headers.getRawHeaders(b"expect")
@@ -611,6 +650,7 @@ class H2ServerProtocol(Protocol):
         if request is None or request.body is None or request.discard_body or request.disconnected:
             self._ack_bytes(event.stream_id, size)
             return
+        request.progress()
         request.unacked += size
         request.body.write(event.data)
         if not request.reading_paused:
@@ -647,6 +687,7 @@ class H2ServerProtocol(Protocol):
             return
         try:
             self.conn.send_headers(request.stream_id, fields, end_stream=end_stream)
+            request.progress()
         except ProtocolError as e:
             log.warn("could not send the response head of stream {stream}: {error}", stream=request.stream_id, error=str(e))
             self.reset(request, ErrorCodes.INTERNAL_ERROR, "bad response head")
@@ -674,6 +715,7 @@ class H2ServerProtocol(Protocol):
                     chunk = chunk[:room]
                 request.out_size -= len(chunk)
                 conn.send_data(stream_id, chunk)
+                request.progress()
             if not request.out and request.end_pending:
                 request.end_pending = False
                 trailers = request.end_with_trailers()
