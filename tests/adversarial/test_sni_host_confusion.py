@@ -16,6 +16,7 @@ an authority naming a TCP route is a 404.
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -101,3 +102,31 @@ def test_offering_h2_on_the_tcp_routes_name_never_gets_http(gateway, pki, upstre
     sock.close()
     assert reply == PREFACE  # the counting upstream echoes: the bytes went through as bytes
     assert upstream.accepted == 1
+
+
+@pytest.mark.needs("openssl")
+@pytest.mark.parametrize("name", ["echo.test", "localhost"])
+def test_client_initiated_renegotiation_is_refused_so_the_sni_cannot_be_switched_midway(gateway, pki, upstream, name):
+    """TLS 1.2 renegotiation would be a second handshake (another SNI, another certificate) inside a connection already dispatched."""
+    proc = subprocess.Popen(
+        ["openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{gateway.port}", "-servername", name, "-CAfile", pki["ca"],
+         "-cert", pki["bob"][0], "-key", pki["bob"][1], "-legacy_renegotiation"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        seen = b""
+        while b"Verify return code" not in seen:  # the first handshake is done (s_client prints the session then)
+            line = proc.stdout.readline()
+            assert line, seen
+            seen += line
+        proc.stdin.write(b"R\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (seen + out).decode("latin-1")
+    assert "RENEGOTIATING" in text
+    assert "no renegotiation" in text and text.count("Verify return code") == 1, text[-2000:]  # the server's no_renegotiation alert
