@@ -26,7 +26,8 @@ value (400 on the stream).  And it bounds what an HTTP/2 client can make a serve
   takes it, so a slow upstream stops the client at its stream window (64 KiB), and the connection's
   window (1 MiB) bounds what one connection can make the gateway hold; a response body waits for the
   client's window, and its upstream is paused while it waits;
-- the idle timeout (no byte either way for C{idle_timeout}: GOAWAY, closed), as HTTP/1.1's;
+- the idle timeout: no stream open for C{idle_timeout} (PINGs do not count), GOAWAY, closed; a stream waiting on the
+  client (its body, or its window for the response) without progress for C{idle_timeout}, RST_STREAM CANCEL;
 - L{H2ServerFactory.drain} (SIGTERM): GOAWAY NO_ERROR with the last stream taken; streams in flight
   finish, new ones are refused, and the connection closes when the last is done.
 """
@@ -400,7 +401,6 @@ class H2ServerProtocol(Protocol):
     def flush(self) -> None:
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.closed:
-            self._last_activity = self.reactor.seconds()
             self.transport.write(data)
 
     def _peer(self) -> str:
@@ -475,18 +475,22 @@ class H2ServerProtocol(Protocol):
 
     def _idle_check(self) -> None:
         """
-        The connection: no byte either way for C{idle_timeout}, GOAWAY.  Each stream: waiting on the client
-        (L{H2Request.waiting_on_client}) with no progress for C{idle_timeout}, RST_STREAM CANCEL, whatever else
-        the connection carries (PINGs, other streams): one connection must not hold 100 stalled requests open.
+        The connection: no stream open for C{idle_timeout} (since the last one started or ended), GOAWAY; PING,
+        SETTINGS, WINDOW_UPDATE and a header block that never ends do not keep it.  Each stream: waiting on the
+        client (L{H2Request.waiting_on_client}) with no progress for C{idle_timeout}, RST_STREAM CANCEL, whatever
+        else the connection carries (PINGs, other streams): one connection must not hold 100 stalled requests open.
+        A stream waiting on its upstream is bounded by the route's timeout instead.
         """
         self._idle_timer = None
         timeout = self.limits.idle_timeout
         now = self.reactor.seconds()
-        idle = now - self._last_activity
-        if idle >= timeout:
-            self.go_away(ErrorCodes.NO_ERROR, f"idle for {timeout:g}s")
-            return
-        next_check = timeout - idle
+        next_check = timeout
+        if not self.streams:
+            idle = now - self._last_activity
+            if idle >= timeout:
+                self.go_away(ErrorCodes.NO_ERROR, f"no stream for {timeout:g}s")
+                return
+            next_check = timeout - idle
         for request in list(self.streams.values()):
             if not request.waiting_on_client:
                 continue
@@ -501,7 +505,6 @@ class H2ServerProtocol(Protocol):
     # --- input ----------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._last_activity = self.reactor.seconds()
         if self.closed:
             return
         try:
@@ -582,6 +585,7 @@ class H2ServerProtocol(Protocol):
 
     def _request_received(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
+        self._last_activity = self.reactor.seconds()
         self._headers_priority = event.priority_updated  # h2 lists it as an event of its own next
         self._opened += 1
         if self.draining:
@@ -658,6 +662,7 @@ class H2ServerProtocol(Protocol):
 
     def _stream_reset(self, event: StreamReset) -> None:
         request = self.streams.pop(event.stream_id, None)
+        self._last_activity = self.reactor.seconds()
         if request is None:
             self._control_frame()  # RST_STREAM for a stream already done: nothing to stop, only a cost
             return
@@ -749,6 +754,7 @@ class H2ServerProtocol(Protocol):
     def _done(self, request: H2Request) -> None:
         if self.streams.get(request.stream_id) is request:
             del self.streams[request.stream_id]
+            self._last_activity = self.reactor.seconds()
         self._ack_bytes(request.stream_id, request.unacked)
         request.unacked = 0
         self._maybe_finish_draining()
@@ -761,7 +767,8 @@ class H2ServerProtocol(Protocol):
                 self.conn.reset_stream(request.stream_id, code)
             except ProtocolError:
                 pass
-        self.streams.pop(request.stream_id, None)
+        if self.streams.pop(request.stream_id, None) is not None:
+            self._last_activity = self.reactor.seconds()
         self._ack_bytes(request.stream_id, request.unacked)
         request.unacked = 0
         request.connection_lost(Failure(ConnectionLostBeforeResponse(why)))

@@ -80,3 +80,31 @@ def test_a_slow_but_steady_upload_is_served(gateway, pki):
             c.flush()
             c.dawdle(IDLE / 2)
         assert c.response(sid).status == 200
+
+
+def test_a_connection_without_streams_is_not_kept_open_by_pings(gateway, pki):
+    with H2Client(gateway.port, pki) as c:
+        assert c.response(c.request("GET", "/first")).status == 200
+        _keep_pinging(c, lambda: c.goaway is not None, 8 * IDLE)
+        assert c.goaway is not None and c.goaway.error_code == ErrorCodes.NO_ERROR, "PINGs held an idle connection open"
+
+
+def test_a_header_block_trickled_in_continuation_frames_is_cut_off(gateway, pki):
+    """HEADERS without END_HEADERS, then a CONTINUATION frame every IDLE/2: no request ever starts, the connection must end."""
+    from hpack import Encoder
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+    block = Encoder().encode([(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"localhost"), (b":path", b"/trickle")])
+    with H2Client(gateway.port, pki) as c:
+        c.ping()
+        c.send_raw(HeadersFrame(1, data=block).serialize())  # no END_HEADERS flag
+        deadline = time.monotonic() + 16 * IDLE
+        frames = 0
+        while time.monotonic() < deadline and not c.closed and frames < 60:
+            try:
+                c.send_raw(ContinuationFrame(1, data=Encoder().encode([(b"x-pad", b"y")])).serialize())
+            except OSError:
+                break
+            frames += 1
+            c.dawdle(IDLE / 2)
+        assert c.closed or c.goaway is not None, f"{frames} CONTINUATION frames over {frames * IDLE / 2:g}s kept a header block open"

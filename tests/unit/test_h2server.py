@@ -453,9 +453,11 @@ def test_the_idle_timeout_ends_the_connection_with_goaway():
     assert peer.transport.disconnecting
 
 
-def _ping_for(peer: Peer, seconds: float) -> None:
-    """PINGs every second: the connection is never idle."""
+def _ping_for(peer: Peer, seconds: float, until: Any = lambda: False) -> None:
+    """PINGs every second (bytes both ways) for C{seconds}, or until C{until()}."""
     for _ in range(int(seconds)):
+        if until():
+            break
         peer.client.ping(b"12345678")
         peer.pump()
         peer.reactor.advance(1)
@@ -471,10 +473,12 @@ def test_a_stream_whose_body_stalls_is_reset_though_pings_keep_the_connection_bu
     peer.client.send_data(stalled, b"x")
     _ping_for(peer, 4)
     assert not peer.of(StreamReset, stalled)  # progress 4 s ago
-    _ping_for(peer, 8)
+    _ping_for(peer, 8, until=lambda: peer.of(StreamReset, stalled))
     assert [e.error_code for e in peer.of(StreamReset, stalled)] == [ErrorCodes.CANCEL]
     assert request.disconnected  # the proxy is told: it cancels the upstream request
-    assert peer.goaway() is None and not peer.transport.disconnecting
+    assert peer.goaway() is None and not peer.transport.disconnecting  # the stream goes, not the connection
+    _ping_for(peer, 6, until=lambda: peer.goaway())  # then no stream is left: PINGs do not keep the connection
+    assert peer.goaway() is not None and peer.goaway().error_code == ErrorCodes.NO_ERROR
 
 
 def test_a_stream_whose_response_waits_for_a_window_never_opened_is_reset():
@@ -485,7 +489,7 @@ def test_a_stream_whose_response_waits_for_a_window_never_opened_is_reset():
     request = peer.requests[0]
     request.registerProducer(Producer(), True)
     request.write(b"z" * 5000)
-    _ping_for(peer, 12)
+    _ping_for(peer, 12, until=lambda: peer.of(StreamReset, sid))
     assert [e.error_code for e in peer.of(StreamReset, sid)] == [ErrorCodes.CANCEL]
 
 
@@ -497,6 +501,27 @@ def test_streams_waiting_on_the_upstream_are_not_the_idle_timeouts():
     peer.fill(paused)  # buffered and not taken: the upstream is slow, reading is paused
     _ping_for(peer, 20)
     assert not peer.of(StreamReset, no_body) and not peer.of(StreamReset, paused)
+
+
+def test_pings_and_an_unfinished_header_block_do_not_keep_a_connection_without_streams():
+    peer = Peer(limits=Limits(idle_timeout=5))
+    sid = peer.get()
+    peer.pump()
+    _respond(peer.requests[0])
+    peer.requests[0].finish()
+    peer.pump()
+    assert peer.of(StreamEnded, sid)
+    _ping_for(peer, 4)
+    assert peer.goaway() is None
+    _ping_for(peer, 4, until=lambda: peer.goaway())
+    assert peer.goaway() is not None and peer.goaway().error_code == ErrorCodes.NO_ERROR
+    trickle = Peer(limits=Limits(idle_timeout=5))
+    trickle.pump()
+    trickle.server.dataReceived(HeadersFrame(1, data=trickle.client.encoder.encode([(b":method", b"GET"), (b":path", b"/")])).serialize())
+    for _ in range(8):
+        trickle.server.dataReceived(ContinuationFrame(1, data=b"").serialize())
+        trickle.reactor.advance(1)
+    assert trickle.transport.disconnecting
 
 
 def _frames(peer: Peer) -> list[Any]:
