@@ -73,3 +73,17 @@ def test_a_reload_that_refuses_a_client_applies_to_the_next_stream_of_its_open_c
         assert kept.status == 200 and _uris(bytes(kept.body)) == [BOB]
     lines = [line for line in gateway.proc.output().splitlines() if "/after-reload HTTP/2" in line]
     assert any(" 403 " in line and "upstream=- " in line for line in lines)
+
+
+def test_identity_in_request_trailers_never_reaches_the_upstream(start_gateway, pki, echo_upstream, tmp_path):
+    """Request trailers are dropped (as the HTTP/1.1 engine drops chunked trailers): an XFCC there is nobody's."""
+    gateway, _ = _start(start_gateway, pki, echo_upstream, tmp_path, [ALICE, BOB])
+    with H2Client(gateway.port, pki, "alice") as c:
+        sid = c.request("POST", "/trailers", body=b"hello", end=False)
+        c.conn.send_headers(sid, [(b"x-forwarded-client-cert", b"URI=" + BOB.encode()), (b"x-real-ip", b"10.0.0.1")], end_stream=True)
+        c.flush()
+        stream = c.response(sid)
+    assert stream.status == 200
+    echoed = json.loads(bytes(stream.body))
+    assert _uris(bytes(stream.body)) == [ALICE]
+    assert "x-real-ip" not in echoed["headers"] and echoed["body_bytes"] == 5
