@@ -734,3 +734,26 @@ def test_request_bodies_held_for_one_connection_stay_within_its_window():
     held = sum(r.body.received for r in peer.requests)
     assert peer.client.outbound_flow_control_window == 0
     assert held == h2server._CONNECTION_WINDOW
+
+
+def test_a_request_body_in_tiny_pieces_is_held_at_about_its_size_and_relayed_in_order():
+    import tracemalloc
+
+    from mtlsgate.http.body import RequestBody
+
+    pieces = [bytes([65 + i % 26, 97 + i % 26]) for i in range(32767)] + [b"L" * 70000, b"z"]
+    body = RequestBody(Producer(), None, high_water=0, low_water=1)
+    tracemalloc.start()
+    try:
+        for piece in pieces[:-2]:
+            body.write(piece)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * 65534  # one object per 2-byte piece would be some 1.5 MB
+    body.write(pieces[-2])
+    body.write(pieces[-1])
+    consumer = Consumer()
+    body.finish()
+    body.startProducing(consumer)
+    assert consumer.data == b"".join(pieces)
