@@ -77,6 +77,7 @@ FLOOD_WINDOW = 10.0
 _STREAM_WINDOW = 65535  # SETTINGS_INITIAL_WINDOW_SIZE (the protocol's default): a request body buffers at most this per stream
 _CONNECTION_WINDOW = 16 * 65536  # the connection's receive window: request body bytes held per connection at most
 _OUT_HIGH_WATER = 65536  # response bytes waiting for a stream's window before its upstream is paused
+_COALESCE_BELOW = 16 * 1024  # response pieces smaller than this are joined while they wait for the window
 _ABORT_TIMEOUT = 15.0
 _CONNECTION_SPECIFIC = HOP_BY_HOP | {b"proxy-connection"}
 _NO_BODY_CODES = frozenset([204, 304])
@@ -169,7 +170,7 @@ class H2Request:
         self.unacked = 0  # flow-controlled bytes received and not yet acknowledged
         self.producer: Any = None
         self.producer_paused = False
-        self.out: collections.deque[bytes] = collections.deque()
+        self.out: collections.deque[bytes | bytearray] = collections.deque()
         self.out_size = 0
         self.end_pending = False
         self._no_body = False
@@ -280,7 +281,13 @@ class H2Request:
         if not self._no_body:
             if not self.out:
                 self.progress()  # the wait for the client's window (if any) starts now
-            self.out.append(data)
+            last = self.out[-1] if self.out else None
+            if last is not None and len(last) < _COALESCE_BELOW:
+                if not isinstance(last, bytearray):
+                    last = self.out[-1] = bytearray(last)
+                last += data  # small writes (an upstream's tiny chunks) wait at about their size, not one object each
+            else:
+                self.out.append(data)
             self.out_size += len(data)
             self.connection.pump(self)
 
@@ -719,7 +726,7 @@ class H2ServerProtocol(Protocol):
                     request.out[0] = chunk[room:]
                     chunk = chunk[:room]
                 request.out_size -= len(chunk)
-                conn.send_data(stream_id, chunk)
+                conn.send_data(stream_id, bytes(chunk) if isinstance(chunk, bytearray) else chunk)
                 request.progress()
             if not request.out and request.end_pending:
                 request.end_pending = False

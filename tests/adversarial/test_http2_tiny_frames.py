@@ -5,7 +5,9 @@ that holds; measured in memory, a body sent as 2-byte DATA frames used to be hel
 object per frame (about 24 times its size), so a connection's window became tens of megabytes.  The
 client sends 16 streams' windows in 2-byte frames to a route whose upstream never takes the body
 (it accepts TCP and never finishes TLS, so every byte waits in the gateway), and the gateway's VmRSS
-must grow by little more than the window.
+must grow by little more than the window.  The same for responses: an upstream writing its body in
+1-byte chunks to streams whose client never opens its window made each waiting byte an object of
+its own in the stream's queue.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import socket
 
 import pytest
 import yaml
+from h2.settings import SettingCodes
 
 from tests.conftest import free_port, gateway_config
 from tests.h2peer import H2Client
+from tests.tcp_peers import CountingUpstream, tls_upstream_context
 
 STREAMS = 16
+RESPONSES = 32
 FRAME_DATA = b"ab"
 
 
@@ -64,3 +69,46 @@ def test_a_window_sent_in_two_byte_frames_costs_about_a_window_of_memory(gateway
         grown = rss_kib(pid) - before
         assert c.goaway is None
     assert grown * 1024 < 4 * held + 4 * 1024 * 1024, f"{held} bytes of body held cost {grown} KiB"
+
+
+class TinyChunksUpstream(CountingUpstream):
+    """An HTTP/1.1 upstream whose response body comes in 1-byte chunks (as an event stream's small writes do)."""
+
+    def serve(self, conn) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            head += chunk
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * 100_000 + b"0\r\n\r\n")
+        while conn.recv(65536):
+            pass
+
+
+@pytest.fixture
+def tiny_chunks_gateway(start_gateway, pki, tmp_path):
+    upstream = TinyChunksUpstream(tls_upstream_context(pki))
+    port = free_port()
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{upstream.port}"], {"timeout": "120s"})
+    path = tmp_path / "gw-tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    yield start_gateway(["--config", str(path)], port=port)
+    upstream.stop()
+
+
+def test_responses_waiting_for_a_shut_window_in_tiny_pieces_cost_about_their_size(tiny_chunks_gateway, pki):
+    pid = tiny_chunks_gateway.proc.popen.pid
+    with H2Client(tiny_chunks_gateway.port, pki, auto_ack=False) as warm:
+        warm.ping()
+    before = rss_kib(pid)
+    with H2Client(tiny_chunks_gateway.port, pki, auto_ack=False, timeout=120) as c:
+        c.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})  # every response byte has to wait in the gateway
+        c.flush()
+        ids = [c.request("GET", f"/tiny/{i}") for i in range(RESPONSES)]
+        c.read(lambda: all(c.streams[sid].status is not None for sid in ids))
+        c.ping()
+        grown = rss_kib(pid) - before
+        assert c.goaway is None
+    held = RESPONSES * 100_000  # at most each body, whole: a producer is paused once 64 KiB wait
+    assert grown * 1024 < 2 * held + 4 * 1024 * 1024, f"{RESPONSES} responses waiting in 1-byte pieces cost {grown} KiB"
