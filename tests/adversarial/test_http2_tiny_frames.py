@@ -13,7 +13,11 @@ its own in the stream's queue.
 from __future__ import annotations
 
 import socket
+import threading
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import yaml
 from h2.settings import SettingCodes
@@ -24,6 +28,8 @@ from tests.tcp_peers import CountingUpstream, tls_upstream_context
 
 STREAMS = 16
 RESPONSES = 32
+UPSTREAM_STREAMS = 4
+UPSTREAM_FRAMES = 96 * 1024  # 192 KiB a stream in 2-byte frames: 64 KiB wait in the client's queue, the rest in the upstream stream's
 FRAME_DATA = b"ab"
 
 
@@ -112,3 +118,61 @@ def test_responses_waiting_for_a_shut_window_in_tiny_pieces_cost_about_their_siz
         assert c.goaway is None
     held = RESPONSES * 100_000  # at most each body, whole: a producer is paused once 64 KiB wait
     assert grown * 1024 < 2 * held + 4 * 1024 * 1024, f"{RESPONSES} responses waiting in 1-byte pieces cost {grown} KiB"
+
+
+class TinyFramesH2Upstream(CountingUpstream):
+    """An HTTP/2 upstream (TLS, ALPN h2) answering each stream with UPSTREAM_FRAMES 2-byte DATA frames, written raw."""
+
+    def __init__(self, tls) -> None:
+        self.sent = 0
+        self.all_sent = threading.Event()
+        super().__init__(tls)
+
+    def serve(self, conn) -> None:
+        h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        h2conn.initiate_connection()
+        conn.sendall(h2conn.data_to_send())
+        while data := conn.recv(65536):
+            for event in h2conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    h2conn.send_headers(event.stream_id, [(b":status", b"200"), (b"content-type", b"text/plain")])
+                    conn.sendall(h2conn.data_to_send())
+                    frame = b"\x00\x00\x02\x00\x00" + event.stream_id.to_bytes(4, "big") + FRAME_DATA
+                    conn.sendall(frame * UPSTREAM_FRAMES)  # within the gateway's 256 KiB stream window; never ended
+                    self.sent += 1
+                    if self.sent == UPSTREAM_STREAMS:
+                        self.all_sent.set()
+            conn.sendall(h2conn.data_to_send())
+
+
+@pytest.fixture
+def tiny_frames_upstream(pki):
+    ctx = tls_upstream_context(pki)
+    ctx.set_alpn_protocols(["h2"])
+    upstream = TinyFramesH2Upstream(ctx)
+    yield upstream
+    upstream.stop()
+
+
+def test_an_http2_upstreams_tiny_frames_kept_for_a_paused_stream_cost_about_their_size(start_gateway, pki, tmp_path, tiny_frames_upstream):
+    port = free_port()
+    route = {"timeout": "120s", "upstream_protocol": "http2"}
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{tiny_frames_upstream.port}"], route)
+    path = tmp_path / "gw-h2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gateway = start_gateway(["--config", str(path)], port=port)
+    pid = gateway.proc.popen.pid
+    with H2Client(gateway.port, pki, auto_ack=False) as warm:
+        warm.ping()
+    before = rss_kib(pid)
+    with H2Client(gateway.port, pki, auto_ack=False, timeout=120) as c:
+        c.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})  # nothing leaves the gateway: past 64 KiB the upstream's stream is paused
+        c.flush()
+        ids = [c.request("GET", f"/tiny/{i}") for i in range(UPSTREAM_STREAMS)]
+        c.read(lambda: all(c.streams[sid].status is not None for sid in ids))
+        # the upstream's sendall returns once the gateway has read all but a socket buffer of its frames
+        assert tiny_frames_upstream.all_sent.wait(60)
+        c.ping()
+        grown = rss_kib(pid) - before
+    held = UPSTREAM_STREAMS * UPSTREAM_FRAMES * len(FRAME_DATA)
+    assert grown * 1024 < 2 * held + 4 * 1024 * 1024, f"{held} bytes kept for paused streams cost {grown} KiB"
