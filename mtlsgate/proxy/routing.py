@@ -29,7 +29,7 @@ def normalize_host(host: str) -> str:
 
 
 # name[:port] (letters, digits, '-', '.', '_'), an IP literal in brackets with an optional port, or empty (RFC 9112 3.2).
-_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]{1,5})?\Z")
+_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\]|[A-Za-z0-9._-]*)(?::[0-9]{1,5})?\Z")  # an IPv6 literal has a colon
 
 
 def host_problem(raw: bytes) -> str | None:
