@@ -113,7 +113,7 @@ def test_malformed_pseudo_header_blocks_are_refused(two_routes, pki, fields):
 
 @pytest.mark.parametrize(
     "authority, expected",
-    [(b"localhost:443", 200), (b"LOCALHOST", 200), (b"localhost.", 200), (b"bob@localhost", 404), (b"localhost@other", 404), (b"other", 404)],
+    [(b"localhost:443", 200), (b"LOCALHOST", 200), (b"localhost.", 200), (b"bob@localhost", 400), (b"localhost@other", 400), (b"other", 404)],
 )
 def test_authority_spellings_route_as_host_does_over_http11(two_routes, pki, authority, expected):
     status, body = h2_get(two_routes.port, pki, "alice", b"/x", authority=authority)
