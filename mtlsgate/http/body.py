@@ -5,6 +5,7 @@ on the client connection, and bounded by the route's C{max_body_size}.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -14,6 +15,9 @@ from zope.interface import implementer
 
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
+#: Pieces smaller than this are joined while they wait: an HTTP/2 client sending its window in 1- or 2-byte DATA frames
+#: would otherwise make the gateway hold one Python object per frame (some 24 times the bytes: tests/adversarial/test_http2_tiny_frames.py).
+_COALESCE_BELOW = 16 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -34,7 +38,7 @@ class RequestBody:
         self._low_water = low_water
         self._network = network
         self._network_paused = False
-        self._chunks: list[bytes] = []
+        self._chunks: collections.deque[bytes | bytearray] = collections.deque()
         self._buffered = 0
         self._consumer: Any = None
         self._paused = False
@@ -66,7 +70,13 @@ class RequestBody:
         if self._consumer is not None and not self._paused and not self._chunks:
             self._consumer.write(data)
             return
-        self._chunks.append(data)
+        last = self._chunks[-1] if self._chunks else None
+        if last is not None and len(last) < _COALESCE_BELOW:
+            if not isinstance(last, bytearray):
+                last = self._chunks[-1] = bytearray(last)
+            last += data  # amortised: held bytes cost about their size, however small the pieces came
+        else:
+            self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > self._high_water and not self._network_paused:
             self._network_paused = True
@@ -117,9 +127,9 @@ class RequestBody:
 
     def _flush(self) -> None:
         while self._chunks and self._consumer is not None and not self._paused:
-            chunk = self._chunks.pop(0)
+            chunk = self._chunks.popleft()
             self._buffered -= len(chunk)
-            self._consumer.write(chunk)
+            self._consumer.write(bytes(chunk) if isinstance(chunk, bytearray) else chunk)
         if self._buffered < self._low_water:
             self._resume_network()
         if self.complete and not self._chunks and self._done is not None and not self.stopped:

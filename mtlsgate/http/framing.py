@@ -69,6 +69,11 @@ def request_line_form_problem(line: bytes) -> str | None:
     return None
 
 
+def method_problem(method: bytes) -> str | None:
+    """Why a method (HTTP/2's C{:method}, which HPACK lets hold any byte) is not what a request line may carry: a token; or None."""
+    return None if _TOKEN.match(method) else "the method is not a token"
+
+
 def header_field_problem(name: bytes, value: bytes) -> str | None:
     """
     Why a header field (C{value} without its surrounding whitespace) must be refused, or None.  Names

@@ -14,6 +14,7 @@ before the body protocol's C{connectionLost(ResponseDone)}.  The design is in do
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import attrs
@@ -46,6 +47,7 @@ MAX_STREAMS_PER_CONNECTION = 100  # the gateway's own cap, below whatever the up
 STREAM_WINDOW = 256 * 1024  # bytes an upstream may send on one stream before the gateway's client consumed them
 CONNECTION_WINDOW = 16 * 1024 * 1024  # the same for the whole connection
 _LAST_STREAM_ID = 2**31 - 1
+_COALESCE_BELOW = 16 * 1024  # body pieces kept for a paused stream are joined below this size (tiny DATA frames)
 _NO_BODY_STATUS = frozenset([204, 304])
 # Never sent on HTTP/2 (RFC 9113 8.2.2), nor the framing the client does itself; `te` only as `te: trailers`.
 _CONNECTION_SPECIFIC = frozenset(
@@ -120,7 +122,7 @@ class H2Response:
         self.length = length
         self.trailers: list[tuple[bytes, bytes]] = []
         self._protocol: Any = None
-        self._buffer: list[tuple[bytes, int]] = []  # (data, flow-controlled length) not yet handed to the protocol
+        self._buffer: collections.deque[tuple[bytes | bytearray, int]] = collections.deque()  # (data, flow-controlled length) not yet handed on
         self._paused = False
         self._end: Failure | None = None
         self.finished = False
@@ -140,7 +142,13 @@ class H2Response:
         if self._end is not None or self.finished:
             return
         if self._protocol is None or self._paused or self._buffer:
-            self._buffer.append((data, flow_length))
+            last = self._buffer[-1] if self._buffer else None
+            if last is not None and len(last[0]) < _COALESCE_BELOW:
+                kept = last[0] if isinstance(last[0], bytearray) else bytearray(last[0])
+                kept += data  # tiny DATA frames are kept at about their size, not one object each
+                self._buffer[-1] = (kept, last[1] + flow_length)
+            else:
+                self._buffer.append((data, flow_length))
             return
         self._protocol.dataReceived(data)
         self._consumed(flow_length)
@@ -165,9 +173,9 @@ class H2Response:
         if protocol is None or self.finished:
             return
         while self._buffer and not self._paused and not self.finished:
-            data, flow_length = self._buffer.pop(0)
+            data, flow_length = self._buffer.popleft()
             if data:
-                protocol.dataReceived(data)
+                protocol.dataReceived(bytes(data) if isinstance(data, bytearray) else data)
             self._consumed(flow_length)
         if self._end is not None and not self._buffer and not self.finished:
             self.finished = True

@@ -26,7 +26,8 @@ value (400 on the stream).  And it bounds what an HTTP/2 client can make a serve
   takes it, so a slow upstream stops the client at its stream window (64 KiB), and the connection's
   window (1 MiB) bounds what one connection can make the gateway hold; a response body waits for the
   client's window, and its upstream is paused while it waits;
-- the idle timeout (no byte either way for C{idle_timeout}: GOAWAY, closed), as HTTP/1.1's;
+- the idle timeout: no stream open for C{idle_timeout} (PINGs do not count), GOAWAY, closed; a stream waiting on the
+  client (its body, or its window for the response) without progress for C{idle_timeout}, RST_STREAM CANCEL;
 - L{H2ServerFactory.drain} (SIGTERM): GOAWAY NO_ERROR with the last stream taken; streams in flight
   finish, new ones are refused, and the connection closes when the last is done.
 """
@@ -57,7 +58,7 @@ from zope.interface import implementer
 
 from mtlsgate.config.model import Limits
 from mtlsgate.http.body import RequestBody
-from mtlsgate.http.framing import header_field_problem
+from mtlsgate.http.framing import header_field_problem, method_problem
 from mtlsgate.http.headers import HOP_BY_HOP, sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IGatewayRequest
 from mtlsgate.http.server import ConnectionLostBeforeResponse, _dates
@@ -76,6 +77,7 @@ FLOOD_WINDOW = 10.0
 _STREAM_WINDOW = 65535  # SETTINGS_INITIAL_WINDOW_SIZE (the protocol's default): a request body buffers at most this per stream
 _CONNECTION_WINDOW = 16 * 65536  # the connection's receive window: request body bytes held per connection at most
 _OUT_HIGH_WATER = 65536  # response bytes waiting for a stream's window before its upstream is paused
+_COALESCE_BELOW = 16 * 1024  # response pieces smaller than this are joined while they wait for the window
 _ABORT_TIMEOUT = 15.0
 _CONNECTION_SPECIFIC = HOP_BY_HOP | {b"proxy-connection"}
 _NO_BODY_CODES = frozenset([204, 304])
@@ -126,6 +128,7 @@ class _StreamReading:
 
     def resumeProducing(self) -> None:
         self._request.reading_paused = False
+        self._request.progress()  # the upstream took what it had: the wait is the client's again from now
         self._connection.ack(self._request)
         self._connection.flush()
 
@@ -167,12 +170,28 @@ class H2Request:
         self.unacked = 0  # flow-controlled bytes received and not yet acknowledged
         self.producer: Any = None
         self.producer_paused = False
-        self.out: collections.deque[bytes] = collections.deque()
+        self.out: collections.deque[bytes | bytearray] = collections.deque()
         self.out_size = 0
         self.end_pending = False
         self._no_body = False
         self._trailers: list[tuple[bytes, bytes]] = []
         self._notify: list[Callable[[Failure | None], None]] = []
+        self.last_progress = connection.reactor.seconds()  # a DATA byte in or out, a head out, or the upstream taking the body
+
+    def progress(self) -> None:
+        self.last_progress = self.connection.reactor.seconds()
+
+    @property
+    def waiting_on_client(self) -> bool:
+        """
+        Whether the stream can only move if the client does something: send more of a body the gateway is
+        ready to read (not paused for the upstream), or open its window for response bytes waiting to go.
+        """
+        if self.ended or self.disconnected:
+            return False
+        if self.body is not None and not self.client_ended and not self.discard_body and not self.reading_paused:
+            return True
+        return bool(self.out) or self.end_pending
 
     @property
     def path(self) -> bytes:
@@ -260,7 +279,15 @@ class H2Request:
         if not self.startedWriting:
             self.connection.send_headers(self, self._head(), end_stream=False)
         if not self._no_body:
-            self.out.append(data)
+            if not self.out:
+                self.progress()  # the wait for the client's window (if any) starts now
+            last = self.out[-1] if self.out else None
+            if last is not None and len(last) < _COALESCE_BELOW:
+                if not isinstance(last, bytearray):
+                    last = self.out[-1] = bytearray(last)
+                last += data  # small writes (an upstream's tiny chunks) wait at about their size, not one object each
+            else:
+                self.out.append(data)
             self.out_size += len(data)
             self.connection.pump(self)
 
@@ -381,7 +408,6 @@ class H2ServerProtocol(Protocol):
     def flush(self) -> None:
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.closed:
-            self._last_activity = self.reactor.seconds()
             self.transport.write(data)
 
     def _peer(self) -> str:
@@ -455,17 +481,37 @@ class H2ServerProtocol(Protocol):
     # --- timers ---------------------------------------------------------------------------------
 
     def _idle_check(self) -> None:
+        """
+        The connection: no stream open for C{idle_timeout} (since the last one started or ended), GOAWAY; PING,
+        SETTINGS, WINDOW_UPDATE and a header block that never ends do not keep it.  Each stream: waiting on the
+        client (L{H2Request.waiting_on_client}) with no progress for C{idle_timeout}, RST_STREAM CANCEL, whatever
+        else the connection carries (PINGs, other streams): one connection must not hold 100 stalled requests open.
+        A stream waiting on its upstream is bounded by the route's timeout instead.
+        """
         self._idle_timer = None
-        idle = self.reactor.seconds() - self._last_activity
-        if idle < self.limits.idle_timeout:
-            self._idle_timer = self.reactor.callLater(self.limits.idle_timeout - idle, self._idle_check)
-            return
-        self.go_away(ErrorCodes.NO_ERROR, f"idle for {self.limits.idle_timeout:g}s")
+        timeout = self.limits.idle_timeout
+        now = self.reactor.seconds()
+        next_check = timeout
+        if not self.streams:
+            idle = now - self._last_activity
+            if idle >= timeout:
+                self.go_away(ErrorCodes.NO_ERROR, f"no stream for {timeout:g}s")
+                return
+            next_check = timeout - idle
+        for request in list(self.streams.values()):
+            if not request.waiting_on_client:
+                continue
+            stalled = now - request.last_progress
+            if stalled >= timeout:
+                self.reset(request, ErrorCodes.CANCEL, f"no progress from the client on this stream for {timeout:g}s")
+            else:
+                next_check = min(next_check, timeout - stalled)
+        if not self.closed:
+            self._idle_timer = self.reactor.callLater(next_check, self._idle_check)
 
     # --- input ----------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._last_activity = self.reactor.seconds()
         if self.closed:
             return
         try:
@@ -546,6 +592,7 @@ class H2ServerProtocol(Protocol):
 
     def _request_received(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
+        self._last_activity = self.reactor.seconds()
         self._headers_priority = event.priority_updated  # h2 lists it as an event of its own next
         self._opened += 1
         if self.draining:
@@ -579,6 +626,9 @@ class H2ServerProtocol(Protocol):
         if authority is not None and not headers.hasHeader(b"host"):
             headers.setRawHeaders(b"host", [authority])  # h2 has refused a Host that differs from :authority
         method = pseudo.get(b":method", b"")
+        why = method_problem(method)
+        if why is not None:  # as the HTTP/1.1 engine refuses it, before the proxy (an upstream client would only fail it as a 502)
+            problem = problem or (400, why)
         uri = pseudo.get(b":path") or (authority or b"")  # CONNECT has no :path
         has_body = event.stream_ended is None
         expect = headers.getRawHeaders(b"expect")
@@ -611,6 +661,7 @@ class H2ServerProtocol(Protocol):
         if request is None or request.body is None or request.discard_body or request.disconnected:
             self._ack_bytes(event.stream_id, size)
             return
+        request.progress()
         request.unacked += size
         request.body.write(event.data)
         if not request.reading_paused:
@@ -618,6 +669,7 @@ class H2ServerProtocol(Protocol):
 
     def _stream_reset(self, event: StreamReset) -> None:
         request = self.streams.pop(event.stream_id, None)
+        self._last_activity = self.reactor.seconds()
         if request is None:
             self._control_frame()  # RST_STREAM for a stream already done: nothing to stop, only a cost
             return
@@ -647,6 +699,7 @@ class H2ServerProtocol(Protocol):
             return
         try:
             self.conn.send_headers(request.stream_id, fields, end_stream=end_stream)
+            request.progress()
         except ProtocolError as e:
             log.warn("could not send the response head of stream {stream}: {error}", stream=request.stream_id, error=str(e))
             self.reset(request, ErrorCodes.INTERNAL_ERROR, "bad response head")
@@ -673,7 +726,8 @@ class H2ServerProtocol(Protocol):
                     request.out[0] = chunk[room:]
                     chunk = chunk[:room]
                 request.out_size -= len(chunk)
-                conn.send_data(stream_id, chunk)
+                conn.send_data(stream_id, bytes(chunk) if isinstance(chunk, bytearray) else chunk)
+                request.progress()
             if not request.out and request.end_pending:
                 request.end_pending = False
                 trailers = request.end_with_trailers()
@@ -707,6 +761,7 @@ class H2ServerProtocol(Protocol):
     def _done(self, request: H2Request) -> None:
         if self.streams.get(request.stream_id) is request:
             del self.streams[request.stream_id]
+            self._last_activity = self.reactor.seconds()
         self._ack_bytes(request.stream_id, request.unacked)
         request.unacked = 0
         self._maybe_finish_draining()
@@ -719,7 +774,8 @@ class H2ServerProtocol(Protocol):
                 self.conn.reset_stream(request.stream_id, code)
             except ProtocolError:
                 pass
-        self.streams.pop(request.stream_id, None)
+        if self.streams.pop(request.stream_id, None) is not None:
+            self._last_activity = self.reactor.seconds()
         self._ack_bytes(request.stream_id, request.unacked)
         request.unacked = 0
         request.connection_lost(Failure(ConnectionLostBeforeResponse(why)))

@@ -32,7 +32,7 @@ from mtlsgate.http.tunnel import Tunnel
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.http.pathnorm import PathRefused, normalize_target
-from mtlsgate.proxy.routing import RouteTable, normalize_host
+from mtlsgate.proxy.routing import RouteTable, host_problem, normalize_host
 from mtlsgate.tls.server import peer_verdict
 from mtlsgate.proxy.upstream import UpstreamGroup
 
@@ -693,6 +693,11 @@ class ProxyResource:
             return
         if len(hosts) > 1 or (not hosts and request.clientproto != b"HTTP/1.0"):
             self._answer(request, peer, "-", 400, "exactly one Host header is required")
+            return
+        why = host_problem(hosts[0]) if hosts else None
+        if why is not None:
+            log.info("refused the Host {host} from {client}: {reason}", host=_loggable(hosts[0]), client=request.getClientAddress().host, reason=why)
+            self._answer(request, peer, "-", 400, why)
             return
         try:
             target = normalize_target(request.uri)

@@ -8,6 +8,7 @@ a request is never sent to the first route by accident.
 
 from __future__ import annotations
 
+import re
 from typing import Generic, Iterable, TypeVar
 
 from mtlsgate.http.pathnorm import PathRefused, normalize_target
@@ -25,6 +26,22 @@ def normalize_host(host: str) -> str:
     if host.count(":") == 1:
         host = host.split(":", 1)[0]
     return host.rstrip(".")
+
+
+# name[:port] (letters, digits, '-', '.', '_'), an IP literal in brackets with an optional port, or empty (RFC 9112 3.2).
+_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\]|[A-Za-z0-9._-]*)(?::[0-9]{1,5})?\Z")  # an IPv6 literal has a colon
+
+
+def host_problem(raw: bytes) -> str | None:
+    """
+    Why a Host (or HTTP/2 :authority) value is refused, or None.  Only C{name[:port]} and C{[IP]:port}
+    forms pass: a list (C{a,b}), userinfo (C{a@b}), a path, whitespace, a second colon or 8-bit bytes
+    would be routed by the gateway as one name while an upstream (which gets the value as X-Forwarded-Host,
+    and as Host with preserve_host_header) could read another out of it.
+    """
+    if _HOST_VALUE.match(raw):
+        return None
+    return "the Host is not a name[:port] or a bracketed IP literal"
 
 
 def prefix_matches(prefix: str, path: str) -> bool:

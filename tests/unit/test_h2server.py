@@ -322,6 +322,20 @@ def test_what_the_http11_engine_refuses_is_a_400_on_the_stream_and_never_handed_
     assert not peer.goaway()
 
 
+@pytest.mark.parametrize("method", [b"GET /admin HTTP/1.1", b"GET\t", b"G(E)T", b"", b"GET\x01"])
+def test_a_method_that_is_not_a_token_is_a_400_on_the_stream_and_never_handed_on(method):
+    peer = Peer()
+    sid = peer.get(method=method)
+    peer.pump()
+    assert not peer.requests
+    if method.endswith(b"\t"):  # surrounding whitespace: h2's own refusal, the connection's end
+        assert peer.goaway() is not None and peer.goaway().error_code == ErrorCodes.PROTOCOL_ERROR
+        return
+    [response] = peer.of(ResponseReceived, sid)
+    assert dict(response.headers)[b":status"] == b"400"
+    assert not peer.goaway()
+
+
 @pytest.mark.parametrize("field", [(b"content-length", b"+3"), (b"content-length", b"3, 3"), (b"X-Upper", b"1"), (b"x-nul", b"a\x00b"),
                                    (b"x-lf", b"a\nb"), (b"x-cr", b"a\rb"), (b"connection", b"close"), (b"transfer-encoding", b"chunked"),
                                    (b"keep-alive", b"5"), (b"upgrade", b"h2c"), (b"te", b"gzip"), (b"x-sp", b" a")])  # fmt: skip
@@ -437,6 +451,77 @@ def test_the_idle_timeout_ends_the_connection_with_goaway():
     peer.pump()
     assert peer.goaway() is not None and peer.goaway().error_code == ErrorCodes.NO_ERROR
     assert peer.transport.disconnecting
+
+
+def _ping_for(peer: Peer, seconds: float, until: Any = lambda: False) -> None:
+    """PINGs every second (bytes both ways) for C{seconds}, or until C{until()}."""
+    for _ in range(int(seconds)):
+        if until():
+            break
+        peer.client.ping(b"12345678")
+        peer.pump()
+        peer.reactor.advance(1)
+    peer.pump()
+
+
+def test_a_stream_whose_body_stalls_is_reset_though_pings_keep_the_connection_busy():
+    peer = Peer(limits=Limits(idle_timeout=5))
+    stalled = peer.get(method=b"POST", end=False)
+    peer.pump()
+    request = peer.requests[0]
+    request.body.startProducing(Consumer())  # the upstream takes the body as it comes: the wait is the client's
+    peer.client.send_data(stalled, b"x")
+    _ping_for(peer, 4)
+    assert not peer.of(StreamReset, stalled)  # progress 4 s ago
+    _ping_for(peer, 8, until=lambda: peer.of(StreamReset, stalled))
+    assert [e.error_code for e in peer.of(StreamReset, stalled)] == [ErrorCodes.CANCEL]
+    assert request.disconnected  # the proxy is told: it cancels the upstream request
+    assert peer.goaway() is None and not peer.transport.disconnecting  # the stream goes, not the connection
+    _ping_for(peer, 6, until=lambda: peer.goaway())  # then no stream is left: PINGs do not keep the connection
+    assert peer.goaway() is not None and peer.goaway().error_code == ErrorCodes.NO_ERROR
+
+
+def test_a_stream_whose_response_waits_for_a_window_never_opened_is_reset():
+    peer = Peer(limits=Limits(idle_timeout=5), client_settings={SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    peer.pump()
+    sid = peer.get()
+    peer.pump()
+    request = peer.requests[0]
+    request.registerProducer(Producer(), True)
+    request.write(b"z" * 5000)
+    _ping_for(peer, 12, until=lambda: peer.of(StreamReset, sid))
+    assert [e.error_code for e in peer.of(StreamReset, sid)] == [ErrorCodes.CANCEL]
+
+
+def test_streams_waiting_on_the_upstream_are_not_the_idle_timeouts():
+    peer = Peer(limits=Limits(idle_timeout=5))
+    no_body = peer.get()  # waiting for its response: the route timeout's business
+    paused = peer.get(method=b"POST", end=False)
+    peer.pump()
+    peer.fill(paused)  # buffered and not taken: the upstream is slow, reading is paused
+    _ping_for(peer, 20)
+    assert not peer.of(StreamReset, no_body) and not peer.of(StreamReset, paused)
+
+
+def test_pings_and_an_unfinished_header_block_do_not_keep_a_connection_without_streams():
+    peer = Peer(limits=Limits(idle_timeout=5))
+    sid = peer.get()
+    peer.pump()
+    _respond(peer.requests[0])
+    peer.requests[0].finish()
+    peer.pump()
+    assert peer.of(StreamEnded, sid)
+    _ping_for(peer, 4)
+    assert peer.goaway() is None
+    _ping_for(peer, 4, until=lambda: peer.goaway())
+    assert peer.goaway() is not None and peer.goaway().error_code == ErrorCodes.NO_ERROR
+    trickle = Peer(limits=Limits(idle_timeout=5))
+    trickle.pump()
+    trickle.server.dataReceived(HeadersFrame(1, data=trickle.client.encoder.encode([(b":method", b"GET"), (b":path", b"/")])).serialize())
+    for _ in range(8):
+        trickle.server.dataReceived(ContinuationFrame(1, data=b"").serialize())
+        trickle.reactor.advance(1)
+    assert trickle.transport.disconnecting
 
 
 def _frames(peer: Peer) -> list[Any]:
@@ -649,3 +734,26 @@ def test_request_bodies_held_for_one_connection_stay_within_its_window():
     held = sum(r.body.received for r in peer.requests)
     assert peer.client.outbound_flow_control_window == 0
     assert held == h2server._CONNECTION_WINDOW
+
+
+def test_a_request_body_in_tiny_pieces_is_held_at_about_its_size_and_relayed_in_order():
+    import tracemalloc
+
+    from mtlsgate.http.body import RequestBody
+
+    pieces = [bytes([65 + i % 26, 97 + i % 26]) for i in range(32767)] + [b"L" * 70000, b"z"]
+    body = RequestBody(Producer(), None, high_water=0, low_water=1)
+    tracemalloc.start()
+    try:
+        for piece in pieces[:-2]:
+            body.write(piece)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * 65534  # one object per 2-byte piece would be some 1.5 MB
+    body.write(pieces[-2])
+    body.write(pieces[-1])
+    consumer = Consumer()
+    body.finish()
+    body.startProducing(consumer)
+    assert consumer.data == b"".join(pieces)

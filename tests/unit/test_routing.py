@@ -2,7 +2,7 @@
 
 import pytest
 
-from mtlsgate.proxy.routing import RouteTable, normalize_host, prefix_matches, request_target_problem
+from mtlsgate.proxy.routing import RouteTable, host_problem, normalize_host, prefix_matches, request_target_problem
 
 
 def table():
@@ -65,3 +65,14 @@ def test_request_targets_that_could_escape_their_prefix_are_refused(target):
 @pytest.mark.parametrize("target", ["/", "/api/x?q=../y", "/a/...b/c", "/.well-known/x", "//a%61b"])
 def test_ordinary_request_targets_pass(target):
     assert request_target_problem(target) is None
+
+
+@pytest.mark.parametrize("raw", [b"a.example.com", b"A.Example.COM:8443", b"a.example.com.", b"x_y.example", b"[::1]", b"[::1]:443", b"127.0.0.1:80", b""])
+def test_host_problem_passes_names_ports_and_ip_literals(raw):
+    assert host_problem(raw) is None
+
+
+@pytest.mark.parametrize("raw", [b"a,b", b"a, b", b"u@a", b"a:1@b", b"a:1:b", b"a;b", b"a b", b"a/b", b"a\\b", b"[a.b]", b"a:x", b"a:-1", b"a:123456",
+                                 b"a%2cb", b"a\tb", b"caf\xc3\xa9.example", b"[::1]x"])  # fmt: skip
+def test_host_problem_refuses_what_an_upstream_could_read_as_another_name(raw):
+    assert host_problem(raw) is not None
