@@ -605,6 +605,11 @@ _NOT_FORWARDED = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
 _ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
+#: How long before the drain's deadline (C{limits.shutdown_timeout}) open WebSocket tunnels are told to go away
+#: (at most half the drain): time for the Close frame to reach the client before the process stops.
+GOING_AWAY_LEAD = 1.0
+
+
 class ProxyResource:
     """
     The gateway's request handler (L{handle}): route by Host and path, authorize the client certificate
@@ -621,15 +626,18 @@ class ProxyResource:
         self.metrics: GatewayMetrics | NoMetrics = metrics if metrics is not None else NoMetrics()  # the open WebSocket tunnels' gauge
         self.in_flight = 0  # requests, and WebSocket tunnels, open
         self.tunnels: set[Tunnel] = set()
-        self.draining = False  # shutting down: a tunnel that opens now is told to go away at once
+        self.draining = False  # shutting down: requests in flight finish, WebSocket tunnels go on until the deadline
+        self.tunnels_go_away = False  # the drain's deadline is near: every tunnel, and one that opens now, is told to go away
         self._drained: list[defer.Deferred[None]] = []
 
     def drained(self, timeout: float) -> defer.Deferred[None]:
         """Fires when no proxied request is in flight, or after C{timeout} seconds (shutdown)."""
         d: defer.Deferred[None] = defer.Deferred()
         self.draining = True
-        for tunnel in list(self.tunnels):
-            tunnel.going_away()  # a WebSocket Close (1001) at the next frame end, then both connections close
+        # WebSocket tunnels go on through the drain, as requests in flight do; shortly before the deadline each is told
+        # to go away (a Close frame 1001 to the client at the next frame end, then both connections close), so its
+        # client hears why rather than having the connection cut when the process stops.
+        self.reactor.callLater(max(0.0, timeout - min(GOING_AWAY_LEAD, timeout / 2)), self._tunnels_go_away)
         if self.in_flight == 0:
             d.callback(None)
             return d
@@ -638,6 +646,11 @@ class ProxyResource:
         timer = self.reactor.callLater(timeout, lambda: None if d.called else d.callback(None))
         d.addBoth(_cancelling, timer)
         return d
+
+    def _tunnels_go_away(self) -> None:
+        self.tunnels_go_away = True
+        for tunnel in list(self.tunnels):
+            tunnel.going_away()
 
     def _tunnel_opened(self, tunnel: Tunnel) -> None:
         """A WebSocket tunnel counts as a request in flight until it closes (drained() closes it)."""
@@ -656,7 +669,7 @@ class ProxyResource:
                 self._finished(None)
 
         tunnel.on_closed = closed
-        if self.draining:
+        if self.tunnels_go_away:
             self.reactor.callLater(0, tunnel.going_away)  # once both its connections are on
 
     def _finished(self, result: Any) -> None:

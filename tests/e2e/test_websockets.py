@@ -219,13 +219,16 @@ def test_an_idle_tunnel_is_closed(pki, upstream, tmp_path):
         gw.stop()
 
 
-def test_shutdown_sends_going_away_and_closes_open_tunnels(pki, upstream, tmp_path):
-    gw = start(tmp_path, pki, upstream.port)
+def test_shutdown_lets_tunnels_run_through_the_drain_then_sends_going_away(pki, upstream, tmp_path):
+    gw = start(tmp_path, pki, upstream.port, limits={"shutdown_timeout": "4s"})
     try:
         with ws_connect(gw.port, "/echo", pki) as ws:
             ws.send("before")
             assert ws.recv() == "before"
             gw.signal(signal.SIGTERM)
+            gw.wait_for_log("waiting up to 4s")
+            ws.send("during the drain")  # the tunnel goes on while requests in flight may finish
+            assert ws.recv(timeout=10) == "during the drain"
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv(timeout=30)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001

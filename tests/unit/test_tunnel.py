@@ -393,8 +393,13 @@ def test_a_websocket_upgrade_is_relayed_and_becomes_a_tunnel():
     p.channel.dataReceived(b"from client")
     assert response.transport.value() == b"eagerfrom client"
     assert p.metrics.open == 1 and p.resource.in_flight == 1 and len(p.resource.tunnels) == 1
-    # the drain: a Close (1001) between frames, then both ends close
+    # the drain: the tunnel goes on until shortly before the deadline, then a Close (1001) between frames, and both ends close
     drained = results(p.resource.drained(30))
+    p.channel.dataReceived(b" during the drain")
+    assert response.transport.value() == b"eagerfrom client during the drain" and not p.transport.disconnecting
+    p.reactor.advance(28.9)
+    assert not p.transport.value().endswith(GOING_AWAY) and not p.transport.disconnecting
+    p.reactor.advance(0.1)  # 1 s (GOING_AWAY_LEAD) before the deadline
     assert p.transport.value().endswith(GOING_AWAY) and p.transport.disconnecting and response.transport.disconnecting
     assert drained == []
     p.channel.connectionLost(Failure(ConnectionDone()))
@@ -429,11 +434,12 @@ def test_an_upstream_refusing_the_upgrade_is_relayed_and_the_connection_closes()
     assert p.transport.disconnecting and len(p.upstream.calls) == 1
 
 
-def test_a_tunnel_that_opens_during_the_drain_goes_away_at_once_and_is_waited_for():
+def test_a_tunnel_that_opens_after_the_drains_go_away_goes_away_at_once_and_is_waited_for():
     p = Proxy()
     p.channel.dataReceived(HANDSHAKE)
     drained = results(p.resource.drained(30))
     assert drained == [] and p.resource.in_flight == 1
+    p.reactor.advance(29)  # the tunnels are told to go away; this handshake's upstream has not answered yet
     response = Switching()
     p.upstream.pending[0].callback(response)
     assert drained == [] and p.resource.in_flight == 1  # the handshake's request finished, its tunnel is in flight
