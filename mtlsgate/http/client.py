@@ -41,6 +41,45 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 
 
+def split_url(uri: bytes) -> tuple[bytes, bytes]:
+    """
+    An absolute URL's origin part (C{scheme://authority}, the key an agent keeps its origins by) and its request
+    target in origin form (as L{URI.originForm} has it: no fragment, C{/} when empty); shared by both agents.
+    """
+    start = uri.find(b"://")
+    if start == -1:
+        raise ValueError(f"not an absolute URL: {uri!r}")
+    end = len(uri)
+    for stop in (b"/", b"?", b"#"):
+        i = uri.find(stop, start + 3)
+        if i != -1 and i < end:
+            end = i
+    base, rest = uri[:end], uri[end:]
+    rest = rest.partition(b"#")[0]
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    return base, rest
+
+
+def parse_origin(base: bytes) -> tuple[URI, bytes]:
+    """An origin part from L{split_url}, parsed (http or https with a host, else C{ValueError}), and its authority as sent (C{Host} / C{:authority})."""
+    parsed = URI.fromBytes(base)
+    if parsed.scheme not in (b"http", b"https") or not parsed.host:
+        raise ValueError(f"unsupported URL {base!r}")
+    host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
+    if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
+        host = b"%b:%d" % (host, parsed.port)
+    return parsed, host
+
+
+def check_request(method: bytes, target: bytes) -> None:
+    """C{ValueError} unless C{method} is a token and C{target} visible ASCII: what either agent puts on the wire."""
+    if not _TOKEN.match(method):
+        raise ValueError(f"invalid method {method!r}")
+    if not _TARGET.match(target):
+        raise ValueError(f"invalid request target {target!r}")
+
+
 class ResponseHeadersTooLarge(Exception):
     """An upstream's status line and headers went past the route's C{max_response_header_size}."""
 
@@ -908,10 +947,7 @@ class HTTP11Agent:
     def request(self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: IBodyProducer | None = None) -> defer.Deferred[IResponse]:
         try:
             origin, target = self._split(uri)
-            if not _TOKEN.match(method):
-                raise ValueError(f"invalid method {method!r}")
-            if not _TARGET.match(target):
-                raise ValueError(f"invalid request target {target!r}")
+            check_request(method, target)
         except ValueError:
             return defer.fail()
         request = ClientRequest(method, uri, Headers() if headers is None else headers, target, bodyProducer, origin.host, self.persistent)
@@ -944,31 +980,15 @@ class HTTP11Agent:
 
     def _split(self, uri: bytes) -> tuple[_Origin, bytes]:
         """C{uri}'s origin (made once per origin) and its request target in origin form (as L{URI.originForm} has it)."""
-        start = uri.find(b"://")
-        if start == -1:
-            raise ValueError(f"not an absolute URL: {uri!r}")
-        end = len(uri)
-        for stop in (b"/", b"?", b"#"):
-            i = uri.find(stop, start + 3)
-            if i != -1 and i < end:
-                end = i
-        base, rest = uri[:end], uri[end:]
+        base, target = split_url(uri)
         origin = self._origins.get(base)
         if origin is None:
             origin = self._origins[base] = self._origin(base)
-        rest = rest.partition(b"#")[0]
-        if not rest.startswith(b"/"):
-            rest = b"/" + rest
-        return origin, rest
+        return origin, target
 
     def _origin(self, base: bytes) -> _Origin:
-        parsed = URI.fromBytes(base)
-        if parsed.scheme not in (b"http", b"https") or not parsed.host:
-            raise ValueError(f"unsupported URL {base!r}")
+        parsed, host = parse_origin(base)
         key = (parsed.scheme, parsed.host, parsed.port)
-        host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
-        if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
-            host = b"%b:%d" % (host, parsed.port)
         endpoint = self.endpoints.endpointForURI(parsed)
         return _Origin(key, endpoint, _ConnectionFactory(self.pool, key, self.max_header_size), host)
 

@@ -32,13 +32,13 @@ from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProd
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import URI, RequestGenerationFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import RequestGenerationFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from mtlsgate.http.client import _TARGET, _TOKEN, DEFAULT_MAX_HEADER_SIZE, IDEMPOTENT, IDLE_TIMEOUT, ClientRequest
+from mtlsgate.http.client import DEFAULT_MAX_HEADER_SIZE, IDEMPOTENT, IDLE_TIMEOUT, ClientRequest, check_request, parse_origin, split_url
 from mtlsgate.http.client import ResponseHeadersTooLarge, UpstreamProtocolError
 
 log = Logger(namespace="mtlsgate.http.h2client")
@@ -751,10 +751,7 @@ class H2Agent:
     def request(self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: IBodyProducer | None = None) -> defer.Deferred[IResponse]:
         try:
             origin, target = self._split(uri)
-            if not _TOKEN.match(method):
-                raise ValueError(f"invalid method {method!r}")
-            if not _TARGET.match(target):
-                raise ValueError(f"invalid request target {target!r}")
+            check_request(method, target)
         except ValueError:
             return defer.fail()
         request = ClientRequest(method, uri, Headers() if headers is None else headers, target, bodyProducer, origin.authority, self.persistent)
@@ -829,30 +826,14 @@ class H2Agent:
                 self._connect(origin)
 
     def _split(self, uri: bytes) -> tuple[_Origin, bytes]:
-        start = uri.find(b"://")
-        if start == -1:
-            raise ValueError(f"not an absolute URL: {uri!r}")
-        end = len(uri)
-        for stop in (b"/", b"?", b"#"):
-            i = uri.find(stop, start + 3)
-            if i != -1 and i < end:
-                end = i
-        base, rest = uri[:end], uri[end:]
+        base, target = split_url(uri)
         origin = self._origins.get(base)
         if origin is None:
             origin = self._origins[base] = self._origin(base)
-        rest = rest.partition(b"#")[0]
-        if not rest.startswith(b"/"):
-            rest = b"/" + rest
-        return origin, rest
+        return origin, target
 
     def _origin(self, base: bytes) -> _Origin:
-        parsed = URI.fromBytes(base)
-        if parsed.scheme not in (b"http", b"https") or not parsed.host:
-            raise ValueError(f"unsupported URL {base!r}")
-        host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
-        if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
-            host = b"%b:%d" % (host, parsed.port)
+        parsed, host = parse_origin(base)
         origin = _Origin(parsed.scheme, host, self.endpoints.endpointForURI(parsed))
         origin.factory = _ConnectionFactory(self, origin)
         return origin
