@@ -47,7 +47,6 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
-from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -61,7 +60,7 @@ from mtlsgate.http.body import RequestBody
 from mtlsgate.http.framing import header_field_problem, method_problem
 from mtlsgate.http.headers import HOP_BY_HOP, sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IGatewayRequest
-from mtlsgate.http.server import ConnectionLostBeforeResponse, _dates
+from mtlsgate.http.server import ConnectionLostBeforeResponse, ResponseHooks, _dates
 
 log = Logger(namespace="mtlsgate.http.h2server")
 
@@ -137,10 +136,11 @@ class _StreamReading:
 
 
 @implementer(IGatewayRequest)
-class H2Request:
+class H2Request(ResponseHooks):
     """One HTTP/2 stream as the gateway's handler sees it (L{IGatewayRequest})."""
 
     clientproto = b"HTTP/2"
+    _hook_log = log
 
     def __init__(
         self, connection: H2ServerProtocol, stream_id: int, method: bytes, uri: bytes, headers: Headers, has_body: bool, expects_continue: bool,
@@ -193,10 +193,6 @@ class H2Request:
             return True
         return bool(self.out) or self.end_pending
 
-    @property
-    def path(self) -> bytes:
-        return self.uri.split(b"?", 1)[0]
-
     def getHeader(self, name: bytes) -> bytes | None:
         values = self.requestHeaders.getRawHeaders(name)
         return values[-1] if values else None
@@ -209,30 +205,6 @@ class H2Request:
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         self.code = code  # HTTP/2 has no reason phrase
-
-    def setHeader(self, name: bytes, value: bytes) -> None:
-        self.responseHeaders.setRawHeaders(name, [value])
-
-    def notifyFinish(self) -> defer.Deferred[None]:
-        d: defer.Deferred[None] = defer.Deferred()
-        self.when_done(lambda reason: d.callback(None) if reason is None else d.errback(reason))
-        return d
-
-    def when_done(self, hook: Callable[[Failure | None], None]) -> None:
-        if self.finished:
-            hook(None)
-        elif self.disconnected:
-            hook(Failure(ConnectionLostBeforeResponse()))
-        else:
-            self._notify.append(hook)
-
-    def _tell(self, reason: Failure | None) -> None:
-        notify, self._notify = self._notify, []
-        for hook in notify:
-            try:
-                hook(reason)
-            except Exception:
-                log.failure("a request's completion hook failed")
 
     def proceed(self) -> None:
         """A client that sent C{Expect: 100-continue} gets an informational 100 now."""

@@ -65,8 +65,56 @@ class _DateCache:
 _dates = _DateCache()
 
 
+class ResponseHooks:
+    """
+    What an HTTP/1.1 L{Request} and an HTTP/2 stream's request share: the path, setting a response field, and the
+    completion hooks (notifyFinish, when_done) told once when the response is finished or the connection lost first.
+    The class keeps C{uri}, C{responseHeaders}, C{finished}, C{disconnected} and C{_notify}; C{_hook_log} logs a hook that fails.
+    """
+
+    uri: bytes
+    responseHeaders: Headers
+    finished: bool
+    disconnected: bool
+    _notify: list[Callable[[Failure | None], None]]
+    _hook_log = log
+
+    @property
+    def path(self) -> bytes:
+        return self.uri.split(b"?", 1)[0]
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def notifyFinish(self) -> defer.Deferred[None]:
+        """Fires when the response is finished; fails if the connection is lost first."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self.when_done(lambda reason: d.callback(None) if reason is None else d.errback(reason))
+        return d
+
+    def when_done(self, hook: Callable[[Failure | None], None]) -> None:
+        """
+        Call C{hook(None)} when the response is finished, or C{hook(reason)} if the connection is lost first:
+        notifyFinish without a Deferred, for the proxy's own per-request bookkeeping.
+        """
+        if self.finished:
+            hook(None)
+        elif self.disconnected:
+            hook(Failure(ConnectionLostBeforeResponse()))
+        else:
+            self._notify.append(hook)
+
+    def _tell(self, reason: Failure | None) -> None:
+        notify, self._notify = self._notify, []
+        for hook in notify:
+            try:
+                hook(reason)
+            except Exception:
+                self._hook_log.failure("a request's completion hook failed")
+
+
 @implementer(IUpgradableRequest)
-class Request:
+class Request(ResponseHooks):
     """
     One request and its response, as the gateway's handler sees it: the parts of twisted.web's Request
     the proxy uses (method, uri, clientproto, requestHeaders, responseHeaders, setResponseCode, setHeader,
@@ -108,10 +156,6 @@ class Request:
         self._no_body = False
         self._trailers: list[tuple[bytes, bytes]] = []
         self._notify: list[Callable[[Failure | None], None]] = []  # when_done hooks and notifyFinish Deferreds, in order
-
-    @property
-    def path(self) -> bytes:
-        return self.uri.split(b"?", 1)[0]
 
     @property
     def requestHeaders(self) -> Headers:
@@ -160,35 +204,6 @@ class Request:
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         self.code = code
         self.code_message = message if message is not None else RESPONSES.get(code, b"Unknown Status")
-
-    def setHeader(self, name: bytes, value: bytes) -> None:
-        self.responseHeaders.setRawHeaders(name, [value])
-
-    def notifyFinish(self) -> defer.Deferred[None]:
-        """Fires when the response is finished; fails if the connection is lost first."""
-        d: defer.Deferred[None] = defer.Deferred()
-        self.when_done(lambda reason: d.callback(None) if reason is None else d.errback(reason))
-        return d
-
-    def when_done(self, hook: Callable[[Failure | None], None]) -> None:
-        """
-        Call C{hook(None)} when the response is finished, or C{hook(reason)} if the connection is lost first:
-        notifyFinish without a Deferred, for the proxy's own per-request bookkeeping.
-        """
-        if self.finished:
-            hook(None)
-        elif self.disconnected:
-            hook(Failure(ConnectionLostBeforeResponse()))
-        else:
-            self._notify.append(hook)
-
-    def _tell(self, reason: Failure | None) -> None:
-        notify, self._notify = self._notify, []
-        for hook in notify:
-            try:
-                hook(reason)
-            except Exception:
-                log.failure("a request's completion hook failed")
 
     def proceed(self) -> None:
         """The request goes upstream: if the client waits for "100 Continue" to send its body, send it now."""
