@@ -592,6 +592,11 @@ def _describe(failure: Failure) -> str:
     if failure.check(ResponseNeverReceived, ResponseFailed):
         reasons = getattr(failure.value, "reasons", []) or []
         return "; ".join(_describe(r) for r in reasons) or failure.getErrorMessage()
+    return describe_failure(failure)
+
+
+def describe_failure(failure: Failure) -> str:
+    """A connection-level failure for a log line: a pyOpenSSL error's reasons (C{TLS: ...}), else the error's class and message."""
     error = failure.value
     if error is not None and error.__class__.__module__.startswith("OpenSSL"):
         try:

@@ -34,7 +34,7 @@ from zope.interface import implementer
 from mtlsgate.config.model import TCPRoute
 from mtlsgate.identity import AllowRules, printable
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
-from mtlsgate.proxy.exchange import Peer, peer_of
+from mtlsgate.proxy.exchange import Peer, describe_failure, peer_of
 from mtlsgate.proxy.proxyproto import HeaderTooLong, TLSFacts, proxy_v2_header
 from mtlsgate.proxy.upstream import UpstreamTLSPolicy
 from mtlsgate.tls.server import ALPN_ACME_TLS
@@ -444,7 +444,7 @@ class Tunnel(Protocol):
         if self._gone or self.ending is not None:
             return  # the client left (or the tunnel is closing): nothing more to try
         route = self.entry.route
-        why = f"not connected within {route.connect_timeout:g}s (connect_timeout)" if self._timed_out else _describe(failure)
+        why = f"not connected within {route.connect_timeout:g}s (connect_timeout)" if self._timed_out else describe_failure(failure)
         if len(targets) > 1:
             log.warn("TCP route {route}: upstream {upstream} unreachable ({error}); trying {next}",
                      route=route.name, upstream=targets[0].url, error=why, next=targets[1].url)
@@ -509,7 +509,7 @@ class Tunnel(Protocol):
         if self.ending is None:
             self.ending = UPSTREAM_CLOSED
             if not reason.check(type(connectionDone.value)):
-                self.detail = _describe(reason)
+                self.detail = describe_failure(reason)
         self._close_client()
 
     def _unpipe(self) -> None:
@@ -640,16 +640,6 @@ class _UpstreamSide(Protocol):
             self.tunnel.upstream_lost(reason)
         else:
             self._failed(reason)
-
-
-def _describe(failure: Failure) -> str:
-    error = failure.value
-    if error is not None and error.__class__.__module__.startswith("OpenSSL"):
-        try:
-            return "TLS: " + "; ".join(str(part[2]) for part in error.args[0])
-        except (IndexError, TypeError):
-            return f"TLS: {error}"
-    return f"{error.__class__.__name__}: {failure.getErrorMessage()}"
 
 
 def write_tcp_access_line(tunnel: Tunnel, ending: str, duration: float) -> None:
