@@ -92,8 +92,13 @@ class FrameBoundaries:
 
 
 @implementer(IPushProducer)
-class _Reading:
-    """One end's transport as the other end's producer: the other side's back-pressure pauses reading here."""
+class TransportReading:
+    """
+    One side's transport as the other side's streaming producer: the other side's back-pressure pauses reading
+    here.  C{stopProducing} does nothing: a transport calls it on its producer when it is lost, and closing the
+    other side (flushing what it still has to write, with TLS's close_notify) is the tunnel's own business.
+    Both the WebSocket tunnel here and a TCP route's tunnel (L{mtlsgate.proxy.tcp}) pipe with it.
+    """
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
@@ -105,7 +110,7 @@ class _Reading:
         self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        pass  # the tunnel closes both ends itself
+        pass
 
 
 class TunnelEnd(Protocol):
@@ -175,7 +180,7 @@ class Tunnel:
             end.transport.loseConnection()
             return
         for a, b in ((end, other), (other, end)):
-            a.transport.registerProducer(_Reading(b.transport), True)
+            a.transport.registerProducer(TransportReading(b.transport), True)
         for source in (other, end):
             pending, source.pending = source.pending, []
             if pending:

@@ -25,13 +25,14 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtlsgate.config.model import TCPRoute
+from mtlsgate.http.tunnel import TransportReading
 from mtlsgate.identity import AllowRules, printable
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.proxy.exchange import Peer, describe_failure, peer_of
@@ -283,28 +284,6 @@ class _Dispatch(Protocol):
 # --- the tunnel --------------------------------------------------------------------------------------------
 
 
-@implementer(IPushProducer)
-class _Reading:
-    """
-    One side's transport as the other side's streaming producer: pausing it stops reading from that
-    side.  C{stopProducing} does nothing: a transport calls it on its producer when it is lost, and
-    closing the other side (flushing what it still has to write, with TLS's close_notify) is the
-    tunnel's own business.
-    """
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-
-    def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class Tunnel(Protocol):
     """
     The client's side of one TCP route connection (its transport is the TLS listener's): judges the
@@ -469,8 +448,8 @@ class Tunnel(Protocol):
         pending, self._pending = self._pending, []
         for data in pending:
             upstream.write(data)
-        tls.registerProducer(_Reading(upstream), True)  # the client reads slowly: stop reading from the upstream
-        upstream.registerProducer(_Reading(tls), True)  # the upstream reads slowly: stop reading from the client
+        tls.registerProducer(TransportReading(upstream), True)  # the client reads slowly: stop reading from the upstream
+        upstream.registerProducer(TransportReading(tls), True)  # the upstream reads slowly: stop reading from the client
         self._piped = True
         tls.resumeProducing()
 
