@@ -248,6 +248,24 @@ def parse_upstream_url(value: Any, key: str) -> str:
     return text.rstrip("/")
 
 
+def _upstreams(targets: Any, key: str, parse: Callable[[Any, str], str], expected: str) -> tuple[str, ...]:
+    """A route's C{to}: one upstream or a non-empty list of them, each checked by C{parse} (HTTP and TCP routes alike)."""
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets:
+        raise ConfigError(key, expected)
+    return tuple(parse(url, f"{key}[{i}]") for i, url in enumerate(targets))
+
+
+def _client_cert(data: Any, key: str) -> tuple[str | None, str | None]:
+    """A route's client certificate and key files toward its upstreams (readable; a key only with a certificate)."""
+    cert = _readable_file(data.get("tls_client_cert_file"), f"{key}.tls_client_cert_file")
+    client_key = _readable_file(data.get("tls_client_key_file"), f"{key}.tls_client_key_file")
+    if client_key and not cert:
+        raise ConfigError(f"{key}.tls_client_key_file", "given without tls_client_cert_file")
+    return cert, client_key
+
+
 def _route(data: Any, key: str, websocket_idle_timeout: float = 300.0) -> Route:
     _check_keys(data, key, _ROUTE_KEYS)
     prefix = _string(data.get("prefix", "/"), f"{key}.prefix", optional=False)
@@ -256,16 +274,8 @@ def _route(data: Any, key: str, websocket_idle_timeout: float = 300.0) -> Route:
         raise ConfigError(f"{key}.prefix", f"must start with '/', got {prefix!r}")
     if (problem := prefix_problem(prefix)) is not None:  # a prefix no normal request path can match
         raise ConfigError(f"{key}.prefix", f"{prefix!r}: {problem}")
-    targets = data.get("to")
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not targets:
-        raise ConfigError(f"{key}.to", "expected one upstream URL or a non-empty list of them")
-    to = tuple(parse_upstream_url(url, f"{key}.to[{i}]") for i, url in enumerate(targets))
-    cert = _readable_file(data.get("tls_client_cert_file"), f"{key}.tls_client_cert_file")
-    client_key = _readable_file(data.get("tls_client_key_file"), f"{key}.tls_client_key_file")
-    if client_key and not cert:
-        raise ConfigError(f"{key}.tls_client_key_file", "given without tls_client_cert_file")
+    to = _upstreams(data.get("to"), f"{key}.to", parse_upstream_url, "expected one upstream URL or a non-empty list of them")
+    cert, client_key = _client_cert(data, key)
     protocol = _choice(data.get("upstream_protocol", "http1"), f"{key}.upstream_protocol", ("http1", "http2"))
     health_check = _health_check(data.get("health_check"), f"{key}.health_check")
     allow_websockets = _boolean(data.get("allow_websockets", False), f"{key}.allow_websockets")
@@ -351,16 +361,8 @@ def parse_tcp_upstream(value: Any, key: str) -> str:
 def _tcp_route(data: Any, key: str) -> TCPRoute:
     _check_keys(data, key, _TCP_ROUTE_KEYS)
     host, port = _parse_tcp_from(data.get("from"), f"{key}.from")
-    targets = data.get("to")
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not targets:
-        raise ConfigError(f"{key}.to", "expected one upstream (tcp://HOST:PORT or tls://HOST:PORT) or a non-empty list of them")
-    to = tuple(parse_tcp_upstream(url, f"{key}.to[{i}]") for i, url in enumerate(targets))
-    cert = _readable_file(data.get("tls_client_cert_file"), f"{key}.tls_client_cert_file")
-    client_key = _readable_file(data.get("tls_client_key_file"), f"{key}.tls_client_key_file")
-    if client_key and not cert:
-        raise ConfigError(f"{key}.tls_client_key_file", "given without tls_client_cert_file")
+    to = _upstreams(data.get("to"), f"{key}.to", parse_tcp_upstream, "expected one upstream (tcp://HOST:PORT or tls://HOST:PORT) or a non-empty list of them")
+    cert, client_key = _client_cert(data, key)
     if not any(url.startswith("tls://") for url in to):
         for name in ("tls_custom_ca_file", "tls_client_cert_file", "tls_client_key_file", "tls_server_name", "tls_skip_verify"):
             if name in data:
