@@ -261,20 +261,28 @@ class Checker:
         elif not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
             self.findings.error(f"{what}: its signature does not verify with the CA in downstream_mtls.ca_file")
 
-    def check_route(self, index: int, route: Route) -> None:
-        key = f"routes[{index}]"
+    def _upstream_tls_files(self, where: str, route: Route | TCPRoute, client_eku: bool) -> None:
+        """
+        A route's TLS files toward its upstreams (HTTP and TCP routes alike): the CA bundle, and the client certificate
+        (loads with its key, valid now; with C{client_eku}, a warning when its extended key usage lacks clientAuth).
+        Findings name the field after C{where}.
+        """
         if route.tls_custom_ca_file:
-            self._bundle(f"{key}.tls_custom_ca_file", route.tls_custom_ca_file)
+            self._bundle(f"{where}tls_custom_ca_file", route.tls_custom_ca_file)
         if route.tls_client_cert_file:
             try:
                 chain = load_key_and_chain(route.tls_client_cert_file, route.tls_client_key_file)[1]
             except PKIError as e:
-                self.findings.error(f"{key}.tls_client_cert_file: {e}")
+                self.findings.error(f"{where}tls_client_cert_file: {e}")
             else:
-                self._validity(f"{key}.tls_client_cert_file: {route.tls_client_cert_file}", chain)
-                if _eku_lacks(chain[0], "clientAuth"):
-                    self.findings.warning(f"{key}.tls_client_cert_file: {route.tls_client_cert_file}"
+                self._validity(f"{where}tls_client_cert_file: {route.tls_client_cert_file}", chain)
+                if client_eku and _eku_lacks(chain[0], "clientAuth"):
+                    self.findings.warning(f"{where}tls_client_cert_file: {route.tls_client_cert_file}"
                                           f": not a client certificate (its extended key usage lacks clientAuth)")
+
+    def check_route(self, index: int, route: Route) -> None:
+        key = f"routes[{index}]"
+        self._upstream_tls_files(f"{key}.", route, client_eku=True)
         if route.tls_skip_verify:
             self.findings.warning(f"{key} ({route.name}): tls_skip_verify is on; the upstream's certificate is NOT verified")
         elif any(url.startswith("http://") for url in route.to):
@@ -283,15 +291,7 @@ class Checker:
     def check_tcp_route(self, route: TCPRoute) -> None:
         """A TCP route: its upstream TLS files as an HTTP route's, and a served certificate for its name (SNI picks it)."""
         key = f"TCP route {route.name}"
-        if route.tls_custom_ca_file:
-            self._bundle(f"{key}: tls_custom_ca_file", route.tls_custom_ca_file)
-        if route.tls_client_cert_file:
-            try:
-                chain = load_key_and_chain(route.tls_client_cert_file, route.tls_client_key_file)[1]
-            except PKIError as e:
-                self.findings.error(f"{key}: tls_client_cert_file: {e}")
-            else:
-                self._validity(f"{key}: tls_client_cert_file: {route.tls_client_cert_file}", chain)
+        self._upstream_tls_files(f"{key}: ", route, client_eku=False)
         wildcard = "*." + route.host.split(".", 1)[1] if "." in route.host else None
         if self.config.autocert is None and route.host not in self.served_dns_names and wildcard not in self.served_dns_names:
             self.findings.warning(f"{key}: no served certificate carries {route.host}; clients asking for it get the default certificate"
