@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import ThreadedListener, free_port
 
 #: The names TCP routes are tested with; the gateway serves one certificate carrying them all.
 TCP_NAMES = ["echo.test", "tls-echo.test", "redis.test", "record.test", "pp.test", "dead.test", "pg.test"]
@@ -31,7 +31,7 @@ def tcp_certificate(pki: dict[str, Any]) -> tuple[str, str]:
     return str(cert), str(key)
 
 
-class CountingUpstream:
+class CountingUpstream(ThreadedListener):
     """
     A loopback upstream that accepts on a thread and serves each connection on a thread of its own
     (C{serve}; echo by default), counting accepted connections.  With C{tls}, it requires a client
@@ -39,30 +39,18 @@ class CountingUpstream:
     """
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.port = self.listener.getsockname()[1]
         self.tls = tls
         self.accepted = 0
         self.received: list[bytes] = []  # what each connection sent, once it closed
         self.peer_certificates: list[Any] = []
         self.closed = threading.Event()  # set whenever a connection ends
-        self._stopping = threading.Event()
         self._conns: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            self._conns.append(conn)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+    def handle(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        self._conns.append(conn)
+        threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -90,9 +78,7 @@ class CountingUpstream:
         self.received.append(got)
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(5)
-        self.listener.close()
+        super().stop()
         for conn in self._conns:
             try:
                 conn.close()
@@ -235,7 +221,7 @@ def _tlvs(data: bytes) -> dict[int, bytes]:
     return found
 
 
-class LocalTunnel:
+class LocalTunnel(ThreadedListener):
     """
     A client-side tunnel, as ghostunnel's client mode or stunnel run beside a client that cannot start
     with TLS itself: plain TCP on a loopback port, each connection carried over TLS (a client
@@ -247,22 +233,10 @@ class LocalTunnel:
         self.gateway_port = gateway_port
         self.ctx = ctx
         self.server_name = server_name
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.port = self.listener.getsockname()[1]
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                plain, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._carry, args=(plain,), daemon=True).start()
+    def handle(self, plain: socket.socket) -> None:
+        threading.Thread(target=self._carry, args=(plain,), daemon=True).start()
 
     def _carry(self, plain: socket.socket) -> None:
         import selectors
@@ -316,8 +290,3 @@ class LocalTunnel:
                 sock.close()
             except OSError:
                 pass
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(5)
-        self.listener.close()
