@@ -14,23 +14,13 @@ import os
 import pytest
 import yaml
 
-from tests.conftest import Proc, find_tool, free_port, gateway_config, https_request, wait_for_port
+from tests.conftest import free_port, gateway_config, https_request
+from tests.nginx_peer import MAIN, TEMP_PATHS, start_nginx
 
-NGINX = find_tool("nginx") or "nginx"
-
-CONF = """
-user root;
-worker_processes 1;
-daemon off;
-error_log {dir}/error.log info;
-pid {dir}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
+CONF = MAIN + """http {{
     log_format withlength '$request $status request_length=$request_length';
     access_log {dir}/access.log withlength;
-    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
-    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-    client_max_body_size 512m;
+""" + TEMP_PATHS + """    client_max_body_size 512m;
     server {{
         listen 127.0.0.1:{port} ssl http2;
         ssl_certificate {cert}; ssl_certificate_key {key};
@@ -55,11 +45,7 @@ def nginx_h2(procs, pki, tmp_path):
     (tmp_path / "big.bin").write_bytes(os.urandom(BIG))
     with open(tmp_path / "huge.bin", "wb") as f:
         f.truncate(HUGE)  # sparse: no disk used
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(CONF.format(dir=tmp_path, port=port, cert=pki["upstream"][0], key=pki["upstream"][1], ca=pki["ca"]))
-    proc = Proc([NGINX, "-p", str(tmp_path), "-c", str(conf)], tmp_path / "nginx.out")
-    procs.append(proc)
-    wait_for_port(port, proc.popen, log=proc.log)
+    start_nginx(procs, tmp_path, CONF.format(dir=tmp_path, port=port, cert=pki["upstream"][0], key=pki["upstream"][1], ca=pki["ca"]), port)
     return port
 
 

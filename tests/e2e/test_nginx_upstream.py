@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Proc, find_tool, free_port, gateway_args, https_request, wait_for_port
-
-NGINX = find_tool("nginx") or "nginx"
+from tests.conftest import free_port, gateway_args, https_request
+from tests.nginx_peer import MAIN, TEMP_PATHS, start_nginx
 
 pytestmark = pytest.mark.needs("nginx")
 
-CONF = """
-user root;
-worker_processes 1;
-daemon off;
-error_log {dir}/error.log info;
-pid {dir}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
+CONF = MAIN + """http {{
     access_log {dir}/access.log;
     keepalive_timeout 1s;
-    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
-    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-    server {{
+""" + TEMP_PATHS + """    server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {cert}; ssl_certificate_key {key};
         ssl_client_certificate {ca}; ssl_verify_client on;
@@ -39,11 +29,7 @@ http {{
 @pytest.fixture
 def nginx_upstream(procs, pki, tmp_path):
     port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(CONF.format(dir=tmp_path, port=port, cert=pki["upstream"][0], key=pki["upstream"][1], ca=pki["ca"]))
-    proc = Proc([NGINX, "-p", str(tmp_path), "-c", str(conf)], tmp_path / "nginx.out")
-    procs.append(proc)
-    wait_for_port(port, proc.popen, log=proc.log)
+    start_nginx(procs, tmp_path, CONF.format(dir=tmp_path, port=port, cert=pki["upstream"][0], key=pki["upstream"][1], ca=pki["ca"]), port)
     return port
 
 

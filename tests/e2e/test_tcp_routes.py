@@ -21,6 +21,7 @@ import yaml
 
 from mtlsgate.identity import parse_xfcc
 from tests.conftest import Proc, find_tool, free_port, scrape, wait_for_port
+from tests.nginx_peer import MAIN, TEMP_PATHS, start_nginx
 from tests.tcp_peers import (
     CountingUpstream,
     LocalTunnel,
@@ -257,18 +258,9 @@ def test_proxy_protocol_v2_carries_the_client_address_and_identity(start_gateway
         upstream.stop()
 
 
-NGINX_PROXY_PROTOCOL = """
-user root;
-worker_processes 1;
-daemon off;
-error_log {dir}/error.log info;
-pid {dir}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
+NGINX_PROXY_PROTOCOL = MAIN + """http {{
     access_log {dir}/access.log;
-    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
-    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-    server {{
+""" + TEMP_PATHS + """    server {{
         listen 127.0.0.1:{port} proxy_protocol;
         location / {{
             default_type text/plain;
@@ -287,11 +279,7 @@ def test_nginx_reads_the_proxy_v2_header(start_gateway, tmp_path, pki, procs):
     docs/configuration.md; the header before a TLS upstream's handshake is tested below.)
     """
     port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_PROXY_PROTOCOL.format(dir=tmp_path, port=port))
-    nginx = Proc([find_tool("nginx") or "nginx", "-p", str(tmp_path), "-c", str(conf)], tmp_path / "nginx.out")
-    procs.append(nginx)
-    wait_for_port(port, nginx.popen, log=nginx.log)
+    start_nginx(procs, tmp_path, NGINX_PROXY_PROTOCOL.format(dir=tmp_path, port=port), port)
     gateway = _start(start_gateway, tmp_path, pki, [{"host": "pp.test", "to": f"tcp://127.0.0.1:{port}", "proxy_protocol": "v2"}])
     sock = connect(gateway.port, client_context(pki, "alice"), "pp.test")
     client_port = sock.getsockname()[1]
