@@ -115,22 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     d = Path(tempfile.mkdtemp(prefix="mtlsgate-cpu-"))
     procs: list[subprocess.Popen] = []
     try:
-        ca = harness.DevCA.create(str(d / "ca"), name="bench CA")
-        ca_pem = d / "ca" / "ca.pem"
-        files: dict[str, tuple[Path, Path]] = {}
-        for name, issued in {
-            "server": ca.issue_server(["localhost", "127.0.0.1"]),
-            "gwclient": ca.issue_client("gateway"),
-            "client": ca.issue_client("alice", uris=["spiffe://bench/alice"]),
-        }.items():
-            issued.write(str(d / f"{name}.pem"), str(d / f"{name}-key.pem"))
-            files[name] = (d / f"{name}.pem", d / f"{name}-key.pem")
-        client_pem = d / "client-combined.pem"
-        client_pem.write_bytes(files["client"][0].read_bytes() + files["client"][1].read_bytes())
-        www = d / "upstream" / "www"
-        www.mkdir(parents=True)
-        (www / "1k").write_bytes(b"x" * 1024)
-        (www / "1m").write_bytes(os.urandom(1024 * 1024))
+        ca_pem, files, client_pem = harness.bench_files(d)
         config = d / "mtlsgate.yaml"
         config.write_text(args.config)
         up_port = harness.free_port()

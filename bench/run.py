@@ -240,6 +240,31 @@ def start_aiohttp(d: Path, port: int, upstream: int, workers: int, files: dict[s
     return proc
 
 
+def bench_files(d: Path) -> tuple[Path, dict[str, tuple[Path, Path]], Path]:
+    """
+    In C{d}: a CA, its certificates (C{server} for every side, C{gwclient} toward the upstream, C{client} for ab, as
+    (cert, key) paths in C{files}), ab's combined client PEM, and the upstream's C{/1k} and C{/1m}; returns
+    (the CA's PEM, files, the client PEM).  Shared by this harness and cpu_per_request.py.
+    """
+    ca = DevCA.create(str(d / "ca"), name="bench CA")
+    ca_pem = d / "ca" / "ca.pem"
+    files: dict[str, tuple[Path, Path]] = {}
+    for name, issued in {
+        "server": ca.issue_server(["localhost", "127.0.0.1"]),
+        "gwclient": ca.issue_client("gateway"),
+        "client": ca.issue_client("alice", uris=["spiffe://bench/alice"]),
+    }.items():
+        issued.write(str(d / f"{name}.pem"), str(d / f"{name}-key.pem"))
+        files[name] = (d / f"{name}.pem", d / f"{name}-key.pem")
+    client_pem = d / "client-combined.pem"
+    client_pem.write_bytes(files["client"][0].read_bytes() + files["client"][1].read_bytes())
+    www = d / "upstream" / "www"
+    www.mkdir(parents=True)
+    (www / "1k").write_bytes(b"x" * 1024)
+    (www / "1m").write_bytes(os.urandom(1024 * 1024))
+    return ca_pem, files, client_pem
+
+
 def run(d: Path, rounds: int, seconds: int, workers: int, idle: int, affinity: str = "connection", *, smoke: bool = False) -> dict[str, dict[str, list[float]]]:
     """Start everything in C{d}, measure the three sides, stop everything; the figures per side."""
     # A timed run (ab -t) ends after C{seconds} or at the cap, whichever comes first: the cap keeps --smoke tiny.
@@ -247,22 +272,7 @@ def run(d: Path, rounds: int, seconds: int, workers: int, idle: int, affinity: s
         return n if smoke else 1_000_000
 
     if True:
-        ca = DevCA.create(str(d / "ca"), name="bench CA")
-        ca_pem = d / "ca" / "ca.pem"
-        files = {}
-        for name, issued in {
-            "server": ca.issue_server(["localhost", "127.0.0.1"]),
-            "gwclient": ca.issue_client("gateway"),
-            "client": ca.issue_client("alice", uris=["spiffe://bench/alice"]),
-        }.items():
-            issued.write(str(d / f"{name}.pem"), str(d / f"{name}-key.pem"))
-            files[name] = (d / f"{name}.pem", d / f"{name}-key.pem")
-        client_pem = d / "client-combined.pem"
-        client_pem.write_bytes(files["client"][0].read_bytes() + files["client"][1].read_bytes())
-        www = d / "upstream" / "www"
-        www.mkdir(parents=True)
-        (www / "1k").write_bytes(b"x" * 1024)
-        (www / "1m").write_bytes(os.urandom(1024 * 1024))
+        ca_pem, files, client_pem = bench_files(d)
 
         procs: list[subprocess.Popen] = []
         try:
