@@ -70,6 +70,26 @@ class Peer:
 _ANONYMOUS = Peer(identity=None, refusal=None)
 
 
+def admission_refusal(peer: Peer, global_rules: AllowRules, route_rules: AllowRules, require_client_certificate: bool) -> str | None:
+    """
+    Why C{peer} may not use a route, or None: its certificate's own refusal first; without an identity, refused when
+    a certificate is required or any rule (global, then the route's) is set; with one, the first rule that does not
+    allow it.  The one admission decision for HTTP routes (L{ProxyResource}) and TCP routes (L{mtlsgate.proxy.tcp}).
+    """
+    if peer.refusal is not None:
+        return peer.refusal
+    identity = peer.identity
+    rules = (global_rules, route_rules)
+    if identity is None:
+        if require_client_certificate or any(not r.is_empty() for r in rules):
+            return "missing (none presented)"
+        return None
+    for rule in rules:
+        if not rule.allows(identity):
+            return f"not allowed here ({rule.explain()})"
+    return None
+
+
 def peer_of(channel: Any) -> Peer:
     """The verified identity (or the refusal) of a channel's TLS peer, computed once per connection."""
     peer = getattr(channel, "_mtlsgate_peer", None)
@@ -788,18 +808,8 @@ class ProxyResource:
         return False
 
     def _refusal(self, peer: Peer, route: Route) -> str | None:
-        if peer.refusal is not None:
-            return peer.refusal
-        identity = peer.identity
-        rules = (self.state.global_rules, route.allow_client)
-        if identity is None:
-            if self.state.require_client_certificate or any(not r.is_empty() for r in rules):
-                return "missing (none presented)"
-            return None
-        for rule in rules:
-            if not rule.allows(identity):
-                return f"not allowed here ({rule.explain()})"
-        return None
+        state = self.state
+        return admission_refusal(peer, state.global_rules, route.allow_client, state.require_client_certificate)
 
 
 ACME_CHALLENGE_PATH = b"/.well-known/acme-challenge/"

@@ -35,7 +35,7 @@ from mtlsgate.config.model import TCPRoute
 from mtlsgate.http.tunnel import TransportReading
 from mtlsgate.identity import AllowRules, printable
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
-from mtlsgate.proxy.exchange import Peer, describe_failure, peer_of
+from mtlsgate.proxy.exchange import Peer, admission_refusal, describe_failure, peer_of
 from mtlsgate.proxy.proxyproto import HeaderTooLong, TLSFacts, proxy_v2_header
 from mtlsgate.proxy.upstream import UpstreamTLSPolicy
 from mtlsgate.tls.server import ALPN_ACME_TLS
@@ -132,19 +132,8 @@ def tcp_state(routes: Iterable[TCPRoute], global_rules: AllowRules, require_clie
 
 
 def refusal(peer: Peer, state: TCPState, route: TCPRoute) -> str | None:
-    """Why this peer may not use this TCP route, or None: the rules HTTP routes apply, in the same order."""
-    if peer.refusal is not None:
-        return peer.refusal
-    rules = (state.global_rules, route.allow_client)
-    identity = peer.identity
-    if identity is None:
-        if state.require_client_certificate or any(not r.is_empty() for r in rules):
-            return "missing (none presented)"
-        return None
-    for rule in rules:
-        if not rule.allows(identity):
-            return f"not allowed here ({rule.explain()})"
-    return None
+    """Why this peer may not use this TCP route, or None: the decision HTTP routes make (L{admission_refusal})."""
+    return admission_refusal(peer, state.global_rules, route.allow_client, state.require_client_certificate)
 
 
 class TCPProxy:
