@@ -183,13 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 for sock in held:
                     sock.close()
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        harness.stop_all(procs)
         shutil.rmtree(d, ignore_errors=True)
 
     print(f"\n{args.workers} process(es) per side; ab -k -c {args.concurrency} -n {args.requests} {args.path}, {args.repeats} run(s) per side, "

@@ -240,6 +240,17 @@ def start_aiohttp(d: Path, port: int, upstream: int, workers: int, files: dict[s
     return proc
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Terminate every process started, then wait for each (up to 10 s, then kill)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def bench_files(d: Path) -> tuple[Path, dict[str, tuple[Path, Path]], Path]:
     """
     In C{d}: a CA, its certificates (C{server} for every side, C{gwclient} toward the upstream, C{client} for ab, as
@@ -336,13 +347,7 @@ def run(d: Path, rounds: int, seconds: int, workers: int, idle: int, affinity: s
                 for sock in held:
                     sock.close()
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
 
     return results
 
