@@ -41,6 +41,28 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 
 
+@implementer(IBodyProducer)
+class BytesBody:
+    """A request body known in advance (a health check's, a test's): written whole at once, its length given."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def split_url(uri: bytes) -> tuple[bytes, bytes]:
     """
     An absolute URL's origin part (C{scheme://authority}, the key an agent keeps its origins by) and its request

@@ -21,10 +21,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from mtlsgate.config.model import HealthCheck
+from mtlsgate.http.client import BytesBody
 
 log = Logger(namespace="mtlsgate.proxy.healthcheck")
 
@@ -67,26 +66,6 @@ class GRPCUnhealthy(Exception):
     """A gRPC health check's answer was not SERVING (or not an answer at all)."""
 
 
-@implementer(IBodyProducer)
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        consumer.write(self.data)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class _Collect(Protocol):
     """A small response body, whole; a larger one is cut off (the check fails)."""
 
@@ -127,7 +106,7 @@ def grpc_probe(agent: Any, path: str = GRPC_HEALTH_PATH) -> Probe:
     headers = {b"content-type": [b"application/grpc"], b"te": [b"trailers"], b"user-agent": [_USER_AGENT]}
 
     def probe(target: str) -> defer.Deferred[int]:
-        d = agent.request(b"POST", (target + path).encode("ascii"), Headers(headers), _Bytes(_GRPC_HEALTH_REQUEST))
+        d = agent.request(b"POST", (target + path).encode("ascii"), Headers(headers), BytesBody(_GRPC_HEALTH_REQUEST))
 
         def answer(response: Any) -> defer.Deferred[int]:
             if response.code != 200:

@@ -20,6 +20,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from mtlsgate.config.model import Route
+from mtlsgate.http.client import BytesBody
 from mtlsgate.http.h2client import H2Agent
 from mtlsgate.proxy.upstream import UpstreamGroup
 from tests.grpc_peer import GRPCServer, frame, unframe
@@ -89,26 +90,6 @@ def _grpc_headers(**extra: bytes) -> Headers:
     return headers
 
 
-@implementer(IBodyProducer)
-class Bytes:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        consumer.write(self.data)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 async def _call(agent: H2Agent, base: str, method: str, body: Any, **headers: bytes) -> tuple[Any, Collect]:
     response = await agent.request(b"POST", f"{base}/test.Echo/{method}".encode(), _grpc_headers(**headers), body)
     collect = Collect()
@@ -122,7 +103,7 @@ async def _call(agent: H2Agent, base: str, method: str, body: Any, **headers: by
 async def test_unary_call_with_trailers_over_mtls(pki, grpc_upstream):
     agent, base = _agent(pki, grpc_upstream.port)
     try:
-        response, body = await _call(agent, base, "Unary", Bytes(frame(b"hi")), x_forwarded_client_cert=b"Hash=ab")
+        response, body = await _call(agent, base, "Unary", BytesBody(frame(b"hi")), x_forwarded_client_cert=b"Hash=ab")
         assert response.code == 200 and response.version == (b"HTTP", 2, 0)
         assert response.headers.getRawHeaders(b"content-type") == [b"application/grpc"]
         assert unframe(body.data) == [b"echo:hi"]
@@ -140,7 +121,7 @@ async def test_server_stream_client_stream_and_bidi(pki, grpc_upstream):
 
     agent, base = _agent(pki, grpc_upstream.port)
     try:
-        response, body = await _call(agent, base, "ServerStream", Bytes(frame(b"5")))
+        response, body = await _call(agent, base, "ServerStream", BytesBody(frame(b"5")))
         assert unframe(body.data) == [b"0", b"1", b"2", b"3", b"4"]
         assert dict(response.trailers)[b"grpc-status"] == b"0"
         response, body = await _call(agent, base, "ClientStream", Chunks(reactor, [frame(b"a"), frame(b"b"), frame(b"c")]))
@@ -155,11 +136,11 @@ async def test_server_stream_client_stream_and_bidi(pki, grpc_upstream):
 async def test_error_status_and_grpc_timeout_arrive(pki, grpc_upstream):
     agent, base = _agent(pki, grpc_upstream.port)
     try:
-        response, body = await _call(agent, base, "Fail", Bytes(frame(b"")))
+        response, body = await _call(agent, base, "Fail", BytesBody(frame(b"")))
         # a trailers-only response: grpc-status in the headers, no body
         status = response.headers.getRawHeaders(b"grpc-status") or [dict(response.trailers).get(b"grpc-status")]
         assert status == [b"3"]
-        response, body = await _call(agent, base, "Deadline", Bytes(frame(b"")), grpc_timeout=b"5S")
+        response, body = await _call(agent, base, "Deadline", BytesBody(frame(b"")), grpc_timeout=b"5S")
         remaining = float(unframe(body.data)[0])
         assert 0 < remaining <= 5
     finally:
@@ -171,7 +152,7 @@ async def test_many_calls_share_one_connection(pki, grpc_upstream):
     agent, base = _agent(pki, grpc_upstream.port)
     try:
         results = await defer.gatherResults([
-            defer.ensureDeferred(_call(agent, base, "Unary", Bytes(frame(b"%d" % i)))) for i in range(20)
+            defer.ensureDeferred(_call(agent, base, "Unary", BytesBody(frame(b"%d" % i)))) for i in range(20)
         ])  # fmt: skip
         assert sorted(unframe(body.data)[0] for _, body in results) == sorted(b"echo:%d" % i for i in range(20))
         assert agent.connection_count() == 1
@@ -185,7 +166,7 @@ async def test_the_stream_limit_opens_a_second_connection(pki, grpc_upstream):
     agent.max_streams = 2
     try:
         results = await defer.gatherResults([
-            defer.ensureDeferred(_call(agent, base, "Unary", Bytes(frame(b"%d" % i)))) for i in range(5)
+            defer.ensureDeferred(_call(agent, base, "Unary", BytesBody(frame(b"%d" % i)))) for i in range(5)
         ])  # fmt: skip
         assert len(results) == 5
         assert agent.connection_count() >= 2
@@ -198,7 +179,7 @@ async def test_without_the_client_certificate_the_upstream_refuses(pki, grpc_ups
     agent, base = _agent(pki, grpc_upstream.port, tls_client_cert_file=None, tls_client_key_file=None)
     try:
         with pytest.raises(Exception) as e:
-            await _call(agent, base, "Unary", Bytes(frame(b"hi")))
+            await _call(agent, base, "Unary", BytesBody(frame(b"hi")))
         assert not isinstance(e.value, AssertionError)
     finally:
         await agent.close()
@@ -208,12 +189,12 @@ async def test_without_the_client_certificate_the_upstream_refuses(pki, grpc_ups
 async def test_cancelling_a_call_resets_its_stream_and_the_connection_goes_on(pki, grpc_upstream):
     agent, base = _agent(pki, grpc_upstream.port)
     try:
-        await _call(agent, base, "Unary", Bytes(frame(b"before")))  # the connection is up
-        d = agent.request(b"POST", f"{base}/test.Echo/Sleep".encode(), _grpc_headers(), Bytes(frame(b"")))
+        await _call(agent, base, "Unary", BytesBody(frame(b"before")))  # the connection is up
+        d = agent.request(b"POST", f"{base}/test.Echo/Sleep".encode(), _grpc_headers(), BytesBody(frame(b"")))
         d.cancel()
         with pytest.raises(defer.CancelledError):
             await d
-        response, body = await _call(agent, base, "Unary", Bytes(frame(b"after")))
+        response, body = await _call(agent, base, "Unary", BytesBody(frame(b"after")))
         assert unframe(body.data) == [b"echo:after"]
         assert agent.connection_count() == 1
     finally:
