@@ -27,8 +27,6 @@ import pytest_twisted
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet import defer
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -36,6 +34,7 @@ from twisted.web.http_headers import Headers
 from mtlsgate.config.model import Route
 from mtlsgate.http.headers import GATEWAY_OWNED, HOP_BY_HOP, TRAILER_FORBIDDEN, client_response_trailers
 from mtlsgate.proxy.upstream import UpstreamGroup
+from tests.agent_body import Collect
 from tests.conftest import free_port, gateway_config
 from tests.h2peer import H2Client
 
@@ -226,18 +225,6 @@ class HostileH2Upstream:
         self.thread.join(5)
 
 
-class _Collect(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: defer.Deferred[list[Failure]] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.done.callback([reason])
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_hostile_h2_upstreams_trailers_reach_the_agent_and_the_hygiene_drops_the_forged_ones(pki):
     from twisted.internet import reactor
@@ -248,7 +235,7 @@ async def test_a_hostile_h2_upstreams_trailers_reach_the_agent_and_the_hygiene_d
     group = UpstreamGroup(reactor, route)
     try:
         response = await group.agent.request(b"GET", f"https://127.0.0.1:{upstream.port}/".encode())
-        body = _Collect()
+        body = Collect()
         response.deliverBody(body)
         [reason] = await body.done
         assert reason.check(ResponseDone) and body.data == b"hello"

@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -23,19 +21,8 @@ from mtlsgate.config.model import Route
 from mtlsgate.http.client import BytesBody
 from mtlsgate.http.h2client import H2Agent
 from mtlsgate.proxy.upstream import UpstreamGroup
+from tests.agent_body import Collect
 from tests.grpc_peer import GRPCServer, frame, unframe
-
-
-class Collect(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: defer.Deferred[list[Failure]] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.done.callback([reason])  # in a list: a Deferred fired with a Failure would fail
 
 
 @implementer(IBodyProducer)
