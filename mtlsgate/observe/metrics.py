@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 from zope.interface import implementer
 
 from mtlsgate.accounting import FinishedRequest, IRequestObserver
-from mtlsgate.tls.observer import IConnectionObserver
+from mtlsgate.tls.observer import IConnectionObserver, NoObserver
 
 #: Upstream latency buckets, seconds: from a loopback hop to a slow backend.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -123,8 +123,11 @@ class GatewayMetrics:
 
 
 @implementer(IConnectionObserver, IRequestObserver)
-class NoMetrics:
-    """The metrics of a gateway without an admin listener: nobody could read them, so nothing is counted."""
+class NoMetrics(NoObserver):
+    """
+    The metrics of a gateway without an admin listener: nobody could read them, so nothing is counted (the TLS
+    listener's events are ignored as L{NoObserver} ignores them).
+    """
 
     registry = None  # no prometheus_client registry is made (nor the module imported)
 
@@ -153,15 +156,6 @@ class NoMetrics:
         pass
 
     def upstream_responded(self, route: str, seconds: float) -> None:
-        pass
-
-    def handshake(self, result: str, reason: str = "") -> None:
-        pass
-
-    def connection_opened(self) -> None:
-        pass
-
-    def connection_closed(self) -> None:
         pass
 
     def acme_order(self, result: str) -> None:
