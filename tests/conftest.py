@@ -106,12 +106,17 @@ def _needed_tools(request: pytest.FixtureRequest) -> None:
     every tool, gets a failure, since a skip there would hide a broken install step.
     """
     for marker in request.node.iter_markers("needs"):
-        missing = [tool for tool in marker.args if not find_tool(tool)]
-        if missing:
-            message = f"{', '.join(missing)} not installed (.ci/run installs it)"
-            under_ci = os.environ.get("CI") == "true"
-            outcome = functools.partial(pytest.fail, pytrace=False) if under_ci else pytest.skip
-            outcome(message + (": under CI this is a broken install step, not a skip" if under_ci else ""))
+        require_tools(*marker.args)
+
+
+def require_tools(*tools: str) -> None:
+    """Skip the test where a tool is missing; fail it under CI=true, where a skip would hide a broken install step."""
+    missing = [tool for tool in tools if not find_tool(tool)]
+    if missing:
+        message = f"{', '.join(missing)} not installed (.ci/run installs it)"
+        under_ci = os.environ.get("CI") == "true"
+        outcome = functools.partial(pytest.fail, pytrace=False) if under_ci else pytest.skip
+        outcome(message + (": under CI this is a broken install step, not a skip" if under_ci else ""))
 
 
 def find_tool(name: str) -> str | None:
@@ -570,8 +575,7 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     test's directory (no persistence unless C{persist}: then SIGTERM writes dump.rdb and a restart
     reads it); all stopped by PID at teardown.
     """
-    if not find_tool("redis-server"):
-        pytest.skip("redis-server not installed")
+    require_tools("redis-server")
     started: list[RedisServer] = []
     numbers = itertools.count(1)
 
