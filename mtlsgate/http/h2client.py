@@ -381,12 +381,24 @@ class H2ClientConnection(Protocol):
                 d.errback(error)
             self.abort()
             return
+        self._send_preface()
         for d in waiters:
             d.callback(None)
 
     def connectionMade(self) -> None:
         self.connected = True
         self.transport.registerProducer(self, True)
+        if self.origin.scheme != b"https":
+            self._send_preface()  # prior knowledge on http://; over TLS the preface waits for the handshake
+
+    def _send_preface(self) -> None:
+        """
+        The connection preface and our settings.  Over TLS they go once the handshake is done, never
+        before: bytes written during the handshake wait in C{TLSMemoryBIOProtocol}'s buffer, and a
+        write made from C{handshakeCompleted} (a request started by whoever waited for the handshake)
+        reaches OpenSSL before that buffer is flushed, so the upstream would see a HEADERS frame
+        before the preface (docs/engine.md, "Writes before the TLS handshake").
+        """
         h2 = self.h2
         h2.initiate_connection()
         h2.update_settings({

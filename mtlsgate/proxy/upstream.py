@@ -17,7 +17,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -132,6 +132,11 @@ class _DirectTLSEndpoint:
     C{wrapClientTLS(creator, endpoint)}, with TLS writes made at once: the upstream client writes a
     request's head in one write, so Twisted's default coalescing of small TLS writes (a callLater(0)
     per write, and a reactor turn of latency) buys nothing here.
+
+    Under it a client must write nothing before the TLS handshake is done: C{TLSMemoryBIOProtocol} holds
+    such bytes until the handshake's last flight has been read, and a write made from
+    C{handshakeCompleted} (where the connection is handed over) reaches OpenSSL before them.  Both
+    upstream clients wait (the HTTP/2 client sends its preface from C{handshakeCompleted}).
     """
 
     def __init__(self, creator: IOpenSSLClientConnectionCreator, wrapped: IStreamClientEndpoint) -> None:
@@ -205,13 +210,10 @@ class _EndpointPerOrigin:
     IDNA-encodes the name of) a new endpoint for every request: 6 % of a keep-alive request's time.
     """
 
-    def __init__(self, reactor: IReactorTimeAndTCP, policy: UpstreamTLSPolicy, connect_timeout: float | None, direct_tls: bool = True) -> None:
+    def __init__(self, reactor: IReactorTimeAndTCP, policy: UpstreamTLSPolicy, connect_timeout: float | None) -> None:
         self.reactor = reactor
         self.policy = policy
         self.connect_timeout = connect_timeout
-        # The HTTP/1.1 client's TLS writes go to OpenSSL at once (_DirectTLSEndpoint); the HTTP/2 client keeps Twisted's
-        # wrapClientTLS, under which it is tested (its preface is refused by the upstream under the direct transport).
-        self.direct_tls = direct_tls
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -222,7 +224,7 @@ class _EndpointPerOrigin:
             endpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=timeout)
             if uri.scheme == b"https":
                 creator = self.policy.creatorForNetloc(uri.host, uri.port)
-                endpoint = _DirectTLSEndpoint(creator, endpoint) if self.direct_tls else wrapClientTLS(creator, endpoint)
+                endpoint = _DirectTLSEndpoint(creator, endpoint)
                 if self.connect_timeout is not None:
                     endpoint = _HandshakeBoundedEndpoint(self.reactor, endpoint, self.connect_timeout)
             self._endpoints[key] = endpoint
@@ -242,7 +244,7 @@ class UpstreamGroup:
         self.agent: HTTP11Agent | H2Agent
         if route.upstream_protocol == "http2":
             # mtlsgate's HTTP/2 client (mtlsgate.http.h2client): one connection per origin carrying many streams.
-            self.agent = H2Agent(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout, direct_tls=False),
+            self.agent = H2Agent(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout),
                                  max_header_size=route.max_response_header_size)  # fmt: skip
         else:
             # mtlsgate's own HTTP/1.1 client (mtlsgate.http.client, docs/engine.md): a keep-alive pool per origin
@@ -254,8 +256,7 @@ class UpstreamGroup:
         if route.health_check is not None:
             # A fresh connection per check (same TLS policy as requests, Connection: close): it proves the upstream
             # still accepts connections, and check connections never mix with the request pool.
-            check_endpoints = _EndpointPerOrigin(reactor, policy, min(route.connect_timeout, route.health_check.timeout),
-                                                 direct_tls=route.upstream_protocol != "http2")  # fmt: skip
+            check_endpoints = _EndpointPerOrigin(reactor, policy, min(route.connect_timeout, route.health_check.timeout))
             checks: HTTP11Agent | H2Agent
             if route.upstream_protocol == "http2":
                 checks = H2Agent(reactor, check_endpoints, max_header_size=route.max_response_header_size, persistent=False)

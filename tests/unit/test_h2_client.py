@@ -109,6 +109,7 @@ class Endpoint:
         protocol = factory.buildProtocol(None)
         transport = StringTransport()
         protocol.makeConnection(transport)
+        protocol.handshakeCompleted()  # as the upstream TLS endpoint hands over a connection: handshaken (_HandshakeBoundedEndpoint)
         self.peers.append(Peer(protocol, transport, self.settings))
         return protocol
 
@@ -441,16 +442,33 @@ def test_a_protocol_error_fails_every_stream():
         assert failure.check(ResponseNeverReceived) and failure.value.reasons[0].check(UpstreamProtocolError)
 
 
-def test_an_alpn_other_than_h2_is_refused():
+def test_an_alpn_other_than_h2_is_refused_before_any_http2_byte_is_sent():
     agent, endpoint, _ = make()
+    endpoint.hold = True
     agent.request(b"GET", URL)
-    connection = endpoint.peers[0].client
-    connection.transport.negotiatedProtocol = b"http/1.1"
+    [(_, factory)] = endpoint.pending
+    connection = factory.buildProtocol(None)
+    transport = StringTransport()
+    transport.negotiatedProtocol = b"http/1.1"  # type: ignore[attr-defined]
+    connection.makeConnection(transport)
     waiting = connection.when_handshake_done()
-    connection._handshake_waiters = [waiting]
     connection.handshakeCompleted()
     [failure] = results(waiting)
     assert failure.check(UpstreamProtocolError)
+    assert transport.value() == b""  # not even the preface: over TLS it waits for the handshake's outcome
+
+
+def test_over_tls_the_preface_waits_for_the_handshake_and_goes_before_the_first_request():
+    agent, endpoint, _ = make()
+    endpoint.hold = True
+    agent.request(b"GET", URL)
+    [(_, factory)] = endpoint.pending
+    connection = factory.buildProtocol(None)
+    transport = StringTransport()
+    connection.makeConnection(transport)
+    assert transport.value() == b""  # during the handshake: nothing (TLSMemoryBIOProtocol would buffer it, see _send_preface)
+    connection.handshakeCompleted()
+    assert transport.value().startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
 
 
 def test_an_idle_connection_closes_after_the_idle_timeout_and_retire_closes_idle_ones():
