@@ -49,13 +49,21 @@ def xfcc(cert: Any) -> bytes:
 
 
 class Request:
+    """A request parsed, its response not yet all relayed: what is still to go upstream, and how the client frames it."""
+
     __slots__ = ("pending", "chunked", "done", "keep_alive", "http11")
+    pending: list[bytes]
+    chunked: bool
+    done: bool
+    keep_alive: bool
+    http11: bool
 
 
 class Upstream(Protocol):
     """One kept-alive mTLS connection to the upstream: relays each response to the Downstream it serves."""
 
     down: Downstream | None = None
+    transport: Any
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway, self.parser, self.chunked, self.producing = gateway, httptools.HttpResponseParser(self), False, False
@@ -70,7 +78,7 @@ class Upstream(Protocol):
             self.transport.abortConnection()
 
     def on_message_begin(self) -> None:
-        self.reason, self.headers = b"", []
+        self.reason, self.headers = b"", list[tuple[bytes, bytes]]()
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -125,8 +133,11 @@ class Upstream(Protocol):
 class Downstream(Protocol):
     """One client connection: parses its requests, sends each upstream in turn, its responses come back in order."""
 
+    transport: Any
+
     def __init__(self, gateway: Gateway) -> None:
-        self.gateway, self.parser, self.queue, self.up = gateway, httptools.HttpRequestParser(self), deque[Request](), None
+        self.gateway, self.parser, self.queue = gateway, httptools.HttpRequestParser(self), deque[Request]()
+        self.up: Upstream | None = None
         self.xfcc: bytes | None = None
         self.lost = False
 
@@ -141,7 +152,7 @@ class Downstream(Protocol):
             self.transport.loseConnection()
 
     def on_message_begin(self) -> None:
-        self.url, self.headers = b"", []
+        self.url, self.headers = b"", list[tuple[bytes, bytes]]()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -268,7 +279,7 @@ def serve(args: argparse.Namespace, ctx: SSL.Context, worker: int) -> None:
     sock.close()
     gc.freeze()  # start-up's objects out of the collector's way, as mtlsgate does
     print(f"worker {worker} serving", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 def main(argv: list[str] | None = None) -> int:
