@@ -33,8 +33,9 @@ from urllib.parse import urlsplit
 import httptools
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
@@ -63,13 +64,15 @@ class Upstream(Protocol):
     """One kept-alive mTLS connection to the upstream: relays each response to the Downstream it serves."""
 
     down: Downstream | None = None
+    head: bytes | None = None  # the response head, held to go out in one TLS write with the first piece of the body
     transport: Any
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway, self.parser, self.chunked, self.producing = gateway, httptools.HttpResponseParser(self), False, False
+    def __init__(self, gateway: Gateway, ready: Deferred[Upstream]) -> None:
+        self.gateway, self.parser, self.chunked, self.producing, self.ready = gateway, httptools.HttpResponseParser(self), False, False, ready
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
+        self.ready.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -103,21 +106,25 @@ class Upstream(Protocol):
         elif length < 0 and status >= 200 and status not in (204, 304):
             req.keep_alive = False  # an HTTP/1.0 client: the end of the connection ends the body
         head.append((b"" if req.http11 else b"Connection: keep-alive\r\n") if req.keep_alive else b"Connection: close\r\n")
-        self.down.transport.write(b"".join(head) + b"\r\n")
+        self.head = b"".join(head) + b"\r\n"
         self.producing = length < 0 or length > 65536  # a large body: the upstream waits while the client is slow
         if self.producing:
             self.down.transport.registerProducer(self.transport, True)
 
     def on_body(self, data: bytes) -> None:
         if self.down is not None:
-            self.down.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+            data = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+            if self.head is not None:
+                data, self.head = self.head + data, None
+            self.down.transport.write(data)
 
     def on_message_complete(self) -> None:
         down, self.down = self.down, None
         if down is None:
             return
-        if self.chunked:
-            down.transport.write(b"0\r\n\r\n")
+        if self.head is not None or self.chunked:
+            down.transport.write((self.head or b"") + (b"0\r\n\r\n" if self.chunked else b""))
+            self.head = None
         if self.producing:
             down.transport.unregisterProducer()
             self.transport.resumeProducing()
@@ -227,19 +234,35 @@ class Downstream(Protocol):
 
 class Gateway(Factory):
     def __init__(self, reactor: Any, args: argparse.Namespace) -> None:
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
         from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS, trustRootFromCertificates
 
         with open(args.ca, "rb") as ca, open(args.upstream_cert, "rb") as cert, open(args.upstream_key, "rb") as key:
             trust = trustRootFromCertificates([Certificate.loadPEM(ca.read())])
             options = optionsForClientTLS(args.server_name, trustRoot=trust, clientCertificate=PrivateCertificate.loadPEM(cert.read() + key.read()))
         target = urlsplit(args.upstream)
-        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, target.hostname, target.port or 443))
-        self.connect = lambda: connectProtocol(endpoint, Upstream(self))
+        self.connect = lambda: Connecting(self, reactor, target.hostname, target.port or 443, options).ready
         self.server_name, self.pool = args.server_name.encode(), list[Upstream]()
 
     def buildProtocol(self, addr: object) -> Downstream:
         return Downstream(self)
+
+
+class Connecting(ClientFactory):
+    """One new upstream connection; C{ready} fires with its Upstream once TCP is up (the TLS handshake goes ahead of the first write)."""
+
+    def __init__(self, gateway: Gateway, reactor: Any, host: str, port: int, options: Any) -> None:
+        self.gateway, self.ready = gateway, Deferred[Upstream]()
+        reactor.connectTCP(host, port, DirectTLS(options, True, self))
+
+    def buildProtocol(self, addr: object) -> Upstream:
+        return Upstream(self.gateway, self.ready)
+
+    def clientConnectionFailed(self, connector: object, reason: Any) -> None:
+        self.ready.errback(reason)
+
+
+class DirectTLS(TLSMemoryBIOFactory):
+    protocol = TLSMemoryBIOProtocol  # every write goes to OpenSSL at once, not held for a callLater(0) (Twisted's BufferingTLSTransport)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -275,7 +298,7 @@ def serve(args: argparse.Namespace, ctx: SSL.Context, worker: int) -> None:
     sock.bind((args.host, args.port))
     sock.listen(1024)
     sock.setblocking(False)
-    reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, TLSMemoryBIOFactory(ServerTLS(ctx), False, Gateway(reactor, args)))  # type: ignore[attr-defined]
+    reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, DirectTLS(ServerTLS(ctx), False, Gateway(reactor, args)))  # type: ignore[attr-defined]
     sock.close()
     gc.freeze()  # start-up's objects out of the collector's way, as mtlsgate does
     print(f"worker {worker} serving", flush=True)
