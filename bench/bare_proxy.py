@@ -65,6 +65,7 @@ class Upstream(Protocol):
 
     down: Downstream | None = None
     head: bytes | None = None  # the response head, held to go out in one TLS write with the first piece of the body
+    answering = False  # a response head came for the request in flight
     transport: Any
 
     def __init__(self, gateway: Gateway, ready: Deferred[Upstream]) -> None:
@@ -92,6 +93,7 @@ class Upstream(Protocol):
     def on_headers_complete(self) -> None:
         if self.down is None:
             return
+        self.answering = True
         req, status = self.down.queue[0], self.parser.get_status_code()
         head, length = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)], -1
         for name, value in self.headers:
@@ -119,7 +121,7 @@ class Upstream(Protocol):
             self.down.transport.write(data)
 
     def on_message_complete(self) -> None:
-        down, self.down = self.down, None
+        down, self.down, self.answering = self.down, None, False
         if down is None:
             return
         if self.head is not None or self.chunked:
@@ -134,7 +136,7 @@ class Upstream(Protocol):
         if self in self.gateway.pool:
             self.gateway.pool.remove(self)
         if self.down is not None:  # mid-exchange: a 502 if the client has seen nothing yet, else the client's connection ends too
-            self.down.unavailable() if self.parser.get_status_code() == 0 else self.down.transport.loseConnection()
+            self.down.unavailable() if not self.answering else self.down.transport.loseConnection()
 
 
 class Downstream(Protocol):
