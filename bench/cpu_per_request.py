@@ -4,7 +4,8 @@ Gateway CPU time per request, and idle memory: figures a busy machine barely mov
 Throughput on a shared machine measures the machine's other load as much as the gateway.  The CPU
 time the gateway's processes spend per request does not depend on how long the run took: this script
 starts the bench's nginx mTLS upstream and one or more gateways (mtlsgate, optionally at several code
-versions, and the aiohttp + uvloop peer of bench/aiohttp_proxy.py), drives each with
+versions, the aiohttp + uvloop peer of bench/aiohttp_proxy.py, and with --bare the bare Twisted ceiling of
+bench/bare_proxy.py: mtlsgate's stack without mtlsgate's work), drives each with
 C{ab -k -n N -c C} (TLS 1.3, a client certificate, as bench/run.py does), and reads the utime+stime
 of the gateway's process tree from /proc before and after: microseconds of gateway CPU per request.
 Runs alternate between the sides (A B C A B C ...); the median and the minimum of the repeats are
@@ -18,6 +19,7 @@ Memory: the RSS of every process of each side after start-up and after a warm-up
     PYTHONPATH=. python bench/cpu_per_request.py --mtlsgate base=/tmp/base --mtlsgate new=.   # two code versions (A/B)
     PYTHONPATH=. python bench/cpu_per_request.py --workers 2 --idle 1000 --requests 0          # memory only
     PYTHONPATH=. python bench/cpu_per_request.py --no-aiohttp --repeats 1 --py-spy /tmp/prof   # and a py-spy profile
+    PYTHONPATH=. python bench/cpu_per_request.py --bare --py-spy /tmp/prof     # beside the bare Twisted ceiling, both profiled
 
 C{--mtlsgate NAME=DIR} runs twistd with PYTHONPATH=DIR (an export of a commit: C{git archive REV | tar -x -C DIR}).
 """
@@ -99,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mtlsgate", action="append", metavar="NAME=DIR", help="an mtlsgate side: its PYTHONPATH [default: mtlsgate=.]")
     parser.add_argument("--no-aiohttp", action="store_true", help="leave the aiohttp + uvloop peer out")
     parser.add_argument("--nginx", action="store_true", help="measure nginx as a gateway too")
+    parser.add_argument("--bare", action="store_true", help="measure the bare Twisted ceiling too (bench/bare_proxy.py)")
     parser.add_argument("--workers", type=int, default=1, help="processes per side [default: 1]")
     parser.add_argument("--requests", type=int, default=20000, help="requests per run (ab -n); 0: memory only [default: 20000]")
     parser.add_argument("--concurrency", type=int, default=32, help="ab -c [default: 32]")
     parser.add_argument("--path", default="/1k", choices=("/1k", "/1m"), help="the upstream resource [default: /1k]")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side; the median is reported [default: 3]")
     parser.add_argument("--idle", type=int, default=0, help="hold N idle TLS connections for the memory figure [default: 0, skip]")
-    parser.add_argument("--py-spy", metavar="PREFIX", help="also profile each mtlsgate side (py-spy --format raw) to PREFIX-NAME.txt during one more run")
+    parser.add_argument("--py-spy", metavar="PREFIX",
+                        help="also profile each mtlsgate side and the bare one (py-spy --format raw) to PREFIX-NAME.txt during one more run")
     parser.add_argument("--config", default="limits: {max_connections: 20000, idle_timeout: 300s}\n", help="mtlsgate's YAML config")
     args = parser.parse_args(argv)
     if not shutil.which("ab") or not os.path.exists(harness.NGINX):
@@ -133,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             proc = harness.start_aiohttp(d, port, up_port, args.workers, files, ca_pem)
             procs.append(proc)
             sides["aiohttp"] = (port, proc.pid)
+        if args.bare:
+            port = harness.free_port()
+            proc = harness.start_bare(d, port, up_port, args.workers, files, ca_pem)
+            procs.append(proc)
+            sides["bare"] = (port, proc.pid)
         if args.nginx:
             port = harness.free_port()
             proc = harness.start_nginx(d / "nginx-gw", harness.NGINX_GATEWAY.format(
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                     p99[side].append(r["p99"])
 
         if args.py_spy:
-            for name, _ in gateways:
+            for name in [name for name, _ in gateways] + (["bare"] if args.bare else []):
                 port, pid = sides[name]
                 worker = tree(pid)[-1]
                 spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-o", f"{args.py_spy}-{name}.txt", "--pid", str(worker)],

@@ -1,21 +1,23 @@
 """
-mtlsgate beside nginx and beside the best plain-Python peer, doing the identical job on the same machine in the same run.
+mtlsgate beside nginx, the best plain-Python peer and the bare Twisted ceiling, doing the identical job on the same machine in the same run.
 
-All three gateways terminate TLS 1.3, require and verify a client certificate, and proxy over kept-alive
+All four gateways terminate TLS 1.3, require and verify a client certificate, and proxy over kept-alive
 mTLS connections to the same nginx upstream (a fixed 1 KiB and 1 MiB body), setting an
-X-Forwarded-Client-Cert header, access logging off: mtlsgate, nginx, and an aiohttp + uvloop proxy
-(bench/aiohttp_proxy.py).  ApacheBench (ab -E, a client certificate) drives them, alternating runs
-(A B C A B C ...) so machine drift hits all alike; every run lasts the same time (ab -t --seconds, with a
-large -n), so a fast side is not measured mostly on its start-up and handshakes.  The table shows
-medians and the ratios mtlsgate/nginx, aiohttp/nginx and mtlsgate/aiohttp.  Every side gets the same
-number of processes: mtlsgate --workers N, nginx worker_processes N, N aiohttp processes on one
-SO_REUSEPORT port (default: one per core).
+X-Forwarded-Client-Cert header, access logging off: mtlsgate, nginx, an aiohttp + uvloop proxy
+(bench/aiohttp_proxy.py), and the bare Twisted ceiling (bench/bare_proxy.py: mtlsgate's own stack,
+Twisted + pyOpenSSL + httptools, with none of its hardening, routing or metrics; issue #13's yardstick,
+mg/bare shows how far mtlsgate is from what its stack allows).  ApacheBench (ab -E, a client certificate)
+drives them, alternating runs (A B C D A B C D ...) so machine drift hits all alike; every run lasts the
+same time (ab -t --seconds, with a large -n), so a fast side is not measured mostly on its start-up and
+handshakes.  The table shows medians and the ratios mtlsgate/nginx, aiohttp/nginx, mtlsgate/aiohttp,
+bare/nginx and mtlsgate/bare.  Every side gets the same number of processes: mtlsgate --workers N, nginx
+worker_processes N, N aiohttp and N bare processes on one SO_REUSEPORT port each (default: one per core).
 
 Besides ab's figures: resumed connections (openssl s_time -reuse, timed from outside, since s_time
 counts whole seconds), the added latency at c=1 over going straight to the upstream, and memory per
 idle TLS connection (N handshaken connections held open, RSS of the process tree before and after).
 
-    python bench/run.py                 # the full run (5 s per run, 3 rounds: about 6 minutes)
+    python bench/run.py                 # the full run (5 s per run, 3 rounds: about 8 minutes)
     python bench/run.py --workers 1     # one process each
     python bench/run.py --smoke         # seconds: keeps the harness from rotting (CI)
 
@@ -224,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def start_aiohttp(d: Path, port: int, upstream: int, workers: int, files: dict[str, tuple[Path, Path]], ca: Path) -> subprocess.Popen:
-    """The aiohttp + uvloop peer (bench/aiohttp_proxy.py), N processes on one SO_REUSEPORT port; returns once all serve."""
-    log = d / "aiohttp.log"
+def start_peer(script: str, d: Path, port: int, upstream: int, workers: int, files: dict[str, tuple[Path, Path]], ca: Path) -> subprocess.Popen:
+    """A Python peer (bench/aiohttp_proxy.py, bench/bare_proxy.py: the same CLI), N processes on one SO_REUSEPORT port; returns once all serve."""
+    log = d / f"{Path(script).stem}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("aiohttp_proxy.py")), "--port", str(port), "--workers", str(workers),
+            [sys.executable, str(Path(__file__).with_name(script)), "--port", str(port), "--workers", str(workers),
              "--cert", str(files["server"][0]), "--key", str(files["server"][1]), "--ca", str(ca),
              "--upstream", f"https://127.0.0.1:{upstream}", "--upstream-cert", str(files["gwclient"][0]),
              "--upstream-key", str(files["gwclient"][1]), "--server-name", "localhost"],
@@ -238,6 +240,16 @@ def start_aiohttp(d: Path, port: int, upstream: int, workers: int, files: dict[s
     wait_for(port, proc)
     _wait_for_log(log, "serving", count=workers)
     return proc
+
+
+def start_aiohttp(d: Path, port: int, upstream: int, workers: int, files: dict[str, tuple[Path, Path]], ca: Path) -> subprocess.Popen:
+    """The aiohttp + uvloop peer (bench/aiohttp_proxy.py)."""
+    return start_peer("aiohttp_proxy.py", d, port, upstream, workers, files, ca)
+
+
+def start_bare(d: Path, port: int, upstream: int, workers: int, files: dict[str, tuple[Path, Path]], ca: Path) -> subprocess.Popen:
+    """The bare Twisted ceiling (bench/bare_proxy.py)."""
+    return start_peer("bare_proxy.py", d, port, upstream, workers, files, ca)
 
 
 def stop_all(procs: list[subprocess.Popen]) -> None:
@@ -277,7 +289,7 @@ def bench_files(d: Path) -> tuple[Path, dict[str, tuple[Path, Path]], Path]:
 
 
 def run(d: Path, rounds: int, seconds: int, workers: int, idle: int, affinity: str = "connection", *, smoke: bool = False) -> dict[str, dict[str, list[float]]]:
-    """Start everything in C{d}, measure the three sides, stop everything; the figures per side."""
+    """Start everything in C{d}, measure the four sides, stop everything; the figures per side."""
     # A timed run (ab -t) ends after C{seconds} or at the cap, whichever comes first: the cap keeps --smoke tiny.
     def cap(n: int) -> int:
         return n if smoke else 1_000_000
@@ -287,7 +299,7 @@ def run(d: Path, rounds: int, seconds: int, workers: int, idle: int, affinity: s
 
         procs: list[subprocess.Popen] = []
         try:
-            up_port, ng_port, mg_port, aio_port = free_port(), free_port(), free_port(), free_port()
+            up_port, ng_port, mg_port, aio_port, bare_port = free_port(), free_port(), free_port(), free_port(), free_port()
             cert, key = files["server"]
             procs.append(start_nginx(d / "upstream", UPSTREAM.format(port=up_port, cert=cert, key=key, ca=ca_pem, dir=d / "upstream"), up_port))
             nginx_gw = start_nginx(d / "nginx-gw", NGINX_GATEWAY.format(
@@ -309,7 +321,9 @@ def run(d: Path, rounds: int, seconds: int, workers: int, idle: int, affinity: s
             _wait_for_log(d / "mtlsgate.log", f"worker {workers - 1} serving" if workers > 1 else "route(s)")
             aio = start_aiohttp(d, aio_port, up_port, workers, files, ca_pem)
             procs.append(aio)
-            sides = {"mtlsgate": (mg_port, mtlsgate.pid), "nginx": (ng_port, nginx_gw.pid), "aiohttp": (aio_port, aio.pid)}
+            bare = start_bare(d, bare_port, up_port, workers, files, ca_pem)
+            procs.append(bare)
+            sides = {"mtlsgate": (mg_port, mtlsgate.pid), "nginx": (ng_port, nginx_gw.pid), "aiohttp": (aio_port, aio.pid), "bare": (bare_port, bare.pid)}
             results: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
 
             def record(side: str, figure: str, value: float) -> None:
@@ -320,7 +334,7 @@ def run(d: Path, rounds: int, seconds: int, workers: int, idle: int, affinity: s
                 record(side, "RSS idle after warm-up (MiB)", rss_kib(pid) / 1024)
             for _ in range(rounds):
                 direct = ab(up_port, "/1k", client_pem, concurrency=1, requests=cap(50), keepalive=True, seconds=seconds)
-                for side, (port, pid) in sides.items():  # A B C A B C: drift hits every side alike
+                for side, (port, pid) in sides.items():  # A B C D A B C D: drift hits every side alike
                     for c in (1, 32):
                         r = ab(port, "/1k", client_pem, concurrency=c, requests=cap(50 * c), keepalive=True, seconds=seconds)
                         record(side, f"keep-alive req/s c={c}", r["rps"])
@@ -365,15 +379,21 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:6.2f}x" if b else "      -"
 
 
+RATIOS = (("mg/nginx", "mtlsgate", "nginx"), ("aio/nginx", "aiohttp", "nginx"), ("mg/aio", "mtlsgate", "aiohttp"),
+          ("bare/nginx", "bare", "nginx"), ("mg/bare", "mtlsgate", "bare"))  # fmt: skip
+
+
 def report(results: dict[str, dict[str, list[float]]], rounds: int, workers: int, seconds: int) -> None:
-    """The table: a figure per line, the three sides' medians, then mtlsgate/nginx, aiohttp/nginx and mtlsgate/aiohttp."""
+    """The table: a figure per line, the four sides' medians, then the ratios of RATIOS (mg/bare: how far from the ceiling of its own stack)."""
     figures = list(results["nginx"])
     width = max(map(len, figures))
-    print(f"\n{'figure'.ljust(width)}  {'mtlsgate':>10}  {'nginx':>10}  {'aiohttp':>10}  {'mg/nginx':>7}  {'aio/nginx':>7}  {'mg/aio':>7}"
-          f"   (medians of {rounds} round(s) of {seconds} s runs, {workers} process(es) each)")
+    sides = ("mtlsgate", "nginx", "aiohttp", "bare")
+    print(f"\n{'figure'.ljust(width)}" + "".join(f"  {side:>10}" for side in sides) + "".join(f"  {name:>10}" for name, _, _ in RATIOS)
+          + f"   (medians of {rounds} round(s) of {seconds} s runs, {workers} process(es) each)")
     for figure in figures:
-        mg, ng, aio = (statistics.median(results[side][figure]) for side in ("mtlsgate", "nginx", "aiohttp"))
-        print(f"{figure.ljust(width)}  {mg:10.1f}  {ng:10.1f}  {aio:10.1f}  {_ratio(mg, ng)}  {_ratio(aio, ng)}  {_ratio(mg, aio)}")
+        median = {side: statistics.median(results[side][figure]) for side in sides}
+        print(figure.ljust(width) + "".join(f"  {median[side]:10.1f}" for side in sides)
+              + "".join(f"  {_ratio(median[a], median[b]):>10}" for _, a, b in RATIOS))
 
 
 if __name__ == "__main__":
