@@ -33,7 +33,9 @@ from typing import Any, Callable
 
 from OpenSSL.SSL import WantReadError
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 # The FileDescriptor attributes the fast path reads (never writes): its state must be "nothing queued, nothing asked".
 TRANSPORT_STATE = (
@@ -95,6 +97,10 @@ class SendAtOnce(TLSMemoryBIOProtocol):
     def makeConnection(self, transport: Any) -> None:
         self._direct = direct_writer(transport)
         super().makeConnection(transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._direct = None  # lets go of the transport and its socket's send
+        super().connectionLost(reason)
 
     def write(self, data: bytes) -> None:
         if len(data) <= RECORD or self._direct is None or self._holding:

@@ -415,6 +415,7 @@ def test_tls_output_is_sent_at_once_and_a_large_write_in_one_send(server_options
         select.select([client_t.getHandle()], [], [], 0.1)
     assert client_app.lost is not None and client_app.lost.check(ConnectionDone), client_app.lost
     assert server_app.lost is not None
+    assert server_tls._direct is None, "the protocol should let go of the transport's socket once the connection is lost"
 
 
 def test_tls_over_a_transport_without_the_fast_path_works_as_before():
