@@ -7,8 +7,8 @@ C{epoll_ctl}).  A proxied request pays that twice (its head upstream, the respon
 C{epoll_ctl}s and, at c=1, two reactor turns of latency.  Twisted has no public API to send at once.
 
 L{SendAtOnce}, mixed into a C{TLSMemoryBIOProtocol}, hands the bytes OpenSSL produced to
-L{DirectWriter}: when the TCP transport holds nothing unsent (its buffers empty, no producer paused,
-no close or half-close asked for), they go to the socket's C{send} (the socket is public:
+L{DirectWriter}: when the TCP transport holds nothing unsent (its buffers empty, no producer paused, no
+pull producer, no close, half-close or abort asked for), they go to the socket's C{send} (the socket is public:
 C{ITCPTransport.getHandle()}) in the same call; only what the kernel does not take goes to the
 transport's own C{write}, the buffered path, which pauses producers, closes after pending data and
 reports a lost connection exactly as before.  A C{send} that fails (C{EAGAIN}, C{EPIPE},
@@ -16,15 +16,18 @@ C{ECONNRESET}, ...) sends nothing, so the bytes take the buffered path, whose C{
 error and loses the connection as it always did.  Byte order holds: the socket is written directly only
 when nothing is queued ahead.
 
-A write larger than one TLS record (16 KiB) is encrypted whole before its records are flushed, so
-that it reaches the socket in one C{send} (Twisted flushes after each record; buffered, those flushes
-were joined in C{doWrite}, sent at once they would be one C{send} each).
+Bulk data keeps the buffered path: an application write of a full TLS record (16 KiB) or more, such as
+a large body relayed record by record from the upstream, goes to C{transport.write}, which joins all
+that a reactor turn wrote into one C{send}; sent at once, each record would be a C{send} of its own
+(four where there was one for each 64 KiB read from the upstream).  Smaller writes (request and
+response heads, small responses, handshake flights, WebSocket frames) go at once.
 
 Every access to Twisted's private internals is in this module: the C{FileDescriptor}'s write state
 (C{dataBuffer}, C{offset}, C{_tempDataLen}, C{_writeDisconnecting}, C{_writeDisconnected}, C{_aborting})
 and C{TLSMemoryBIOProtocol}'s C{_flushSendBIO} and C{_tlsConnection}.  C{tests/unit/test_fastwrite.py}
-fails by name when one of them changes; at run time, a transport that lacks any of them (another
-transport, an older or newer Twisted) gets no L{DirectWriter} and the normal path.
+fails by name when one of them changes.  At run time, a transport that lacks any of the attributes
+(another transport, an older or newer Twisted) gets no L{DirectWriter} and the normal path, and a
+Twisted whose TLS layer stopped calling C{_flushSendBIO} would never reach the override: the normal path.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ TRANSPORT_STATE = (
     "_writeDisconnecting", "_writeDisconnected", "_aborting",
 )  # fmt: skip
 
-RECORD = 2**14  # the largest TLS record's payload: a write up to this size makes one record and one flush
+RECORD = 2**14  # the largest TLS record's payload: a write of this size or more is bulk data
 BIO_READ = 2**15  # what Twisted reads from the memory BIO at a time
 
 
@@ -92,7 +95,7 @@ class SendAtOnce(TLSMemoryBIOProtocol):
     """
 
     _direct: DirectWriter | None = None
-    _holding = False
+    _bulk = False
 
     def makeConnection(self, transport: Any) -> None:
         self._direct = direct_writer(transport)
@@ -103,18 +106,15 @@ class SendAtOnce(TLSMemoryBIOProtocol):
         super().connectionLost(reason)
 
     def write(self, data: bytes) -> None:
-        if len(data) <= RECORD or self._direct is None or self._holding:
+        if len(data) < RECORD or self._bulk:
             return super().write(data)
-        self._holding = True  # several records: flush them together once all are encrypted
+        self._bulk = True  # a full record or more: bulk data, through the buffered path, which joins a turn's writes into one send
         try:
             super().write(data)
         finally:
-            self._holding = False
-            self._flushSendBIO()
+            self._bulk = False
 
     def _flushSendBIO(self) -> None:  # TLSMemoryBIOProtocol's: read what OpenSSL wrote and hand it to the transport
-        if self._holding:
-            return
         tls = self._tlsConnection
         if tls is None:
             return
@@ -122,15 +122,7 @@ class SendAtOnce(TLSMemoryBIOProtocol):
             data = tls.bio_read(BIO_READ)
         except WantReadError:  # nothing to send
             return
-        if len(data) == BIO_READ:  # maybe more (several records held back by write): all of it, for one send
-            chunks = [data]
-            while len(chunks[-1]) == BIO_READ:
-                try:
-                    chunks.append(tls.bio_read(BIO_READ))
-                except WantReadError:
-                    break
-            data = b"".join(chunks)
-        if self._direct is not None:
+        if self._direct is not None and not self._bulk:
             self._direct(data)
         elif self.transport is not None:
             self.transport.write(data)
