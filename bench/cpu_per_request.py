@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cpu: dict[str, list[float]] = {side: [] for side in sides}
         p99: dict[str, list[float]] = {side: [] for side in sides}
+        rps: dict[str, list[float]] = {side: [] for side in sides}
         failed: dict[str, float] = {side: 0 for side in sides}
         if args.requests:
             for _ in range(args.repeats):
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     failed[side] += r["failed"]
                     cpu[side].append(used / args.requests * 1e6)
                     p99[side].append(r["p99"])
+                    rps[side].append(r["rps"])
 
         if args.py_spy:
             for name in [name for name, _ in gateways] + (["bare"] if args.bare else []):
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = ", ".join(f"{v:.1f}" for v in cpu[side])
             line += f" CPU {statistics.median(cpu[side]):6.1f} us/request, min {min(cpu[side]):6.1f} (runs: {runs}; failed {failed[side]:.0f})"
             line += f" p99 {statistics.median(p99[side]):.0f} ms (max {max(p99[side]):.0f})"
+            line += f" req/s {statistics.median(rps[side]):.0f} (runs: {', '.join(f'{v:.0f}' for v in rps[side])})"
         line += f"  RSS MiB started {started[side]} warm {warm[side]}"
         if side in idle:
             line += f"  per 1,000 idle TLS connections {idle[side]:.1f} MiB"

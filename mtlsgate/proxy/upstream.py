@@ -21,7 +21,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
@@ -33,6 +33,7 @@ from mtlsgate.proxy.healthcheck import HealthChecker, grpc_probe, http_probe
 from mtlsgate.http.client import HTTP11Agent
 from mtlsgate.http.h2client import H2Agent
 from mtlsgate.reactors import IReactorTimeAndTCP
+from mtlsgate.tls.fastwrite import SendAtOnceTLSProtocol
 from mtlsgate.tls.server import CIPHERS
 
 log = Logger(namespace="mtlsgate.proxy.upstream")
@@ -123,7 +124,9 @@ class UpstreamTLSPolicy:
 
 
 class _DirectTLSFactory(TLSMemoryBIOFactory):
-    protocol = TLSMemoryBIOProtocol  # writes go to OpenSSL at once, not held to the next reactor turn (BufferingTLSTransport)
+    # Writes go to OpenSSL at once, not held to the next reactor turn (BufferingTLSTransport), and OpenSSL's output to the socket
+    # at once, not on the next reactor turn (mtlsgate.tls.fastwrite).
+    protocol = SendAtOnceTLSProtocol
 
 
 @implementer(IStreamClientEndpoint)

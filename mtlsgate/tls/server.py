@@ -21,11 +21,12 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtlsgate.tls import pki
+from mtlsgate.tls.fastwrite import SendAtOnce
 from mtlsgate.config.model import CertificateSpec, DownstreamMTLS, Limits
 from mtlsgate.identity import printable
 from mtlsgate.tls.observer import IConnectionObserver, NoObserver
@@ -616,7 +617,7 @@ class ServerTLS:
         return connection
 
 
-class _HandshakeLoggingTLSProtocol(TLSMemoryBIOProtocol):
+class _HandshakeLoggingTLSProtocol(SendAtOnce):
     """
     Logs why a handshake failed, naming the peer and, for a refused certificate, the reason; counts
     handshakes and open connections in the factory's metrics.
@@ -625,6 +626,7 @@ class _HandshakeLoggingTLSProtocol(TLSMemoryBIOProtocol):
     write back to the next reactor turn (a callLater(0) per write) to coalesce small writes, and the
     HTTP server writes each response's head and first body bytes in one writeSequence already, so the
     delay bought a timer per response and a reactor turn of latency, and nothing else (issue #13).
+    Its output is sent at once (L{SendAtOnce}, mtlsgate.tls.fastwrite), not on the next reactor turn.
     """
 
     factory: GatewayTLSFactory
