@@ -23,9 +23,8 @@ from mtlsgate.http.pathnorm import prefix_problem
 from mtlsgate.app.sockets import parse_tcp_listen
 from mtlsgate.cluster.seal import SealError, read_key_file
 from mtlsgate.cluster.url import parse_storage_url
-from mtlsgate.proxy.healthcheck import GRPC_HEALTH_PATH
 from mtlsgate.config.model import (
-    Autocert, CHALLENGE_TYPES, CertificateSpec, Config, ConfigError, DownstreamMTLS, HSTS, HealthCheck, Limits, Route, Storage, TCPRoute,
+    GRPC_HEALTH_PATH, Autocert, CHALLENGE_TYPES, CertificateSpec, Config, ConfigError, DownstreamMTLS, HSTS, HealthCheck, Limits, Route, Storage, TCPRoute,
 )  # fmt: skip
 
 

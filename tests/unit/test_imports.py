@@ -79,3 +79,16 @@ def test_settle_freezes_what_start_up_made(tmp_path):
     assert result.returncode == 0, result.stderr
     before, after = map(int, result.stdout.split())
     assert before == 0 and after > 10000
+
+
+def _imported(probe: str, cwd, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules starting with one of C{prefixes} that C{probe} (Python source) leaves imported, in a fresh interpreter."""
+    code = probe + f"\nimport sys\nprint(' '.join(sorted(m for m in sys.modules if m.startswith({prefixes!r}))))\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1].split() if result.stdout.strip() else []
+
+
+def test_the_config_loader_imports_neither_the_proxy_nor_twisted_web(tmp_path):
+    """The loader is a layer of values: its shared constants (GRPC_HEALTH_PATH) live in the model, not in the proxy."""
+    assert _imported("import mtlsgate.config.load", tmp_path, ("mtlsgate.proxy", "twisted.web", "h2")) == []
