@@ -40,11 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.parent is not None and os.getppid() != args.parent:  # it died before PDEATHSIG was set
         sys.exit("mtlsgate worker: the parent is gone")
 
+    from mtlsgate.app.memory import settle_when_running, without_twisted_web_http2
+
+    without_twisted_web_http2()  # before anything imports twisted.web.http: h2 only where mtlsgate speaks HTTP/2
+
     from twisted.internet import reactor
     from twisted.logger import FileLogObserver, Logger, globalLogBeginner
     from twisted.python import usage
 
-    from mtlsgate.app.memory import settle_when_running
     from mtlsgate.app.service import WorkerRole
     from mtlsgate.app.tap import Options
     from mtlsgate.app.workers import EVENTS_FD, HTTP_FD, HTTPS_FD, relayed_event

@@ -24,7 +24,7 @@ from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObserv
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_headers, client_response_pairs, client_response_trailers, upstream_request_headers, upstream_request_pairs
 from mtlsgate.http.body import BodyTooLarge, RequestBody
-from mtlsgate.http.h2client import H2Agent
+from mtlsgate.http.client import HTTP11Agent
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.interfaces import IGatewayRequest, IUpgradableRequest
 from mtlsgate.http.server import HTTPServerFactory
@@ -354,7 +354,7 @@ class _Exchange:
         url = targets[0].encode("ascii") + self.target  # Agent re-parses it: pathnorm's normal form round-trips unchanged (a unit test holds it)
         agent = self.entry.upstreams.agent
         if self.tunnel_opened is not None:  # Connection: Upgrade, Upgrade: websocket, on a connection of its own
-            assert not isinstance(agent, H2Agent), "config refuses allow_websockets with upstream_protocol: http2"
+            assert isinstance(agent, HTTP11Agent), "config refuses allow_websockets with upstream_protocol: http2"
             d = agent.upgrade(self.request.method, url, headers, b"websocket")
         else:
             d = agent.request(self.request.method, url, headers, self.request.body)
