@@ -15,7 +15,6 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 from zope.interface import implementer
@@ -28,6 +27,7 @@ from mtlsgate.http.client import HTTP11Agent
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.interfaces import IGatewayRequest, IUpgradableRequest
 from mtlsgate.http.server import HTTPServerFactory
+from mtlsgate.http.status import RESPONSES
 from mtlsgate.http.tunnel import Tunnel
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
@@ -239,7 +239,7 @@ def _plain(request: GatewayRequest, code: int, text: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"server", b"mtlsgate")
-    body = f"{code} {http.RESPONSES.get(code, b'').decode()}: {text}\n".encode()
+    body = f"{code} {RESPONSES.get(code, b'').decode()}: {text}\n".encode()
     request.setHeader(b"content-length", str(len(body)).encode())
     return body
 
@@ -267,7 +267,7 @@ def _own_response(request: GatewayRequest, code: int, text: str) -> bytes:
     request.setHeader(b"content-type", b"application/grpc")
     request.setHeader(b"server", b"mtlsgate")
     request.setHeader(b"grpc-status", b"%d" % _GRPC_STATUS.get(code, _GRPC_UNKNOWN))
-    request.setHeader(b"grpc-message", _grpc_message(f"{code} {http.RESPONSES.get(code, b'').decode()}: {text}"))
+    request.setHeader(b"grpc-message", _grpc_message(f"{code} {RESPONSES.get(code, b'').decode()}: {text}"))
     return b""
 
 
