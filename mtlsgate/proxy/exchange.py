@@ -6,7 +6,7 @@ certificate, and relays the exchange to an upstream.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import attrs
 from twisted.internet import defer
@@ -354,8 +354,8 @@ class _Exchange:
         url = targets[0].encode("ascii") + self.target  # Agent re-parses it: pathnorm's normal form round-trips unchanged (a unit test holds it)
         agent = self.entry.upstreams.agent
         if self.tunnel_opened is not None:  # Connection: Upgrade, Upgrade: websocket, on a connection of its own
-            assert isinstance(agent, HTTP11Agent), "config refuses allow_websockets with upstream_protocol: http2"
-            d = agent.upgrade(self.request.method, url, headers, b"websocket")
+            assert self.entry.route.upstream_protocol != "http2", "config refuses allow_websockets with upstream_protocol: http2"
+            d = cast(HTTP11Agent, agent).upgrade(self.request.method, url, headers, b"websocket")
         else:
             d = agent.request(self.request.method, url, headers, self.request.body)
         self.pending = d
