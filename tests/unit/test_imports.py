@@ -146,3 +146,15 @@ def test_twisted_web_http_still_tries_twisted_s_own_http2_server():
     import twisted.web.http
 
     assert "from twisted.web._http2 import" in inspect.getsource(twisted.web.http)
+
+
+#: What a worker serving HTTPS (no storage:, no redirect listener, no health checks, no HTTP/2 yet) never imports, and why not.
+NOT_IN_A_PLAIN_WORKER = (
+    "difflib",  # the config loader's "did you mean" hint: only on a config error
+    "mtlsgate.cluster",  # the shared store: only with storage:
+    "mtlsgate.proxy.healthcheck",  # only for a route with health_check
+)
+
+
+def test_a_plain_https_worker_leaves_out_what_it_does_not_use(pki, tmp_path):
+    assert _imported(_worker_probe(pki), tmp_path, NOT_IN_A_PLAIN_WORKER) == []
