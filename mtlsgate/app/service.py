@@ -29,7 +29,7 @@ from mtlsgate.app.filewatch import FileWatch, watched_files
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.tls.pki import PKIError
 from mtlsgate.http.negotiate import LazyH2ServerFactory, NegotiatingFactory
-from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
+from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
 from mtlsgate.proxy.tcp import SNIDispatchFactory, TCPProxy, TCPState, tcp_state
 from mtlsgate.observe.summary import certificates_table, routes_table
@@ -300,6 +300,8 @@ class GatewayService(MultiService):
                 self._follow_autocert(config)
         if config.http_address and (worker is None or worker.http_fd is not None):
             from twisted.web import server
+
+            from mtlsgate.proxy.redirect import RedirectToHTTPS
 
             redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port, http01))
             redirect.log = lambda request: None  # type: ignore[method-assign]

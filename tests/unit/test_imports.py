@@ -153,6 +153,8 @@ NOT_IN_A_PLAIN_WORKER = (
     "difflib",  # the config loader's "did you mean" hint: only on a config error
     "mtlsgate.cluster",  # the shared store: only with storage:
     "mtlsgate.proxy.healthcheck",  # only for a route with health_check
+    "twisted.web.resource",  # the plain-HTTP redirect (mtlsgate.proxy.redirect) and the admin listener
+    "mtlsgate.proxy.redirect",
 )
 
 
