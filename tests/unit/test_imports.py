@@ -155,6 +155,7 @@ NOT_IN_A_PLAIN_WORKER = (
     "mtlsgate.proxy.healthcheck",  # only for a route with health_check
     "twisted.web.resource",  # the plain-HTTP redirect (mtlsgate.proxy.redirect) and the admin listener
     "mtlsgate.proxy.redirect",
+    "argparse",  # the worker's own flags are read with twisted.python.usage, which the gateway's options load anyway
 )
 
 
