@@ -8,12 +8,15 @@ requests in flight, full collections come every few thousand requests and each t
 loaded machine's CPU (about 10 us per request on average, and a pause for every request in flight on
 that process).  C{gc.freeze()} puts them in the permanent generation, which collections skip;
 objects made later are collected as before.  Measured in bench/RESULTS.md (issue #13).
+
+Before start-up, in a worker: L{without_twisted_web_http2}.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import sys
 from typing import Any
 
 
@@ -30,3 +33,22 @@ def settle() -> None:
 def settle_when_running(reactor: Any) -> None:
     """L{settle} once C{reactor} runs (start-up is over then: listeners bound, the service started)."""
     reactor.callWhenRunning(settle)
+
+
+def without_twisted_web_http2() -> None:
+    """
+    Keep C{twisted.web.http} from importing Twisted's own HTTP/2 server (C{twisted.web._http2}), in a
+    worker process, before anything imports C{twisted.web.http}.
+
+    The gateway imports C{twisted.web.http} only through C{twisted.web.client}'s exception classes
+    (C{ResponseDone}, C{ResponseFailed}: the C{IResponse} contract), and serves HTTP/2 with its own
+    front end (L{mtlsgate.http.h2server}), never with Twisted's.  Yet C{twisted.web.http} tries
+    C{from twisted.web._http2 import H2Connection}, which imports C{h2}, C{hpack} and C{hyperframe}
+    (1.2 MiB) even where that import then fails (no C{priority} package) and even in a process that
+    never speaks HTTP/2.  A C{None} in C{sys.modules} makes that import fail at once (the import
+    system's documented way to block one), so C{twisted.web.http.H2_ENABLED} is false: Twisted's web
+    server, which a worker runs only for the plain-HTTP redirect listener, would not offer h2 there
+    anyway (no TLS, no ALPN).  A no-op when C{twisted.web.http} is already imported.
+    """
+    if "twisted.web.http" not in sys.modules:
+        sys.modules.setdefault("twisted.web._http2", None)  # type: ignore[arg-type]

@@ -28,9 +28,8 @@ from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.app.filewatch import FileWatch, watched_files
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.tls.pki import PKIError
-from mtlsgate.http.h2server import H2ServerFactory
-from mtlsgate.http.negotiate import NegotiatingFactory
-from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RedirectToHTTPS, RouteEntry
+from mtlsgate.http.negotiate import LazyH2ServerFactory, NegotiatingFactory
+from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
 from mtlsgate.proxy.tcp import SNIDispatchFactory, TCPProxy, TCPState, tcp_state
 from mtlsgate.observe.summary import certificates_table, routes_table
@@ -276,8 +275,10 @@ class GatewayService(MultiService):
         self.access_events = AccessEvents(enabled=world.config.access_log != "off")  # off: no per-request event at all
         self.resource = ProxyResource(reactor, world.proxy, RequestObservers([self.access_events, self.metrics]), self.metrics)
         config = world.config
-        # HTTP/1.1 and HTTP/2 front ends over the same handler, by ALPN (h2 is offered only with http2 on; a reload may turn it on)
-        site = self.site = NegotiatingFactory(GatewaySite(self.resource, config.limits), H2ServerFactory(self.resource.handle, config.limits, reactor))
+        # HTTP/1.1 and HTTP/2 front ends over the same handler, by ALPN (h2 is offered only with http2 on; a reload may turn it on).
+        # The HTTP/2 one (and the h2 library) is imported by the first connection that negotiates h2.
+        h2 = LazyH2ServerFactory(self.resource.handle, config.limits, reactor)
+        site = self.site = NegotiatingFactory(GatewaySite(self.resource, config.limits), h2)
         # TCP routes: the connection's SNI, once its handshake is done, picks a TCP route or HTTP (mtlsgate.proxy.tcp).
         self.tcp = TCPProxy(reactor, world.tcp, self.metrics)
         server_tls.alpn_for_name = self.tcp.alpn_for
@@ -299,6 +300,8 @@ class GatewayService(MultiService):
                 self._follow_autocert(config)
         if config.http_address and (worker is None or worker.http_fd is not None):
             from twisted.web import server
+
+            from mtlsgate.proxy.redirect import RedirectToHTTPS
 
             redirect = server.Site(RedirectToHTTPS(lambda: self.https.bound_port, http01))
             redirect.log = lambda request: None  # type: ignore[method-assign]

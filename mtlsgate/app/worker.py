@@ -1,6 +1,6 @@
 """
 One worker process of a group (L{mtlsgate.app.workers}), started by the parent as
-C{python -m mtlsgate.app.worker --index N [--http] [--acme] -- FLAGS...}, where FLAGS are the
+C{python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] -- FLAGS...}, where FLAGS are the
 C{twistd mtlsgate} flags the parent was given.
 
 It adopts the listening sockets the parent passed, sends its log events to the parent as JSON, and
@@ -10,13 +10,32 @@ drains it.  It dies with its parent.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import signal
 import sys
 
+from twisted.python import usage
+
 _PR_SET_PDEATHSIG = 1
+
+
+class WorkerOptions(usage.Options):
+    """The worker's own flags (twisted.python.usage, which the gateway's options load anyway: argparse is not imported)."""
+
+    synopsis = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] -- FLAGS..."
+    optParameters = [
+        ["index", None, None, "this worker's number in the group", int],
+        ["parent", None, None, "the supervising process's pid", int],
+    ]
+    optFlags = [["http", None, "serve the HTTP listener (fd 5)"], ["acme", None, "run autocert"]]
+
+    def parseArgs(self, *flags: str) -> None:
+        self["flags"] = list(flags)
+
+    def postOptions(self) -> None:
+        if self["index"] is None:
+            raise usage.UsageError("--index is required")
 
 
 def _die_with_parent() -> None:
@@ -28,23 +47,23 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mtlsgate.app.worker")
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--http", action="store_true", help="serve the HTTP listener (fd 5)")
-    parser.add_argument("--acme", action="store_true", help="run autocert")
-    parser.add_argument("--parent", type=int, help="the supervising process's pid")
-    parser.add_argument("flags", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    args = WorkerOptions()
+    try:
+        args.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        sys.exit(f"python -m mtlsgate.app.worker: {e}")
+    index, flags = args["index"], args["flags"]
     _die_with_parent()
-    if args.parent is not None and os.getppid() != args.parent:  # it died before PDEATHSIG was set
+    if args["parent"] is not None and os.getppid() != args["parent"]:  # it died before PDEATHSIG was set
         sys.exit("mtlsgate worker: the parent is gone")
+
+    from mtlsgate.app.memory import settle_when_running, without_twisted_web_http2
+
+    without_twisted_web_http2()  # before anything imports twisted.web.http: h2 only where mtlsgate speaks HTTP/2
 
     from twisted.internet import reactor
     from twisted.logger import FileLogObserver, Logger, globalLogBeginner
-    from twisted.python import usage
 
-    from mtlsgate.app.memory import settle_when_running
     from mtlsgate.app.service import WorkerRole
     from mtlsgate.app.tap import Options
     from mtlsgate.app.workers import EVENTS_FD, HTTP_FD, HTTPS_FD, relayed_event
@@ -52,18 +71,18 @@ def main(argv: list[str] | None = None) -> None:
     events = os.fdopen(EVENTS_FD, "w", encoding="utf-8")
     globalLogBeginner.beginLoggingTo([FileLogObserver(events, relayed_event)], redirectStandardIO=False)
     options = Options()
-    options.worker = WorkerRole(index=args.index, https_fd=HTTPS_FD, http_fd=HTTP_FD if args.http else None, acme=args.acme)
+    options.worker = WorkerRole(index=index, https_fd=HTTPS_FD, http_fd=HTTP_FD if args["http"] else None, acme=bool(args["acme"]))
     try:
         options.parseOptions(flags)
     except usage.UsageError as e:
-        sys.exit(f"mtlsgate worker {args.index}: {e}")
+        sys.exit(f"mtlsgate worker {index}: {e}")
     service = options.service
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     settle_when_running(reactor)
     Logger(namespace="mtlsgate.app.workers").info(
-        "worker {index} serving (pid {pid})", index=args.index, pid=os.getpid(), mtlsgate_worker_ready=True
+        "worker {index} serving (pid {pid})", index=index, pid=os.getpid(), mtlsgate_worker_ready=True
     )
     reactor.run()
 

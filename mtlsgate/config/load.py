@@ -8,7 +8,6 @@ too: a typo must never pass silently.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -21,11 +20,8 @@ import yaml
 from mtlsgate.identity import AllowRules
 from mtlsgate.http.pathnorm import prefix_problem
 from mtlsgate.app.sockets import parse_tcp_listen
-from mtlsgate.cluster.seal import SealError, read_key_file
-from mtlsgate.cluster.url import parse_storage_url
-from mtlsgate.proxy.healthcheck import GRPC_HEALTH_PATH
 from mtlsgate.config.model import (
-    Autocert, CHALLENGE_TYPES, CertificateSpec, Config, ConfigError, DownstreamMTLS, HSTS, HealthCheck, Limits, Route, Storage, TCPRoute,
+    GRPC_HEALTH_PATH, Autocert, CHALLENGE_TYPES, CertificateSpec, Config, ConfigError, DownstreamMTLS, HSTS, HealthCheck, Limits, Route, Storage, TCPRoute,
 )  # fmt: skip
 
 
@@ -34,6 +30,8 @@ def _check_keys(data: Mapping[str, Any], where: str, allowed: Sequence[str]) -> 
         raise ConfigError(where, f"expected a mapping, got {type(data).__name__}")
     for key in data:
         if key not in allowed:
+            import difflib  # only for an error: not in every process's memory
+
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(_join(where, str(key)), f"unknown key{hint}")
@@ -568,6 +566,10 @@ def _storage(data: Mapping[str, Any], certs_dir: str | None) -> Storage | None:
         if others:
             raise ConfigError(others[0], "needs storage: redis://HOST:PORT/DB")
         return None
+    # The cluster's light modules, imported only with storage: (as app/ imports the rest of mtlsgate.cluster).
+    from mtlsgate.cluster.seal import SealError, read_key_file
+    from mtlsgate.cluster.url import parse_storage_url
+
     try:
         url = parse_storage_url(given)
     except ValueError as e:

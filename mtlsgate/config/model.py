@@ -43,6 +43,10 @@ class DownstreamMTLS:
     crl_check: str = "chain"  # "chain": every certificate of the client's chain; "leaf": the client's certificate only
 
 
+#: The gRPC health service's method (grpc.health.v1.Health/Check): a C{grpc: true} health check's default path.
+GRPC_HEALTH_PATH = "/grpc.health.v1.Health/Check"
+
+
 @attrs.frozen
 class HealthCheck:
     """Active health checks of a route's upstreams (nginx's health_check, Caddy's health_uri)."""

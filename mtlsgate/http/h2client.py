@@ -33,13 +33,13 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import RequestGenerationFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from mtlsgate.http.client import DEFAULT_MAX_HEADER_SIZE, IDEMPOTENT, IDLE_TIMEOUT, ClientRequest, check_request, parse_origin, split_url
 from mtlsgate.http.client import ResponseHeadersTooLarge, UpstreamProtocolError
+from mtlsgate.http.status import RESPONSES
 
 log = Logger(namespace="mtlsgate.http.h2client")
 

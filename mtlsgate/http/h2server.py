@@ -51,7 +51,6 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -61,6 +60,7 @@ from mtlsgate.http.framing import header_field_problem, method_problem
 from mtlsgate.http.headers import HOP_BY_HOP, sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IGatewayRequest
 from mtlsgate.http.server import ConnectionLostBeforeResponse, ResponseHooks, _dates
+from mtlsgate.http.status import RESPONSES
 
 log = Logger(namespace="mtlsgate.http.h2server")
 

@@ -2,19 +2,26 @@
 One factory for the TLS listener, two front ends: after the handshake, the protocol ALPN chose picks
 the HTTP/2 engine (C{h2}) or the HTTP/1.1 one (C{http/1.1}, or no ALPN at all).  Any other protocol
 (C{acme-tls/1}: the TLS layer closes that connection itself, RFC 8737) gets no HTTP at all.
+
+The HTTP/2 front end is built by the first connection that negotiates C{h2} (L{LazyH2ServerFactory}):
+a process that never speaks HTTP/2 never imports C{h2}, C{hpack} and C{hyperframe} (about 1.7 MiB
+with L{mtlsgate.http.h2server}, issue #13).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtlsgate.http.h2server import H2ServerFactory
+from mtlsgate.config.model import Limits
 from mtlsgate.http.server import HTTPServerFactory
+
+if TYPE_CHECKING:
+    from mtlsgate.http.h2server import H2ServerFactory
 
 ALPN_H2 = b"h2"
 ALPN_HTTP1 = b"http/1.1"
@@ -62,12 +69,38 @@ class _ByALPN(Protocol):
             self.inner.connectionLost(reason)
 
 
+class LazyH2ServerFactory(Factory):
+    """
+    The HTTP/2 front end (L{mtlsgate.http.h2server.H2ServerFactory}), imported and built when the first
+    connection negotiates C{h2}.  That connection pays for the import (a few milliseconds, once per process).
+    """
+
+    noisy = False
+
+    def __init__(self, handler: Callable[[Any], None], limits: Limits, reactor: IReactorTime) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._reactor = reactor
+        self.built: H2ServerFactory | None = None
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        if self.built is None:
+            from mtlsgate.http.h2server import H2ServerFactory
+
+            self.built = H2ServerFactory(self._handler, self._limits, self._reactor)
+        return self.built.buildProtocol(addr)
+
+    def drain(self) -> None:
+        if self.built is not None:
+            self.built.drain()
+
+
 class NegotiatingFactory(Factory):
     """The TLS listener's factory: HTTP/1.1 and, when C{h2} is given, HTTP/2, by ALPN."""
 
     noisy = False
 
-    def __init__(self, http1: HTTPServerFactory, h2: H2ServerFactory | None) -> None:
+    def __init__(self, http1: HTTPServerFactory, h2: H2ServerFactory | LazyH2ServerFactory | None) -> None:
         self.http1 = http1
         self.h2 = h2
 

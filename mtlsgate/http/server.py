@@ -24,7 +24,6 @@ from twisted.internet.interfaces import IDelayedCall, IProtocol, IPushProducer, 
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -33,6 +32,7 @@ from mtlsgate.http.body import RequestBody
 from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan_head
 from mtlsgate.http.headers import sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IUpgradableRequest
+from mtlsgate.http.status import RESPONSES, http_date
 
 log = Logger(namespace="mtlsgate.proxy.exchange")
 
@@ -58,7 +58,7 @@ class _DateCache:
         second = int(now)
         if second != self._second:
             self._second = second
-            self._value = datetimeToString(second)
+            self._value = http_date(second)
         return self._value
 
 

@@ -6,7 +6,7 @@ certificate, and relays the exchange to an upstream.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, cast
 
 import attrs
 from twisted.internet import defer
@@ -15,29 +15,26 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_headers, client_response_pairs, client_response_trailers, upstream_request_headers, upstream_request_pairs
 from mtlsgate.http.body import BodyTooLarge, RequestBody
-from mtlsgate.http.h2client import H2Agent
+from mtlsgate.http.client import HTTP11Agent
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.interfaces import IGatewayRequest, IUpgradableRequest
 from mtlsgate.http.server import HTTPServerFactory
+from mtlsgate.http.status import RESPONSES
 from mtlsgate.http.tunnel import Tunnel
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.http.pathnorm import PathRefused, normalize_target
-from mtlsgate.proxy.routing import RouteTable, host_problem, normalize_host
+from mtlsgate.proxy.routing import RouteTable, host_problem
 from mtlsgate.tls.server import peer_verdict
 from mtlsgate.proxy.upstream import UpstreamGroup
 
-if TYPE_CHECKING:
-    from twisted.web import server  # the redirect listener's requests; twisted.web.server is imported only where it serves
 
 # Names other modules and tests import from here; they live in mtlsgate.http now.
 __all__ = ["BodyTooLarge", "GatewayRequest", "RequestBody", "header_field_problem", "request_line_problem"]
@@ -239,7 +236,7 @@ def _plain(request: GatewayRequest, code: int, text: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"server", b"mtlsgate")
-    body = f"{code} {http.RESPONSES.get(code, b'').decode()}: {text}\n".encode()
+    body = f"{code} {RESPONSES.get(code, b'').decode()}: {text}\n".encode()
     request.setHeader(b"content-length", str(len(body)).encode())
     return body
 
@@ -267,7 +264,7 @@ def _own_response(request: GatewayRequest, code: int, text: str) -> bytes:
     request.setHeader(b"content-type", b"application/grpc")
     request.setHeader(b"server", b"mtlsgate")
     request.setHeader(b"grpc-status", b"%d" % _GRPC_STATUS.get(code, _GRPC_UNKNOWN))
-    request.setHeader(b"grpc-message", _grpc_message(f"{code} {http.RESPONSES.get(code, b'').decode()}: {text}"))
+    request.setHeader(b"grpc-message", _grpc_message(f"{code} {RESPONSES.get(code, b'').decode()}: {text}"))
     return b""
 
 
@@ -354,8 +351,8 @@ class _Exchange:
         url = targets[0].encode("ascii") + self.target  # Agent re-parses it: pathnorm's normal form round-trips unchanged (a unit test holds it)
         agent = self.entry.upstreams.agent
         if self.tunnel_opened is not None:  # Connection: Upgrade, Upgrade: websocket, on a connection of its own
-            assert not isinstance(agent, H2Agent), "config refuses allow_websockets with upstream_protocol: http2"
-            d = agent.upgrade(self.request.method, url, headers, b"websocket")
+            assert self.entry.route.upstream_protocol != "http2", "config refuses allow_websockets with upstream_protocol: http2"
+            d = cast(HTTP11Agent, agent).upgrade(self.request.method, url, headers, b"websocket")
         else:
             d = agent.request(self.request.method, url, headers, self.request.body)
         self.pending = d
@@ -810,45 +807,3 @@ class ProxyResource:
     def _refusal(self, peer: Peer, route: Route) -> str | None:
         state = self.state
         return admission_refusal(peer, state.global_rules, route.allow_client, state.require_client_certificate)
-
-
-ACME_CHALLENGE_PATH = b"/.well-known/acme-challenge/"
-
-
-class RedirectToHTTPS(Resource):
-    """
-    The plain-HTTP listener: 308 to the same URL on HTTPS, except ACME http-01 challenges, which
-    C{acme_http01} (token -> key authorization, or None) answers when autocert is on.
-    """
-
-    isLeaf = True
-
-    def __init__(self, https_port: Callable[[], int | None], acme_http01: Callable[[str], str | None] | None = None) -> None:
-        super().__init__()
-        self._https_port = https_port
-        self._acme_http01 = acme_http01
-
-    def render(self, request: server.Request) -> bytes:
-        if self._acme_http01 is not None and request.path.startswith(ACME_CHALLENGE_PATH):
-            return self._challenge(request)
-        host = (request.getHeader(b"host") or b"").decode("ascii", "replace")
-        name = normalize_host(host) or request.getHost().host
-        if ":" in name:
-            name = f"[{name}]"
-        port = self._https_port()
-        netloc = name if port in (None, 443) else f"{name}:{port}"
-        request.setResponseCode(308)
-        request.setHeader(b"location", f"https://{netloc}".encode("ascii", "replace") + request.uri)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"308 Permanent Redirect: use HTTPS\n"
-
-    def _challenge(self, request: server.Request) -> bytes:
-        token = request.path[len(ACME_CHALLENGE_PATH):].decode("ascii", "replace")
-        answer = self._acme_http01(token) if self._acme_http01 is not None else None
-        request.setHeader(b"content-type", b"text/plain")
-        if answer is None:
-            request.setResponseCode(404)
-            return b"no such challenge\n"
-        log.info("answered the http-01 challenge {token} for {host}",
-                 token=token, host=normalize_host((request.getHeader(b"host") or b"").decode("ascii", "replace")))
-        return answer.encode("ascii")

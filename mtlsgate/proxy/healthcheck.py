@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from mtlsgate.config.model import HealthCheck
+from mtlsgate.config.model import GRPC_HEALTH_PATH, HealthCheck
 from mtlsgate.http.client import BytesBody
 
 log = Logger(namespace="mtlsgate.proxy.healthcheck")
@@ -55,7 +55,6 @@ def http_probe(agent: Any, path: str) -> Probe:
     return probe
 
 
-GRPC_HEALTH_PATH = "/grpc.health.v1.Health/Check"
 # HealthCheckRequest{service: ""}: an empty protobuf message, as one uncompressed gRPC frame.
 _GRPC_HEALTH_REQUEST = b"\x00\x00\x00\x00\x00"
 _GRPC_SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -29,12 +29,16 @@ from zope.interface import implementer
 
 from mtlsgate.tls import pki
 from mtlsgate.config.model import Route, TCPRoute
-from mtlsgate.proxy.healthcheck import HealthChecker, grpc_probe, http_probe
 from mtlsgate.http.client import HTTP11Agent
-from mtlsgate.http.h2client import H2Agent
 from mtlsgate.reactors import IReactorTimeAndTCP
 from mtlsgate.tls.fastwrite import SendAtOnceTLSProtocol
 from mtlsgate.tls.server import CIPHERS
+
+if TYPE_CHECKING:
+    # Imported where they are used: the HTTP/2 client (and h2) by an upstream_protocol: http2 route, the
+    # health checker by a route with health_check (issue #13: a worker imports only what its routes use).
+    from mtlsgate.http.h2client import H2Agent
+    from mtlsgate.proxy.healthcheck import HealthChecker
 
 log = Logger(namespace="mtlsgate.proxy.upstream")
 
@@ -246,9 +250,11 @@ class UpstreamGroup:
         policy = UpstreamTLSPolicy(route)
         self.agent: HTTP11Agent | H2Agent
         if route.upstream_protocol == "http2":
+            from mtlsgate.http import h2client
+
             # mtlsgate's HTTP/2 client (mtlsgate.http.h2client): one connection per origin carrying many streams.
-            self.agent = H2Agent(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout),
-                                 max_header_size=route.max_response_header_size)  # fmt: skip
+            self.agent = h2client.H2Agent(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout),
+                                          max_header_size=route.max_response_header_size)  # fmt: skip
         else:
             # mtlsgate's own HTTP/1.1 client (mtlsgate.http.client, docs/engine.md): a keep-alive pool per origin
             # holding up to max_per_host idle connections, response headers bounded by max_response_header_size.
@@ -257,16 +263,21 @@ class UpstreamGroup:
         self._turn = itertools.count()
         self.checker: HealthChecker | None = None
         if route.health_check is not None:
+            from mtlsgate.proxy import healthcheck
+
             # A fresh connection per check (same TLS policy as requests, Connection: close): it proves the upstream
             # still accepts connections, and check connections never mix with the request pool.
             check_endpoints = _EndpointPerOrigin(reactor, policy, min(route.connect_timeout, route.health_check.timeout))
             checks: HTTP11Agent | H2Agent
             if route.upstream_protocol == "http2":
-                checks = H2Agent(reactor, check_endpoints, max_header_size=route.max_response_header_size, persistent=False)
+                from mtlsgate.http import h2client
+
+                checks = h2client.H2Agent(reactor, check_endpoints, max_header_size=route.max_response_header_size, persistent=False)
             else:
                 checks = HTTP11Agent(reactor, check_endpoints, max_header_size=route.max_response_header_size, persistent=False)
-            probe = grpc_probe(checks, route.health_check.path) if route.health_check.grpc else http_probe(checks, route.health_check.path)
-            self.checker = HealthChecker(reactor, route.name, route.to, route.health_check, probe)
+            path = route.health_check.path
+            probe = healthcheck.grpc_probe(checks, path) if route.health_check.grpc else healthcheck.http_probe(checks, path)
+            self.checker = healthcheck.HealthChecker(reactor, route.name, route.to, route.health_check, probe)
 
     def order(self) -> list[str]:
         """

@@ -79,3 +79,85 @@ def test_settle_freezes_what_start_up_made(tmp_path):
     assert result.returncode == 0, result.stderr
     before, after = map(int, result.stdout.split())
     assert before == 0 and after > 10000
+
+
+def _imported(probe: str, cwd, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules starting with one of C{prefixes} that C{probe} (Python source) leaves imported, in a fresh interpreter."""
+    code = probe + f"\nimport sys\nprint(' '.join(sorted(m for m in sys.modules if m.startswith({prefixes!r}))))\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1].split() if result.stdout.strip() else []
+
+
+def test_the_config_loader_imports_neither_the_proxy_nor_twisted_web(tmp_path):
+    """The loader is a layer of values: its shared constants (GRPC_HEALTH_PATH) live in the model, not in the proxy."""
+    assert _imported("import mtlsgate.config.load", tmp_path, ("mtlsgate.proxy", "twisted.web", "h2")) == []
+
+
+_WORKER_FLAGS = (
+    "--https tcp:0:interface=127.0.0.1 --cert {gateway[0]} --key {gateway[1]} --client-ca {ca} --upstream-ca {ca}"
+    " --upstream-cert {gateway_client[0]} --upstream-key {gateway_client[1]}"
+)
+
+
+def _worker_probe(pki, *extra: str) -> str:
+    """Python source: what a worker does before it serves (mtlsgate.app.worker.main), with a plain HTTPS gateway's flags (and C{extra})."""
+    flags = _WORKER_FLAGS.format(**pki).split() + list(extra or ("--route", "*=https://127.0.0.1:9"))
+    return (
+        "from mtlsgate.app.memory import without_twisted_web_http2\n"
+        "without_twisted_web_http2()\n"
+        "from twisted.internet import reactor\n"
+        "import mtlsgate.app.worker, mtlsgate.app.workers\n"
+        "from mtlsgate.app.service import WorkerRole\n"
+        "from mtlsgate.app.tap import Options\n"
+        "options = Options()\n"
+        "options.worker = WorkerRole(index=1, https_fd=None, http_fd=None, acme=False)\n"
+        f"options.parseOptions({flags!r})\n"
+        "options.service.privilegedStartService()\n"
+        "import twisted.web.client  # the IResponse contract's exception classes: what a worker's first request imports\n"
+    )
+
+
+H2 = ("h2", "hpack", "hyperframe", "mtlsgate.http.h2server", "mtlsgate.http.h2client")
+
+
+def test_a_worker_imports_h2_only_where_http2_is_used(pki, tmp_path):
+    """
+    h2, hpack, hyperframe and mtlsgate's HTTP/2 modules (about 1.7 MiB): imported by the first connection that
+    negotiates h2, or at start for an upstream_protocol: http2 route, never by a worker that has not spoken HTTP/2 yet.
+    Twisted's own HTTP/2 server, which twisted.web.http tries to import, is kept out of a worker.
+    """
+    assert _imported(_worker_probe(pki), tmp_path, H2) == []
+    # The other side: the first h2 connection brings the HTTP/2 front end.
+    first_h2 = _worker_probe(pki) + "options.service.site.h2.buildProtocol(None)\n"
+    assert {m for m in _imported(first_h2, tmp_path, H2) if m in H2} == {"h2", "hpack", "hyperframe", "mtlsgate.http.h2server"}
+
+
+def test_an_http2_upstream_route_imports_the_http2_client_at_start(pki, tmp_path):
+    config = tmp_path / "http2.yaml"
+    config.write_text("routes:\n  - from: https://grpc.test\n    to: [https://127.0.0.1:9]\n    upstream_protocol: http2\n")
+    assert "mtlsgate.http.h2client" in _imported(_worker_probe(pki, "--config", str(config)), tmp_path, H2)
+
+
+def test_twisted_web_http_still_tries_twisted_s_own_http2_server():
+    """Pins what without_twisted_web_http2 stops: if Twisted stops importing it, the block (harmless) can go."""
+    import inspect
+
+    import twisted.web.http
+
+    assert "from twisted.web._http2 import" in inspect.getsource(twisted.web.http)
+
+
+#: What a worker serving HTTPS (no storage:, no redirect listener, no health checks, no HTTP/2 yet) never imports, and why not.
+NOT_IN_A_PLAIN_WORKER = (
+    "difflib",  # the config loader's "did you mean" hint: only on a config error
+    "mtlsgate.cluster",  # the shared store: only with storage:
+    "mtlsgate.proxy.healthcheck",  # only for a route with health_check
+    "twisted.web.resource",  # the plain-HTTP redirect (mtlsgate.proxy.redirect) and the admin listener
+    "mtlsgate.proxy.redirect",
+    "argparse",  # the worker's own flags are read with twisted.python.usage, which the gateway's options load anyway
+)
+
+
+def test_a_plain_https_worker_leaves_out_what_it_does_not_use(pki, tmp_path):
+    assert _imported(_worker_probe(pki), tmp_path, NOT_IN_A_PLAIN_WORKER) == []
