@@ -20,7 +20,7 @@ from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, 
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers
+from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers, listening
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_headers, client_response_pairs, client_response_trailers, upstream_request_headers, upstream_request_pairs
 from mtlsgate.http.body import BodyTooLarge, RequestBody
@@ -437,6 +437,8 @@ class _Exchange:
         log.info("WebSocket tunnel on route {route} via {upstream} closed ({why}) after {duration:.3f}s: {up} bytes up, {down} bytes down",
                  route=route, upstream=self.upstream, why=tunnel.close_reason, duration=self.reactor.seconds() - tunnel.started,
                  up=tunnel.bytes_from_client, down=tunnel.bytes_to_client)  # fmt: skip
+        if not listening(self.observer):
+            return
         self.observer.request_finished(finished(
             self.request, self.peer, route, self.upstream, 101, tunnel.bytes_to_client, self.reactor.seconds() - self.started,
             self.upstream_latency, tunnel=(tunnel.bytes_from_client, tunnel.bytes_to_client),
@@ -557,6 +559,8 @@ class _Exchange:
         if self.accounted:
             return
         self.accounted = True
+        if not listening(self.observer):
+            return  # nobody reads the record (access log off, no metrics): none is built
         duration = self.reactor.seconds() - self.started
         self.observer.request_finished(
             finished(self.request, self.peer, self.entry.route.name, self.upstream, status, size, duration, self.upstream_latency)
@@ -713,7 +717,8 @@ class ProxyResource:
             # is not read, and the connection closes after this answer, which says so.
             request.channel.stop_parsing()
             request.setHeader(b"connection", b"close")
-        self.observer.request_finished(finished(request, peer, route, "-", code, len(body), 0.0))
+        if listening(self.observer):
+            self.observer.request_finished(finished(request, peer, route, "-", code, len(body), 0.0))
         request.write(body)
         request.finish()
 
