@@ -201,16 +201,30 @@ class _ResponseRelay(Protocol):
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._stalled:
+            reason = Failure(UpstreamStalled(f"no bytes for {self._stall_timeout:g}s in the middle of the response body"))
+        # isinstance, not Failure.check: check works out the exception's class names on first use (about 2 us a response); and
+        # PotentialDataLoss imported once: twisted.web.http is a deprecation proxy whose every attribute read runs Python (~3 us)
+        self._ended(None if isinstance(reason.value, _CLEAN_END) else reason)
+
+    def body_done(self) -> None:
+        """
+        The body came whole: what L{connectionLost} does with C{ResponseDone}, told directly by the upstream client
+        (L{mtlsgate.http.client.UpstreamResponse.done}), with no C{Failure} made; a stall that came first still wins.
+        """
+        if self._stalled:
+            self.connectionLost(Failure(ResponseDone()))
+            return
+        self._ended(None)
+
+    def _ended(self, failure: Failure | None) -> None:
+        """The body is over: C{failure} None when it came whole."""
         self._unwatch()
         if not self.request.disconnected:
             self.request.unregisterProducer()
-        if self._stalled:
-            reason = Failure(UpstreamStalled(f"no bytes for {self._stall_timeout:g}s in the middle of the response body"))
         done, self._done, self._on_resume = self._done, _ignore, None
         self.transport = None  # the response body's producer, which holds this relay: no cycle left to the garbage collector
-        # isinstance, not Failure.check: check works out the exception's class names on first use (about 2 us a response); and
-        # PotentialDataLoss imported once: twisted.web.http is a deprecation proxy whose every attribute read runs Python (~3 us)
-        done(None if isinstance(reason.value, _CLEAN_END) else reason)
+        done(failure)
 
     def pauseProducing(self) -> None:
         if self.transport is None:
