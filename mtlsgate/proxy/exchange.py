@@ -374,7 +374,7 @@ class _Exchange:
             d = agent.request(self.request.method, url, headers, self.request.body)
         self.pending = d
         self._upload_changed()
-        d.addCallbacks(self._response, lambda f: self._failed(f, targets, headers))
+        d.addCallbacks(self._response, self._failed, errbackArgs=(targets, headers))  # no closure made per request
 
     def _failed(self, failure: Failure, targets: list[str], headers: Any) -> None:
         self.pending = None
