@@ -4,8 +4,9 @@ server protocol, ProxyResource, exchange, upstream client (HTTP11Agent with its 
 relay, with both connections on StringTransports (no TLS, no sockets, no reactor turns).  A figure
 for A/B of code versions on a busy machine: a single thread on one core, timed as the best of several
 batches, so other load on the machine barely moves it.  It leaves out what bench/cpu_per_request.py
-includes (TLS, syscalls, the reactor), so the two together say where a change paid.  Metrics are
-counted (as by a gateway with an admin listener), access lines are off.
+includes (TLS, syscalls, the reactor), so the two together say where a change paid.  The request
+observers are the gateway's own (mtlsgate.app.service): access lines off, metrics counted (as by a
+gateway with an admin listener); with --no-metrics, none (no admin listener).
 
     PYTHONPATH=. python bench/inmemory_request.py                        # this checkout
     PYTHONPATH=/tmp/base python bench/inmemory_request.py                # an export of another commit
@@ -22,8 +23,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from mtlsgate.accounting import RequestObservers
 from mtlsgate.config.model import Route
 from mtlsgate.identity import AllowRules
+from mtlsgate.observe.accesslog import AccessEvents
+from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
 from mtlsgate.proxy.upstream import UpstreamGroup
@@ -59,14 +63,15 @@ class _Endpoints:
         return self.endpoint
 
 
-def build(reactor: Any) -> tuple[Any, StringTransport, _Endpoint]:
+def build(reactor: Any, metrics: bool = True) -> tuple[Any, StringTransport, _Endpoint]:
     route = Route(host="*", to=("https://127.0.0.1:9443",))
     group = UpstreamGroup(reactor, route)
     endpoints = _Endpoints()
     group.agent.endpoints = endpoints  # type: ignore[assignment]
     table = RouteTable([(route.host, route.prefix, RouteEntry(route=route, upstreams=group))])
-    state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False, log_access=False)
-    resource = ProxyResource(reactor, state)
+    state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False)
+    counted: GatewayMetrics | NoMetrics = GatewayMetrics() if metrics else NoMetrics()
+    resource = ProxyResource(reactor, state, RequestObservers([AccessEvents(enabled=False), counted]), counted)  # as mtlsgate.app.service builds it
     channel = GatewaySite(resource).buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
@@ -85,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="requests per batch [default: 2000]")
     parser.add_argument("--batches", type=int, default=15, help="batches; the best is reported [default: 15]")
+    parser.add_argument("--no-metrics", action="store_true", help="no metrics counted (a gateway without an admin listener)")
     args = parser.parse_args(argv)
     reactor = MemoryReactorClock()
-    channel, transport, endpoint = build(reactor)
+    channel, transport, endpoint = build(reactor, metrics=not args.no_metrics)
     one(channel, transport, endpoint)
     answer = transport.value()
     assert not answer, answer
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.requests):
             one(channel, transport, endpoint)
         best = min(best, (time.process_time() - started) / args.requests)
-    print(f"{best * 1e6:.1f} us of gateway Python per keep-alive request (best of {args.batches} batches of {args.requests})")
+    observed = "access lines off, " + ("no metrics" if args.no_metrics else "metrics counted")
+    print(f"{best * 1e6:.1f} us of gateway Python per keep-alive request ({observed}; best of {args.batches} batches of {args.requests})")
     return 0
 
 

@@ -5,6 +5,10 @@ both provide L{IRequestObserver}, composed with L{RequestObservers} and handed t
 tells one observer once per request.  A value at the bottom of the layers, so that the front ends
 that finish requests (HTTP/1.1 today; HTTP/2, WebSocket and TCP routes name theirs in C{protocol})
 depend on no observer, and the observers on no front end.
+
+An observer that would do nothing with a record (the access log when C{access_log: off}, the metrics
+without an admin listener) says so with a false C{listening} attribute, and the proxy then builds
+none (L{listening}): a gateway that neither logs nor counts spends nothing per request on the record.
 """
 
 from __future__ import annotations
@@ -39,7 +43,11 @@ class FinishedRequest:
 
 
 class IRequestObserver(Interface):
-    """Told once of every request the gateway finishes."""
+    """
+    Told once of every request the gateway finishes.  Optionally, a C{listening} attribute: false while the
+    observer would do nothing with a record (read per request, so a reload may switch it); without one it is
+    always told.
+    """
 
     def request_finished(record: FinishedRequest) -> None:
         """C{record} is finished: its status and size are final.  Called on the reactor thread; must not block."""
@@ -52,6 +60,19 @@ class RequestObservers:
     def __init__(self, observers: Iterable[IRequestObserver] = ()) -> None:
         self.observers = tuple(observers)
 
+    @property
+    def listening(self) -> bool:
+        """Whether any of them would read a record."""
+        for observer in self.observers:
+            if getattr(observer, "listening", True):
+                return True
+        return False
+
     def request_finished(self, record: FinishedRequest) -> None:
         for observer in self.observers:
             observer.request_finished(record)
+
+
+def listening(observer: IRequestObserver) -> bool:
+    """Whether C{observer} would read a record now: a finished request's record is built only then."""
+    return bool(getattr(observer, "listening", True))

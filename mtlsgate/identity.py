@@ -56,6 +56,8 @@ def _spki_der(cert: x509.Certificate) -> bytes:
 
 def printable(text: str) -> str:
     """C{text} with control and other non-printable characters escaped, so it cannot forge log lines."""
+    if text.isprintable():
+        return text  # the common case, once per logged or counted request: the same string, without a pass per character
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 

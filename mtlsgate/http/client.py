@@ -206,6 +206,8 @@ class _BodySink:
 
 # --- the response -----------------------------------------------------------------------------------
 
+_BODY_DONE = Failure(ResponseDone())  # how a body ended that was told to its protocol by body_done() (L{UpstreamResponse.done})
+
 
 @implementer(IResponse, IPushProducer)
 class UpstreamResponse:
@@ -280,6 +282,22 @@ class UpstreamResponse:
         self._connection = None
         if self._protocol is not None:
             self._tell(reason)
+
+    def done(self) -> None:
+        """
+        The body came whole: L{end} with C{ResponseDone}, except that a body protocol with a C{body_done()} method (the
+        proxy's relay) is told by it, with no C{Failure} made: the common end of a response, once per request.
+        """
+        protocol = self._protocol
+        if self._end is None and protocol is not None and not self.finished:
+            body_done = getattr(protocol, "body_done", None)
+            if body_done is not None:
+                self._end = _BODY_DONE  # never told to anyone: the protocol has been told, and finished is set
+                self._connection = None
+                self.finished = True
+                body_done()
+                return
+        self.end(Failure(ResponseDone()))
 
     def _tell(self, reason: Failure) -> None:
         if not self.finished:
@@ -674,7 +692,7 @@ class UpstreamConnection(Protocol):
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
-        response.end(Failure(ResponseDone()))
+        response.done()
         if reusable:
             self.reused = True
             self.pool.release(self)

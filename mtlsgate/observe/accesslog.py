@@ -48,6 +48,11 @@ class AccessEvents:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
 
+    @property
+    def listening(self) -> bool:
+        """Off: the proxy builds no record for it (L{mtlsgate.accounting.listening})."""
+        return self.enabled
+
     def request_finished(self, record: FinishedRequest) -> None:
         if not self.enabled:
             return

@@ -29,6 +29,8 @@ class GatewayMetrics:
         pairs, read at each scrape so the expiry gauge is never stale.
     """
 
+    listening = True  # every finished request is counted (L{mtlsgate.accounting.listening})
+
     def __init__(self, certificates: Callable[[], Iterable[tuple[str, datetime]]] = lambda: ()) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -130,6 +132,7 @@ class NoMetrics(NoObserver):
     """
 
     registry = None  # no prometheus_client registry is made (nor the module imported)
+    listening = False  # nor a finished request's record built for it (L{mtlsgate.accounting.listening})
 
     def request_finished(self, record: FinishedRequest) -> None:
         pass

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
 from zope.interface import implementer
 
-from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers
+from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers, listening
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_headers, client_response_pairs, client_response_trailers, upstream_request_headers, upstream_request_pairs
 from mtlsgate.http.body import BodyTooLarge, RequestBody
@@ -198,16 +198,30 @@ class _ResponseRelay(Protocol):
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._stalled:
+            reason = Failure(UpstreamStalled(f"no bytes for {self._stall_timeout:g}s in the middle of the response body"))
+        # isinstance, not Failure.check: check works out the exception's class names on first use (about 2 us a response); and
+        # PotentialDataLoss imported once: twisted.web.http is a deprecation proxy whose every attribute read runs Python (~3 us)
+        self._ended(None if isinstance(reason.value, _CLEAN_END) else reason)
+
+    def body_done(self) -> None:
+        """
+        The body came whole: what L{connectionLost} does with C{ResponseDone}, told directly by the upstream client
+        (L{mtlsgate.http.client.UpstreamResponse.done}), with no C{Failure} made; a stall that came first still wins.
+        """
+        if self._stalled:
+            self.connectionLost(Failure(ResponseDone()))
+            return
+        self._ended(None)
+
+    def _ended(self, failure: Failure | None) -> None:
+        """The body is over: C{failure} None when it came whole."""
         self._unwatch()
         if not self.request.disconnected:
             self.request.unregisterProducer()
-        if self._stalled:
-            reason = Failure(UpstreamStalled(f"no bytes for {self._stall_timeout:g}s in the middle of the response body"))
         done, self._done, self._on_resume = self._done, _ignore, None
         self.transport = None  # the response body's producer, which holds this relay: no cycle left to the garbage collector
-        # isinstance, not Failure.check: check works out the exception's class names on first use (about 2 us a response); and
-        # PotentialDataLoss imported once: twisted.web.http is a deprecation proxy whose every attribute read runs Python (~3 us)
-        done(None if isinstance(reason.value, _CLEAN_END) else reason)
+        done(failure)
 
     def pauseProducing(self) -> None:
         if self.transport is None:
@@ -357,7 +371,7 @@ class _Exchange:
             d = agent.request(self.request.method, url, headers, self.request.body)
         self.pending = d
         self._upload_changed()
-        d.addCallbacks(self._response, lambda f: self._failed(f, targets, headers))
+        d.addCallbacks(self._response, self._failed, errbackArgs=(targets, headers))  # no closure made per request
 
     def _failed(self, failure: Failure, targets: list[str], headers: Any) -> None:
         self.pending = None
@@ -434,6 +448,8 @@ class _Exchange:
         log.info("WebSocket tunnel on route {route} via {upstream} closed ({why}) after {duration:.3f}s: {up} bytes up, {down} bytes down",
                  route=route, upstream=self.upstream, why=tunnel.close_reason, duration=self.reactor.seconds() - tunnel.started,
                  up=tunnel.bytes_from_client, down=tunnel.bytes_to_client)  # fmt: skip
+        if not listening(self.observer):
+            return
         self.observer.request_finished(finished(
             self.request, self.peer, route, self.upstream, 101, tunnel.bytes_to_client, self.reactor.seconds() - self.started,
             self.upstream_latency, tunnel=(tunnel.bytes_from_client, tunnel.bytes_to_client),
@@ -554,6 +570,8 @@ class _Exchange:
         if self.accounted:
             return
         self.accounted = True
+        if not listening(self.observer):
+            return  # nobody reads the record (access log off, no metrics): none is built
         duration = self.reactor.seconds() - self.started
         self.observer.request_finished(
             finished(self.request, self.peer, self.entry.route.name, self.upstream, status, size, duration, self.upstream_latency)
@@ -710,7 +728,8 @@ class ProxyResource:
             # is not read, and the connection closes after this answer, which says so.
             request.channel.stop_parsing()
             request.setHeader(b"connection", b"close")
-        self.observer.request_finished(finished(request, peer, route, "-", code, len(body), 0.0))
+        if listening(self.observer):
+            self.observer.request_finished(finished(request, peer, route, "-", code, len(body), 0.0))
         request.write(body)
         request.finish()
 

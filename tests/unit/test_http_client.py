@@ -230,6 +230,43 @@ def test_framing_in_any_pieces(which, cuts):
     check_framing(pieces, method, code, body, ending, length, pooled)
 
 
+class DirectBody(Body):
+    """A body protocol that takes the clean end directly (body_done, as the proxy's relay does)."""
+
+    def body_done(self) -> None:
+        assert self.reason is None, "told twice"
+        self.reason = Failure(ResponseDone())  # recorded as connectionLost would have been told
+        self.direct = True
+
+
+@pytest.mark.parametrize("name, method, raw, code, body, ending, length, pooled", FRAMINGS, ids=[f[0] for f in FRAMINGS])
+def test_a_body_protocol_with_body_done_is_told_a_whole_body_by_it_once_and_anything_else_by_connection_lost(
+    name, method, raw, code, body, ending, length, pooled,
+):  # fmt: skip
+    agent, endpoint, _ = make()
+    got = results(agent.request(method, URL))
+    connection = endpoint.connections[0]
+    protocol = DirectBody()
+    connection.dataReceived(raw[: len(raw) - len(body)])  # the head: the response is delivered before its body ends
+    got[0].deliverBody(protocol)
+    ended_before = protocol.reason is not None  # no body (HEAD, 204, 304, Content-Length: 0): over with its head
+    connection.dataReceived(raw[len(raw) - len(body) :])
+    if protocol.reason is None:
+        lose(connection)
+    assert protocol.data == body and protocol.reason is not None and protocol.reason.check(ending)
+    assert getattr(protocol, "direct", False) is (ending is ResponseDone and not ended_before)
+    assert agent.pool.idle_count() == (1 if pooled else 0)
+
+
+def test_a_whole_body_that_came_before_deliver_body_is_told_by_connection_lost_even_to_a_direct_protocol():
+    agent, endpoint, _ = make()
+    got = results(agent.request(b"GET", URL))
+    endpoint.connections[0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    protocol = DirectBody()
+    got[0].deliverBody(protocol)
+    assert protocol.data == b"ok" and protocol.reason.check(ResponseDone) and not getattr(protocol, "direct", False)
+
+
 def test_response_headers_are_all_there_in_order_and_the_phrase_whole():
     response, _, _, _ = exchange([b"HTTP/1.1 404 Not ", b"Found Here\r\nX-A: 1\r\nx-a: 2\r\nConnection: close, X-Secret\r\nContent-Length: 0\r\n\r\n"])
     assert response.phrase == b"Not Found Here"

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtlsgate import identity as identity_module
-from mtlsgate.identity import AllowRules, Identity, parse_xfcc, xfcc_element
+from mtlsgate.identity import AllowRules, Identity, parse_xfcc, printable, xfcc_element
 from mtlsgate.tls.pki import DevCA
 
 
@@ -217,3 +217,11 @@ def test_xfcc_round_trips_and_is_a_safe_header_line(alice, subject, uris, dns, b
         expected["DNS"] = dns
     assert parse_xfcc(value) == [expected]
     assert parse_xfcc(value + "," + value) == [expected, expected]
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text())
+def test_printable_escapes_each_non_printable_character_and_leaves_printable_text_as_it_is(text):
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    assert printable(text) == escaped
+    assert printable(escaped).isprintable()

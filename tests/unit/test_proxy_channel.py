@@ -21,6 +21,8 @@ from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObserv
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.identity import AllowRules
 from mtlsgate.observe.accesslog import AccessEvents
+from mtlsgate.observe.metrics import NoMetrics
+from mtlsgate.proxy import exchange
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry, header_field_problem, request_line_problem
 from mtlsgate.proxy.routing import RouteTable
 
@@ -72,14 +74,14 @@ class Metrics:
 class Gateway:
     """One client connection to an in-memory gateway with one route to a scripted upstream."""
 
-    def __init__(self, timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = 30.0, observer: IRequestObserver | None = None) -> None:
         self.reactor = MemoryReactorClock()
         self.upstream = Upstream()
         self.metrics = Metrics()
         route = Route(host="localhost", timeout=timeout)
         table = RouteTable([("localhost", "/", RouteEntry(route=route, upstreams=self.upstream))])  # type: ignore[arg-type]
         state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False, hsts_header=b"max-age=60")
-        site = GatewaySite(ProxyResource(self.reactor, state, RequestObservers([AccessEvents(), self.metrics])))
+        site = GatewaySite(ProxyResource(self.reactor, state, observer if observer is not None else RequestObservers([AccessEvents(), self.metrics])))
         site.reactor = self.reactor
         self.channel = site.buildProtocol(None)
         self.transport = StringTransport()
@@ -203,6 +205,46 @@ def test_a_client_that_goes_away_is_logged_and_counted_once_as_499(gateway):
     gateway.send(b"GET /gone HTTP/1.1\r\n" + H + b"\r\n")
     gateway.channel.connectionLost(Failure(ConnectionAborted()))
     assert gateway.metrics.requests == [("localhost/", 499)] and [e["status"] for e in gateway.access] == [499]
+
+
+def test_with_the_access_log_off_and_no_metrics_no_record_is_built_until_a_reload_turns_the_log_on(monkeypatch):
+    built: list[FinishedRequest] = []
+    real = exchange.finished
+
+    def finished(*args: Any, **kwargs: Any) -> FinishedRequest:
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(exchange, "finished", finished)
+    access = AccessEvents(enabled=False)
+    g = Gateway(observer=RequestObservers([access, NoMetrics()]))
+    try:
+        for path in (b"/a", b"/b"):  # relayed, then cut off by the client after the response head (a 499 once)
+            g.send(b"GET " + path + b" HTTP/1.1\r\n" + H + b"\r\n")
+            response = Response()
+            g.upstream.pending[-1].callback(response)
+            response.protocol.dataReceived(b"0123456789")
+            response.protocol.connectionLost(Failure(ResponseDone()))
+        g.send(b"GET /c HTTP/1.1\r\n" + H + b"\r\n")
+        g.upstream.pending[-1].callback(Response())
+        g.send(b"TRACE / HTTP/1.1\r\n" + H + b"\r\n")  # the gateway's own answer
+        assert built == [] and g.access == []
+        g.channel.connectionLost(Failure(ConnectionAborted()))  # the client goes: its 499 is accounted, and built for no one
+        assert built == []
+        access.enabled = True  # a reload turns the access log on: the next request's record is built and logged
+        g2 = Gateway(observer=RequestObservers([access, NoMetrics()]))
+        try:
+            g2.send(b"GET /d HTTP/1.1\r\n" + H + b"\r\n")
+            response = Response()
+            g2.upstream.pending[-1].callback(response)
+            response.protocol.dataReceived(b"0123456789")
+            response.protocol.connectionLost(Failure(ResponseDone()))
+            assert [(r.target, r.status, r.size) for r in built] == [("/d", 200, 10)]
+            assert [(e["uri"], e["status"], e["size"]) for e in g2.access] == [("/d", 200, 10)]
+        finally:
+            g2.close()
+    finally:
+        g.close()
 
 
 # --- the route timeout is the upstream's time, not the client's upload ----------------------------

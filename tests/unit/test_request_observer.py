@@ -12,9 +12,9 @@ import pytest
 from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers
+from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers, listening
 from mtlsgate.observe.accesslog import ACCESS_NAMESPACE, AccessEvents, format_combined, format_json
-from mtlsgate.observe.metrics import GatewayMetrics
+from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 
 RECORD = FinishedRequest(
     client="127.0.0.1", peer="spiffe://test/alice", identity=None, protocol="HTTP/1.1", method="GET", target="/a?b",
@@ -85,3 +85,15 @@ def test_composed_observers_are_each_told_once_in_order():
 
     RequestObservers([Recorder("access"), Recorder("metrics")]).request_finished(RECORD)
     assert told == [("access", RECORD), ("metrics", RECORD)]
+
+
+def test_a_record_is_wanted_only_while_some_observer_would_read_it():
+    class Recorder:
+        def request_finished(self, record: FinishedRequest) -> None: ...
+
+    access = AccessEvents(enabled=False)
+    assert not listening(RequestObservers([access, NoMetrics()])) and not listening(RequestObservers())
+    assert listening(RequestObservers([access, GatewayMetrics()]))
+    assert listening(Recorder()) and listening(RequestObservers([access, NoMetrics(), Recorder()]))  # no "listening": always told
+    access.enabled = True  # a reload that turns the access log on
+    assert listening(RequestObservers([access, NoMetrics()]))
