@@ -176,10 +176,10 @@ def test_three_nodes_order_once_and_all_serve_the_certificate_validated_on_anoth
 
 
 def test_a_renewal_also_happens_once(cluster):
-    c = cluster(validity=45)  # renewed a third of the lifetime ahead: some 30s after issue
+    c = cluster(validity=45)  # renewed renew_before (30s) ahead: some 15s after issue, with 30s to spare before expiry
     hold_lock(c.redis, 120)  # until all three are up (the CA's validator reaches only the last one)
     for address in NODES:
-        c.start(address, check_interval="2s", lease="3s")
+        c.start(address, check_interval="2s", lease="3s", renew_before="30s")
     for address in NODES:
         c.nodes[address].wait_for_log("another gateway of the cluster is ordering", timeout=60)
     c.redis.command("DEL", f"mtlsgate:lock:{NAME}")
