@@ -210,12 +210,21 @@ class Proc:
         return self.popen.returncode
 
 
+@contextlib.contextmanager
+def started_processes() -> Iterator[list[Proc]]:
+    """A list for the processes started inside; on the way out each is stopped, the last started first."""
+    started: list[Proc] = []
+    try:
+        yield started
+    finally:
+        for p in reversed(started):
+            p.stop()
+
+
 @pytest.fixture
 def procs():
-    started: list[Proc] = []
-    yield started
-    for p in reversed(started):
-        p.stop()
+    with started_processes() as started:
+        yield started
 
 
 @pytest.fixture(scope="session")
@@ -408,6 +417,14 @@ def gateway_workers(args: list[str]) -> int:
 @pytest.fixture
 def start_gateway(procs, tmp_path):
     """Start C{twistd -n mtlsgate ARGS} on a free port; returns a L{Gateway} once it listens."""
+    return gateway_starter(procs, tmp_path)
+
+
+def gateway_starter(procs: list[Proc], tmp_path: Path) -> Callable[..., Gateway]:
+    """
+    L{start_gateway}'s function, for C{procs} and C{tmp_path} of any scope: a module-scoped fixture
+    shares one gateway among tests that do not change its state (see L{started_processes}).
+    """
 
     def start(
         args: list[str], *, port: int | None = None, tac: Path | None = None, env: dict[str, str] | None = None,
