@@ -13,12 +13,13 @@ import signal
 import socket
 import sys
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 
 from mtlsgate.app import fdlimit
@@ -252,6 +253,28 @@ def admin_listener_for(
     admin.noisy = False  # no "Starting factory" lines
     admin.log = lambda request: None  # type: ignore[method-assign]
     return _Listener(reactor, address, admin, "admin (/metrics, /healthz, /readyz)")
+
+
+def written_out(reactor: IReactorTime, grace: float, interval: float = 0.01) -> defer.Deferred[None]:
+    """
+    Fires once no transport has bytes waiting to be sent (none is among the reactor's writers), or after
+    C{grace} seconds, whichever is first: a stop with nothing left to send does not wait.  A reactor that
+    does not tell its writers (no L{IReactorFDSet}) waits the whole C{grace}.
+    """
+    if not IReactorFDSet.providedBy(reactor):
+        return task.deferLater(reactor, grace, lambda: None)
+    fdset = cast(IReactorFDSet, reactor)
+    deadline = reactor.seconds() + grace
+    done: defer.Deferred[None] = defer.Deferred()
+
+    def check() -> None:
+        if not fdset.getWriters() or reactor.seconds() >= deadline:
+            done.callback(None)
+        else:
+            reactor.callLater(interval, check)
+
+    check()
+    return done
 
 
 class GatewayService(MultiService):
@@ -502,7 +525,7 @@ class GatewayService(MultiService):
         closing.addCallback(lambda _: defer.DeferredList([defer.maybeDeferred(group.close) for group in self.world.upstreams]))
         # The last responses may still sit in the transports' write buffers (Twisted's TCP transport sends
         # on a later reactor turn); the reactor aborts connections once it stops, so give them a moment.
-        closing.addCallback(lambda _: task.deferLater(self.reactor, _FLUSH_GRACE, lambda: None))
+        closing.addCallback(lambda _: written_out(self.reactor, _FLUSH_GRACE))
         closing.addCallback(lambda _: super(GatewayService, self).stopService())
         return closing
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, gateway_starter, start_echo_upstream, started_processes
 
 PREFIXES = ["/admin", "/"]
 
@@ -40,6 +40,16 @@ def two_route_config(tmp_path, pki, upstream_port: int, port: int) -> str:
 def two_routes(start_gateway, pki, echo_upstream, tmp_path):
     port = free_port()
     return start_gateway(["--config", two_route_config(tmp_path, pki, echo_upstream, port)], port=port)
+
+
+@pytest.fixture(scope="module")
+def two_routes_for_the_module(pki, tmp_path_factory):
+    """L{two_routes}, one for a module whose tests do not change its state (each finds its own log lines by a marker)."""
+    tmp = tmp_path_factory.mktemp("two-routes")
+    with started_processes() as procs:
+        upstream, _ = start_echo_upstream(procs, pki, tmp)
+        port = free_port()
+        yield gateway_starter(procs, tmp)(["--config", two_route_config(tmp, pki, upstream, port)], port=port)
 
 
 class _Sock:

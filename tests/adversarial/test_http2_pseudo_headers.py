@@ -19,13 +19,19 @@ import uuid
 import pytest
 import yaml
 
-from tests.adversarial.gateway_fixture import PREFIXES, echoed, get, two_routes  # noqa: F401 (fixture)
+from tests.adversarial.gateway_fixture import PREFIXES, echoed, get, two_routes_for_the_module  # noqa: F401 (fixture)
 from tests.adversarial.test_path_confusion import SPELLINGS
 from tests.adversarial.upstream_model import upstream_route
 from tests.conftest import free_port, gateway_config
 from tests.h2peer import H2Client, Stream
 
 REFUSED = "refused"  # GOAWAY or RST_STREAM: the stream never got a response
+
+
+@pytest.fixture
+def two_routes(two_routes_for_the_module):  # noqa: F811
+    """One two-route gateway for the module: no test here changes its state."""
+    return two_routes_for_the_module
 
 
 def h2_fields(port: int, pki, client: str, fields: list[tuple[bytes, bytes]]) -> tuple[int | str, bytes]:
@@ -84,9 +90,10 @@ def test_a_method_that_is_not_a_token_is_refused_before_any_upstream(two_routes,
     marker = uuid.uuid4().hex.encode()
     status, _ = h2_get(two_routes.port, pki, "alice", b"/" + marker, method=method)
     assert status in (400, REFUSED)
-    h1, _ = get(two_routes.port, pki, "alice", b"/after")
+    after = uuid.uuid4().hex  # this test's own request after, in a log the module's tests share
+    h1, _ = get(two_routes.port, pki, "alice", b"/after/" + after.encode())
     assert h1 == 200
-    two_routes.proc.wait_for_log('"GET /after HTTP/1.1" 200')
+    two_routes.proc.wait_for_log(f'"GET /after/{after} HTTP/1.1" 200')
     out = two_routes.proc.output()
     assert f"/{marker.decode()} HTTP/2\" 502" not in out and f"/{marker.decode()} HTTP/2\" 200" not in out
     assert "Traceback" not in out

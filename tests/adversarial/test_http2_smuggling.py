@@ -15,13 +15,17 @@ import uuid
 import pytest
 from h2.errors import ErrorCodes
 
-from tests.conftest import gateway_args
+from tests.conftest import gateway_args, gateway_starter, start_echo_upstream, started_processes
 from tests.h2peer import H2Client, Stream, simple_get
 
 
-@pytest.fixture
-def gateway(start_gateway, pki, echo_upstream):
-    return start_gateway(gateway_args(pki, echo_upstream, "--timeout", "30s"))
+@pytest.fixture(scope="module")
+def gateway(pki, tmp_path_factory):
+    """One gateway (and echo upstream) for the module: no test changes its state, and each finds its own requests by a marker."""
+    tmp = tmp_path_factory.mktemp("http2-smuggling")
+    with started_processes() as procs:
+        upstream, _ = start_echo_upstream(procs, pki, tmp)
+        yield gateway_starter(procs, tmp)(gateway_args(pki, upstream, "--timeout", "30s"))
 
 
 def _access_lines(gateway) -> str:
@@ -29,8 +33,9 @@ def _access_lines(gateway) -> str:
 
 
 def _assert_never_forwarded(gateway, pki, marker: str) -> None:
-    assert simple_get(gateway.port, pki, "/after").status == 200  # the gateway serves on; its access lines are written by now
-    gateway.proc.wait_for_log('"GET /after HTTP/2" 200')
+    after = uuid.uuid4().hex  # this test's own request after, in a log the module's tests share
+    assert simple_get(gateway.port, pki, f"/after/{after}").status == 200  # the gateway serves on; its access lines are written by now
+    gateway.proc.wait_for_log(f'"GET /after/{after} HTTP/2" 200')
     assert marker not in _access_lines(gateway)  # neither forwarded nor answered by the proxy: refused before it
 
 

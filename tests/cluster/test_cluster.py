@@ -8,6 +8,7 @@ stopping does not stop serving, and issuance resumes when it returns.
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import ssl
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from mtlsgate.cluster.seal import new_key_text
-from tests.conftest import TWISTD, Proc, admin_get, free_port, scrape, wait_for_port
+from tests.conftest import TWISTD, Proc, admin_get, free_port, poll_pauses, scrape, wait_for_port
 
 pytestmark = pytest.mark.needs("redis-server", "pebble")
 
@@ -47,8 +48,10 @@ def served_leaf(address: str, port: int, trust: bytes | None = None, client: tup
             return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
 
 
-def wait_until(check, timeout: float, what: str, interval: float = 0.2) -> Any:
+def wait_until(check, timeout: float, what: str, interval: float | None = None) -> Any:
+    """C{check()}'s first true value, looked for every C{interval} seconds (by default, soon at first and then every 0.2s)."""
     deadline = time.monotonic() + timeout
+    pauses = poll_pauses(longest=0.2) if interval is None else itertools.repeat(interval)
     while True:
         try:
             result = check()
@@ -58,7 +61,7 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2) -> Any:
             pass
         if time.monotonic() > deadline:
             raise AssertionError(f"not after {timeout}s: {what}")
-        time.sleep(interval)
+        time.sleep(next(pauses))
 
 
 class Cluster:
@@ -176,10 +179,10 @@ def test_three_nodes_order_once_and_all_serve_the_certificate_validated_on_anoth
 
 
 def test_a_renewal_also_happens_once(cluster):
-    c = cluster(validity=45)  # renewed a third of the lifetime ahead: some 30s after issue
+    c = cluster(validity=45)  # renewed renew_before (30s) ahead: some 15s after issue, with 30s to spare before expiry
     hold_lock(c.redis, 120)  # until all three are up (the CA's validator reaches only the last one)
     for address in NODES:
-        c.start(address, check_interval="2s", lease="3s")
+        c.start(address, check_interval="2s", lease="3s", renew_before="30s")
     for address in NODES:
         c.nodes[address].wait_for_log("another gateway of the cluster is ordering", timeout=60)
     c.redis.command("DEL", f"mtlsgate:lock:{NAME}")

@@ -6,12 +6,20 @@ import ssl
 
 import pytest
 
-from tests.conftest import echo_json, gateway_args, https_request
+from tests.conftest import echo_json, gateway_args, gateway_starter, https_request, start_echo_upstream, started_processes
 
 
-@pytest.fixture
-def gateway(start_gateway, pki, echo_upstream):
-    return start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"]))
+def _module_gateway(pki, tmp_path_factory, *extra: str):
+    """One gateway for the module's tests of it: a handshake changes nothing of its state, and each test reads only the log its own connection wrote."""
+    tmp = tmp_path_factory.mktemp("downstream-mtls")
+    with started_processes() as procs:
+        upstream, _ = start_echo_upstream(procs, pki, tmp)
+        yield gateway_starter(procs, tmp)(gateway_args(pki, upstream, "--crl", pki["crl"], *extra))
+
+
+@pytest.fixture(scope="module")
+def gateway(pki, tmp_path_factory):
+    yield from _module_gateway(pki, tmp_path_factory)
 
 
 def test_valid_client_certificate_is_proxied_to_the_upstream(gateway, pki):
@@ -34,11 +42,12 @@ def test_valid_client_certificate_is_proxied_to_the_upstream(gateway, pki):
     ],
 )
 def test_bad_client_certificate_fails_the_handshake_with_a_logged_reason(gateway, pki, who, reason):
+    before = len(gateway.proc.output())
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         https_request(gateway.port, "/", ca=pki["ca"], cert=pki[who] if who else None)
-    log = gateway.proc.wait_for_log("TLS handshake with" if reason is None else "refused client certificate from 127.0.0.1")
+    log = gateway.proc.wait_for_log("TLS handshake with" if reason is None else "refused client certificate from 127.0.0.1", after=before)
     if reason is not None:
-        assert reason in log
+        assert reason in log[before:]
 
 
 @pytest.mark.parametrize("who, reason", [("weak_rsa", "key too small"), ("sha1_signed", "weak signature digest")])
@@ -47,18 +56,19 @@ def test_weak_client_certificates_are_refused_with_a_logged_reason(gateway, pki,
     import subprocess
 
     cert, key = pki[who]
+    before = len(gateway.proc.output())
     subprocess.run(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{gateway.port}", "-servername", "localhost", "-cert", cert, "-key", key,
          "-cipher", "DEFAULT:@SECLEVEL=0", "-CAfile", pki["ca"]],
         input=b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n", capture_output=True, timeout=20,
     )  # fmt: skip
-    log = gateway.proc.wait_for_log("refused client certificate from 127.0.0.1")
-    assert reason in log
+    log = gateway.proc.wait_for_log("refused client certificate from 127.0.0.1", after=before)
+    assert reason in log[before:]
 
 
-@pytest.fixture
-def policy_gateway(start_gateway, pki, echo_upstream):
-    return start_gateway(gateway_args(pki, echo_upstream, "--crl", pki["crl"], "--enforcement", "policy"))
+@pytest.fixture(scope="module")
+def policy_gateway(pki, tmp_path_factory):
+    yield from _module_gateway(pki, tmp_path_factory, "--enforcement", "policy")
 
 
 @pytest.mark.parametrize(
@@ -72,11 +82,12 @@ def policy_gateway(start_gateway, pki, echo_upstream):
     ],
 )
 def test_policy_enforcement_answers_403_naming_the_reason(policy_gateway, pki, who, reason):
+    before = len(policy_gateway.proc.output())
     status, headers, body = https_request(policy_gateway.port, "/", ca=pki["ca"], cert=pki[who] if who else None)
     assert status == 403
     assert reason in body.decode()
     assert headers["content-type"].startswith("text/plain")
-    assert reason in policy_gateway.proc.wait_for_log("refused 127.0.0.1")
+    assert reason in policy_gateway.proc.wait_for_log("refused 127.0.0.1", after=before)[before:]
 
 
 def test_policy_enforcement_still_admits_a_valid_certificate(policy_gateway, pki):

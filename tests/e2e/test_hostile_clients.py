@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import echo_json, free_port, https_request, gateway_config
+from tests.conftest import echo_json, free_port, gateway_config, gateway_starter, https_request, start_echo_upstream, started_processes
 
 
 def write_config(tmp_path, pki, upstream_port, port, **extra):
@@ -23,13 +23,26 @@ def write_config(tmp_path, pki, upstream_port, port, **extra):
     return path
 
 
+LIMITS = {"handshake_timeout": "1s", "header_timeout": "1s", "idle_timeout": "3s", "max_connections": 20}
+
+
 @pytest.fixture
 def gateway(start_gateway, pki, echo_upstream, tmp_path):
     port = free_port()
-    limits = {"handshake_timeout": "1s", "header_timeout": "1s", "idle_timeout": "3s", "max_connections": 20}
     # With workers, max_connections is each worker's: every connection from the test's one address reaches one worker.
-    config = write_config(tmp_path, pki, echo_upstream, port, limits=limits, worker_affinity="client_ip")
+    config = write_config(tmp_path, pki, echo_upstream, port, limits=LIMITS, worker_affinity="client_ip")
     return start_gateway(["--config", str(config)], port=port)
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(pki, tmp_path_factory):
+    """The same gateway, one for the module's one-request tests (each a connection of its own, closed by the gateway's answer)."""
+    tmp = tmp_path_factory.mktemp("hostile-clients")
+    with started_processes() as procs:
+        upstream, _ = start_echo_upstream(procs, pki, tmp)
+        port = free_port()
+        config = write_config(tmp, pki, upstream, port, limits=LIMITS, worker_affinity="client_ip")
+        yield gateway_starter(procs, tmp)(["--config", str(config)], port=port)
 
 
 def tls_socket(port: int, pki) -> ssl.SSLSocket:
@@ -77,11 +90,11 @@ SMUGGLING = {
 
 
 @pytest.mark.parametrize("name", sorted(SMUGGLING))
-def test_ambiguous_framing_is_refused_with_400_and_never_forwarded(gateway, pki, name):
-    answer = exchange(gateway.port, pki, SMUGGLING[name], wait=3)
+def test_ambiguous_framing_is_refused_with_400_and_never_forwarded(shared_gateway, pki, name):
+    answer = exchange(shared_gateway.port, pki, SMUGGLING[name], wait=3)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert b'"method"' not in answer  # the echo upstream never saw it
-    still_serving(gateway.port, pki)
+    still_serving(shared_gateway.port, pki)
 
 
 @pytest.mark.parametrize(
@@ -94,9 +107,9 @@ def test_ambiguous_framing_is_refused_with_400_and_never_forwarded(gateway, pki,
     ],
     ids=["long request line", "long header line", "too many headers", "headers too large"],
 )
-def test_oversized_requests_get_414_or_431(gateway, pki, raw, status):
-    assert exchange(gateway.port, pki, raw).startswith(b"HTTP/1.1 " + status)
-    still_serving(gateway.port, pki)
+def test_oversized_requests_get_414_or_431(shared_gateway, pki, raw, status):
+    assert exchange(shared_gateway.port, pki, raw).startswith(b"HTTP/1.1 " + status)
+    still_serving(shared_gateway.port, pki)
 
 
 def test_request_body_over_the_routes_limit_gets_413(gateway, pki):

@@ -10,12 +10,16 @@ import pytest
 import yaml
 
 from mtlsgate.identity import parse_xfcc
-from tests.conftest import echo_json, free_port, gateway_args, https_request
+from tests.conftest import echo_json, free_port, gateway_args, gateway_starter, https_request, start_echo_upstream, started_processes
 
 
-@pytest.fixture
-def gateway(start_gateway, pki, echo_upstream):
-    return start_gateway(gateway_args(pki, echo_upstream, "--timeout", "2s"))
+@pytest.fixture(scope="module")
+def gateway(pki, tmp_path_factory):
+    """One for the module's tests of it: none changes its state, and each reads only the log written after its own request."""
+    tmp = tmp_path_factory.mktemp("proxy")
+    with started_processes() as procs:
+        upstream, _ = start_echo_upstream(procs, pki, tmp)
+        yield gateway_starter(procs, tmp)(gateway_args(pki, upstream, "--timeout", "2s"))
 
 
 def test_xfcc_carries_the_verified_identity_and_a_spoofed_one_is_removed(gateway, pki):
@@ -226,6 +230,7 @@ def test_an_upstream_that_goes_silent_mid_body_is_cut_off_after_the_route_timeou
     ctx = ssl.create_default_context(cafile=pki["ca"])
     ctx.load_cert_chain(*pki["alice"])
     started = time.monotonic()
+    before = len(gateway.proc.output())
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=15), server_hostname="localhost") as s:
         s.sendall(b"GET /stall/1000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         received = b""
@@ -236,5 +241,5 @@ def test_an_upstream_that_goes_silent_mid_body_is_cut_off_after_the_route_timeou
             pass
     assert received.startswith(b"HTTP/1.1 200") and b"Content-Length: 2000" in received
     assert time.monotonic() - started < 10  # cut off, not left hanging: the client sees a short body
-    assert "UpstreamStalled: no bytes for 2s" in gateway.proc.wait_for_log("broke off the response")
+    assert "UpstreamStalled: no bytes for 2s" in gateway.proc.wait_for_log("broke off the response", after=before)[before:]
     assert https_request(gateway.port, "/after", ca=pki["ca"], cert=pki["alice"])[0] == 200

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import free_port, gateway_args, scrape, wait_for_port
+from tests.conftest import free_port, gateway_args, gateway_starter, scrape, start_echo_upstream, started_processes, wait_for_port
 
 
 def served_certificate(port: int, server_name: str | None, ca: str, cert: tuple[str, str]) -> dict:
@@ -24,9 +24,13 @@ def _names(info: dict) -> set[str]:
     return {value for kind, value in info["peer"]["subjectAltName"]}
 
 
-@pytest.fixture
-def sni_gateway(start_gateway, pki, echo_upstream, tmp_path):
-    return start_sni_gateway(start_gateway, pki, echo_upstream, tmp_path)
+@pytest.fixture(scope="module")
+def sni_gateway(pki, tmp_path_factory):
+    """One for the module's handshake-only tests: a handshake changes nothing of the gateway's state."""
+    tmp = tmp_path_factory.mktemp("sni")
+    with started_processes() as procs:
+        upstream, _ = start_echo_upstream(procs, pki, tmp)
+        yield start_sni_gateway(gateway_starter(procs, tmp), pki, upstream, tmp)
 
 
 def start_sni_gateway(start_gateway, pki, echo_upstream, tmp_path, *extra: str):

@@ -1,8 +1,10 @@
 """
 The soak: keep-alive and new-connection load while the certificate is rotated and the gateway
-reloaded (SIGHUP) every few seconds.  Pass: no failed request, no file-descriptor growth, RSS
-stable within 10 % after warm-up.  CI runs it for MTLSGATE_SOAK_SECONDS (default 45); the long
-version is the same test with a bigger number:
+reloaded (SIGHUP) again and again.  Pass: no failed request, no file-descriptor growth, RSS stable
+within 10 % after warm-up.  The pace is the gateway's: each cycle rotates the certificate, sends
+SIGHUP, waits for the reload to be logged, then for the loads to make REQUESTS_PER_CYCLE more requests,
+each thread at least EACH_PER_CYCLE (so every kind of load runs across every reload).  CI runs WARM_UP_CYCLES then CYCLES measured
+ones; the long version also keeps cycling for MTLSGATE_SOAK_SECONDS:
 
     MTLSGATE_SOAK_SECONDS=1800 python -m pytest -m soak -s tests/e2e/test_soak.py
 
@@ -27,9 +29,12 @@ from tests.conftest import free_port, https_request
 
 pytestmark = pytest.mark.soak
 
-SECONDS = float(os.environ.get("MTLSGATE_SOAK_SECONDS", "45"))
+SECONDS = float(os.environ.get("MTLSGATE_SOAK_SECONDS", "0"))
 WORKERS = int(os.environ.get("MTLSGATE_SOAK_WORKERS", "1"))
-RELOAD_EVERY = 3.0
+WARM_UP_CYCLES = 3
+CYCLES = 12  # measured reloads, at least
+REQUESTS_PER_CYCLE = 600  # by the load threads together, between one reload and the next
+EACH_PER_CYCLE = 10  # by each of them (a new connection per request is the slowest)
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -112,16 +117,26 @@ def test_load_with_certificate_rotation_and_reloads(start_gateway, pki, echo_ups
     loads = [Load(port, pki, keepalive=True, stop=stop), Load(port, pki, keepalive=True, stop=stop), Load(port, pki, keepalive=False, stop=stop)]
     for load in loads:
         load.start()
-    warm_up = min(10.0, SECONDS / 4)
-    time.sleep(warm_up)
-    start = _status(pid)
     reloads = 0
-    deadline = time.monotonic() + SECONDS - warm_up
-    while time.monotonic() < deadline:
+
+    def cycle() -> None:
+        """Rotate, reload, and wait until it is done and every load thread has made its requests since."""
+        nonlocal reloads
         pki["ca_obj"].issue_server(["localhost", "127.0.0.1"]).write(str(cert), str(key))
         gateway.proc.signal(signal.SIGHUP)
         reloads += 1
-        time.sleep(RELOAD_EVERY)
+        gateway.proc.wait_for_count("reloaded:", reloads * WORKERS, timeout=60)  # each worker logs its own
+        _wait_for_requests(loads, REQUESTS_PER_CYCLE, EACH_PER_CYCLE)
+
+    _wait_for_requests(loads, REQUESTS_PER_CYCLE, EACH_PER_CYCLE)
+    for _ in range(WARM_UP_CYCLES):
+        cycle()
+    start = _status(pid)
+    started = time.monotonic()
+    measured = 0
+    while measured < CYCLES or time.monotonic() - started < SECONDS:
+        cycle()
+        measured += 1
     end = _status(pid)
     stop.set()
     for load in loads:
@@ -129,10 +144,23 @@ def test_load_with_certificate_rotation_and_reloads(start_gateway, pki, echo_ups
 
     requests = sum(load.ok for load in loads)
     failures = [f for load in loads for f in load.failures]
-    print(f"\nsoak {SECONDS:.0f}s, {WORKERS} worker(s): {requests} requests, {reloads} reloads, {len(failures)} failures, "
+    print(f"\nsoak {time.monotonic() - started:.0f}s measured, {WORKERS} worker(s): {requests} requests, {reloads} reloads, {len(failures)} failures, "
           f"RSS {start['rss_kib']} -> {end['rss_kib']} KiB, fds {start['fds']} -> {end['fds']}")
     assert failures == []
     assert requests > 0
-    assert gateway.proc.output().count("reloaded:") >= (reloads - 1) * WORKERS
+    assert gateway.proc.output().count("reloaded:") >= reloads * WORKERS
     assert end["fds"] <= start["fds"] + 4
     assert end["rss_kib"] <= start["rss_kib"] * 1.10
+
+
+def _wait_for_requests(loads: list[Load], total: int, each: int, timeout: float = 60.0) -> None:
+    """Until the load threads have made C{total} more requests, each at least C{each} (failures count: they are reported at the end)."""
+
+    def made() -> list[int]:
+        return [load.ok + len(load.failures) for load in loads]
+
+    before = made()
+    deadline = time.monotonic() + timeout
+    while sum(now := made()) < sum(before) + total or any(n < b + each for n, b in zip(now, before)):
+        assert time.monotonic() < deadline, f"the load made fewer than {total} requests ({each} per thread) in {timeout}s"
+        time.sleep(0.05)
