@@ -150,10 +150,10 @@ class IdentityCache:
     connection).  Keyed by every byte of the certificate, not a digest or a name: a certificate that
     differs in anything (key, issuer, serial, signature, validity) is another entry, worked out afresh.
     It holds no verdict: verification, revocation, validity and allow-rules are decided per connection.
-    Bounded: past C{limit} entries, the least recently used goes (about 4 KiB each).
+    Bounded: past C{limit} entries, the least recently used goes (about 6 KiB each: 3 MiB at most by default).
     """
 
-    def __init__(self, limit: int = 1000) -> None:
+    def __init__(self, limit: int = 500) -> None:
         self.limit = limit
         self._by_der: OrderedDict[bytes, KnownCertificate] = OrderedDict()
 
