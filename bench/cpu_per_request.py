@@ -20,6 +20,7 @@ Memory: the RSS of every process of each side after start-up and after a warm-up
     PYTHONPATH=. python bench/cpu_per_request.py --workers 2 --idle 1000 --requests 0          # memory only
     PYTHONPATH=. python bench/cpu_per_request.py --no-aiohttp --repeats 1 --py-spy /tmp/prof   # and a py-spy profile
     PYTHONPATH=. python bench/cpu_per_request.py --bare --py-spy /tmp/prof     # beside the bare Twisted ceiling, both profiled
+    PYTHONPATH=. python bench/cpu_per_request.py --new-connections --requests 3000 --nginx      # a new mTLS connection per request (ab without -k)
 
 C{--mtlsgate NAME=DIR} runs twistd with PYTHONPATH=DIR (an export of a commit: C{git archive REV | tar -x -C DIR}).
 """
@@ -110,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=0, help="hold N idle TLS connections for the memory figure [default: 0, skip]")
     parser.add_argument("--py-spy", metavar="PREFIX",
                         help="also profile each mtlsgate side and the bare one (py-spy --format raw) to PREFIX-NAME.txt during one more run")
+    parser.add_argument("--new-connections", action="store_true",
+                        help="ab without -k: every request is a new TLS 1.3 connection with a client certificate (full handshake)")
     parser.add_argument("--config", default="limits: {max_connections: 20000, idle_timeout: 300s}\n", help="mtlsgate's YAML config")
     args = parser.parse_args(argv)
+    keepalive = not args.new_connections
     if not shutil.which("ab") or not os.path.exists(harness.NGINX):
         print("bench: needs nginx and ab", file=sys.stderr)
         return 2
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 for side, (port, pid) in sides.items():
                     pids = tree(pid)
                     before = cpu_seconds(pids)
-                    r = harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=args.requests, keepalive=True)
+                    r = harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=args.requests, keepalive=keepalive)
                     used = cpu_seconds(pids) - before
                     failed[side] += r["failed"]
                     cpu[side].append(used / args.requests * 1e6)
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-o", f"{args.py_spy}-{name}.txt", "--pid", str(worker)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
                 time.sleep(1)
-                harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=max(args.requests, 20000), keepalive=True)
+                harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=max(args.requests, 3000 if args.new_connections else 20000),
+                           keepalive=keepalive)
                 spy.send_signal(2)
                 spy.wait(60)
 
@@ -197,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         harness.stop_all(procs)
         shutil.rmtree(d, ignore_errors=True)
 
-    print(f"\n{args.workers} process(es) per side; ab -k -c {args.concurrency} -n {args.requests} {args.path}, {args.repeats} run(s) per side, "
+    unit, ab_k = ("request", "-k") if keepalive else ("connection+request", "without -k")
+    print(f"\n{args.workers} process(es) per side; ab {ab_k} -c {args.concurrency} -n {args.requests} {args.path}, "
+          f"{args.repeats} run(s) per side, "
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     for side in sides:
         line = f"{side:>10}:"
         if cpu[side]:
             runs = ", ".join(f"{v:.1f}" for v in cpu[side])
-            line += f" CPU {statistics.median(cpu[side]):6.1f} us/request, min {min(cpu[side]):6.1f} (runs: {runs}; failed {failed[side]:.0f})"
+            line += f" CPU {statistics.median(cpu[side]):6.1f} us/{unit}, min {min(cpu[side]):6.1f} (runs: {runs}; failed {failed[side]:.0f})"
             line += f" p99 {statistics.median(p99[side]):.0f} ms (max {max(p99[side]):.0f})"
             line += f" req/s {statistics.median(rps[side]):.0f} (runs: {', '.join(f'{v:.0f}' for v in rps[side])})"
         line += f"  RSS MiB started {started[side]} warm {warm[side]}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections import OrderedDict
 from datetime import datetime
 from typing import Callable, Iterable, TypeVar
 
@@ -119,6 +120,58 @@ class Identity:
     def label(self) -> str:
         """Short text for log lines: the SPIFFE ID, else the CN, else a fingerprint prefix; never raw control characters."""
         return printable(self.spiffe_id or self.common_name or "sha256:" + self.fingerprint_sha256[:16])
+
+
+@attrs.frozen(eq=False)
+class KnownCertificate:
+    """
+    What one certificate's bytes say, worked out once: the parsed certificate, the SHA-256 of its DER,
+    its L{Identity}, that identity's XFCC element, and how many common names its subject holds.  Every
+    field is a function of the DER alone; nothing here says whether the certificate is to be trusted.
+    """
+
+    certificate: x509.Certificate
+    fingerprint: bytes  # SHA-256 over the DER (raw bytes; Identity.fingerprint_sha256 is its hex)
+    identity: Identity
+    xfcc: bytes  # xfcc_element(identity), ASCII
+    common_names: int
+
+    @classmethod
+    def from_der(cls, der: bytes) -> KnownCertificate:
+        """Raises ValueError for bytes the cryptography library cannot load as a certificate."""
+        certificate = x509.load_der_x509_certificate(der)
+        identity = Identity.from_certificate(certificate)
+        common_names = _attempt(lambda: len(certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)), 0)
+        return cls(certificate, hashlib.sha256(der).digest(), identity, xfcc_element(identity).encode("ascii"), common_names)
+
+
+class IdentityCache:
+    """
+    L{KnownCertificate}s by the certificate's whole DER, so that a client that connects again with the
+    same certificate is not parsed again (issue #13: parsing was a sixth of the gateway's CPU per new
+    connection).  Keyed by every byte of the certificate, not a digest or a name: a certificate that
+    differs in anything (key, issuer, serial, signature, validity) is another entry, worked out afresh.
+    It holds no verdict: verification, revocation, validity and allow-rules are decided per connection.
+    Bounded: past C{limit} entries, the least recently used goes (about 6 KiB each: 3 MiB at most by default).
+    """
+
+    def __init__(self, limit: int = 500) -> None:
+        self.limit = limit
+        self._by_der: OrderedDict[bytes, KnownCertificate] = OrderedDict()
+
+    def known(self, der: bytes) -> KnownCertificate:
+        """The certificate with this DER, parsed once; raises ValueError for bytes that are not one (nothing is kept then)."""
+        found = self._by_der.get(der)
+        if found is not None:
+            self._by_der.move_to_end(der)
+            return found
+        found = self._by_der[der] = KnownCertificate.from_der(der)
+        if len(self._by_der) > self.limit:
+            self._by_der.popitem(last=False)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._by_der)
 
 
 def normalize_fingerprint(fingerprint: str) -> str:

@@ -99,6 +99,8 @@ def peer_of(channel: Any) -> Peer:
             if verdict.refusal is not None:
                 subject = verdict.certificate.subject.rfc4514_string() if verdict.certificate is not None else "-"
                 peer = Peer(identity=None, refusal=verdict.refusal, presented=printable(subject))
+            elif verdict.known is not None:  # the identity and XFCC element the TLS layer's cache holds for these bytes
+                peer = Peer(identity=verdict.known.identity, refusal=None, xfcc=verdict.known.xfcc)
             elif verdict.certificate is not None:
                 peer = Peer.verified(Identity.from_certificate(verdict.certificate))
         channel._mtlsgate_peer = peer

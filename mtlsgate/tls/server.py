@@ -14,9 +14,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
-from OpenSSL.crypto import X509StoreFlags
+from OpenSSL.crypto import FILETYPE_ASN1, X509StoreFlags, dump_certificate
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -28,7 +27,7 @@ from zope.interface import implementer
 from mtlsgate.tls import pki
 from mtlsgate.tls.fastwrite import SendAtOnce
 from mtlsgate.config.model import CertificateSpec, DownstreamMTLS, Limits
-from mtlsgate.identity import printable
+from mtlsgate.identity import IdentityCache, KnownCertificate, printable
 from mtlsgate.tls.observer import IConnectionObserver, NoObserver
 
 log = Logger(namespace="mtlsgate.tls.server")
@@ -153,10 +152,14 @@ def certificate_verdict(failure: VerifyFailure | None, witnessed: bool, recorded
 
 @attrs.frozen
 class PeerVerdict:
-    """The client certificate of a finished handshake (None: none presented) and why it is refused (None: trusted)."""
+    """
+    The client certificate of a finished handshake (None: none presented) and why it is refused (None: trusted);
+    C{known}: what the certificate's bytes say (its identity and XFCC element), when this module made the verdict.
+    """
 
     certificate: x509.Certificate | None
     refusal: str | None
+    known: KnownCertificate | None = None
 
 
 class GatewayConnection(SSL.Connection):
@@ -168,6 +171,7 @@ class GatewayConnection(SSL.Connection):
     verify_failure: VerifyFailure | None = None
     verification_witnessed = False
     verified_certificates: VerifiedCertificates | None = None  # of the certificate set it was accepted on
+    identities: IdentityCache | None = None  # the listener's certificates already parsed, by their DER
     refused_server_name: str | None = None
     offered_acme_tls: bool = False  # the client offered acme-tls/1 (RFC 8737): the connection never carries HTTP
     _verdict: PeerVerdict | None = None
@@ -183,18 +187,25 @@ class GatewayConnection(SSL.Connection):
         return self._verdict
 
 
+def _known(conn: GatewayConnection, certificate: Any) -> KnownCertificate:
+    """What the certificate (an OpenSSL.crypto.X509) says, from the listener's cache: parsed once per distinct DER."""
+    der = dump_certificate(FILETYPE_ASN1, certificate)
+    return conn.identities.known(der) if conn.identities is not None else KnownCertificate.from_der(der)
+
+
 def _judge(conn: GatewayConnection, now: datetime) -> PeerVerdict:
-    certificate = conn.get_peer_certificate(as_cryptography=True)
-    if certificate is None:
+    peer = conn.get_peer_certificate()
+    if peer is None:
         return PeerVerdict(None, None)
-    fingerprint = certificate.fingerprint(hashes.SHA256())
+    known = _known(conn, peer)  # its identity may come from the cache; the verdict below is this connection's own
+    certificate = known.certificate
     verified = conn.verified_certificates
-    recorded = verified is not None and fingerprint in verified
+    recorded = verified is not None and known.fingerprint in verified
     validity = (certificate.not_valid_before_utc, certificate.not_valid_after_utc)
     refusal = certificate_verdict(conn.verify_failure, conn.verification_witnessed, recorded, validity, now)
     if refusal is None and conn.verification_witnessed and verified is not None:
-        verified.record(fingerprint)
-    return PeerVerdict(certificate, refusal)
+        verified.record(known.fingerprint)
+    return PeerVerdict(certificate, refusal, known)
 
 
 def peer_verdict(connection: object) -> PeerVerdict:
@@ -375,11 +386,11 @@ _NO_CRL_FOR_ANCHOR = (3, 33)  # UNABLE_TO_GET_CRL, UNABLE_TO_GET_CRL_ISSUER
 _REVOKED = 23
 
 
-def _common_name_count(cert: object) -> int:
+def _common_name_count(conn: GatewayConnection, cert: object) -> int:
     try:
-        return len(cert.to_cryptography().subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))  # type: ignore[attr-defined]
+        return _known(conn, cert).common_names
     except Exception:
-        return 0  # an unparseable subject: OpenSSL's own checks decide
+        return 0  # an unparseable certificate: OpenSSL's own checks decide
 
 
 def _verify_callback(rejects: bool, verification: ClientVerification | None = None) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
@@ -400,7 +411,7 @@ def _verify_callback(rejects: bool, verification: ClientVerification | None = No
         if not isinstance(conn, GatewayConnection):
             return False  # a connection that cannot carry the verdict admits no one
         conn.verification_witnessed = True
-        if ok and depth == 0 and _common_name_count(cert) > 1:
+        if ok and depth == 0 and _common_name_count(conn, cert) > 1:
             ok, errno = 0, _ERRNO_MULTIPLE_COMMON_NAMES
         if not ok and errno in _NO_CRL_FOR_ANCHOR and anchors:
             # A chain that ends at a trusted intermediate of the bundle (partial chain): OpenSSL has no
@@ -543,6 +554,8 @@ class ServerTLS:
         #: Set by the TCP routes (mtlsgate.proxy.tcp): for a server name, the ALPN protocols its route
         #: accepts (server order; empty: none), or None when the name is not a TCP route's (HTTP's ALPN).
         self.alpn_for_name: Callable[[str | None], Sequence[bytes] | None] | None = None
+        #: Client certificates already parsed (identity, XFCC), by their DER: kept across reloads, since they hold no verdict.
+        self.identities = IdentityCache()
 
     def build(
         self, served: Sequence[ServedCertificate], verification: ClientVerification | None, unknown_sni: str = "default", http2: bool = False,
@@ -613,6 +626,7 @@ class ServerTLS:
         assert certificates.default is not None, "a certificate set always has a default context"
         connection = GatewayConnection(certificates.default, None)
         connection.verified_certificates = certificates.verified_clients
+        connection.identities = self.identities
         connection.set_app_data(tlsProtocol)
         return connection
 

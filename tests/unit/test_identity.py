@@ -225,3 +225,62 @@ def test_printable_escapes_each_non_printable_character_and_leaves_printable_tex
     escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     assert printable(text) == escaped
     assert printable(escaped).isprintable()
+
+
+# --- the identity cache (issue #13): what a certificate's bytes say, worked out once per distinct DER ---------------
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_known_certificate_says_what_the_certificate_says(alice_cert):
+    known = identity_module.KnownCertificate.from_der(_der(alice_cert))
+    assert known.identity == Identity.from_certificate(alice_cert)
+    assert known.fingerprint == alice_cert.fingerprint(hashes.SHA256())
+    assert known.xfcc == xfcc_element(known.identity).encode("ascii")
+    assert known.common_names == 1
+    assert known.certificate == alice_cert
+
+
+def test_the_cache_parses_a_certificate_once(alice_cert):
+    cache = identity_module.IdentityCache()
+    first = cache.known(_der(alice_cert))
+    assert cache.known(bytes(_der(alice_cert))) is first  # equal bytes, another object: the same entry
+    assert len(cache) == 1
+
+
+def test_lookalikes_are_entries_of_their_own(ca, alice_cert):
+    """Same subject and SANs, another key and serial (and another issuer): never the first one's identity."""
+    other_ca = DevCA.create(name="identity test CA")  # even the issuer's name is the same
+    cache = identity_module.IdentityCache()
+    original = cache.known(_der(alice_cert))
+    names = dict(ou=["eng", "ops"], organization=["Example Corp"], dns=["alice.example.test"], ips=["10.0.0.7", "::1"],
+                 uris=["https://alice.example.test/", "spiffe://test/ns/prod/sa/alice", "spiffe://test/second"],
+                 emails=["Alice@Example.test"], client=True)  # fmt: skip
+    for twin in (ca.issue("alice", **names).certificate, other_ca.issue("alice", **names).certificate):
+        known = cache.known(_der(twin))
+        assert known is not original
+        assert known.identity.subject == original.identity.subject and known.identity.uris == original.identity.uris
+        assert known.identity.fingerprint_sha256 == twin.fingerprint(hashes.SHA256()).hex() != original.identity.fingerprint_sha256
+        assert known.fingerprint != original.fingerprint and known.xfcc != original.xfcc
+        assert known.certificate == twin
+    assert cache.known(_der(alice_cert)) is original
+
+
+def test_the_cache_is_bounded_least_recently_used_first(ca):
+    cache = identity_module.IdentityCache(limit=2)
+    a, b, c = (_der(ca.issue(name, client=True).certificate) for name in "abc")
+    first = cache.known(a)
+    cache.known(b)
+    assert cache.known(a) is first  # a is now the most recently used
+    cache.known(c)  # b goes
+    assert len(cache) == 2 and cache.known(a) is first
+    assert cache.known(b) is not None and len(cache) == 2
+
+
+def test_bytes_that_are_not_a_certificate_raise_and_are_not_kept():
+    cache = identity_module.IdentityCache()
+    with pytest.raises(ValueError):
+        cache.known(b"\x30\x03\x02\x01\x00")
+    assert len(cache) == 0
