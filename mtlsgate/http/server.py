@@ -33,6 +33,7 @@ from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan
 from mtlsgate.http.headers import sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IUpgradableRequest
 from mtlsgate.http.status import RESPONSES, http_date
+from mtlsgate.http.timer import ReusableTimer
 
 log = Logger(namespace="mtlsgate.proxy.exchange")
 
@@ -432,6 +433,7 @@ class HTTPServerProtocol(Protocol):
         self._chunked = False
         self._problem: str | None = None
         self._tunnel: IProtocol | None = None  # in TUNNEL state, the protocol every byte goes to
+        self._request_timer: ReusableTimer | None = None  # see request_timer
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -445,6 +447,17 @@ class HTTPServerProtocol(Protocol):
         if self.limits.idle_timeout:
             self._idle_timer = self.reactor.callLater(self.limits.idle_timeout, self._idle_check)
 
+    def request_timer(self) -> ReusableTimer:
+        """
+        The connection's timer for its requests' handler, one request after the other (the proxy's route and stall
+        timer): one timer moved on per request rather than one made and cancelled per request; stopped when the
+        connection closes.
+        """
+        timer = self._request_timer
+        if timer is None:
+            timer = self._request_timer = ReusableTimer(self.reactor)
+        return timer
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         for timer in (self._header_timer, self._idle_timer, self._abort_timer):
@@ -454,6 +467,8 @@ class HTTPServerProtocol(Protocol):
         request, self._request = self._request, None
         if request is not None:
             request.connection_lost(reason)
+        if self._request_timer is not None:
+            self._request_timer.stop()
         if self._tunnel is not None:
             self._tunnel.connectionLost(reason)
 
