@@ -191,6 +191,9 @@ class HeaderPairs:
 
 
 def _tokens(values: Iterable[bytes]) -> set[bytes]:
+    if isinstance(values, list) and len(values) == 1 and b"," not in values[0]:  # the usual "keep-alive" or "close": no generator
+        token = values[0].strip().lower()
+        return {token} if token else set()
     tokens: set[bytes] = set()
     for value in values:
         tokens.update(t.strip().lower() for t in value.split(b","))
@@ -246,15 +249,24 @@ def client_response_pairs(pairs: list[tuple[bytes, bytes]]) -> tuple[list[tuple[
     fields to forward, and the set of their lowercased names.  A value holding CR or LF (which the
     strict parser never lets through) has them turned into spaces, as L{Headers} would.
     """
-    connection = [v for n, v in pairs if len(n) == 10 and n.lower() == b"connection"]
-    named = _tokens(connection) if connection else _NONE
+    # One pass over the fields, gathering the Connection values on the way; the fields those name are taken out after it,
+    # only when one of them is not dropped anyway (an upstream's "Connection: keep-alive" or "close" names none such).
+    connection = []
     out = []
     names = set()
     for name, value in pairs:
         lowered = name.lower()
-        if lowered not in _RESPONSE_DROP and lowered not in named:
-            if b"\r" in value or b"\n" in value:
-                value = b" ".join(value.splitlines())
-            out.append((name, value))
-            names.add(lowered)
+        if lowered in _RESPONSE_DROP:
+            if lowered == b"connection":
+                connection.append(value)
+            continue
+        if b"\r" in value or b"\n" in value:
+            value = b" ".join(value.splitlines())
+        out.append((name, value))
+        names.add(lowered)
+    if connection:
+        named = _tokens(connection) & names
+        if named:
+            out = [(name, value) for name, value in out if name.lower() not in named]
+            names -= named
     return out, names

@@ -33,6 +33,7 @@ from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan
 from mtlsgate.http.headers import sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IUpgradableRequest
 from mtlsgate.http.status import RESPONSES, http_date
+from mtlsgate.http.timer import ReusableTimer
 
 log = Logger(namespace="mtlsgate.proxy.exchange")
 
@@ -42,6 +43,13 @@ _STATUS_TEXT = {
 _NO_BODY_CODES = frozenset([204, 304])
 _ABORT_TIMEOUT = 15.0  # after an idle timeout's orderly close, how long before the connection is aborted
 _CANONICAL_REQUEST_LINE = b"GET / HTTP/1.1\r\n"  # what llhttp is given instead of the (already checked) request line
+
+# The response fields a Request keeps without a Headers (Request._fields), lowercased, with each name as Headers writes it
+# (tests/unit/test_server_fields.py holds the spelling to Headers' own); any other field set builds the Headers.
+_FIELD_NAMES = {
+    b"date": b"Date", b"content-length": b"Content-Length", b"server": b"Server", b"connection": b"Connection",
+    b"transfer-encoding": b"Transfer-Encoding",
+}  # fmt: skip
 
 _HEAD, _BODY, _WAIT, _TUNNEL = 0, 1, 2, 3
 _PIPELINE, _UPLOAD = 1, 2  # why reading from the client is paused
@@ -147,8 +155,11 @@ class Request(ResponseHooks):
         self.upgrade_to: tuple[bytes, ...] = ()  # the protocols (lower case) of an HTTP/1.1 upgrade request's Upgrade header
         self.code = 200
         self.code_message = b"OK"
-        self.responseHeaders = Headers()
-        self.responseHeaders.setRawHeaders(b"date", [_dates.value(channel.reactor.seconds())])
+        # The response's fields: while they are only ones of _FIELD_NAMES (the Date, Content-Length, Server, Connection,
+        # Transfer-Encoding the gateway sets), a dict of lowercased name to (name as Headers writes it, value), in the
+        # order set; responseHeaders, a twisted Headers, is built from them when asked for, and from then on holds them.
+        self._fields: dict[bytes, tuple[bytes, bytes]] | None = {b"date": (b"Date", _dates.value(channel.reactor.seconds()))}
+        self._response_headers: Headers | None = None
         self.startedWriting = False
         self.finished = False
         self.disconnected = False
@@ -156,6 +167,35 @@ class Request(ResponseHooks):
         self._no_body = False
         self._trailers: list[tuple[bytes, bytes]] = []
         self._notify: list[Callable[[Failure | None], None]] = []  # when_done hooks and notifyFinish Deferreds, in order
+
+    @property
+    def responseHeaders(self) -> Headers:
+        headers = self._response_headers
+        if headers is None:
+            headers = self._response_headers = Headers()
+            for name, value in (self._fields or {}).values():
+                headers.setRawHeaders(name, [value])
+            self._fields = None
+        return headers
+
+    @responseHeaders.setter
+    def responseHeaders(self, headers: Headers) -> None:
+        self._response_headers = headers
+        self._fields = None
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        fields = self._fields
+        if fields is not None:
+            written = _FIELD_NAMES.get(name)
+            if written is not None and b"\r" not in value and b"\n" not in value:
+                fields[name] = (written, value)  # as Headers.setRawHeaders: a field set again keeps its place
+                return
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def _has_field(self, name: bytes) -> bool:
+        """C{name} (lowercased, one of _FIELD_NAMES) is among the response's fields (forwarded ones aside)."""
+        fields = self._fields
+        return name in fields if fields is not None else self.responseHeaders.hasHeader(name)
 
     @property
     def requestHeaders(self) -> Headers:
@@ -188,10 +228,15 @@ class Request(ResponseHooks):
         Response fields to write as they are (an upstream's, already filtered), C{names} their lowercased names: each
         replaces the field of that name set on responseHeaders so far (the Date, say), as setting them there one by one would.
         """
-        headers = self.responseHeaders
-        for name, _ in list(headers.getAllRawHeaders()):
-            if name.lower() in names:
-                headers.removeHeader(name)
+        fields = self._fields
+        if fields is not None:
+            for name in [name for name in fields if name in names]:
+                del fields[name]
+        else:
+            headers = self.responseHeaders
+            for name, _ in list(headers.getAllRawHeaders()):
+                if name.lower() in names:
+                    headers.removeHeader(name)
         self.forwarded_headers = pairs
 
     def getClientAddress(self) -> Any:
@@ -233,24 +278,28 @@ class Request(ResponseHooks):
     def _write_head(self, data: bytes) -> None:
         """The status line and headers, and the first body bytes with them, in one writeSequence."""
         self.startedWriting = True
-        headers = self.responseHeaders
         self._no_body = self.method == b"HEAD" or self.code in _NO_BODY_CODES or self.code < 200
-        has_length = headers.hasHeader(b"content-length")  # never among forwarded_headers: framing is the proxy's
+        has_length = self._has_field(b"content-length")  # never among forwarded_headers: framing is the proxy's
         if self.http10_keepalive:
             if has_length and self.persistent:
-                headers.setRawHeaders(b"connection", [b"keep-alive"])
+                self.setHeader(b"connection", b"keep-alive")
             else:
                 self.persistent = False  # the body will end when the connection does
         elif not has_length and not self._no_body:
             if self.clientproto == b"HTTP/1.1":
-                headers.setRawHeaders(b"transfer-encoding", [b"chunked"])
+                self.setHeader(b"transfer-encoding", b"chunked")
                 self._chunked = True
             else:
                 self.persistent = False
         parts = [b"%s %d %s\r\n" % (self.clientproto, self.code, self.code_message)]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
+        fields = self._fields
+        if fields is not None:
+            for name, value in fields.values():
                 parts.append(b"%s: %s\r\n" % (name, value))
+        else:
+            for name, values in self.responseHeaders.getAllRawHeaders():
+                for value in values:
+                    parts.append(b"%s: %s\r\n" % (name, value))
         for name, value in self.forwarded_headers:
             parts.append(b"%s: %s\r\n" % (name, value))
         parts.append(b"\r\n")
@@ -384,6 +433,7 @@ class HTTPServerProtocol(Protocol):
         self._chunked = False
         self._problem: str | None = None
         self._tunnel: IProtocol | None = None  # in TUNNEL state, the protocol every byte goes to
+        self._request_timer: ReusableTimer | None = None  # see request_timer
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -397,6 +447,17 @@ class HTTPServerProtocol(Protocol):
         if self.limits.idle_timeout:
             self._idle_timer = self.reactor.callLater(self.limits.idle_timeout, self._idle_check)
 
+    def request_timer(self) -> ReusableTimer:
+        """
+        The connection's timer for its requests' handler, one request after the other (the proxy's route and stall
+        timer): one timer moved on per request rather than one made and cancelled per request; stopped when the
+        connection closes.
+        """
+        timer = self._request_timer
+        if timer is None:
+            timer = self._request_timer = ReusableTimer(self.reactor)
+        return timer
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         for timer in (self._header_timer, self._idle_timer, self._abort_timer):
@@ -406,6 +467,8 @@ class HTTPServerProtocol(Protocol):
         request, self._request = self._request, None
         if request is not None:
             request.connection_lost(reason)
+        if self._request_timer is not None:
+            self._request_timer.stop()
         if self._tunnel is not None:
             self._tunnel.connectionLost(reason)
 

@@ -27,6 +27,7 @@ from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.interfaces import IGatewayRequest, IUpgradableRequest
 from mtlsgate.http.server import HTTPServerFactory
 from mtlsgate.http.status import RESPONSES
+from mtlsgate.http.timer import ReusableTimer
 from mtlsgate.http.tunnel import Tunnel
 from mtlsgate.identity import AllowRules, Identity, printable, xfcc_element
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
@@ -325,7 +326,10 @@ class _Exchange:
         self.client_gone = False
         self.accounted = False  # the observer is told once per request
         self.waiting = True  # for the upstream's response headers (the route timeout applies)
-        self.timer: Any = None
+        # The exchange's one timer (_arm_timer): an HTTP/1.1 connection's, kept over its requests (one at a time), or one of its own
+        request_timer = getattr(request.channel, "request_timer", None)
+        self._timer_shared = request_timer is not None
+        self.timer: ReusableTimer = request_timer() if request_timer is not None else ReusableTimer(reactor)
         self.tunnel_opened = tunnel_opened  # set for a WebSocket upgrade: a 101 from the upstream becomes a tunnel
         if request.body is not None:
             request.body.on_change = self._upload_changed
@@ -507,11 +511,10 @@ class _Exchange:
         The exchange's one timer: the route timeout while waiting for the response headers, then the
         relay's stall timer (L{_fired} tells which); armed unless it runs already.
         """
-        if self.timer is None:
-            self.timer = self.reactor.callLater(self.entry.route.timeout, self._fired)
+        if not self.timer.armed(self):
+            self.timer.arm(self, self.entry.route.timeout, self._fired)
 
     def _fired(self) -> None:
-        self.timer = None
         if self.waiting:
             self._timeout()
             return
@@ -522,21 +525,21 @@ class _Exchange:
         if left is None:
             return  # paused by the client: the relay re-arms the timer when it resumes
         if left > 0:
-            self.timer = self.reactor.callLater(left, self._fired)
+            self.timer.arm(self, left, self._fired)
             return
         relay.stall()
 
     def _timeout(self) -> None:
-        self.timer = None
         self.timed_out = True
         self.waiting = False
         if self.pending is not None:
             self.pending.cancel()
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        if self._timer_shared:
+            self.timer.disarm(self)  # left scheduled for the connection's next request to move on
+        else:
+            self.timer.stop()
 
     def _stop_waiting(self) -> None:
         self.waiting = False

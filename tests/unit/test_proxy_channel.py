@@ -339,8 +339,11 @@ def test_a_client_that_holds_the_response_up_stops_the_stall_clock(slow):
     assert response.upstream.stopped
 
 
-def test_one_timer_per_exchange_for_the_route_timeout_and_the_stall_timer(gateway):
-    """A request answered at once arms one timer (cancelled when the response ends), not one per phase."""
+def test_one_timer_per_connection_for_the_route_timeout_and_the_stall_timer(gateway):
+    """
+    A request answered at once arms one timer, not one per phase; the connection's next request moves that timer on
+    (no callLater, no cancel per request); a timer left over fires into nothing, and closing the connection cancels it.
+    """
     armed: list[Any] = []
     call_later = gateway.reactor.callLater
 
@@ -353,7 +356,51 @@ def test_one_timer_per_exchange_for_the_route_timeout_and_the_stall_timer(gatewa
     gateway.send(b"GET /a HTTP/1.1\r\n" + H + b"\r\n")
     _answer(gateway)
     assert gateway.transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
-    assert len(armed) == 1 and not armed[0].active()
+    assert len(armed) == 1 and armed[0].active()  # left scheduled for the next request
+    gateway.reactor.advance(10)
+    gateway.send(b"GET /b HTTP/1.1\r\n" + H + b"\r\n")
+    _answer(gateway, 1)
+    assert len(armed) == 1 and armed[0].getTime() == gateway.reactor.seconds() + 30.0  # moved on
+    gateway.transport.clear()
+    gateway.reactor.advance(30.0)  # fires into nothing
+    assert not armed[0].active() and gateway.transport.value() == b"" and not gateway.transport.disconnecting
+    gateway.send(b"GET /c HTTP/1.1\r\n" + H + b"\r\n")
+    assert len(armed) == 2 and armed[1].active()
+    gateway.channel.connectionLost(Failure(ConnectionAborted()))
+    assert not armed[1].active()
+
+
+def test_the_route_timeout_counts_from_each_request_on_a_kept_connection(gateway):
+    """The timer moved on for a later request times that request from its own start, not the first one's."""
+    gateway.send(b"GET /a HTTP/1.1\r\n" + H + b"\r\n")
+    _answer(gateway)
+    gateway.reactor.advance(20.0)
+    gateway.send(b"GET /b HTTP/1.1\r\n" + H + b"\r\n")  # its route timeout: at 50s; the timer was set for 30s
+    gateway.transport.clear()
+    gateway.reactor.advance(10.5)
+    assert gateway.transport.value() == b""
+    gateway.reactor.advance(19.0)
+    assert gateway.transport.value() == b""
+    gateway.reactor.advance(1.0)
+    assert gateway.transport.value().startswith(b"HTTP/1.1 504 ")
+
+
+def test_a_sooner_timeout_on_the_same_connection_takes_a_timer_of_its_own():
+    """A route with a shorter timeout after a longer one's request: its timer fires on its own time, not the first's."""
+    g = Gateway(timeout=30.0)
+    try:
+        g.send(b"GET /a HTTP/1.1\r\n" + H + b"\r\n")
+        _answer(g)
+        entry = g.channel.handler.__self__.state.routes.lookup("localhost", b"/")
+        object.__setattr__(entry.route, "timeout", 2.0)
+        g.send(b"GET /b HTTP/1.1\r\n" + H + b"\r\n")
+        g.transport.clear()
+        g.reactor.advance(1.9)
+        assert g.transport.value() == b""
+        g.reactor.advance(0.2)
+        assert g.transport.value().startswith(b"HTTP/1.1 504 ")
+    finally:
+        g.close()
 
 
 # --- the server protocol: one request at a time, keep-alive, timers (mtlsgate.http.server) ----------
