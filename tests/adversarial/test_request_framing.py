@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import uuid
 from typing import Any
 
 import pytest
@@ -80,18 +81,23 @@ def refused(gateway: Any, pki: dict[str, Any], raw: bytes, status: bytes = b"400
     log = gateway.output()[before:]
     assert "upstream=https://" not in log, log  # no access line of a forwarded request
     assert "Traceback" not in gateway.output()
-    still_serving(gateway.port, pki)
+    still_serving(gateway, pki)
     return answer
 
 
-def still_serving(port: int, pki: dict[str, Any]) -> None:
-    status, _, body = https_request(port, "/alive", ca=pki["ca"], cert=pki["alice"])
-    assert status == 200 and echo_json(body)["uri"] == "/alive"
+def still_serving(gateway: Any, pki: dict[str, Any]) -> None:
+    """A request after the refused one is served; its access line is awaited, so the next test's log starts after it."""
+    path = f"/alive/{uuid.uuid4().hex}"
+    status, _, body = https_request(gateway.port, path, ca=pki["ca"], cert=pki["alice"])
+    assert status == 200 and echo_json(body)["uri"] == path
+    # The response leaves before its access line is written (TLS output is sent at once, mtlsgate.tls.fastwrite).
+    gateway.wait_for_log(f"GET {path} HTTP/1.1")
 
 
 def forwarded(gateway: Any, pki: dict[str, Any], raw: bytes) -> dict[str, Any]:
     answer = exchange(gateway.port, pki, raw)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    still_serving(gateway, pki)  # and the forwarded request's access line is written before the next test looks
     return echo_json(answer.partition(b"\r\n\r\n")[2])
 
 
