@@ -43,14 +43,17 @@ class H2Client:
     def __init__(
         self, port: int, pki: dict[str, Any], client: str | None = "alice", *, timeout: float = 30.0, validate: bool = False,
         auto_ack: bool = True, alpn: tuple[str, ...] = ("h2", "http/1.1"), server_name: str = "localhost",
+        context: ssl.SSLContext | None = None, session: ssl.SSLSession | None = None,
     ) -> None:  # fmt: skip
-        ctx = ssl.create_default_context(cafile=pki["ca"])
-        if client:
-            ctx.load_cert_chain(*pki[client])
-        ctx.set_alpn_protocols(list(alpn))
+        """With C{context} (its certificate and ALPN as set there), C{session} is offered for resumption."""
+        ctx = context or ssl.create_default_context(cafile=pki["ca"])
+        if context is None:
+            if client:
+                ctx.load_cert_chain(*pki[client])
+            ctx.set_alpn_protocols(list(alpn))
         raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as HTTP/2 clients do (curl, browsers): no Nagle stalls between frames
-        self.sock = ctx.wrap_socket(raw, server_hostname=server_name)
+        self.sock = ctx.wrap_socket(raw, server_hostname=server_name, session=session)
         self.alpn = self.sock.selected_alpn_protocol()
         self.timeout = timeout
         self.auto_ack = auto_ack  # acknowledge received DATA at once (off: a slow consumer, acknowledging by hand)

@@ -299,6 +299,43 @@ class H2Request(ResponseHooks):
         self._tell(reason)
 
 
+class FrameHeaders:
+    """
+    Walks the frame headers of a client's byte stream as it arrives, to refuse a frame longer than
+    SETTINGS_MAX_FRAME_SIZE at its header (RFC 9113 4.2): h2 checks the length only once the whole
+    frame is buffered, so a header announcing 16 MiB had the connection hold up to 16 MiB of the
+    client's bytes (tests/adversarial/test_http2_oversized_frames.py).  The connection preface is
+    passed over (h2 checks it).
+    """
+
+    __slots__ = ("_skip", "_header")
+
+    def __init__(self) -> None:
+        self._skip = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # bytes to pass over: the preface, then each frame's payload
+        self._header = b""
+
+    def too_long(self, data: bytes, limit: int) -> int | None:
+        """The length of the first frame in C{data} longer than C{limit}, or None."""
+        at, size = 0, len(data)
+        while at < size:
+            if self._skip:
+                step = min(self._skip, size - at)
+                self._skip -= step
+                at += step
+                continue
+            take = 9 - len(self._header)
+            self._header += data[at:at + take]
+            at += take
+            if len(self._header) < 9:
+                return None
+            length = int.from_bytes(self._header[:3], "big")
+            self._header = b""
+            if length > limit:
+                return length
+            self._skip = length
+        return None
+
+
 @implementer(IPushProducer)
 class H2ServerProtocol(Protocol):
     """One HTTP/2 client connection: each stream's request is handed to C{handler} when its headers are in."""
@@ -327,6 +364,7 @@ class H2ServerProtocol(Protocol):
         self._idle_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
         self._unregistered = False
+        self._frame_headers = FrameHeaders()
         self.conn = H2Connection(H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=True, normalize_inbound_headers=True,
             validate_outbound_headers=True, normalize_outbound_headers=True,
@@ -485,6 +523,10 @@ class H2ServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.closed:
+            return
+        too_long = self._frame_headers.too_long(data, self.conn.max_inbound_frame_size)
+        if too_long is not None:
+            self.go_away(ErrorCodes.FRAME_SIZE_ERROR, f"a frame of {too_long} bytes, over SETTINGS_MAX_FRAME_SIZE {self.conn.max_inbound_frame_size}")
             return
         try:
             events = self.conn.receive_data(data)
