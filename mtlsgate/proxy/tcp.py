@@ -344,8 +344,17 @@ class Tunnel(Protocol):
         self._connect(self.entry.order())
 
     def _refuse(self, ending: str, detail: str) -> None:
+        """
+        Close a client refused at dispatch: close_notify, then the TCP connection at once.  Nothing was
+        piped, so nothing is owed either way, and the gateway does not wait for the client's
+        close_notify (RFC 8446 6.1 lets the closing side go): a refused client that never answers
+        (or whose bytes keep coming) would otherwise hold its connection until the abort.
+        """
         self.ending, self.detail = ending, detail
         self._close_client()
+        tcp: Any = getattr(self.transport, "transport", None)  # the TLS layer's own transport: the TCP connection
+        if tcp is not None and not self._gone:
+            tcp.loseConnection()  # the close_notify just written goes out first
 
     def dataReceived(self, data: bytes) -> None:
         if self.ending is not None or not self._admitted:

@@ -208,6 +208,20 @@ def test_a_refused_client_opens_no_upstream_connection_and_its_bytes_go_nowhere(
     assert _ends(proxy) == {"refused": 1} and not proxy.tunnels
 
 
+@pytest.mark.parametrize("limit", [None, 0])
+def test_a_refused_client_is_closed_down_to_tcp_at_once_not_left_to_the_abort(pki, limit):
+    """close_notify (the TLS layer's loseConnection), and the TCP connection under it closed too, not held for the client's answer."""
+    reactor = MemoryReactorClock()
+    proxy = _proxy(reactor, max_connections=limit) if limit is not None else _proxy(reactor)
+    tls = _TLS(_Connection(certificate=None if limit is not None else pki["alice_obj"].certificate))
+    tls.transport = tcp = StringTransport()
+    tunnel = Tunnel(proxy, proxy.route_for(b"echo.test"))
+    tunnel.makeConnection(tls)
+    assert tls.disconnecting and tcp.disconnecting and not tls.aborted and reactor.tcpClients == []
+    tunnel.connectionLost()
+    assert _ends(proxy) == {"over_limit" if limit is not None else "refused": 1} and not reactor.getDelayedCalls()
+
+
 def test_bytes_before_the_upstream_is_there_go_first_after_the_proxy_header():
     reactor = MemoryReactorClock()
     proxy = _proxy(reactor, proxy_protocol="v2")
