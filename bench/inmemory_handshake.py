@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import importlib.util
 import pstats
 import ssl
 import sys
@@ -27,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -40,6 +40,13 @@ from mtlsgate.proxy.tcp import SNIDispatchFactory, TCPProxy, tcp_state
 from mtlsgate.proxy.upstream import UpstreamGroup
 from mtlsgate.tls.pki import DevCA
 from mtlsgate.tls.server import ClientVerification, GatewayTLSFactory, ServerTLS, load_served_certificates
+
+# The kept-alive upstream connection over a StringTransport: inmemory_request.py's endpoints.
+_spec = importlib.util.spec_from_file_location("bench_inmemory_request", Path(__file__).with_name("inmemory_request.py"))
+assert _spec is not None and _spec.loader is not None
+_inmemory_request: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_inmemory_request)
+_Endpoints = _inmemory_request._Endpoints
 
 REQUEST = b"GET /1k HTTP/1.0\r\nHost: 127.0.0.1:8443\r\nUser-Agent: ApacheBench/2.3\r\nAccept: */*\r\n\r\n"  # what ab sends without -k
 BODY = b"x" * 1024
@@ -58,28 +65,6 @@ class _TCPTransport(StringTransport):
 
     def setTcpKeepAlive(self, enabled: bool) -> None:
         pass
-
-
-class _Endpoint:
-    """Connects at once, over a StringTransport (the kept-alive upstream connection)."""
-
-    def __init__(self) -> None:
-        self.connections: list[tuple[Any, StringTransport]] = []
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))
-        return defer.succeed(protocol)
-
-
-class _Endpoints:
-    def __init__(self) -> None:
-        self.endpoint = _Endpoint()
-
-    def endpointForURI(self, uri: Any) -> _Endpoint:
-        return self.endpoint
 
 
 class Bench:
