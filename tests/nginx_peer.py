@@ -5,9 +5,10 @@ starting it (stopped by the test's C{procs}).  Each test writes its own C{http} 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from tests.conftest import Proc, find_tool, wait_for_port
+from tests.conftest import Proc, find_tool, poll_pauses, wait_for_port
 
 NGINX = find_tool("nginx") or "nginx"
 
@@ -36,3 +37,18 @@ def start_nginx(procs: list[Proc], tmp_path: Path, conf: str, port: int) -> Proc
     procs.append(proc)
     wait_for_port(port, proc.popen, log=proc.log)
     return proc
+
+
+def access_lines(path: Path, count: int, timeout: float = 10.0) -> list[str]:
+    """
+    The lines of nginx's access log at C{path} once it has C{count} of them.  nginx writes a line when
+    it frees the request, which for an HTTP/2 stream can come after the client has the whole response:
+    read the log at once and the last line may not be there yet.
+    """
+    deadline = time.monotonic() + timeout
+    for pause in poll_pauses():
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(pause)
+    raise AssertionError("unreachable")
