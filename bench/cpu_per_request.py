@@ -58,17 +58,23 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of C{pids} (all their threads), in seconds."""
-    total = 0
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """utime and stime of C{pids} (all their threads), in seconds: the process's own code, and the kernel's work for it."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    return total / _TICK
+        user += int(fields[11])  # utime, stime: fields 14 and 15 of stat(5)
+        system += int(fields[12])
+    return user / _TICK, system / _TICK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of C{pids} (all their threads), in seconds."""
+    return sum(cpu_split(pids))
 
 
 def rss_mib(pid: int) -> float:
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="/1k", choices=("/1k", "/1m"), help="the upstream resource [default: /1k]")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side; the median is reported [default: 3]")
     parser.add_argument("--idle", type=int, default=0, help="hold N idle TLS connections for the memory figure [default: 0, skip]")
+    parser.add_argument("--py-spy-rate", type=int, default=200, metavar="HZ",
+                        help="py-spy's samples per second [default: 200]")
     parser.add_argument("--py-spy", metavar="PREFIX",
                         help="also profile each mtlsgate side and the bare one (py-spy --format raw) to PREFIX-NAME.txt during one more run")
     parser.add_argument("--new-connections", action="store_true",
@@ -163,14 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         cpu: dict[str, list[float]] = {side: [] for side in sides}
         p99: dict[str, list[float]] = {side: [] for side in sides}
         rps: dict[str, list[float]] = {side: [] for side in sides}
+        system_share: dict[str, list[float]] = {side: [] for side in sides}  # of the CPU, the kernel's (sys) part
         failed: dict[str, float] = {side: 0 for side in sides}
         if args.requests:
             for _ in range(args.repeats):
                 for side, (port, pid) in sides.items():
                     pids = tree(pid)
-                    before = cpu_seconds(pids)
+                    before_user, before_system = cpu_split(pids)
                     r = harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=args.requests, keepalive=keepalive)
-                    used = cpu_seconds(pids) - before
+                    after_user, after_system = cpu_split(pids)
+                    used = after_user + after_system - before_user - before_system
+                    system_share[side].append((after_system - before_system) / used if used else 0.0)
                     failed[side] += r["failed"]
                     cpu[side].append(used / args.requests * 1e6)
                     p99[side].append(r["p99"])
@@ -180,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in [name for name, _ in gateways] + (["bare"] if args.bare else []):
                 port, pid = sides[name]
                 worker = tree(pid)[-1]
-                spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-o", f"{args.py_spy}-{name}.txt", "--pid", str(worker)],
+                record = ["py-spy", "record", "--format", "raw", "-r", str(args.py_spy_rate), "-o", f"{args.py_spy}-{name}.txt", "--pid", str(worker)]
+                spy = subprocess.Popen(record,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
                 time.sleep(1)
                 harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=max(args.requests, 3000 if args.new_connections else 20000),
@@ -211,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if cpu[side]:
             runs = ", ".join(f"{v:.1f}" for v in cpu[side])
             line += f" CPU {statistics.median(cpu[side]):6.1f} us/{unit}, min {min(cpu[side]):6.1f} (runs: {runs}; failed {failed[side]:.0f})"
+            line += f" kernel {statistics.median(system_share[side]):.0%}"
             line += f" p99 {statistics.median(p99[side]):.0f} ms (max {max(p99[side]):.0f})"
             line += f" req/s {statistics.median(rps[side]):.0f} (runs: {', '.join(f'{v:.0f}' for v in rps[side])})"
         line += f"  RSS MiB started {started[side]} warm {warm[side]}"

@@ -24,12 +24,13 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mtlsgate.accounting import RequestObservers
-from mtlsgate.config.model import Route
-from mtlsgate.identity import AllowRules
+from mtlsgate.config.model import HSTS, Route
+from mtlsgate.identity import AllowRules, Identity
 from mtlsgate.observe.accesslog import AccessEvents
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
-from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry
+from mtlsgate.proxy.exchange import GatewaySite, Peer, ProxyResource, ProxyState, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
+from mtlsgate.tls.pki import DevCA
 from mtlsgate.proxy.upstream import UpstreamGroup
 
 REQUEST = b"GET /1k HTTP/1.0\r\nConnection: Keep-Alive\r\nHost: 127.0.0.1:8443\r\nUser-Agent: ApacheBench/2.3\r\nAccept: */*\r\n\r\n"
@@ -69,12 +70,17 @@ def build(reactor: Any, metrics: bool = True) -> tuple[Any, StringTransport, _En
     endpoints = _Endpoints()
     group.agent.endpoints = endpoints  # type: ignore[assignment]
     table = RouteTable([(route.host, route.prefix, RouteEntry(route=route, upstreams=group))])
-    state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False)
+    state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False, hsts_header=HSTS().header())  # the default
     counted: GatewayMetrics | NoMetrics = GatewayMetrics() if metrics else NoMetrics()
     resource = ProxyResource(reactor, state, RequestObservers([AccessEvents(enabled=False), counted]), counted)  # as mtlsgate.app.service builds it
     channel = GatewaySite(resource).buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
+    # As the real bench's connections are: over TLS (so the default HSTS field is set on every response) and from a
+    # verified client certificate (so its X-Forwarded-Client-Cert element goes upstream with every request).
+    channel.secure = True
+    client = DevCA.create(name="bench CA").issue_client("bench-client", uris=["spiffe://bench/client"])
+    channel._mtlsgate_peer = Peer.verified(Identity.from_certificate(client.certificate))
     return channel, transport, endpoints.endpoint
 
 
