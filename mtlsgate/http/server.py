@@ -44,11 +44,11 @@ _NO_BODY_CODES = frozenset([204, 304])
 _ABORT_TIMEOUT = 15.0  # after an idle timeout's orderly close, how long before the connection is aborted
 _CANONICAL_REQUEST_LINE = b"GET / HTTP/1.1\r\n"  # what llhttp is given instead of the (already checked) request line
 
-# The response fields a Request keeps without a Headers (Request._fields), lowercased, with each name as Headers writes it
+# The response fields a Request keeps without a Headers (Request._fields; HSTS is on by default), lowercased, with each name as Headers writes it
 # (tests/unit/test_server_fields.py holds the spelling to Headers' own); any other field set builds the Headers.
 _FIELD_NAMES = {
     b"date": b"Date", b"content-length": b"Content-Length", b"server": b"Server", b"connection": b"Connection",
-    b"transfer-encoding": b"Transfer-Encoding",
+    b"transfer-encoding": b"Transfer-Encoding", b"strict-transport-security": b"Strict-Transport-Security",
 }  # fmt: skip
 
 _HEAD, _BODY, _WAIT, _TUNNEL = 0, 1, 2, 3
