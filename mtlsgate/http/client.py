@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, PotentialDataLoss, RequestGenerationFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IClientRequest, IResponse
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 log = Logger(namespace="mtlsgate.http.client")
 
@@ -890,18 +890,35 @@ class _Origin:
     host: bytes  # the Host header's value
 
 
+class IResponseReceiver(Interface):
+    """
+    Who is told the outcome of a request sent with L{HTTP11Agent.send}: what the L{IAgent.request} Deferred's callback and
+    errback would be given, called directly (the proxy's hot path: no Deferred, callback chain or canceller per request).
+    """
+
+    def upstream_response(response: IResponse) -> None:
+        """The response's status and headers are in (its body follows through C{deliverBody})."""
+
+    def upstream_failed(failure: Failure) -> None:
+        """No response: the request could not be sent, the connection failed, or the exchange was cancelled (C{CancelledError})."""
+
+
 class Exchange:
-    """One request through the agent: the response's Deferred, the connection it is on, one retry on a dead pooled connection."""
+    """
+    One request through the agent: who is told its response (a Deferred, or an L{IResponseReceiver}), the connection it
+    is on, one retry on a dead pooled connection.
+    """
 
-    __slots__ = ("agent", "origin", "request", "deferred", "connection", "connecting", "cancelled", "retried")
+    __slots__ = ("agent", "origin", "request", "deferred", "receiver", "connection", "connecting", "cancelled", "retried")
 
-    def __init__(self, agent: HTTP11Agent, origin: _Origin, request: ClientRequest) -> None:
+    def __init__(self, agent: HTTP11Agent, origin: _Origin, request: ClientRequest, receiver: IResponseReceiver | None = None) -> None:
         self.agent = agent
         self.origin = origin
         self.request = request
         # Dropped once fired: its canceller refers back to this exchange, and the cycle would leave both (and the response
-        # they hold) to the cyclic garbage collector.
-        self.deferred: defer.Deferred[IResponse] | None = defer.Deferred(self._cancel)
+        # they hold) to the cyclic garbage collector.  None when a receiver is told instead (likewise dropped once told).
+        self.deferred: defer.Deferred[IResponse] | None = defer.Deferred(self._cancel) if receiver is None else None
+        self.receiver = receiver
         self.connection: UpstreamConnection | None = None
         self.connecting: defer.Deferred[Any] | None = None
         self.cancelled = False
@@ -932,6 +949,11 @@ class Exchange:
 
     def respond(self, response: UpstreamResponse) -> None:
         self.connection = None
+        receiver = self.receiver
+        if receiver is not None:
+            self.receiver = None
+            receiver.upstream_response(response)
+            return
         d = self.deferred
         if d is not None and not d.called:
             self.deferred = None
@@ -941,10 +963,29 @@ class Exchange:
 
     def fail(self, failure: Failure) -> None:
         self.connection = None
+        receiver = self.receiver
+        if receiver is not None:
+            self.receiver = None
+            receiver.upstream_failed(failure)
+            return
         d = self.deferred
         if d is not None and not d.called:
             self.deferred = None
             d.errback(failure)
+
+    def cancel(self) -> None:
+        """
+        Give up on the response (L{HTTP11Agent.send}'s form of cancelling the Deferred): the connection is dropped, and
+        the receiver, if not told yet, is told C{CancelledError}, as the Deferred's errback would be.
+        """
+        d = self.deferred
+        if d is not None:
+            d.cancel()
+            return
+        if self.cancelled:
+            return
+        self._cancel(None)
+        self.fail(Failure(defer.CancelledError()))
 
     def lost_reused(self, reason: Failure) -> None:
         """A pooled connection closed before any byte of the response: send again on a fresh one when that is safe."""
@@ -957,7 +998,7 @@ class Exchange:
             return
         self.fail(Failure(ResponseNeverReceived([reason])))
 
-    def _cancel(self, d: defer.Deferred[IResponse]) -> None:
+    def _cancel(self, d: defer.Deferred[IResponse] | None) -> None:
         self.cancelled = True
         connecting, connection = self.connecting, self.connection
         self.connecting = self.connection = None
@@ -996,6 +1037,31 @@ class HTTP11Agent:
         assert d is not None
         exchange.start()
         return d
+
+    def send(self, method: bytes, base: bytes, target: bytes, headers: Any, body: IBodyProducer | None, receiver: IResponseReceiver) -> Exchange:
+        """
+        L{request} for the proxy's hot path: the URL already split (C{base}, an origin part as L{split_url} gives it, and
+        C{target}, a request target in origin form), and the outcome told to C{receiver} instead of a Deferred.  The
+        exchange returned is cancelled with its C{cancel()}.  The receiver may be told before this returns (a request that
+        cannot be sent, a connection that fails at once).
+        """
+        request: ClientRequest | None = None
+        try:
+            origin = self._origins.get(base)
+            if origin is None:
+                origin = self._origins[base] = self._origin(base)
+            check_request(method, target)
+        except ValueError:
+            origin = None
+            failure = Failure()
+        if origin is None:
+            exchange = Exchange(self, None, None, receiver)  # type: ignore[arg-type]
+            exchange.fail(failure)
+            return exchange
+        request = ClientRequest(method, base + target, headers, target, body, origin.host, self.persistent)
+        exchange = Exchange(self, origin, request, receiver)
+        exchange.start()
+        return exchange
 
     def upgrade(self, method: bytes, uri: bytes, headers: Headers | None = None, protocol: bytes = b"websocket") -> defer.Deferred[IResponse]:
         """

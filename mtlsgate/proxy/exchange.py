@@ -22,7 +22,7 @@ from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObserv
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_headers, client_response_pairs, client_response_trailers, upstream_request_headers, upstream_request_pairs
 from mtlsgate.http.body import BodyTooLarge, RequestBody
-from mtlsgate.http.client import HTTP11Agent
+from mtlsgate.http.client import HTTP11Agent, IResponseReceiver
 from mtlsgate.http.framing import header_field_problem, request_line_problem
 from mtlsgate.http.interfaces import IGatewayRequest, IUpgradableRequest
 from mtlsgate.http.server import HTTPServerFactory
@@ -303,6 +303,10 @@ class ProxyState:
     hsts_header: bytes | None = None  # Strict-Transport-Security for HTTPS responses
 
 
+_SENDING: Any = object()  # _Exchange.pending while HTTP11Agent.send runs (it may tell the exchange before it returns)
+
+
+@implementer(IResponseReceiver)
 class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
@@ -321,7 +325,9 @@ class _Exchange:
         self.upstream = "-"
         self.relay: _ResponseRelay | None = None
         self.response: Any = None  # the upstream's IResponse, once its headers are in
-        self.pending: defer.Deferred[Any] | None = None
+        self.pending: Any = None  # the Deferred of the agent's request, or the HTTP/1.1 agent's Exchange: cancel() either
+        self._targets: list[str] = []  # the upstreams left to try, and the headers, for a failover (HTTP11Agent.send)
+        self._headers: Any = None
         self.timed_out = False
         self.client_gone = False
         self.accounted = False  # the observer is told once per request
@@ -368,8 +374,20 @@ class _Exchange:
 
     def _attempt(self, targets: list[str], headers: Any) -> None:
         self.upstream = targets[0]
-        url = targets[0].encode("ascii") + self.target  # Agent re-parses it: pathnorm's normal form round-trips unchanged (a unit test holds it)
+        base = targets[0].encode("ascii")
         agent = self.entry.upstreams.agent
+        send = getattr(agent, "send", None)
+        if send is not None and self.tunnel_opened is None:
+            # The HTTP/1.1 agent's direct form: the target as routed (pathnorm's normal form), the outcome told to this
+            # exchange's upstream_response / upstream_failed, no Deferred per request.
+            self._targets, self._headers = targets, headers
+            self.pending = _SENDING
+            exchange = send(self.request.method, base, self.target, headers, self.request.body, self)
+            if self.pending is _SENDING:  # not told yet
+                self.pending = exchange
+                self._upload_changed()
+            return
+        url = base + self.target  # Agent re-parses it: pathnorm's normal form round-trips unchanged (a unit test holds it)
         if self.tunnel_opened is not None:  # Connection: Upgrade, Upgrade: websocket, on a connection of its own
             assert self.entry.route.upstream_protocol != "http2", "config refuses allow_websockets with upstream_protocol: http2"
             d = cast(HTTP11Agent, agent).upgrade(self.request.method, url, headers, b"websocket")
@@ -378,6 +396,14 @@ class _Exchange:
         self.pending = d
         self._upload_changed()
         d.addCallbacks(self._response, self._failed, errbackArgs=(targets, headers))  # no closure made per request
+
+    def upstream_response(self, response: Any) -> None:
+        """L{IResponseReceiver}: the response to L{HTTP11Agent.send} (what the Deferred's callback is to the other agents)."""
+        self._response(response)
+
+    def upstream_failed(self, failure: Failure) -> None:
+        """L{IResponseReceiver}: no response to L{HTTP11Agent.send}; failing over as the Deferred's errback does."""
+        self._failed(failure, self._targets, self._headers)
 
     def _failed(self, failure: Failure, targets: list[str], headers: Any) -> None:
         self.pending = None

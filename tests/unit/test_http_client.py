@@ -684,3 +684,78 @@ def test_a_connection_made_as_the_request_is_cancelled_is_dropped():
     connection = endpoint.connections[0]
     assert got[0].check(defer.CancelledError)
     assert connection.transport.disconnected and connection.transport.value() == b""
+
+
+# --- HTTP11Agent.send: the proxy's direct form (a receiver told, no Deferred) ------------------------------------------
+
+
+class Receiver:
+    """An IResponseReceiver that records what it is told."""
+
+    def __init__(self) -> None:
+        self.told: list[Any] = []
+
+    def upstream_response(self, response: Any) -> None:
+        self.told.append(response)
+
+    def upstream_failed(self, failure: Failure) -> None:
+        self.told.append(failure)
+
+
+def test_send_tells_the_receiver_the_response_and_writes_what_request_writes():
+    agent, endpoint, _ = make()
+    receiver = Receiver()
+    agent.send(b"GET", b"https://upstream.test:8443", b"/path?q=1", Headers({b"x-one": [b"1"]}), None, receiver)
+    connection = endpoint.connections[0]
+    assert connection.transport.value() == b"GET /path?q=1 HTTP/1.1\r\nHost: upstream.test:8443\r\nX-One: 1\r\n\r\n"
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    [response] = receiver.told
+    assert response.code == 200 and response.request.absoluteURI == URL.split(b"?")[0] + b"?q=1"
+    body = Body()
+    response.deliverBody(body)
+    assert body.data == b"ok" and body.reason is not None and body.reason.check(ResponseDone)
+    assert agent.pool.idle_count() == 1
+
+
+def test_send_with_a_bad_target_or_origin_tells_the_receiver_at_once_and_sends_nothing():
+    agent, endpoint, _ = make()
+    for base, target in [(b"https://upstream.test:8443", b"/a b"), (b"ftp://upstream.test", b"/"), (b"https://upstream.test", b"/\x7f")]:
+        receiver = Receiver()
+        agent.send(b"GET", base, target, Headers(), None, receiver)
+        [failure] = receiver.told
+        assert isinstance(failure, Failure) and failure.check(ValueError)
+    assert endpoint.connections == []
+
+
+def test_cancelling_a_sent_request_drops_its_connection_and_tells_the_receiver_cancelled_once():
+    agent, endpoint, _ = make()
+    receiver = Receiver()
+    exchange = agent.send(b"GET", b"https://upstream.test:8443", b"/", Headers(), None, receiver)
+    connection = endpoint.connections[0]
+    exchange.cancel()
+    exchange.cancel()
+    lose(connection, ConnectionAborted())
+    [failure] = receiver.told
+    assert failure.check(defer.CancelledError)
+    assert connection.transport.disconnecting or connection._aborted
+    assert agent.pool.idle_count() == 0
+
+
+def test_cancelling_a_send_while_connecting_cancels_the_connection_attempt():
+    agent, endpoint, _ = make()
+    endpoint.hold = True
+    receiver = Receiver()
+    exchange = agent.send(b"GET", b"https://upstream.test:8443", b"/", Headers(), None, receiver)
+    exchange.cancel()
+    assert endpoint.cancelled == 1
+    [failure] = receiver.told
+    assert failure.check(defer.CancelledError)
+
+
+def test_a_refused_connection_is_told_to_the_receiver_as_the_deferred_would_fail():
+    agent, endpoint, _ = make()
+    endpoint.refuse = True
+    receiver = Receiver()
+    agent.send(b"GET", b"https://upstream.test:8443", b"/", Headers(), None, receiver)
+    [failure] = receiver.told
+    assert failure.check(ConnectionRefusedError)
