@@ -206,7 +206,8 @@ class _BodySink:
 
 # --- the response -----------------------------------------------------------------------------------
 
-_BODY_DONE = Failure(ResponseDone())  # how a body ended that was told to its protocol by body_done() (L{UpstreamResponse.done})
+# How a body ended that was told to its protocol by body_done() (L{UpstreamResponse.done}), or came whole (L{UpstreamResponse.settle}).
+_BODY_DONE = Failure(ResponseDone())
 
 
 @implementer(IResponse, IPushProducer)
@@ -263,7 +264,17 @@ class UpstreamResponse:
                 break  # stopped from the protocol itself
             protocol.dataReceived(data)
         if self._end is not None:
-            self._tell(self._end)
+            self._tell(self._end if self._end is not _BODY_DONE else Failure(ResponseDone()))
+
+    def settle(self, body: bytes) -> None:
+        """
+        The whole response came in one read and was handed over whole (L{IResponseReceiver}'s C{upstream_whole}): the body
+        is C{body}, and the connection lets go of this response.  C{deliverBody} still gives the body and its clean end.
+        """
+        if body:
+            self._buffer.append(body)
+        self._end = _BODY_DONE
+        self._connection = None
 
     def data(self, data: bytes) -> None:
         """Body bytes from the connection."""
@@ -665,6 +676,15 @@ class UpstreamConnection(Protocol):
             return
         if exchange is not None:
             self._exchange = None
+            whole = exchange.whole_receiver() if parse.complete else None
+            if whole is not None:
+                # Head and body in this one read: the connection is pooled (or closed) first, so that whatever the receiver
+                # does next (the client's next request) finds it, then the receiver gets the response whole.
+                pieces, parse.pieces = parse.pieces, []
+                body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                self._finish(body)
+                whole(response, body)
+                return
             exchange.respond(response)
         if parse.pieces:
             pieces, parse.pieces = parse.pieces, []
@@ -675,8 +695,8 @@ class UpstreamConnection(Protocol):
         if parse.complete and self._response is response:
             self._finish()
 
-    def _finish(self) -> None:
-        """The response is complete: end its body, and pool the connection or close it."""
+    def _finish(self, whole: bytes | None = None) -> None:
+        """The response is complete: end its body (or settle it with C{whole}, its body), and pool the connection or close it."""
         response, parse = self._response, self._parse
         assert response is not None and parse is not None
         reusable = self._keep_alive and parse.problem is None and not self._aborted
@@ -692,7 +712,10 @@ class UpstreamConnection(Protocol):
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
-        response.done()
+        if whole is None:
+            response.done()
+        else:
+            response.settle(whole)
         if reusable:
             self.reused = True
             self.pool.release(self)
@@ -902,6 +925,9 @@ class IResponseReceiver(Interface):
     def upstream_failed(failure: Failure) -> None:
         """No response: the request could not be sent, the connection failed, or the exchange was cancelled (C{CancelledError})."""
 
+    # A receiver may also have C{upstream_whole(response, body)}: told instead of C{upstream_response} when the whole
+    # response (head and body) came in one read, with its body as C{body}, after the connection was pooled (or closed).
+
 
 class Exchange:
     """
@@ -972,6 +998,18 @@ class Exchange:
         if d is not None and not d.called:
             self.deferred = None
             d.errback(failure)
+
+    def whole_receiver(self) -> Callable[[UpstreamResponse, bytes], None] | None:
+        """
+        The receiver's C{upstream_whole}, if it has one, taken (the exchange is then over: nothing more is told, a cancel is
+        a no-op); else None, and L{respond} tells the receiver as usual.
+        """
+        receiver = self.receiver
+        whole = getattr(receiver, "upstream_whole", None) if receiver is not None else None
+        if whole is not None:
+            self.receiver = None
+            self.connection = None
+        return whole
 
     def cancel(self) -> None:
         """

@@ -437,6 +437,34 @@ class _Exchange:
             self._cancel_timer()  # a tunnel has its own idle timer
             self._switch(response)
             return
+        self._response_head(request, response)
+        self.relay = _ResponseRelay(request, self._relayed, self.reactor, self.entry.route.timeout, self._arm_timer)
+        self._arm_timer()
+        response.deliverBody(self.relay)
+
+    def upstream_whole(self, response: Any, body: bytes) -> None:
+        """
+        L{IResponseReceiver}'s fast form: the whole response came in one read (the usual small response on a kept-alive
+        connection), its connection already back in the pool.  The same head as L{_response}, then head and body go to
+        the client in one write, and the request is finished: no relay, producer or stall timer for a body that is all here.
+        """
+        self.pending = None
+        self.response = response
+        self.upstream_latency = self.reactor.seconds() - self.started
+        self.waiting = False
+        self._cancel_timer()
+        if self.client_gone:
+            return
+        request = self.request
+        self._response_head(request, response)
+        request.write(body)  # the head with the body (or alone), in one writeSequence
+        if self.client_gone:  # the write found the client gone: counted as a 499 already
+            return
+        request.finish()
+        self._access(request.code, len(body))
+
+    def _response_head(self, request: Any, response: Any) -> None:
+        """The upstream response's status and fields, as the client gets them (docs/security.md, "Response headers")."""
         request.setResponseCode(response.code, response.phrase)
         raw = getattr(response, "raw_headers", None)
         if raw is not None and hasattr(request, "forward_headers"):
@@ -453,9 +481,6 @@ class _Exchange:
             request.setHeader(b"content-length", b"%d" % response.length)
         if not has_server:
             request.setHeader(b"server", b"mtlsgate")
-        self.relay = _ResponseRelay(request, self._relayed, self.reactor, self.entry.route.timeout, self._arm_timer)
-        self._arm_timer()
-        response.deliverBody(self.relay)
 
     def _switch(self, response: Any) -> None:
         """

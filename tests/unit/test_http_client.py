@@ -759,3 +759,80 @@ def test_a_refused_connection_is_told_to_the_receiver_as_the_deferred_would_fail
     agent.send(b"GET", b"https://upstream.test:8443", b"/", Headers(), None, receiver)
     [failure] = receiver.told
     assert failure.check(ConnectionRefusedError)
+
+
+class WholeReceiver(Receiver):
+    """A receiver with upstream_whole: told whole responses as (response, body), and what the pool held at that moment."""
+
+    def __init__(self, agent: HTTP11Agent, then: Any = None) -> None:
+        super().__init__()
+        self.agent = agent
+        self.then = then
+        self.idle_when_told: list[int] = []
+
+    def upstream_whole(self, response: Any, body: bytes) -> None:
+        self.told.append((response, body))
+        self.idle_when_told.append(self.agent.pool.idle_count())
+        if self.then is not None:
+            self.then()
+
+
+def test_a_response_whole_in_one_read_is_told_whole_after_its_connection_is_pooled():
+    agent, endpoint, _ = make()
+    receiver = WholeReceiver(agent)
+    agent.send(b"GET", b"https://upstream.test:8443", b"/", Headers(), None, receiver)
+    endpoint.connections[0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nETag: x\r\n\r\nhello")
+    [(response, body)] = receiver.told
+    assert (response.code, body, response.length) == (200, b"hello", 5)
+    assert receiver.idle_when_told == [1]  # pooled before the receiver was told: its next request finds the connection
+    later = Body()
+    response.deliverBody(later)  # the IResponse contract still holds for a whole response
+    assert later.data == b"hello" and later.reason is not None and later.reason.check(ResponseDone)
+
+
+def test_the_next_request_sent_from_upstream_whole_reuses_the_same_connection():
+    agent, endpoint, _ = make()
+    second = Receiver()
+    receiver = WholeReceiver(agent, then=lambda: agent.send(b"GET", b"https://upstream.test:8443", b"/2", Headers(), None, second))
+    agent.send(b"GET", b"https://upstream.test:8443", b"/1", Headers(), None, receiver)
+    connection = endpoint.connections[0]
+    connection.transport.clear()
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+    assert len(endpoint.connections) == 1 and connection.transport.value().startswith(b"GET /2 HTTP/1.1\r\n")
+
+
+def test_a_response_split_over_reads_takes_the_streaming_path():
+    agent, endpoint, _ = make()
+    receiver = WholeReceiver(agent)
+    agent.send(b"GET", b"https://upstream.test:8443", b"/", Headers(), None, receiver)
+    connection = endpoint.connections[0]
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
+    [response] = receiver.told
+    assert IResponse.providedBy(response)
+    body = Body()
+    response.deliverBody(body)
+    connection.dataReceived(b"llo")
+    assert body.data == b"hello" and body.reason is not None and body.reason.check(ResponseDone)
+
+
+@pytest.mark.parametrize("after", [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"x"])
+def test_a_whole_response_with_bytes_after_it_is_told_but_its_connection_is_closed_not_pooled(after):
+    agent, endpoint, _ = make()
+    receiver = WholeReceiver(agent)
+    agent.send(b"GET", b"https://upstream.test:8443", b"/", Headers(), None, receiver)
+    connection = endpoint.connections[0]
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + after)
+    told = receiver.told
+    assert told and (told[0][1] if isinstance(told[0], tuple) else None) in (b"ok", None)
+    assert agent.pool.idle_count() == 0
+    assert connection.transport.disconnecting or connection._aborted
+
+
+def test_a_whole_response_to_a_connection_close_request_closes_the_connection():
+    agent, endpoint, _ = make()
+    receiver = WholeReceiver(agent)
+    agent.send(b"GET", b"https://upstream.test:8443", b"/", Headers(), None, receiver)
+    connection = endpoint.connections[0]
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    assert [body for _, body in receiver.told] == [b"ok"] and receiver.idle_when_told == [0]
+    assert agent.pool.idle_count() == 0 and connection.transport.disconnecting
