@@ -640,6 +640,11 @@ class HTTPServerProtocol(Protocol):
     def _begin(self, buf: bytes, line_end: int, head_end: int) -> None:
         """Parse the checked head with llhttp and hand the request to the handler."""
         method, target, version = buf[:line_end].split(b" ")
+        # llhttp parses one message after another on a connection: the last request's parser goes on to this one when that
+        # message came to its end as llhttp reads keep-alive (anything else closed the connection before a next head).
+        parser = self._parser
+        if parser is None or not self._message_done or not parser.should_keep_alive():
+            parser = self._parser = HttpRequestParser(self)
         self._pairs = []
         self._hosts = []
         self._connection = []
@@ -648,7 +653,6 @@ class HTTPServerProtocol(Protocol):
         self._content_length = None
         self._problem = None
         self._tail = b""
-        parser = self._parser = HttpRequestParser(self)
         upgrade = False
         try:
             parser.feed_data(_CANONICAL_REQUEST_LINE)

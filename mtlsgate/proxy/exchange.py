@@ -312,7 +312,7 @@ class _Exchange:
 
     def __init__(
         self, reactor: IReactorTime, request: GatewayRequest, entry: RouteEntry, peer: Peer, observer: IRequestObserver, target: bytes | None = None,
-        tunnel_opened: Callable[[Tunnel], None] | None = None,
+        tunnel_opened: Callable[[Tunnel], None] | None = None, finished_hook: Callable[[Any], None] | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
         self.target = request.uri if target is None else target  # the normal form that was routed: exactly what goes upstream
@@ -337,6 +337,7 @@ class _Exchange:
         self._timer_shared = request_timer is not None
         self.timer: ReusableTimer = request_timer() if request_timer is not None else ReusableTimer(reactor)
         self.tunnel_opened = tunnel_opened  # set for a WebSocket upgrade: a 101 from the upstream becomes a tunnel
+        self._finished_hook = finished_hook  # the handler's own end of the request (its in-flight count), told first
         if request.body is not None:
             request.body.on_change = self._upload_changed
         request.when_done(self._request_done)
@@ -597,6 +598,11 @@ class _Exchange:
         self._cancel_timer()
 
     def _request_done(self, reason: Failure | None) -> None:
+        """The request's one completion hook: the handler's count first (as its own hook was, before), then a lost client."""
+        hook = self._finished_hook
+        if hook is not None:
+            self._finished_hook = None
+            hook(reason)
         if reason is not None:
             self._client_lost(reason)
 
@@ -841,9 +847,9 @@ class ProxyResource:
             request.body.limit = limit
         request.proceed()  # routed, authorized, within max_body_size: now "100 Continue" (refusals above answer at once)
         self.in_flight += 1
-        request.when_done(self._finished)
         tunnel_opened = self._tunnel_opened if websocket else None
-        _Exchange(self.reactor, request, entry, peer, self.observer, target.forward, tunnel_opened).start()
+        # The exchange's completion hook ends the request's in-flight count too (one hook per request, not two).
+        _Exchange(self.reactor, request, entry, peer, self.observer, target.forward, tunnel_opened, self._finished).start()
 
     def _websocket_allowed(self, request: GatewayRequest, peer: Peer, route: Route) -> bool:
         """
