@@ -34,6 +34,8 @@ from tests.conftest import free_port, gateway_starter, poll_pauses, start_echo_u
 SAFETY_NET = 10.0  # seconds: a safety net only (the linger is 2 s; the bound before the fix was 15 s or more)
 IDLE = 1.0  # idle_timeout of the gateway for the idle cases
 BOB_ONLY = {"uri": ["spiffe://test/ns/prod/sa/bob"]}
+# A response body the gateway's kernel holds in good part (the client's receive buffer is small) while the client reads nothing.
+RESPONSE_IN_KERNEL, CLIENT_RECEIVE_BUFFER = 256 << 10, 16 << 10
 
 
 def _config(tmp: Path, pki: dict[str, Any], upstream: int, port: int, **limits: Any) -> str:
@@ -130,14 +132,18 @@ def wait_until_dropped(gateway: Any, client: socket.socket, what: str) -> None:
 class SilentClient:
     """A TLS client over memory BIOs on a plain socket: it sends what it is told to, reads only when told to, and never closes."""
 
-    def __init__(self, port: int, pki: dict[str, Any], who: str = "alice", alpn: str = "http/1.1") -> None:
+    def __init__(self, port: int, pki: dict[str, Any], who: str = "alice", alpn: str = "http/1.1", receive_buffer: int | None = None) -> None:
         ctx = ssl.create_default_context(cafile=pki["ca"])
         ctx.load_cert_chain(*pki[who])
         ctx.check_hostname = False
         ctx.set_alpn_protocols([alpn])
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=SAFETY_NET)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:  # before connecting: the window the client offers stays that small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(SAFETY_NET)
+        self.sock.connect(("127.0.0.1", port))
         while True:
             try:
                 self.tls.do_handshake()
@@ -211,20 +217,42 @@ def test_a_client_silent_after_the_gateways_close_is_let_go(gateways, pki, case)
         assert len(body) == length
 
 
+def test_a_response_the_client_has_not_read_is_not_cut(gateways, pki):
+    """
+    A C{Connection: close} response the client does not read while the gateway lets go (it fits in the
+    kernel's socket buffers, most of it on the gateway's side: the client's receive window is small): the
+    linger's close is an orderly one, so the kernel still delivers what it holds (an abort's reset would
+    drop it), and the client reads all of it afterwards, then the close_notify.
+    """
+    gateway, _ = gateways
+    size = RESPONSE_IN_KERNEL
+    client = SilentClient(gateway.port, pki, receive_buffer=CLIENT_RECEIVE_BUFFER)
+    try:
+        client.send(b"GET /bytes/%d HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % size)
+        wait_until_dropped(gateway, client.sock, "a response not read yet")
+        got, close_notify = client.read_all()
+    finally:
+        client.close()
+    assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+    assert close_notify
+    head, body = got.split(b"\r\n\r\n", 1)
+    assert len(body) == size
+
+
 def test_a_large_response_is_read_whole_after_a_silent_wait(gateways, pki):
     """
     A C{Connection: close} response larger than the socket buffers hold: the client reads nothing for a
-    while, then all of it: the linger starts only once the gateway has written everything out.
+    while (longer than the linger), then all of it; the gateway lets go once it has written everything.
     """
     gateway, _ = gateways
     size = 8 << 20
     client = SilentClient(gateway.port, pki)
     try:
         client.send(b"GET /bytes/%d HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % size)
-        deadline = time.monotonic() + 4.0  # longer than the linger: reading nothing all that while
+        deadline = time.monotonic() + 4.0  # the client's silence, longer than the linger
         while time.monotonic() < deadline:
             time.sleep(0.2)
-        assert gateway_holds(gateway, client.sock)  # the response is not written out yet: no linger runs
+        assert gateway_holds(gateway, client.sock)  # the response is not written out: nothing cut
         got, close_notify = client.read_all()
     finally:
         client.close()
