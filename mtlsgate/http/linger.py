@@ -9,8 +9,9 @@ as nothing else ends it.  L{Linger}, one per closing connection with one timer, 
 
 - while the close is not written out (L{written_out}: the gateway's close_notify not yet sent, or bytes of
   the connection still held unsent by Twisted), the client is still being sent its response: nothing is
-  cut, only checked again every L{LINGER} seconds, and aborted at C{give_up_at} if one is given (a client
-  that reads nothing, as the front ends' own abort did before);
+  cut, only checked again after L{LINGER} seconds, then twice as long each time up to L{_LONGEST_CHECK}
+  (a check costs a look at the reactor's writers, which grows with them), and aborted at C{give_up_at} if
+  one is given (a client that reads nothing, as the front ends' own abort did before);
 - once it is written out, the client has L{LINGER} seconds to answer (its close_notify or FIN ends the
   connection at once, as before); after them the TCP connection under the TLS layer is closed, the orderly
   way: Twisted holds nothing unsent for it, so it closes at once, and the kernel still sends what it holds,
@@ -34,12 +35,16 @@ from twisted.protocols.policies import ProtocolWrapper
 #: Seconds a connection the gateway closed waits for the client's close_notify or FIN once the close is written out.
 LINGER = 2.0
 
+_LONGEST_CHECK = 8 * LINGER  # the longest wait between two checks of a close not yet written out
+
 _SENDING, _LINGERING, _CLOSED = 0, 1, 2
 
 
 def _tcp(transport: Any) -> Any:
-    """The TCP transport under a TLS one (Twisted's TLS layer is a L{ProtocolWrapper}), or C{transport} itself."""
-    return transport.transport if isinstance(transport, ProtocolWrapper) else transport
+    """The transport under the TLS layer and any other L{ProtocolWrapper} (Twisted's TLS layer is one): the TCP connection."""
+    while isinstance(transport, ProtocolWrapper) and transport.transport is not None:
+        transport = transport.transport
+    return transport
 
 
 def written_out(reactor: IReactorTime | IReactorFDSet, transport: Any) -> bool:
@@ -70,6 +75,7 @@ class Linger:
         self._transport = transport
         self._give_up_at = give_up_at
         self._stage = _SENDING
+        self._next_check = LINGER
         self._call: IDelayedCall | None = None
         self._turn()
 
@@ -86,6 +92,8 @@ class Linger:
     def _turn(self) -> None:
         self._call = None
         transport, reactor = self._transport, self._reactor
+        if not getattr(transport, "connected", True):
+            return  # lost meanwhile (its front end cancels the linger; this is for one that did not)
         if self._stage == _CLOSED:  # the orderly close did not end it
             transport.abortConnection()
             return
@@ -98,7 +106,8 @@ class Linger:
             self._stage = _LINGERING
             self._call = reactor.callLater(LINGER, self._turn)
             return
-        delay = LINGER
+        delay = self._next_check
+        self._next_check = min(2 * delay, _LONGEST_CHECK)
         if self._give_up_at is not None:
             delay = min(delay, self._give_up_at - reactor.seconds())
             if delay <= 0:

@@ -18,7 +18,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import implementer
 
 from mtlsgate.config.model import Limits
-from mtlsgate.http.linger import LINGER, Linger, written_out
+from mtlsgate.http.linger import _LONGEST_CHECK, LINGER, Linger, written_out
 from mtlsgate.http.server import HTTPServerFactory
 
 
@@ -31,6 +31,7 @@ class _TLS(ProtocolWrapper):
         self.transport = tcp
         self.close_notify_sent = True
         self.aborted = False
+        self.connected = True
 
     def getHandle(self) -> Any:
         return SimpleNamespace(get_shutdown=lambda: SSL.SENT_SHUTDOWN if self.close_notify_sent else 0)
@@ -69,12 +70,27 @@ def test_nothing_is_cut_while_the_close_is_not_written_out():
     assert not written_out(clock, tls)
     clock.pump([LINGER] * 10)
     assert not tcp.disconnecting and not tls.aborted
-    clock.removeWriter(tcp)  # all handed to the kernel: the linger starts at the next check
-    clock.advance(LINGER)
-    assert not tcp.disconnecting
-    clock.advance(LINGER)
-    assert tcp.disconnecting and not tls.aborted
+    clock.removeWriter(tcp)  # all handed to the kernel: the linger starts at the next check, at most _LONGEST_CHECK away
+    started = clock.getDelayedCalls()[0].getTime()
+    clock.advance(started - clock.seconds())
     assert len(clock.getDelayedCalls()) == 1  # one timer all along
+    assert clock.getDelayedCalls()[0].getTime() - started == LINGER
+    clock.advance(LINGER * 0.99)
+    assert not tcp.disconnecting
+    clock.advance(LINGER * 0.01)
+    assert tcp.disconnecting and not tls.aborted
+
+
+def test_a_close_not_written_out_is_checked_less_and_less_often():
+    clock, tcp, tls = _connection()
+    clock.addWriter(tcp)
+    Linger(clock, tls)
+    checks = []
+    for _ in range(8):
+        checks.append(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+        clock.advance(checks[-1])
+    assert checks == [LINGER, 2 * LINGER, 4 * LINGER, 8 * LINGER, _LONGEST_CHECK, _LONGEST_CHECK, _LONGEST_CHECK, _LONGEST_CHECK]
+    assert not tcp.disconnecting and not tls.aborted
 
 
 def test_a_close_never_written_out_is_aborted_at_the_given_time():
