@@ -59,6 +59,7 @@ from mtlsgate.http.body import RequestBody
 from mtlsgate.http.framing import header_field_problem, method_problem
 from mtlsgate.http.headers import HOP_BY_HOP, sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IGatewayRequest
+from mtlsgate.http.linger import Linger
 from mtlsgate.http.server import ConnectionLostBeforeResponse, ResponseHooks, _dates
 from mtlsgate.http.status import RESPONSES
 
@@ -77,7 +78,7 @@ _STREAM_WINDOW = 65535  # SETTINGS_INITIAL_WINDOW_SIZE (the protocol's default):
 _CONNECTION_WINDOW = 16 * 65536  # the connection's receive window: request body bytes held per connection at most
 _OUT_HIGH_WATER = 65536  # response bytes waiting for a stream's window before its upstream is paused
 _COALESCE_BELOW = 16 * 1024  # response pieces smaller than this are joined while they wait for the window
-_ABORT_TIMEOUT = 15.0
+_ABORT_TIMEOUT = 15.0  # a close not written out (the client reads nothing) is aborted this long after it
 _CONNECTION_SPECIFIC = HOP_BY_HOP | {b"proxy-connection"}
 _NO_BODY_CODES = frozenset([204, 304])
 
@@ -362,7 +363,7 @@ class H2ServerProtocol(Protocol):
         self._headers_priority: Any = None
         self._last_activity = 0.0
         self._idle_timer: IDelayedCall | None = None
-        self._abort_timer: IDelayedCall | None = None
+        self._abort_timer: Linger | None = None  # the close, once the gateway closes (mtlsgate.http.linger)
         self._unregistered = False
         self._frame_headers = FrameHeaders()
         self.conn = H2Connection(H2Configuration(
@@ -407,9 +408,10 @@ class H2ServerProtocol(Protocol):
         self.closed = True
         if self.factory is not None:
             self.factory.protocols.discard(self)
-        for timer in (self._idle_timer, self._abort_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
         self._idle_timer = self._abort_timer = None
         streams, self.streams = self.streams, {}
         for request in streams.values():
@@ -442,13 +444,13 @@ class H2ServerProtocol(Protocol):
                 self._unregistered = True
                 self.transport.unregisterProducer()  # type: ignore[attr-defined]  # TLS waits for a registered producer before it closes
             self.transport.loseConnection()
-            if self._abort_timer is None:
-                self._abort_timer = self.reactor.callLater(_ABORT_TIMEOUT, self._abort_after_close)
-
-    def _abort_after_close(self) -> None:
-        self._abort_timer = None
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            if self._abort_timer is None and getattr(self.transport, "connected", True):
+                # close_notify, then a short linger for the client's answer once it is written out; a client that reads
+                # nothing is aborted after _ABORT_TIMEOUT (mtlsgate.http.linger)
+                if self._idle_timer is not None and self._idle_timer.active():
+                    self._idle_timer.cancel()
+                self._idle_timer = None
+                self._abort_timer = Linger(self.reactor, self.transport, self.reactor.seconds() + _ABORT_TIMEOUT)
 
     def drain(self) -> None:
         """GOAWAY NO_ERROR: no new streams; close once those in flight are done."""

@@ -32,6 +32,7 @@ from mtlsgate.http.body import RequestBody
 from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan_head
 from mtlsgate.http.headers import sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IUpgradableRequest
+from mtlsgate.http.linger import Linger
 from mtlsgate.http.status import RESPONSES, http_date
 from mtlsgate.http.timer import ReusableTimer
 
@@ -41,7 +42,7 @@ _STATUS_TEXT = {
     400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
 }  # fmt: skip
 _NO_BODY_CODES = frozenset([204, 304])
-_ABORT_TIMEOUT = 15.0  # after an idle timeout's orderly close, how long before the connection is aborted
+_ABORT_TIMEOUT = 15.0  # a close not written out (the client reads nothing) is aborted this long after idle_timeout passes
 _CANONICAL_REQUEST_LINE = b"GET / HTTP/1.1\r\n"  # what llhttp is given instead of the (already checked) request line
 
 # The response fields a Request keeps without a Headers (Request._fields; HSTS is on by default), lowercased, with each name as Headers writes it
@@ -423,7 +424,7 @@ class HTTPServerProtocol(Protocol):
         self._tail = b""  # the last bytes of chunked body data given to llhttp, to find CRLFCRLF split across reads
         self._header_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
-        self._abort_timer: IDelayedCall | None = None
+        self._abort_timer: Linger | None = None  # the close, once the gateway closes (mtlsgate.http.linger)
         self._last_activity = 0.0
         self._upload = _UploadReading(self)
         # the head being parsed by llhttp (set by the callbacks; the field lists are made by _begin, for each head)
@@ -460,9 +461,11 @@ class HTTPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
-        for timer in (self._header_timer, self._idle_timer, self._abort_timer):
+        for timer in (self._header_timer, self._idle_timer):
             if timer is not None and timer.active():
                 timer.cancel()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
         self._header_timer = self._idle_timer = self._abort_timer = None
         request, self._request = self._request, None
         if request is not None:
@@ -538,9 +541,22 @@ class HTTPServerProtocol(Protocol):
             protocol.dataReceived(leftover)
 
     def _close(self) -> None:
+        """
+        The gateway ends the connection: close_notify after what is written, then a short linger for the client's
+        answer (L{Linger}, the connection's one timer from now on, in place of the idle timer; a client that reads
+        nothing is aborted once idle_timeout and _ABORT_TIMEOUT have passed since the last byte either way).
+        """
         self._closing = True
+        self.resume_reading(_PIPELINE | _UPLOAD)  # the client's close_notify or FIN is read, whatever it sent before
         if self.transport is not None:
             self.transport.loseConnection()
+            if self._abort_timer is None and getattr(self.transport, "connected", True):
+                if self._idle_timer is not None and self._idle_timer.active():
+                    self._idle_timer.cancel()
+                self._idle_timer = None
+                idle = self.limits.idle_timeout
+                give_up_at = self._last_activity + idle + _ABORT_TIMEOUT if idle else None
+                self._abort_timer = Linger(self.reactor, self.transport, give_up_at)
 
     # --- timers ---------------------------------------------------------------------------------
 
@@ -553,12 +569,6 @@ class HTTPServerProtocol(Protocol):
         log.info("closing the idle connection from {peer} ({timeout:g}s without a byte)",
                  peer=getattr(self.peer_address, "host", "-"), timeout=self.limits.idle_timeout)
         self._close()
-        self._abort_timer = self.reactor.callLater(_ABORT_TIMEOUT, self._abort_after_close)
-
-    def _abort_after_close(self) -> None:
-        self._abort_timer = None
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _start_header_timer(self) -> None:
         if self._header_timer is None and self.limits.header_timeout:
