@@ -190,6 +190,11 @@ class HeaderPairs:
         return iter(grouped.values())
 
 
+def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
+    """The tokens of Connection field values, lowercased (the field names and options they name), empty ones left out."""
+    return _tokens(values)
+
+
 def _tokens(values: Iterable[bytes]) -> set[bytes]:
     if isinstance(values, list) and len(values) == 1 and b"," not in values[0]:  # the usual "keep-alive" or "close": no generator
         token = values[0].strip().lower()
@@ -211,6 +216,7 @@ def upstream_request_pairs(
     pairs: list[tuple[bytes, bytes]],
     *,
     connection: list[bytes],
+    connection_tokens: set[bytes] | None = None,
     host: bytes | None,
     client_ip: str,
     proto: str,
@@ -219,13 +225,17 @@ def upstream_request_pairs(
 ) -> HeaderPairs:
     """
     L{upstream_request_headers} over the client's fields as received (C{pairs}, whose Connection
-    values are C{connection} and first Host value C{host}), in one pass: the same fields go, the same
-    are added.  The values are the server's, already held to security.md's rules (no CR, LF or other
-    control character).
+    values are C{connection}, their tokens C{connection_tokens} if the server worked them out already, and
+    first Host value C{host}), in one pass: the same fields go, the same are added.  The values are the
+    server's, already held to security.md's rules (no CR, LF or other control character).
     """
     # The fixed set, then the Connection-named tokens (and Host), looked up in turn: no set built per request.
     drop = _UPSTREAM_DROP if preserve_host else _UPSTREAM_DROP_HOST
-    named = _tokens(connection) if connection else _NONE
+    named: set[bytes] | frozenset[bytes]
+    if connection_tokens is not None:
+        named = connection_tokens
+    else:
+        named = _tokens(connection) if connection else _NONE
     out = []
     for name, value in pairs:
         if b"_" in name:

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from mtlsgate.config.model import Limits
 from mtlsgate.http.body import RequestBody
 from mtlsgate.http.framing import HeadScan, Refusal, framing_value_problem, scan_head
-from mtlsgate.http.headers import sendable_trailers
+from mtlsgate.http.headers import connection_tokens, sendable_trailers
 from mtlsgate.http.interfaces import IGatewayChannel, IUpgradableRequest
 from mtlsgate.http.linger import Linger
 from mtlsgate.http.status import RESPONSES, http_date
@@ -51,6 +51,9 @@ _FIELD_NAMES = {
     b"date": b"Date", b"content-length": b"Content-Length", b"server": b"Server", b"connection": b"Connection",
     b"transfer-encoding": b"Transfer-Encoding", b"strict-transport-security": b"Strict-Transport-Security",
 }  # fmt: skip
+
+# The lengths of the names on_header notes (Host, Expect, Connection, Content-Length, Transfer-Encoding): a name of another length is none of them.
+_NOTED_LENGTHS = frozenset(len(name) for name in (b"host", b"expect", b"connection", b"content-length", b"transfer-encoding"))
 
 _HEAD, _BODY, _WAIT, _TUNNEL = 0, 1, 2, 3
 _PIPELINE, _UPLOAD = 1, 2  # why reading from the client is paused
@@ -87,6 +90,7 @@ class ResponseHooks:
     disconnected: bool
     _notify: list[Callable[[Failure | None], None]]
     _hook_log = log
+    __slots__ = ("_notify",)  # with the HTTP/1.1 Request's own, a dict-less object
 
     @property
     def path(self) -> bytes:
@@ -130,6 +134,14 @@ class Request(ResponseHooks):
     write, finish, notifyFinish, registerProducer), and nothing else (L{IGatewayRequest}), plus switching protocols (L{IUpgradableRequest}).
     """
 
+    # One is made per request: slots make it smaller and its attributes quicker to set and read.
+    __slots__ = (
+        "channel", "method", "uri", "clientproto", "raw_headers", "_request_headers", "host_values", "connection_values", "connection_tokens",
+        "forwarded_headers", "body", "persistent", "http10_keepalive", "expects_continue", "upgrade_to", "code", "code_message",
+        "_fields", "_response_headers", "startedWriting", "finished", "disconnected", "_chunked", "_no_body", "_trailers",
+        "__weakref__",
+    )  # fmt: skip
+
     def __init__(
         self, channel: HTTPServerProtocol, method: bytes, uri: bytes, version: bytes, headers: Headers | list[tuple[bytes, bytes]],
         body: RequestBody | None, persistent: bool, http10_keepalive: bool, expects_continue: bool,
@@ -148,6 +160,7 @@ class Request(ResponseHooks):
             self.raw_headers = headers
         self.host_values: list[bytes] | None = None  # the Host values as received, when the server noted them
         self.connection_values: list[bytes] | None = None  # the Connection values, likewise
+        self.connection_tokens: set[bytes] | None = None  # ... and their tokens, lowercased, when the server noted them
         self.forwarded_headers: list[tuple[bytes, bytes]] = []  # response fields written as they are, after responseHeaders' own
         self.body = body
         self.persistent = persistent  # the connection stays open after this response
@@ -686,9 +699,7 @@ class HTTPServerProtocol(Protocol):
 
     def _dispatch(self, method: bytes, target: bytes, version: bytes) -> None:
         pairs = self._pairs
-        tokens: set[bytes] = set()
-        for value in self._connection:
-            tokens.update(t.strip().lower() for t in value.split(b","))
+        tokens = connection_tokens(self._connection) if self._connection else set()
         http10_keepalive = version == b"HTTP/1.0" and b"keep-alive" in tokens
         persistent = http10_keepalive or (version == b"HTTP/1.1" and b"close" not in tokens)
         upgrade_to: tuple[bytes, ...] = ()
@@ -713,6 +724,7 @@ class HTTPServerProtocol(Protocol):
         request = Request(self, method, target, version, pairs, body, persistent, http10_keepalive, expects_continue)
         request.host_values = self._hosts
         request.connection_values = self._connection
+        request.connection_tokens = tokens
         request.upgrade_to = upgrade_to
         if version == b"HTTP/1.1" and not persistent:
             request.setHeader(b"connection", b"close")
@@ -784,19 +796,22 @@ class HTTPServerProtocol(Protocol):
         if self._head_done:
             return  # a trailer field of a chunked body: not passed on
         value = value.strip(b" \t")
-        problem = framing_value_problem(name, value)
-        if problem is not None:
-            self._problem = self._problem or problem
-        elif len(name) == 14 and name.lower() == b"content-length":
-            self._content_length = int(value)
-        elif len(name) == 17 and name.lower() == b"transfer-encoding":
-            self._chunked = True
-        elif len(name) == 4 and name.lower() == b"host":
-            self._hosts.append(value)
-        elif len(name) == 10 and name.lower() == b"connection":
-            self._connection.append(value)
-        elif len(name) == 6 and name.lower() == b"expect":
-            self._expect.append(value)
+        if len(name) in _NOTED_LENGTHS:  # a name as long as one the server notes: lowercased once, and looked at
+            lowered = name.lower()
+            if lowered == b"host":
+                self._hosts.append(value)
+            elif lowered == b"connection":
+                self._connection.append(value)
+            elif lowered == b"expect":
+                self._expect.append(value)
+            elif lowered == b"content-length" or lowered == b"transfer-encoding":
+                problem = framing_value_problem(name, value)
+                if problem is not None:
+                    self._problem = self._problem or problem
+                elif lowered == b"content-length":
+                    self._content_length = int(value)
+                else:
+                    self._chunked = True
         self._pairs.append((name, value))
 
     def on_headers_complete(self) -> None:

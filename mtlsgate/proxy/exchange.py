@@ -310,6 +310,13 @@ _SENDING: Any = object()  # _Exchange.pending while HTTP11Agent.send runs (it ma
 class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
+    # One is made per request: slots make it smaller and its attributes quicker to set and read.
+    __slots__ = (
+        "reactor", "target", "observer", "upstream_latency", "request", "entry", "peer", "started", "upstream", "relay", "response",
+        "pending", "_targets", "_headers", "timed_out", "client_gone", "accounted", "waiting", "_timer_shared", "timer", "tunnel_opened",
+        "_finished_hook", "__weakref__",
+    )  # fmt: skip
+
     def __init__(
         self, reactor: IReactorTime, request: GatewayRequest, entry: RouteEntry, peer: Peer, observer: IRequestObserver, target: bytes | None = None,
         tunnel_opened: Callable[[Tunnel], None] | None = None, finished_hook: Callable[[Any], None] | None = None,
@@ -356,6 +363,7 @@ class _Exchange:
             headers = upstream_request_pairs(
                 pairs,
                 connection=connection,
+                connection_tokens=getattr(request, "connection_tokens", None),
                 host=hosts[0] if hosts else None,
                 client_ip=request.getClientAddress().host,
                 proto="https" if request.isSecure() else "http",
