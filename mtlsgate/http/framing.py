@@ -179,7 +179,7 @@ def _whole_head(buf: bytes, scan: HeadScan, limits: Limits) -> Refusal | int | N
     if not _CLEAN_HEADERS.fullmatch(buf, line_end + 2, size):
         return None
     line = buf[:line_end]
-    if b"\n" in line:
+    if 0x0A in line:  # LF, as an int: quicker than b"\n" in
         return None
     problem = request_line_problem(line) or request_line_form_problem(line)
     if problem is not None:

@@ -58,7 +58,7 @@ def normalize_target(target: bytes) -> NormalTarget:
         raise PathRefused("the request target must be a path starting with '/'")
     if _VISIBLE.fullmatch(target) is None:
         raise PathRefused("the request target holds a control, space or non-ASCII byte")
-    if b"#" in target:
+    if 0x23 in target:  # "#", as an int: quicker than b"#" in
         raise PathRefused("a fragment ('#') is not allowed in a request target")
     path, question, query = target.partition(b"?")
     if _PLAIN.fullmatch(path) is not None:

@@ -201,7 +201,7 @@ class Request(ResponseHooks):
         fields = self._fields
         if fields is not None:
             written = _FIELD_NAMES.get(name)
-            if written is not None and b"\r" not in value and b"\n" not in value:
+            if written is not None and 0x0D not in value and 0x0A not in value:  # CR, LF: as ints, quicker than b"\r" in
                 fields[name] = (written, value)  # as Headers.setRawHeaders: a field set again keeps its place
                 return
         self.responseHeaders.setRawHeaders(name, [value])
