@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.python import usage
 
-from mtlsgate.config.load import config_from_mapping, load_config
+from mtlsgate.config.load import config_from_mapping, read_config_file
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.tls.pki import PKIError
 
@@ -114,6 +114,8 @@ class Options(usage.Options):
         self.config: Config | None = None
         #: Set by L{mtlsgate.app.worker}: this process is one worker of a group.
         self.worker: WorkerRole | None = None
+        #: Set by L{mtlsgate.app.worker}: the configuration its parent validated (L{mtlsgate.app.handoff}), read instead of the file and flags.
+        self.handed: str | None = None
         self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -247,28 +249,40 @@ class Options(usage.Options):
 
     def load(self) -> Config:
         """The validated configuration from --config and the flags (re-run on every reload)."""
+        return self.load_document()[0]
+
+    def load_document(self) -> tuple[Config, dict[str, Any]]:
+        """
+        The validated configuration, and the plain document it was validated from: the YAML file's
+        mapping with the flags laid over it, the keys the flags set, and the file.  A worker group's
+        parent hands that document to its workers (L{mtlsgate.app.handoff}); a worker given one
+        (L{handed}) validates it instead of reading the file, with the same errors.
+        """
         flagged: set[str] = set()
-
-        def overlay(data: dict[str, Any]) -> dict[str, Any]:
-            merged, keys = self.overlay(data)
-            flagged.update(keys)
-            return merged
-
         try:
-            if self["config"]:
-                return load_config(self["config"], overlay)
-            return config_from_mapping(overlay({}))
+            if self.handed is not None:
+                from mtlsgate.app import handoff
+
+                document = handoff.read(self.handed)
+                flagged.update(document.get("flagged") or ())
+            else:
+                data, keys = self.overlay(read_config_file(self["config"]) if self["config"] else {})
+                flagged.update(keys)
+                document = {"config": data, "flagged": sorted(flagged), "source": self["config"]}
+            # A worker does not watch the YAML file: its parent does, and hands it on (mtlsgate.app.workers).
+            config = config_from_mapping(document["config"], source=None if self.handed is not None else document["source"])
         except ConfigError as e:
             top = e.key.split(".", 1)[0].split("[", 1)[0]
             if top in flagged:
                 raise ConfigError(e.key, f"{e.problem} (set by {_FLAG_FOR_KEY.get(top, 'a flag')})") from None
             raise
+        return config, document
 
     def postOptions(self) -> None:
         if self["demo"] is not None:
             return
         try:
-            self.config = self.load()
+            self.config, document = self.load_document()
             from twisted.application.service import IService
 
             from mtlsgate.app.service import build_world, make_gateway
@@ -282,7 +296,7 @@ class Options(usage.Options):
                 from mtlsgate.app.workers import WorkerGroup
 
                 build_world(reactor, self.config, ServerTLS())  # every file loads, before any worker starts
-                self.service = WorkerGroup(reactor, self.config, self.argv, self.load)
+                self.service = WorkerGroup(reactor, self.config, document, self.load_document)
             else:
                 self.service = make_gateway(reactor, self.config, self.load, self.worker)
         except (ConfigError, PKIError) as e:

@@ -1,7 +1,7 @@
 """
 One worker process of a group (L{mtlsgate.app.workers}), started by the parent as
-C{python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] -- FLAGS...}, where FLAGS are the
-C{twistd mtlsgate} flags the parent was given.
+C{python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] --config-json PATH}, where PATH
+holds the configuration the parent validated (L{mtlsgate.app.handoff}), read again on each reload.
 
 It adopts the listening sockets the parent passed, sends its log events to the parent as JSON, and
 otherwise runs the same L{GatewayService} as a single-process gateway: SIGHUP reloads it, SIGTERM
@@ -23,10 +23,11 @@ _PR_SET_PDEATHSIG = 1
 class WorkerOptions(usage.Options):
     """The worker's own flags (twisted.python.usage, which the gateway's options load anyway: argparse is not imported)."""
 
-    synopsis = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] -- FLAGS..."
+    synopsis = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] --config-json PATH"
     optParameters = [
         ["index", None, None, "this worker's number in the group", int],
         ["parent", None, None, "the supervising process's pid", int],
+        ["config-json", None, None, "the configuration the parent validated (mtlsgate.app.handoff)"],
     ]
     optFlags = [["http", None, "serve the HTTP listener (fd 5)"], ["acme", None, "run autocert"]]
 
@@ -34,8 +35,8 @@ class WorkerOptions(usage.Options):
         self["flags"] = list(flags)
 
     def postOptions(self) -> None:
-        if self["index"] is None:
-            raise usage.UsageError("--index is required")
+        if self["index"] is None or self["config-json"] is None:
+            raise usage.UsageError("--index and --config-json are required")
 
 
 def _die_with_parent() -> None:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         args.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
         sys.exit(f"python -m mtlsgate.app.worker: {e}")
-    index, flags = args["index"], args["flags"]
+    index = args["index"]
     _die_with_parent()
     if args["parent"] is not None and os.getppid() != args["parent"]:  # it died before PDEATHSIG was set
         sys.exit("mtlsgate worker: the parent is gone")
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([FileLogObserver(events, relayed_event)], redirectStandardIO=False)
     options = Options()
     options.worker = WorkerRole(index=index, https_fd=HTTPS_FD, http_fd=HTTP_FD if args["http"] else None, acme=bool(args["acme"]))
+    options.handed = args["config-json"]
     try:
-        options.parseOptions(flags)
+        options.parseOptions(args["flags"])  # none: the parent's flags are in the configuration it hands on
     except usage.UsageError as e:
         sys.exit(f"mtlsgate worker {index}: {e}")
     service = options.service

@@ -15,7 +15,6 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import attrs
-import yaml
 
 from mtlsgate.identity import AllowRules
 from mtlsgate.http.pathnorm import prefix_problem
@@ -723,6 +722,8 @@ def _loopback_by_default(description: str | None) -> str | None:
 
 def read_yaml(path: str) -> dict[str, Any]:
     """Parse a YAML config file into a mapping, with errors that name the file."""
+    import yaml  # here, not at the top: a worker validates the mapping its parent read (mtlsgate.app.handoff) and never needs it
+
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -739,10 +740,15 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 def load_config(path: str, overrides: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Config:
     """Read, optionally adjust (flags given alongside the file), and validate a YAML config file."""
-    data = _relative_to(read_yaml(path), os.path.dirname(os.path.abspath(path)))
+    data = read_config_file(path)
     if overrides is not None:
         data = overrides(data)
     return config_from_mapping(data, source=path)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML config file as a mapping, its relative paths resolved against the file's directory (not validated yet)."""
+    return _relative_to(read_yaml(path), os.path.dirname(os.path.abspath(path)))
 
 
 _PATH_KEYS = {
