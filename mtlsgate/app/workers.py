@@ -38,7 +38,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventAsJSON, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mtlsgate.app import handoff
+from mtlsgate.app import bytecode, handoff
 from mtlsgate.app.filewatch import FileWatch
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.observe.metrics import worker_group_registry
@@ -137,6 +137,7 @@ class WorkerGroup(MultiService):
         self.config = config
         self.document = handoff.encode(document)  # a value JSON cannot carry is refused now, naming its key
         self.handoff = handoff.Handoff()
+        self.interpreter_flags: list[str] = []  # worker_bytecode: -OO on the parent's compiled bytecode (mtlsgate.app.bytecode)
         self.reload_config = reload_config
         self.count = config.workers
         self.workers: dict[int, _Worker] = {}
@@ -188,6 +189,16 @@ class WorkerGroup(MultiService):
         except OSError as e:
             self._close(None)
             raise StartupError(f"mtlsgate: cannot write the configuration for the workers: {e}") from None
+        if self.config.worker_bytecode is not None:  # also here, after -u/-g: the directory is the workers' user's
+            directory = self.config.worker_bytecode
+            try:
+                bytecode.private_directory(directory)
+            except bytecode.BytecodeError as e:
+                self._close(None)
+                raise StartupError(f"mtlsgate: {e}") from None
+            compiled = bytecode.fill(directory, bytecode.sources())
+            log.info("worker_bytecode: workers run as python -OO on the bytecode in {dir} ({n} module(s) compiled now)", dir=directory, n=compiled)
+            self.interpreter_flags = bytecode.interpreter_flags(directory)
         for index in range(self.count):
             self._spawn(index)
         if hasattr(signal, "SIGHUP"):
@@ -197,7 +208,8 @@ class WorkerGroup(MultiService):
         if self.stopping:
             return
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", EVENTS_FD: "r", HTTPS_FD: self.https_sockets[index].fileno()}
-        args = [sys.executable, "-m", "mtlsgate.app.worker", "--index", str(index), "--parent", str(os.getpid()), "--config-json", self.handoff.path]
+        args = [sys.executable, *self.interpreter_flags, "-m", "mtlsgate.app.worker", "--index", str(index), "--parent", str(os.getpid())]
+        args += ["--config-json", self.handoff.path]
         if index == 0:
             if self.http_socket is not None:
                 fds[HTTP_FD] = self.http_socket.fileno()
@@ -247,9 +259,13 @@ class WorkerGroup(MultiService):
             except (ConfigError, PKIError, OSError) as e:
                 log.error("reload refused, keeping the running configuration: {error}", error=str(e))
                 return
-            if (config.workers, config.worker_affinity, config.address) != (self.count, self.config.worker_affinity, self.config.address):
-                log.warn("reload: workers, worker_affinity and address take effect on restart")
-            self.config = attrs.evolve(config, workers=self.count, worker_affinity=self.config.worker_affinity, address=self.config.address)
+            running = (self.count, self.config.worker_affinity, self.config.address, self.config.worker_bytecode)
+            if (config.workers, config.worker_affinity, config.address, config.worker_bytecode) != running:
+                log.warn("reload: workers, worker_affinity, worker_bytecode and address take effect on restart")
+            self.config = attrs.evolve(
+                config, workers=self.count, worker_affinity=self.config.worker_affinity, address=self.config.address,
+                worker_bytecode=self.config.worker_bytecode,
+            )  # fmt: skip
         log.info("SIGHUP: asking {n} worker(s) to reload", n=len(self.workers))
         for worker in list(self.workers.values()):
             _signal(worker, "HUP")

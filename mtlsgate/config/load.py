@@ -391,7 +391,7 @@ def _tcp_route(data: Any, key: str) -> TCPRoute:
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
-    "limits", "hsts", "strict_permissions", "workers", "worker_affinity", "session_ticket_rotation",
+    "limits", "hsts", "strict_permissions", "workers", "worker_affinity", "worker_bytecode", "session_ticket_rotation",
     "unknown_sni", "http2", "websocket_idle_timeout", "storage", "storage_key_file", "storage_password_file", "storage_password_env",
     "storage_tls", "storage_lease", "storage_sync_interval",
 )  # fmt: skip
@@ -659,6 +659,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         storage=_storage(data, certs_dir),
         workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443"), http_address),
         worker_affinity=_choice(data.get("worker_affinity", "connection"), "worker_affinity", ("connection", "client_ip")),
+        worker_bytecode=_string(data.get("worker_bytecode"), "worker_bytecode"),
         websocket_idle_timeout=websocket_idle_timeout,
         source=source,
     )
@@ -753,7 +754,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 _PATH_KEYS = {
     "cert", "key", "ca_file", "crl_file", "certs_dir", "tls_custom_ca_file", "tls_client_cert_file",
-    "tls_client_key_file", "access_log", "dns_hook", "storage_key_file", "storage_password_file",
+    "tls_client_key_file", "access_log", "dns_hook", "storage_key_file", "storage_password_file", "worker_bytecode",
 }  # fmt: skip
 
 
