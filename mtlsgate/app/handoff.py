@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from mtlsgate.config.model import ConfigError
+from mtlsgate.config.model import Config, ConfigError
 
 _NAME = "config.json"
 
@@ -56,6 +56,25 @@ def read(path: str) -> dict[str, Any]:
     if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
         raise ConfigError("", f"{path}: not a configuration the worker group's parent wrote")
     return document
+
+
+def load(path: str) -> Config:
+    """
+    The configuration of a document the parent wrote (in a worker, at start and on each reload): the
+    loader's own validation, and its errors with the flag that set the key, as the parent words them.
+    The YAML file is left out (C{source}): the parent watches it, the worker its certificates.
+    """
+    from mtlsgate.config.load import config_from_mapping
+
+    document = read(path)
+    flags = document.get("flags") or {}
+    try:
+        return config_from_mapping(document["config"])
+    except ConfigError as e:
+        top = e.key.split(".", 1)[0].split("[", 1)[0]
+        if top in flags:
+            raise ConfigError(e.key, f"{e.problem} (set by {flags[top]})") from None
+        raise
 
 
 class Handoff:

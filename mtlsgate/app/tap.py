@@ -114,8 +114,6 @@ class Options(usage.Options):
         self.config: Config | None = None
         #: Set by L{mtlsgate.app.worker}: this process is one worker of a group.
         self.worker: WorkerRole | None = None
-        #: Set by L{mtlsgate.app.worker}: the configuration its parent validated (L{mtlsgate.app.handoff}), read instead of the file and flags.
-        self.handed: str | None = None
         self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -254,29 +252,21 @@ class Options(usage.Options):
     def load_document(self) -> tuple[Config, dict[str, Any]]:
         """
         The validated configuration, and the plain document it was validated from: the YAML file's
-        mapping with the flags laid over it, the keys the flags set, and the file.  A worker group's
-        parent hands that document to its workers (L{mtlsgate.app.handoff}); a worker given one
-        (L{handed}) validates it instead of reading the file, with the same errors.
+        mapping with the flags laid over it, the flag that set each key, and the file.  A worker group's
+        parent hands that document to its workers, which validate it again (L{mtlsgate.app.handoff.load})
+        with the same errors, without yaml or these options.
         """
         flagged: set[str] = set()
         try:
-            if self.handed is not None:
-                from mtlsgate.app import handoff
-
-                document = handoff.read(self.handed)
-                flagged.update(document.get("flagged") or ())
-            else:
-                data, keys = self.overlay(read_config_file(self["config"]) if self["config"] else {})
-                flagged.update(keys)
-                document = {"config": data, "flagged": sorted(flagged), "source": self["config"]}
-            # A worker does not watch the YAML file: its parent does, and hands it on (mtlsgate.app.workers).
-            config = config_from_mapping(document["config"], source=None if self.handed is not None else document["source"])
+            data, keys = self.overlay(read_config_file(self["config"]) if self["config"] else {})
+            flagged.update(keys)
+            config = config_from_mapping(data, source=self["config"])
         except ConfigError as e:
             top = e.key.split(".", 1)[0].split("[", 1)[0]
             if top in flagged:
                 raise ConfigError(e.key, f"{e.problem} (set by {_FLAG_FOR_KEY.get(top, 'a flag')})") from None
             raise
-        return config, document
+        return config, {"config": data, "flags": {key: _FLAG_FOR_KEY.get(key, "a flag") for key in sorted(flagged)}, "source": self["config"]}
 
     def postOptions(self) -> None:
         if self["demo"] is not None:

@@ -34,13 +34,11 @@ def store():
     store.remove()
 
 
-def _parent_and_worker(flags: list[str], store: handoff.Handoff) -> tuple[Options, Options]:
+def _parent_and_handed(flags: list[str], store: handoff.Handoff) -> tuple[Options, str]:
     parent = Options()
     parent.parseOptions(flags)
     _, document = parent.load_document()
-    worker = Options()
-    worker.handed = store.write(handoff.encode(document))
-    return parent, worker
+    return parent, store.write(handoff.encode(document))
 
 
 def test_a_worker_builds_the_parents_configuration_from_the_handed_document(pki, tmp_path, store):
@@ -49,9 +47,9 @@ def test_a_worker_builds_the_parents_configuration_from_the_handed_document(pki,
         (tmp_path / "certs" / name).write_bytes(open(pki["gateway"][0 if name == "gateway.pem" else 1], "rb").read())
     config_file = tmp_path / "mtlsgate.yaml"  # relative paths, resolved against the file's directory
     config_file.write_text("certificates:\n  - cert: certs/gateway.pem\n    key: certs/gateway-key.pem\nlimits:\n  idle_timeout: 2m\nworkers: 2\n")
-    parent, worker = _parent_and_worker([*_flags(pki), "--config", str(config_file)], store)
+    parent, path = _parent_and_handed([*_flags(pki), "--config", str(config_file)], store)
     assert parent.config is not None
-    handed = worker.load()
+    handed = handoff.load(path)
     assert handed.source is None  # a worker does not watch the YAML file: its parent does
     assert handed == attrs.evolve(parent.config, source=None)
     assert handed.certificates[0].cert == str(tmp_path / "certs" / "gateway.pem")
@@ -61,12 +59,12 @@ def test_a_worker_names_the_same_key_and_flag_as_its_parent(pki, tmp_path, store
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_bytes(open(pki["gateway"][0], "rb").read())
     key.write_bytes(open(pki["gateway"][1], "rb").read())
-    parent, worker = _parent_and_worker([*_flags(pki), "--cert", str(cert), "--key", str(key)], store)
+    parent, path = _parent_and_handed([*_flags(pki), "--cert", str(cert), "--key", str(key)], store)
     cert.unlink()  # gone between the parent's check and a worker's reload
     with pytest.raises(ConfigError) as in_parent:
         parent.load()
     with pytest.raises(ConfigError) as in_worker:
-        worker.load()
+        handoff.load(path)
     assert str(in_worker.value) == str(in_parent.value)
     assert "(set by --cert/--key)" in str(in_worker.value)
 
@@ -102,22 +100,45 @@ def test_the_handed_file_is_private_replaced_whole_and_removed(tmp_path):
         store.remove()
 
 
-def test_a_worker_imports_no_yaml(pki, tmp_path, store):
+def test_a_worker_imports_neither_yaml_nor_an_options_parser(pki, tmp_path, store):
     parent = Options()
     parent.parseOptions([*_flags(pki), "--cert", pki["gateway"][0], "--key", pki["gateway"][1], "--workers", "2"])
     path = store.write(handoff.encode(parent.load_document()[1]))
-    probe = (
+    probe = (  # what mtlsgate.app.worker.main does before it starts the service
         "import sys\n"
         "from twisted.internet import reactor\n"
         "import mtlsgate.app.worker, mtlsgate.app.workers\n"
-        "from mtlsgate.app.service import WorkerRole\n"
-        "from mtlsgate.app.tap import Options\n"
-        "options = Options()\n"
-        "options.worker = WorkerRole(index=0, https_fd=-1)\n"
-        f"options.handed = {path!r}\n"
-        "options.parseOptions([])\n"
-        "print(type(options.service).__name__, 'yaml' in sys.modules)\n"
+        "from mtlsgate.app import handoff\n"
+        "from mtlsgate.app.service import WorkerRole, make_gateway\n"
+        f"args = mtlsgate.app.worker.parse_args(['--index', '0', '--config-json', {path!r}])\n"
+        "service = make_gateway(reactor, handoff.load(args.config_json), None, WorkerRole(index=args.number, https_fd=-1))\n"
+        "print(type(service).__name__, *(m in sys.modules for m in ('yaml', 'argparse', 'twisted.python.usage', 'mtlsgate.app.tap')))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["GatewayService", "False"]
+    assert result.stdout.split() == ["GatewayService", "False", "False", "False", "False"]
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        ([], "--index and --config-json are required"),
+        (["--index", "0"], "--index and --config-json are required"),
+        (["--index", "x", "--config-json", "p"], "--index: expected a number"),
+        (["--index", "0", "--config-json"], "--config-json needs a value"),
+        (["--index", "0", "--config-json", "p", "--nope"], "unknown argument '--nope'"),
+    ],
+)
+def test_the_worker_refuses_flags_it_does_not_know(argv, problem):
+    from mtlsgate.app.worker import parse_args
+
+    with pytest.raises(ValueError, match=problem):
+        parse_args(argv)
+
+
+def test_the_worker_reads_the_flags_its_parent_gives():
+    from mtlsgate.app.worker import WorkerArgs, parse_args
+
+    argv = ["--index", "1", "--parent", "42", "--config-json", "/x/config.json", "--http", "--acme"]
+    assert parse_args(argv) == WorkerArgs(1, 42, "/x/config.json", True, True)
+    assert parse_args(["--index=0", "--config-json=/p"]) == WorkerArgs(0, None, "/p", False, False)
