@@ -104,7 +104,7 @@ def test_worker_bytecode_runs_the_workers_optimized_on_bytecode_compiled_once(st
     assert compiled > 100  # the first start: the gateway's whole stack
     for pid in _worker_pids(out).values():
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert argv[1:4] == [b"-OO", b"-X", f"pycache_prefix={cache}".encode()]
+        assert argv[1:6] == [b"-X", b"no_debug_ranges", b"-OO", b"-X", f"pycache_prefix={cache}".encode()]
     assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
     for _ in range(6):
         assert https_request(gateway.port, "/", ca=pki["ca"], cert=pki["alice"])[0] == 200
