@@ -112,17 +112,3 @@ def test_worker_bytecode_runs_the_workers_optimized_on_bytecode_compiled_once(st
     again, _ = _start(start_gateway, pki, echo_upstream, tmp_path, worker_bytecode=str(cache))
     assert "(0 module(s) compiled now)" in again.proc.output()  # later starts only read the files' headers
     assert https_request(again.port, "/", ca=pki["ca"], cert=pki["alice"])[0] == 200
-
-
-def test_worker_bytecode_in_a_directory_others_can_write_stops_the_start(pki, echo_upstream, tmp_path):
-    from tests.conftest import run_python_twistd_check
-
-    cache = tmp_path / "bytecode"
-    cache.mkdir()
-    cache.chmod(0o777)
-    config = gateway_config(pki, free_port(), [f"https://127.0.0.1:{echo_upstream}"], worker_bytecode=str(cache))
-    (tmp_path / "mtlsgate.yaml").write_text(yaml.safe_dump(config))
-    done = run_python_twistd_check(["--config", str(tmp_path / "mtlsgate.yaml"), "--workers", "2"], tmp_path)
-    assert done.returncode != 0
-    assert "worker_bytecode" in done.stdout + done.stderr and "writable by no one else" in done.stdout + done.stderr
-    assert not list(cache.iterdir())  # nothing compiled into it
