@@ -114,11 +114,9 @@ class Options(usage.Options):
         self.config: Config | None = None
         #: Set by L{mtlsgate.app.worker}: this process is one worker of a group.
         self.worker: WorkerRole | None = None
-        self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
-        """Keep the flags as given: a worker group hands them to every worker."""
-        self.argv = list(sys.argv[1:] if options is None else options)
+        """One line for a usage error, not twistd's whole usage text."""
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
