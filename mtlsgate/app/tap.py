@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.python import usage
 
-from mtlsgate.config.load import config_from_mapping, load_config
+from mtlsgate.config.load import config_from_mapping, read_config_file
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.tls.pki import PKIError
 
@@ -114,11 +114,9 @@ class Options(usage.Options):
         self.config: Config | None = None
         #: Set by L{mtlsgate.app.worker}: this process is one worker of a group.
         self.worker: WorkerRole | None = None
-        self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
-        """Keep the flags as given: a worker group hands them to every worker."""
-        self.argv = list(sys.argv[1:] if options is None else options)
+        """One line for a usage error, not twistd's whole usage text."""
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -247,28 +245,32 @@ class Options(usage.Options):
 
     def load(self) -> Config:
         """The validated configuration from --config and the flags (re-run on every reload)."""
+        return self.load_document()[0]
+
+    def load_document(self) -> tuple[Config, dict[str, Any]]:
+        """
+        The validated configuration, and the plain document it was validated from: the YAML file's
+        mapping with the flags laid over it, the flag that set each key, and the file.  A worker group's
+        parent hands that document to its workers, which validate it again (L{mtlsgate.app.handoff.load})
+        with the same errors, without yaml or these options.
+        """
         flagged: set[str] = set()
-
-        def overlay(data: dict[str, Any]) -> dict[str, Any]:
-            merged, keys = self.overlay(data)
-            flagged.update(keys)
-            return merged
-
         try:
-            if self["config"]:
-                return load_config(self["config"], overlay)
-            return config_from_mapping(overlay({}))
+            data, keys = self.overlay(read_config_file(self["config"]) if self["config"] else {})
+            flagged.update(keys)
+            config = config_from_mapping(data, source=self["config"])
         except ConfigError as e:
             top = e.key.split(".", 1)[0].split("[", 1)[0]
             if top in flagged:
                 raise ConfigError(e.key, f"{e.problem} (set by {_FLAG_FOR_KEY.get(top, 'a flag')})") from None
             raise
+        return config, {"config": data, "flags": {key: _FLAG_FOR_KEY.get(key, "a flag") for key in sorted(flagged)}, "source": self["config"]}
 
     def postOptions(self) -> None:
         if self["demo"] is not None:
             return
         try:
-            self.config = self.load()
+            self.config, document = self.load_document()
             from twisted.application.service import IService
 
             from mtlsgate.app.service import build_world, make_gateway
@@ -282,7 +284,7 @@ class Options(usage.Options):
                 from mtlsgate.app.workers import WorkerGroup
 
                 build_world(reactor, self.config, ServerTLS())  # every file loads, before any worker starts
-                self.service = WorkerGroup(reactor, self.config, self.argv, self.load)
+                self.service = WorkerGroup(reactor, self.config, document, self.load_document)
             else:
                 self.service = make_gateway(reactor, self.config, self.load, self.worker)
         except (ConfigError, PKIError) as e:

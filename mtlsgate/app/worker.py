@@ -1,7 +1,7 @@
 """
 One worker process of a group (L{mtlsgate.app.workers}), started by the parent as
-C{python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] -- FLAGS...}, where FLAGS are the
-C{twistd mtlsgate} flags the parent was given.
+C{python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] --config-json PATH}, where PATH
+holds the configuration the parent validated (L{mtlsgate.app.handoff}), read again on each reload.
 
 It adopts the listening sockets the parent passed, sends its log events to the parent as JSON, and
 otherwise runs the same L{GatewayService} as a single-process gateway: SIGHUP reloads it, SIGTERM
@@ -14,28 +14,48 @@ import ctypes
 import os
 import signal
 import sys
-
-from twisted.python import usage
+from typing import NamedTuple
 
 _PR_SET_PDEATHSIG = 1
+_USAGE = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] --config-json PATH"
 
 
-class WorkerOptions(usage.Options):
-    """The worker's own flags (twisted.python.usage, which the gateway's options load anyway: argparse is not imported)."""
+class WorkerArgs(NamedTuple):
+    number: int  # --index
+    parent: int | None
+    config_json: str  # the configuration the parent validated (mtlsgate.app.handoff)
+    http: bool  # serve the HTTP listener (fd 5)
+    acme: bool  # run autocert (and the shared store's connection)
 
-    synopsis = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] -- FLAGS..."
-    optParameters = [
-        ["index", None, None, "this worker's number in the group", int],
-        ["parent", None, None, "the supervising process's pid", int],
-    ]
-    optFlags = [["http", None, "serve the HTTP listener (fd 5)"], ["acme", None, "run autocert"]]
 
-    def parseArgs(self, *flags: str) -> None:
-        self["flags"] = list(flags)
-
-    def postOptions(self) -> None:
-        if self["index"] is None:
-            raise usage.UsageError("--index is required")
+def parse_args(argv: list[str]) -> WorkerArgs:
+    """
+    The worker's own flags, read by hand: nothing else in a worker needs an options parser (neither
+    argparse nor twisted.python.usage is imported: the configuration comes validated from the parent).
+    """
+    args: dict[str, object] = {"index": None, "parent": None, "config-json": None, "http": False, "acme": False}
+    rest = list(argv)
+    while rest:
+        flag = rest.pop(0)
+        name, eq, value = flag[2:].partition("=") if flag.startswith("--") else ("", "", "")
+        if name in ("http", "acme") and not eq:
+            args[name] = True
+        elif name in ("index", "parent", "config-json"):
+            if not eq:
+                if not rest:
+                    raise ValueError(f"{flag} needs a value")
+                value = rest.pop(0)
+            if name != "config-json":
+                if not value.isdigit():
+                    raise ValueError(f"--{name}: expected a number, got {value!r}")
+                args[name] = int(value)
+            else:
+                args[name] = value
+        else:
+            raise ValueError(f"unknown argument {flag!r} (usage: {_USAGE})")
+    if args["index"] is None or args["config-json"] is None:
+        raise ValueError(f"--index and --config-json are required (usage: {_USAGE})")
+    return WorkerArgs(args["index"], args["parent"], args["config-json"], bool(args["http"]), bool(args["acme"]))  # type: ignore[arg-type]
 
 
 def _die_with_parent() -> None:
@@ -47,36 +67,36 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = WorkerOptions()
     try:
-        args.parseOptions(sys.argv[1:] if argv is None else argv)
-    except usage.UsageError as e:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
         sys.exit(f"python -m mtlsgate.app.worker: {e}")
-    index, flags = args["index"], args["flags"]
+    index, handed = args.number, args.config_json
     _die_with_parent()
-    if args["parent"] is not None and os.getppid() != args["parent"]:  # it died before PDEATHSIG was set
+    if args.parent is not None and os.getppid() != args.parent:  # it died before PDEATHSIG was set
         sys.exit("mtlsgate worker: the parent is gone")
 
     from mtlsgate.app.memory import settle_when_running, without_twisted_web_http2
 
     without_twisted_web_http2()  # before anything imports twisted.web.http: h2 only where mtlsgate speaks HTTP/2
 
-    from twisted.internet import reactor
     from twisted.logger import FileLogObserver, Logger, globalLogBeginner
 
-    from mtlsgate.app.service import WorkerRole
-    from mtlsgate.app.tap import Options
+    from mtlsgate.app import handoff
+    from mtlsgate.app.service import WorkerRole, make_gateway
     from mtlsgate.app.workers import EVENTS_FD, HTTP_FD, HTTPS_FD, relayed_event
+    from mtlsgate.config.model import ConfigError
+    from mtlsgate.reactors import installed_reactor
+    from mtlsgate.tls.pki import PKIError
 
+    reactor = installed_reactor()
     events = os.fdopen(EVENTS_FD, "w", encoding="utf-8")
     globalLogBeginner.beginLoggingTo([FileLogObserver(events, relayed_event)], redirectStandardIO=False)
-    options = Options()
-    options.worker = WorkerRole(index=index, https_fd=HTTPS_FD, http_fd=HTTP_FD if args["http"] else None, acme=bool(args["acme"]))
+    role = WorkerRole(index=index, https_fd=HTTPS_FD, http_fd=HTTP_FD if args.http else None, acme=args.acme)
     try:
-        options.parseOptions(flags)
-    except usage.UsageError as e:
+        service = make_gateway(reactor, handoff.load(handed), lambda: handoff.load(handed), role)
+    except (ConfigError, PKIError) as e:
         sys.exit(f"mtlsgate worker {index}: {e}")
-    service = options.service
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -6,7 +6,10 @@ C{twistd -u/-g}, and runs no TLS itself.  It starts N worker processes (C{python
 each given its own C{SO_REUSEPORT} socket of the TLS port, see L{mtlsgate.app.sockets}) and:
 
 - restarts a worker that dies, after a back-off that grows while it keeps dying young;
-- forwards SIGHUP, so every worker reloads its configuration and certificates;
+- hands every worker the configuration it validated, as JSON (L{mtlsgate.app.handoff}: a worker never
+  imports yaml); on SIGHUP (or, with C{watch_interval}, a change of the YAML file) validates it again
+  and, if good, hands it on and has every worker reload (configuration and certificates); a broken one
+  is refused here and every process keeps its own;
 - on stop (SIGTERM), has every worker drain (C{limits.shutdown_timeout}), then exits;
 - serves the admin listener, summing the workers' metrics (prometheus_client's multiprocess mode);
 - relays the workers' log events into its own log, tagged C{worker-N}.
@@ -35,6 +38,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventAsJSON, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from mtlsgate.app import bytecode, handoff
+from mtlsgate.app.filewatch import FileWatch
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.observe.metrics import worker_group_registry
 from mtlsgate.tls.pki import PKIError
@@ -118,16 +123,21 @@ class _Worker(ProcessProtocol):
 
 class WorkerGroup(MultiService):
     """
-    @param argv: the C{twistd mtlsgate} flags, handed to every worker unchanged (so each builds the
-        same configuration the parent validated).
-    @param reload_config: re-reads the configuration, for the parent's own view of certificates.
+    @param document: the plain document C{config} was validated from (L{mtlsgate.app.tap.Options.load_document}),
+        handed to every worker, which validates it again into the same configuration.
+    @param reload_config: re-reads and validates the configuration and its document (on SIGHUP).
     """
 
-    def __init__(self, reactor: IGatewayReactor, config: Config, argv: list[str], reload_config: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self, reactor: IGatewayReactor, config: Config, document: dict[str, Any],
+        reload_config: Callable[[], tuple[Config, dict[str, Any]]] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.reactor = reactor
         self.config = config
-        self.argv = argv
+        self.document = handoff.encode(document)  # a value JSON cannot carry is refused now, naming its key
+        self.handoff = handoff.Handoff()
+        self.interpreter_flags: list[str] = []  # worker_bytecode: -OO on the parent's compiled bytecode (mtlsgate.app.bytecode)
         self.reload_config = reload_config
         self.count = config.workers
         self.workers: dict[int, _Worker] = {}
@@ -142,6 +152,9 @@ class WorkerGroup(MultiService):
             self.metrics_dir = tempfile.mkdtemp(prefix="mtlsgate-metrics-")
             registry = worker_group_registry(self.metrics_dir, self._expiries, lambda: len(self.workers))
             admin_listener_for(reactor, config.admin_address, registry, self.readiness, self.degraded).setServiceParent(self)
+        if reload_config is not None and config.watch_interval is not None and config.source:
+            # The workers watch the certificate files themselves; the YAML file is read here only.
+            FileWatch(reactor, lambda: [self.config.source] if self.config.source else [], self._file_changed, config.watch_interval).setServiceParent(self)
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -171,6 +184,21 @@ class WorkerGroup(MultiService):
         if not self.https_sockets:
             self._bind()
         super().startService()
+        try:
+            self.handoff.write(self.document)  # here, after twistd's -u/-g: the directory belongs to the workers' user
+        except OSError as e:
+            self._close(None)
+            raise StartupError(f"mtlsgate: cannot write the configuration for the workers: {e}") from None
+        if self.config.worker_bytecode is not None:  # also here, after -u/-g: the directory is the workers' user's
+            directory = self.config.worker_bytecode
+            try:
+                bytecode.private_directory(directory)
+            except bytecode.BytecodeError as e:
+                self._close(None)
+                raise StartupError(f"mtlsgate: {e}") from None
+            compiled = bytecode.fill(directory, bytecode.sources())
+            log.info("worker_bytecode: workers run as python -OO on the bytecode in {dir} ({n} module(s) compiled now)", dir=directory, n=compiled)
+            self.interpreter_flags = bytecode.interpreter_flags(directory)
         for index in range(self.count):
             self._spawn(index)
         if hasattr(signal, "SIGHUP"):
@@ -180,7 +208,9 @@ class WorkerGroup(MultiService):
         if self.stopping:
             return
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", EVENTS_FD: "r", HTTPS_FD: self.https_sockets[index].fileno()}
-        args = [sys.executable, "-m", "mtlsgate.app.worker", "--index", str(index), "--parent", str(os.getpid())]
+        # -X no_debug_ranges: code objects without column positions (only tracebacks' ^^^ markers use them): 0.3 MiB a worker.
+        args = [sys.executable, "-X", "no_debug_ranges", *self.interpreter_flags, "-m", "mtlsgate.app.worker"]
+        args += ["--index", str(index), "--parent", str(os.getpid()), "--config-json", self.handoff.path]
         if index == 0:
             if self.http_socket is not None:
                 fds[HTTP_FD] = self.http_socket.fileno()
@@ -191,7 +221,7 @@ class WorkerGroup(MultiService):
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         worker = _Worker(self, index)
-        self.reactor.spawnProcess(worker, sys.executable, args + ["--", *self.argv], env=env, path=os.getcwd(), childFDs=fds)
+        self.reactor.spawnProcess(worker, sys.executable, args, env=env, path=os.getcwd(), childFDs=fds)
         self.workers[index] = worker
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
@@ -218,18 +248,32 @@ class WorkerGroup(MultiService):
         self.reactor.callLater(delay, self._spawn, worker.index)
 
     def reload(self) -> None:
-        """SIGHUP: every worker reloads (each refuses a broken configuration and keeps its own)."""
+        """
+        SIGHUP: validate the configuration again; if good, hand it on and have every worker reload
+        (each also re-reads its certificates, and refuses them if broken, keeping its own); if not,
+        refuse it here, and every process keeps the one it runs.
+        """
+        if self.reload_config is not None:
+            try:
+                config, document = self.reload_config()
+                self.handoff.write(handoff.encode(document))
+            except (ConfigError, PKIError, OSError) as e:
+                log.error("reload refused, keeping the running configuration: {error}", error=str(e))
+                return
+            running = (self.count, self.config.worker_affinity, self.config.address, self.config.worker_bytecode)
+            if (config.workers, config.worker_affinity, config.address, config.worker_bytecode) != running:
+                log.warn("reload: workers, worker_affinity, worker_bytecode and address take effect on restart")
+            self.config = attrs.evolve(
+                config, workers=self.count, worker_affinity=self.config.worker_affinity, address=self.config.address,
+                worker_bytecode=self.config.worker_bytecode,
+            )  # fmt: skip
         log.info("SIGHUP: asking {n} worker(s) to reload", n=len(self.workers))
         for worker in list(self.workers.values()):
             _signal(worker, "HUP")
-        if self.reload_config is not None:
-            try:
-                config = self.reload_config()
-            except (ConfigError, PKIError, OSError):
-                return  # the workers say why, each in its own words
-            if (config.workers, config.worker_affinity, config.address) != (self.count, self.config.worker_affinity, self.config.address):
-                log.warn("reload: workers, worker_affinity and address take effect on restart")
-            self.config = attrs.evolve(config, workers=self.count, worker_affinity=self.config.worker_affinity, address=self.config.address)
+
+    def _file_changed(self) -> None:
+        log.info("configuration file changed; reloading")
+        self.reload()
 
     def _expiries(self) -> list[tuple[str, Any]]:
         try:
@@ -297,6 +341,7 @@ class WorkerGroup(MultiService):
         self._close_sockets()
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.handoff.remove()
         return result
 
 

@@ -15,7 +15,6 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import attrs
-import yaml
 
 from mtlsgate.identity import AllowRules
 from mtlsgate.http.pathnorm import prefix_problem
@@ -392,7 +391,7 @@ def _tcp_route(data: Any, key: str) -> TCPRoute:
 _TOP_KEYS = (
     "address", "http_address", "admin_address", "certificates", "certs_dir", "downstream_mtls",
     "allow_client", "routes", "access_log", "access_log_format", "autocert", "watch_interval",
-    "limits", "hsts", "strict_permissions", "workers", "worker_affinity", "session_ticket_rotation",
+    "limits", "hsts", "strict_permissions", "workers", "worker_affinity", "worker_bytecode", "session_ticket_rotation",
     "unknown_sni", "http2", "websocket_idle_timeout", "storage", "storage_key_file", "storage_password_file", "storage_password_env",
     "storage_tls", "storage_lease", "storage_sync_interval",
 )  # fmt: skip
@@ -660,6 +659,7 @@ def config_from_mapping(data: Any, source: str | None = None) -> Config:
         storage=_storage(data, certs_dir),
         workers=_workers(data.get("workers", 1), data.get("address", "tcp:8443"), http_address),
         worker_affinity=_choice(data.get("worker_affinity", "connection"), "worker_affinity", ("connection", "client_ip")),
+        worker_bytecode=_string(data.get("worker_bytecode"), "worker_bytecode"),
         websocket_idle_timeout=websocket_idle_timeout,
         source=source,
     )
@@ -723,6 +723,8 @@ def _loopback_by_default(description: str | None) -> str | None:
 
 def read_yaml(path: str) -> dict[str, Any]:
     """Parse a YAML config file into a mapping, with errors that name the file."""
+    import yaml  # here, not at the top: a worker validates the mapping its parent read (mtlsgate.app.handoff) and never needs it
+
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -739,15 +741,20 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 def load_config(path: str, overrides: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Config:
     """Read, optionally adjust (flags given alongside the file), and validate a YAML config file."""
-    data = _relative_to(read_yaml(path), os.path.dirname(os.path.abspath(path)))
+    data = read_config_file(path)
     if overrides is not None:
         data = overrides(data)
     return config_from_mapping(data, source=path)
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML config file as a mapping, its relative paths resolved against the file's directory (not validated yet)."""
+    return _relative_to(read_yaml(path), os.path.dirname(os.path.abspath(path)))
+
+
 _PATH_KEYS = {
     "cert", "key", "ca_file", "crl_file", "certs_dir", "tls_custom_ca_file", "tls_client_cert_file",
-    "tls_client_key_file", "access_log", "dns_hook", "storage_key_file", "storage_password_file",
+    "tls_client_key_file", "access_log", "dns_hook", "storage_key_file", "storage_password_file", "worker_bytecode",
 }  # fmt: skip
 
 

@@ -214,6 +214,7 @@ class Config:
     storage: Storage | None = None  # certificates, ACME and revocation shared through Redis
     workers: int = 1  # processes serving the TLS listener (nginx's worker_processes)
     worker_affinity: str = "connection"  # or "client_ip": a client's connections all reach one worker
+    worker_bytecode: str | None = None  # a directory: workers run as python -OO on bytecode the parent compiles there
     websocket_idle_timeout: float = 300.0  # the default of the routes' websocket_idle_timeout
     source: str | None = attrs.field(default=None, eq=False)  # the YAML file it came from
 

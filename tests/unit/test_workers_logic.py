@@ -38,7 +38,7 @@ def test_a_reuse_port_group_shares_one_port():
 
 def _group(pki, clock: Clock) -> WorkerGroup:
     config = config_from_mapping({"certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}], "workers": 2})
-    group = WorkerGroup(clock, config, [])
+    group = WorkerGroup(clock, config, {"config": {}})
     group._spawn = lambda index: group.workers.__setitem__(index, _Worker(group, index))  # type: ignore[method-assign]
     return group
 
