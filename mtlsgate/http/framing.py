@@ -69,6 +69,18 @@ def request_line_form_problem(line: bytes) -> str | None:
     return None
 
 
+def request_line_problems(line: bytes) -> str | None:
+    """L{request_line_problem}, then L{request_line_form_problem}, over one split of the line: the first that applies, or None."""
+    parts = line.split(b" ")
+    if len(parts) == 3:
+        stray = parts[1].translate(None, _VISIBLE_ASCII)
+        if stray:
+            return f"byte 0x{stray[0]:02X} in the request target (only visible ASCII is allowed)"
+        if parts[1] and _TOKEN.match(parts[0]) and parts[2] in VERSIONS:
+            return None
+    return request_line_form_problem(line)
+
+
 def method_problem(method: bytes) -> str | None:
     """Why a method (HTTP/2's C{:method}, which HPACK lets hold any byte) is not what a request line may carry: a token; or None."""
     return None if _TOKEN.match(method) else "the method is not a token"
@@ -146,7 +158,7 @@ def scan_head(buf: bytes, scan: HeadScan, limits: Limits) -> Refusal | int | Non
         scan.offset = lf + 1
         if first:
             content = buf[start:content_end]
-            problem = request_line_problem(content) or request_line_form_problem(content)
+            problem = request_line_problems(content)
             if problem is not None:
                 return Refusal(400, problem)
             scan.line_end = content_end
@@ -181,7 +193,7 @@ def _whole_head(buf: bytes, scan: HeadScan, limits: Limits) -> Refusal | int | N
     line = buf[:line_end]
     if 0x0A in line:  # LF, as an int: quicker than b"\n" in
         return None
-    problem = request_line_problem(line) or request_line_form_problem(line)
+    problem = request_line_problems(line)
     if problem is not None:
         return Refusal(400, problem)
     scan.line_end = line_end

@@ -261,6 +261,7 @@ class UpstreamGroup:
             self.agent = HTTP11Agent(reactor, _EndpointPerOrigin(reactor, policy, route.connect_timeout),
                                      max_header_size=route.max_response_header_size, max_idle=max_per_host)  # fmt: skip
         self._turn = itertools.count()
+        self._one = list(self.targets)  # order() for a single upstream without checks
         self.checker: HealthChecker | None = None
         if route.health_check is not None:
             from mtlsgate.proxy import healthcheck
@@ -284,6 +285,8 @@ class UpstreamGroup:
         The targets up (all of them when none is: better a try than a certain 502), starting with
         the next one in round-robin order; the rest are failover.
         """
+        if len(self.targets) == 1 and self.checker is None:
+            return self._one  # one upstream, no checks: nothing to choose (the list is never changed: _attempt slices it)
         targets = list(self.targets)
         if self.checker is not None:
             targets = [t for t in targets if self.checker.is_up(t)] or targets
