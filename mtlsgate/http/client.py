@@ -395,11 +395,12 @@ class _Parse:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:
             return  # chunked trailers: not forwarded
-        lowered = name.lower()
-        if lowered == b"content-length":
-            self.length = int(value)  # llhttp checked it: digits, and no second, different one
-        elif lowered == b"transfer-encoding":
-            self.chunked = value.rstrip(b" \t").lower().endswith(b"chunked")
+        if len(name) == 14 or len(name) == 17:  # as long as Content-Length or Transfer-Encoding: lowercased and looked at
+            lowered = name.lower()
+            if lowered == b"content-length":
+                self.length = int(value)  # llhttp checked it: digits, and no second, different one
+            elif lowered == b"transfer-encoding":
+                self.chunked = value.rstrip(b" \t").lower().endswith(b"chunked")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
