@@ -466,6 +466,10 @@ class _Exchange:
             return
         request = self.request
         self._response_head(request, response)
+        if not isinstance(response.length, int) and request.method != b"HEAD" and response.code not in (204, 304):
+            # A chunked body that came whole: its length is known now, so the client gets it with a Content-Length (one
+            # write, no chunk framing) rather than re-chunked (the upstream's trailers are not forwarded either way).
+            request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)  # the head with the body (or alone), in one writeSequence
         if self.client_gone:  # the write found the client gone: counted as a 499 already
             return
