@@ -117,21 +117,21 @@ def _in_memory_gateway() -> Any:
 
 
 @pytest.fixture
-def relay():
-    """An in-memory gateway whose requests get a recording write_trailers (the HTTP/2 front end provides the real one)."""
+def relay(monkeypatch):
+    """
+    An in-memory gateway whose requests get a recording write_trailers (the HTTP/2 front end provides the real one), and
+    whose finish is recorded too: patched on the class (the HTTP/1.1 Request has slots), for this test only.
+    """
+    from mtlsgate.http.server import Request
+
     gateway = _in_memory_gateway()
     events: list[Any] = []
     original = gateway.channel.handler
     entry = original.__self__.state.routes.lookup("localhost", "/")  # ProxyResource.handle's resource: its one route
     entry.route = attrs.evolve(entry.route, upstream_protocol="http2")
-
-    def handler(request: Any) -> None:
-        request.write_trailers = lambda pairs: events.append(("trailers", list(pairs)))
-        finish = request.finish
-        request.finish = lambda: (events.append(("finish",)), finish())[1]
-        original(request)
-
-    gateway.channel.handler = handler
+    finish = Request.finish
+    monkeypatch.setattr(Request, "write_trailers", lambda self, pairs: events.append(("trailers", list(pairs))))
+    monkeypatch.setattr(Request, "finish", lambda self: (events.append(("finish",)), finish(self))[1])
     yield gateway, events
     gateway.close()
 
