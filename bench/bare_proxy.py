@@ -280,6 +280,7 @@ def server_context(args: argparse.Namespace) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.set_mode(0x8)  # SSL_MODE_NO_AUTO_CHAIN, as nginx and mtlsgate: no chain built from the CA store (and the root sent) per handshake
     ctx.use_certificate_chain_file(args.cert)
     ctx.use_privatekey_file(args.key)
     ctx.load_verify_locations(args.ca)

@@ -10,7 +10,9 @@ C{ab -k -n N -c C} (TLS 1.3, a client certificate, as bench/run.py does), and re
 of the gateway's process tree from /proc before and after: microseconds of gateway CPU per request.
 Runs alternate between the sides (A B C A B C ...); the median and the minimum of the repeats are
 reported (other load on the machine only ever adds to a run's cost: cache misses, more wake-ups with
-less work each, so the minimum is the steadier figure on a busy machine).
+less work each, so the minimum is the steadier figure on a busy machine).  Beside it, ab's own CPU per request
+(what a side makes its client spend: on a machine whose cores the client shares, req/s follows the sum) and the
+split over the side's processes (parent first: the parent should spend nothing per request, the workers alike).
 
 Memory: the RSS of every process of each side after start-up and after a warm-up, and (--idle N) per
 1,000 handshaken idle TLS connections.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         warm = {side: [round(rss_mib(p), 1) for p in tree(pid)] for side, (port, pid) in sides.items()}
 
         cpu: dict[str, list[float]] = {side: [] for side in sides}
+        client: dict[str, list[float]] = {side: [] for side in sides}  # ab's own CPU per request: what the gateway makes the client spend
+        split: dict[str, list[list[float]]] = {side: [] for side in sides}  # per process of the tree (parent first): how the work spreads
         p99: dict[str, list[float]] = {side: [] for side in sides}
         rps: dict[str, list[float]] = {side: [] for side in sides}
         system_share: dict[str, list[float]] = {side: [] for side in sides}  # of the CPU, the kernel's (sys) part
@@ -178,10 +183,15 @@ def main(argv: list[str] | None = None) -> int:
                 for side, (port, pid) in sides.items():
                     pids = tree(pid)
                     before_user, before_system = cpu_split(pids)
+                    each = [cpu_seconds([p]) for p in pids]
+                    children = resource.getrusage(resource.RUSAGE_CHILDREN)
                     r = harness.ab(port, args.path, client_pem, concurrency=args.concurrency, requests=args.requests, keepalive=keepalive)
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
                     after_user, after_system = cpu_split(pids)
                     used = after_user + after_system - before_user - before_system
                     system_share[side].append((after_system - before_system) / used if used else 0.0)
+                    client[side].append((after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / args.requests * 1e6)
+                    split[side].append([(cpu_seconds([p]) - e) / args.requests * 1e6 for p, e in zip(pids, each)])
                     failed[side] += r["failed"]
                     cpu[side].append(used / args.requests * 1e6)
                     p99[side].append(r["p99"])
@@ -226,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             line += f" kernel {statistics.median(system_share[side]):.0%}"
             line += f" p99 {statistics.median(p99[side]):.0f} ms (max {max(p99[side]):.0f})"
             line += f" req/s {statistics.median(rps[side]):.0f} (runs: {', '.join(f'{v:.0f}' for v in rps[side])})"
+            line += f" ab CPU {statistics.median(client[side]):.1f} us/{unit}"
+            line += f" per process {[round(statistics.median(run[i] for run in split[side]), 1) for i in range(min(map(len, split[side])))]}"
         line += f"  RSS MiB started {started[side]} warm {warm[side]}"
         if side in idle:
             line += f"  per 1,000 idle TLS connections {idle[side]:.1f} MiB"

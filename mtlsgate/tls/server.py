@@ -300,12 +300,14 @@ class ClientVerification:
         verification a client's chain stops at them, so OpenSSL cannot find their issuer's CRL for them.
     @ivar revoked_anchors: those of the anchors that a CRL in the file, signed by their issuer in the
         bundle, lists: what OpenSSL cannot see for them, checked here.
+    @ivar bundle: the certificates of C{ca_file}, which may complete the chain of a served certificate file without one.
     """
 
     settings: DownstreamMTLS
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     anchors: frozenset[str] = frozenset()
     revoked_anchors: frozenset[str] = frozenset()
+    bundle: tuple[x509.Certificate, ...] = ()
 
     @classmethod
     def load(cls, settings: DownstreamMTLS, shared_crls: Sequence[x509.CertificateRevocationList] = ()) -> ClientVerification:
@@ -319,7 +321,7 @@ class ClientVerification:
         if shared_crls:
             crls = newest_crl_per_issuer(crls + tuple(crl for crl in shared_crls if any(_is_crl_of(crl, ca) for ca in bundle)))
         if not (crls and settings.crl_check == "chain"):
-            return cls(settings=settings, crls=crls)
+            return cls(settings=settings, crls=crls, bundle=tuple(bundle))
         where = settings.crl_file or "the shared store's CRLs"
         if settings.crl_file and shared_crls:
             where = f"{settings.crl_file} and the shared store's CRLs"
@@ -334,7 +336,7 @@ class ClientVerification:
         return cls(
             settings=settings, crls=crls,
             anchors=frozenset(pki.fingerprint_sha256(ca) for ca in anchors),
-            revoked_anchors=frozenset(pki.fingerprint_sha256(ca) for ca in revoked),
+            revoked_anchors=frozenset(pki.fingerprint_sha256(ca) for ca in revoked), bundle=tuple(bundle),
         )  # fmt: skip
 
     @property
@@ -446,10 +448,17 @@ def build_server_context(
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(_OPTIONS)
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # an idle connection gives its 2 x 16 KiB record buffers back, as nginx does
+    # MODE_RELEASE_BUFFERS: an idle connection gives its 2 x 16 KiB record buffers back, as nginx does.  NO_AUTO_CHAIN, as
+    # nginx: without it OpenSSL builds the chain of a file without one on every full handshake from the client-CA store,
+    # an X509_verify_cert of our own certificate per connection, and sends the bundle's root too (one more signature
+    # for every client to check).  What it found is found once here instead (_issuers_in_bundle), less the root.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | _MODE_NO_AUTO_CHAIN)
     ctx.set_cipher_list(CIPHERS)
     ctx.use_certificate(served.leaf)
-    for extra in served.chain[1:]:
+    chain = served.chain[1:]
+    if not chain and verification is not None and verification.enabled:
+        chain = _issuers_in_bundle(served.leaf, verification.bundle)
+    for extra in chain:
         ctx.add_extra_chain_cert(extra)
     ctx.use_privatekey(served.key)  # type: ignore[arg-type]
     try:
@@ -482,6 +491,27 @@ def build_server_context(
         ctx.set_tlsext_servername_callback(servername_callback)
     ctx.set_alpn_select_callback(alpn_select or _select_http1)
     return ctx
+
+
+_MODE_NO_AUTO_CHAIN = 0x8  # SSL_MODE_NO_AUTO_CHAIN (ssl.h); pyOpenSSL names no constant for it
+
+
+def _issuers_in_bundle(leaf: x509.Certificate, bundle: Sequence[x509.Certificate], limit: int = 8) -> tuple[x509.Certificate, ...]:
+    """
+    The CAs of C{bundle} above C{leaf}, issuer by issuer (name and signature), up to but without a self-signed root:
+    what OpenSSL's automatic chain building sent on every handshake for a certificate file without a chain (it
+    stopped at the bundle's first CA, a trusted intermediate with partial-chain verification, or sent the root
+    too), worked out once.
+    """
+    chain: list[x509.Certificate] = []
+    cert = leaf
+    while len(chain) < limit:
+        issuer = next((ca for ca in bundle if ca.subject == cert.issuer and ca not in chain and pki.is_issued_by(cert, ca)), None)
+        if issuer is None or pki.is_issued_by(issuer, issuer):
+            break
+        chain.append(issuer)
+        cert = issuer
+    return tuple(chain)
 
 
 def _select_http1(conn: SSL.Connection, offered: list[bytes]) -> bytes:
