@@ -45,13 +45,17 @@ class Endpoint:
 
 
 class Gateway:
-    def __init__(self) -> None:
+    """The proxy in memory: one client connection, the upstreams' connections from C{endpoint}, time on C{reactor}."""
+
+    def __init__(self, routes: list[Route] | None = None) -> None:
         self.reactor = MemoryReactorClock()
-        route = Route(host="*", to=("https://127.0.0.1:9443",))
-        group = UpstreamGroup(self.reactor, route)
         self.endpoint = Endpoint()
-        group.agent.endpoints = self.endpoint  # type: ignore[assignment]
-        table = RouteTable([(route.host, route.prefix, RouteEntry(route=route, upstreams=group))])
+        entries = []
+        for route in routes or [Route(host="*", to=("https://127.0.0.1:9443",))]:
+            group = UpstreamGroup(self.reactor, route)
+            group.agent.endpoints = self.endpoint  # type: ignore[assignment]
+            entries.append((route.host, route.prefix, RouteEntry(route=route, upstreams=group)))
+        table = RouteTable(entries)
         state = ProxyState(routes=table, global_rules=AllowRules(), require_client_certificate=False, hsts_header=HSTS().header())
         resource = ProxyResource(self.reactor, state, RequestObservers([AccessEvents(enabled=False), NoMetrics()]), NoMetrics())
         self.channel = GatewaySite(resource).buildProtocol(None)
@@ -149,12 +153,17 @@ CASES = [
     ("response-then-garbage", b"GET", OK + b"XYZ", OK, False),
     ("response-then-crlf", b"GET", OK + b"\r\n", OK, False),
     ("chunked-then-response", b"GET", CHUNKED_OK + EVIL, CHUNKED_OK, False),
-    ("chunked-trailers-then-response", b"GET", CHUNKED_OK[:-2] + b"X-T: v\r\n\r\n" + EVIL, CHUNKED_OK[:-2] + b"X-T: v\r\n\r\n", False),
-    ("head-with-a-body", b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n", False),
-    ("head-with-a-response-behind", b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n" + EVIL, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n", False),
+    ("chunked-trailers-then-response", b"GET", CHUNKED_OK[:-2] + b"X-T: v\r\n\r\n" + EVIL, CHUNKED_OK[:-2] + b"X-T: v\r\n\r\n",
+     False),
+    ("head-with-a-body", b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n",
+     False),
+    ("head-with-a-response-behind", b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n" + EVIL, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n",
+     False),
     ("204-with-a-body", b"GET", b"HTTP/1.1 204 No Content\r\n\r\n" + EVIL, b"HTTP/1.1 204 No Content\r\n\r\n", False),
-    ("204-with-content-length", b"GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\nevil", b"HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\n", False),
-    ("304-with-content-length", b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 4\r\n\r\nevil", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 4\r\n\r\n", False),
+    ("204-with-content-length", b"GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\nevil",
+     b"HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\n", False),
+    ("304-with-content-length", b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 4\r\n\r\nevil",
+     b"HTTP/1.1 304 Not Modified\r\nContent-Length: 4\r\n\r\n", False),
     ("1xx-then-final", b"GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK, OK, False),
     ("1xx-then-final-then-response", b"GET", b"HTTP/1.1 100 Continue\r\n\r\n" + OK + EVIL, OK, False),
     ("close-then-response", b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok" + EVIL,
