@@ -9,6 +9,8 @@ body, or refused with the same status) as on a connection of their own, and as w
 from __future__ import annotations
 
 import re
+
+import pytest
 from typing import Any
 from unittest import mock
 
@@ -18,6 +20,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mtlsgate.config.model import Limits
 from mtlsgate.http.server import HTTPServerFactory, HTTPServerProtocol, Request
+from tests.adversarial.test_request_framing import gateway  # noqa: F401  (a module-scoped fixture)
+from tests.adversarial.test_request_smuggling import LAST, SMUGGLED, echo, send
 from tests.unit.test_http_server_properties import ROOMY, SMALL, requests, sound_requests
 
 H = b"Host: a\r\n"
@@ -188,3 +192,28 @@ def test_after_any_kept_alive_requests_a_request_is_decided_as_on_a_connection_o
        st.sampled_from([SMALL, ROOMY]))  # fmt: skip
 def test_the_reused_parser_decides_what_a_fresh_parser_per_request_decides(parts, limits):
     same_as_fresh(b"".join(parts), limits, every=False)
+
+
+# --- the same, through the real twistd gateway over mTLS (the echo upstream tells what it got) ---------------------
+
+
+HL = b"Host: localhost\r\n"
+REAL_FIRSTS = [
+    pytest.param(b"POST /one HTTP/1.1\r\n" + HL + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nConnection: close\r\n\r\n",
+                 id="trailer-connection-close"),
+    pytest.param(b"POST /one HTTP/1.1\r\n" + HL + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+                 id="trailer-upgrade"),
+    pytest.param(b"GET /one HTTP/1.0\r\n" + HL + b"Connection: keep-alive, close\r\n\r\n", id="http10-keep-alive-and-close"),
+    pytest.param(b"GET /one HTTP/1.0\r\n" + HL + b"Connection: keep-alive\r\n\r\n", id="http10-keep-alive"),
+    pytest.param(b"GET /one HTTP/1.1\r\n" + HL + b"Connection: upgrade, keep-alive\r\nUpgrade:\r\n\r\n", id="empty-upgrade"),
+    pytest.param(b"POST /one HTTP/1.1\r\n" + HL + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\nhello", id="expect-100"),
+]
+
+
+@pytest.mark.parametrize("first", REAL_FIRSTS)
+def test_after_a_kept_alive_request_the_next_ones_are_read_as_on_a_new_connection(gateway, pki, first):  # noqa: F811
+    answers = send(gateway.port, pki, first + SMUGGLED + LAST)
+    codes = [code for code, _ in answers]
+    assert codes == [200, 200, 200], answers
+    assert [echo(a)["uri"] for a in answers] == ["/one", "/smuggled", "/last"]
+    assert "Traceback" not in gateway.log.read_text(errors="replace")
