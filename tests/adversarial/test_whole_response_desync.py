@@ -10,6 +10,8 @@ previous response's leftover.
 
 from __future__ import annotations
 
+import socket
+import ssl
 from typing import Any
 
 import pytest
@@ -24,6 +26,8 @@ from mtlsgate.observe.metrics import NoMetrics
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
 from mtlsgate.proxy.upstream import UpstreamGroup
+from tests.conftest import gateway_args
+from tests.e2e.test_failing_upstreams import scripted  # noqa: F401  (a fixture)
 
 H = b"Host: localhost\r\n"
 NEXT = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Which: next\r\n\r\nnext"
@@ -195,3 +199,83 @@ def test_a_clean_response_pools_its_connection_however_it_is_split(raw):
     for pieces in splits(raw):
         got = exchange(b"GET", pieces)
         assert got["pooled"] and got["reused"] and not got["client_cut"], [len(p) for p in pieces]
+
+
+# --- the same, through the real twistd gateway and a hostile TLS upstream --------------------------------------------
+
+FRESH = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nfresh\n"
+
+
+def _keep_answering(conn: Any, answer: bytes) -> None:
+    """Answer every further request on this connection with C{answer}, until the gateway closes it."""
+    buf = b""
+    while True:
+        while b"\r\n\r\n" not in buf:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+        buf = buf.partition(b"\r\n\r\n")[2]
+        conn.sendall(answer)
+
+
+@pytest.mark.parametrize("method, first", [
+    pytest.param(b"GET", OK + EVIL, id="two-responses"),
+    pytest.param(b"GET", OK + b"XYZ", id="response-then-garbage"),
+    pytest.param(b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n" + EVIL, id="head-then-response"),
+    pytest.param(b"GET", b"HTTP/1.1 204 No Content\r\n\r\n" + EVIL, id="204-then-response"),
+    pytest.param(b"GET", b"HTTP/1.1 100 Continue\r\n\r\n" + OK + EVIL, id="1xx-final-then-response"),
+])  # fmt: skip
+def test_a_hostile_upstreams_extra_response_never_reaches_the_next_request(start_gateway, pki, scripted, method, first):  # noqa: F811
+    def hostile(conn: Any) -> None:
+        conn.sendall(first)  # one write: one TLS record, one read at the gateway (usually)
+        _keep_answering(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npoisoned\n")
+
+    def fresh(conn: Any) -> None:
+        conn.sendall(FRESH)
+        _keep_answering(conn, FRESH)
+
+    upstream = scripted(hostile, fresh)
+    gateway = start_gateway(gateway_args(pki, upstream.port))
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.load_cert_chain(*pki["alice"])
+
+    def connect() -> ssl.SSLSocket:
+        return ctx.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=15), server_hostname="localhost")
+
+    def ask(s: ssl.SSLSocket, method: bytes, path: bytes) -> tuple[int, bytes, bytes] | None:
+        """The response, or None when the gateway closes the connection first (it may cut a client off, never mislead it)."""
+        try:
+            s.sendall(method + b" " + path + b" HTTP/1.1\r\n" + H + b"\r\n")
+        except (ssl.SSLError, ConnectionError):
+            return None
+        data = b""
+        while not parse_responses(data, [method])[0]:
+            try:
+                chunk = s.recv(65536)
+            except (ssl.SSLError, ConnectionError):
+                chunk = b""
+            if not chunk:
+                assert b"HTTP/1.1 " not in data or parse_responses(data, [method])[0], data
+                return None
+            data += chunk
+        (response,), rest = parse_responses(data, [method])
+        assert rest == b"" and b"evil" not in data and b"poisoned" not in data, data
+        return response
+
+    s = connect()
+    try:
+        one = ask(s, method, b"/one")
+        assert one is None or one[0] in (200, 204), one
+        answers = []
+        for _ in range(3):  # the next requests: each its own, fresh answer (on a new client connection if it was cut)
+            two = ask(s, b"GET", b"/two")
+            if two is None:
+                s.close()
+                s = connect()
+                two = ask(s, b"GET", b"/two")
+            answers.append(two)
+        assert [(a[0], a[2]) if a else None for a in answers] == [(200, b"fresh\n")] * 3, answers
+    finally:
+        s.close()
+    assert "Traceback" not in gateway.proc.log.read_text(errors="replace")
