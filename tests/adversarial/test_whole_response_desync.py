@@ -15,6 +15,8 @@ import ssl
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -119,7 +121,7 @@ def exchange(method: bytes, pieces: list[bytes], close_after: bool = False) -> d
         if upstream_transport.disconnecting or getattr(upstream, "_aborted", False):
             break
         upstream.dataReceived(piece)
-    if close_after and not upstream_transport.disconnecting:
+    if close_after and not upstream_transport.disconnecting and not upstream.idle:  # a body read until close: the upstream closes
         from twisted.internet.error import ConnectionDone
         from twisted.python.failure import Failure
 
@@ -199,6 +201,45 @@ def test_a_clean_response_pools_its_connection_however_it_is_split(raw):
     for pieces in splits(raw):
         got = exchange(b"GET", pieces)
         assert got["pooled"] and got["reused"] and not got["client_cut"], [len(p) for p in pieces]
+
+
+@st.composite
+def upstream_bytes(draw: Any) -> tuple[bytes, bytes]:
+    """A request method and what an upstream answers: 1xx, a final response of any framing, and perhaps bytes after it."""
+    method = draw(st.sampled_from([b"GET", b"GET", b"HEAD"]))
+    out = b"".join(draw(st.lists(st.sampled_from([b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"]), max_size=2)))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
+    status = draw(st.sampled_from([b"200 OK", b"200 OK", b"404 Not Found", b"204 No Content", b"304 Not Modified"]))
+    body = draw(st.binary(max_size=6))
+    fields = draw(st.lists(st.sampled_from([b"X-A: 1", b"Connection: close", b"Connection: keep-alive", b"Connection: x-a"]), max_size=2))
+    framing = draw(st.sampled_from(["length", "length", "chunked", "chunked-trailers", "wrong-length", "none"]))
+    if framing == "length":
+        fields.append(b"Content-Length: %d" % len(body))
+    elif framing == "wrong-length":
+        fields.append(b"Content-Length: %d" % (len(body) + draw(st.sampled_from([-1, 1, 3]))) if body else b"Content-Length: 2")
+    elif framing.startswith("chunked"):
+        fields.append(b"Transfer-Encoding: chunked")
+        body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n" + (b"X-T: v\r\n" if framing == "chunked-trailers" else b"") + b"\r\n"
+    out += version + b" " + status + b"\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n" + body
+    out += draw(st.sampled_from([b"", b"", b"\r\n", b"XYZ", EVIL, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"0\r\n\r\n"]))
+    return method, out
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(upstream_bytes(), st.lists(st.integers(1, 200), max_size=6))
+def test_however_any_upstream_answer_is_split_the_client_gets_one_same_response_or_is_cut_off(answer, cuts):
+    method, raw = answer
+    outcomes = set()
+    for pieces in [[raw], [raw[k : k + 1] for k in range(len(raw))]] + [[raw[: k % len(raw)], raw[k % len(raw) :]] for k in cuts]:
+        got = exchange(method, [p for p in pieces if p], close_after=True)
+        responses, rest = parse_responses(got["first"], [method, method])
+        assert len(responses) <= 1, (raw, [len(p) for p in pieces], got)  # never a second response to one request
+        if not got["client_cut"]:
+            assert len(responses) == 1 and rest == b"", (raw, [len(p) for p in pieces], got)
+            outcomes.add(responses[0])
+            (second,), rest = parse_responses(got["second"], [b"GET"])
+            assert rest == b"" and second[2] == b"next" and b"X-Which: next" in second[1], (raw, [len(p) for p in pieces], got)
+    assert len(outcomes) <= 1, (raw, outcomes)  # served, it is the same response however the bytes came
 
 
 # --- the same, through the real twistd gateway and a hostile TLS upstream --------------------------------------------
