@@ -845,7 +845,7 @@ class ConnectionPool:
         while idle:
             connection = idle.pop()
             connection.idle = False
-            if connection.connected:
+            if connection.connected and not connection._aborted:  # not one aborted (stray bytes) whose connectionLost is still to come
                 return connection
         return None
 

@@ -443,6 +443,7 @@ class HTTPServerProtocol(Protocol):
         # the head being parsed by llhttp (set by the callbacks; the field lists are made by _begin, for each head)
         self._head_done = False
         self._message_done = False
+        self._parser_reusable = False  # llhttp's parser may go on to the next request (see _begin)
         self._content_length: int | None = None
         self._chunked = False
         self._problem: str | None = None
@@ -665,8 +666,10 @@ class HTTPServerProtocol(Protocol):
         method, target, version = buf[:line_end].split(b" ")
         # llhttp parses one message after another on a connection: the last request's parser goes on to this one when that
         # message came to its end as llhttp reads keep-alive (anything else closed the connection before a next head).
+        # Keep-alive as llhttp read it at the end of the head (should_keep_alive() says True once a message is complete,
+        # whatever its Connection said), and no trailer section since: llhttp reads a trailer's Connection: close too.
         parser = self._parser
-        if parser is None or not self._message_done or not parser.should_keep_alive():
+        if parser is None or not self._message_done or not self._parser_reusable:
             parser = self._parser = HttpRequestParser(self)
         self._pairs = []
         self._hosts = []
@@ -794,7 +797,8 @@ class HTTPServerProtocol(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:
-            return  # a trailer field of a chunked body: not passed on
+            self._parser_reusable = False  # a trailer field of a chunked body: not passed on (and llhttp may have read it)
+            return
         value = value.strip(b" \t")
         if len(name) in _NOTED_LENGTHS:  # a name as long as one the server notes: lowercased once, and looked at
             lowered = name.lower()
@@ -816,6 +820,7 @@ class HTTPServerProtocol(Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_done = True
+        self._parser_reusable = self._parser.should_keep_alive()  # llhttp's reading of this head's Connection, while it holds
 
     def on_body(self, data: bytes) -> None:
         request = self._request
