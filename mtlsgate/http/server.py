@@ -703,7 +703,8 @@ class HTTPServerProtocol(Protocol):
     def _dispatch(self, method: bytes, target: bytes, version: bytes) -> None:
         pairs = self._pairs
         tokens = connection_tokens(self._connection) if self._connection else set()
-        http10_keepalive = version == b"HTTP/1.0" and b"keep-alive" in tokens
+        # "close" wins over "keep-alive" when a client sends both (as nginx reads them; llhttp too)
+        http10_keepalive = version == b"HTTP/1.0" and b"keep-alive" in tokens and b"close" not in tokens
         persistent = http10_keepalive or (version == b"HTTP/1.1" and b"close" not in tokens)
         upgrade_to: tuple[bytes, ...] = ()
         if version == b"HTTP/1.1" and b"upgrade" in tokens:

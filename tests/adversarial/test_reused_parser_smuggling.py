@@ -120,7 +120,6 @@ KEPT_ALIVE_FIRSTS = [
     b"GET /u HTTP/1.1\r\n" + H + b"Connection: upgrade\r\nUpgrade:\r\n\r\n",
     b"GET /u HTTP/1.0\r\n" + H + b"Connection: upgrade, keep-alive\r\nUpgrade: websocket\r\n\r\n",
     b"GET /k HTTP/1.0\r\n" + H + b"Connection: keep-alive\r\n\r\n",
-    b"GET /k HTTP/1.0\r\n" + H + b"Connection: keep-alive, close\r\n\r\n",
     b"POST /k HTTP/1.0\r\n" + H + b"Connection: keep-alive\r\nContent-Length: 3\r\n\r\nabc",
     b"POST /l HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc",
     b"POST /l HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\n",
@@ -143,6 +142,14 @@ SECONDS = [
     b"GET /close HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n" + NEXT,
     b"GET /upgrade HTTP/1.1\r\n" + H + b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n" + NEXT,
 ]
+
+
+def test_close_wins_over_keep_alive_and_what_follows_is_never_read():
+    """An HTTP/1.0 (or 1.1) request saying both keep-alive and close is the connection's last, as nginx reads it."""
+    for version in (b"HTTP/1.0", b"HTTP/1.1"):
+        kept: list[bool] = []
+        first = b"GET /k " + version + b"\r\n" + H + b"Connection: keep-alive, close\r\n\r\n"
+        assert run([first + NEXT], still_open=kept) == ([(b"GET", b"/k", b"")], [200]) and kept == [False], version
 
 
 def test_a_second_request_gets_the_decision_it_gets_on_a_connection_of_its_own():
@@ -203,7 +210,6 @@ REAL_FIRSTS = [
                  id="trailer-connection-close"),
     pytest.param(b"POST /one HTTP/1.1\r\n" + HL + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
                  id="trailer-upgrade"),
-    pytest.param(b"GET /one HTTP/1.0\r\n" + HL + b"Connection: keep-alive, close\r\n\r\n", id="http10-keep-alive-and-close"),
     pytest.param(b"GET /one HTTP/1.0\r\n" + HL + b"Connection: keep-alive\r\n\r\n", id="http10-keep-alive"),
     pytest.param(b"GET /one HTTP/1.1\r\n" + HL + b"Connection: upgrade, keep-alive\r\nUpgrade:\r\n\r\n", id="empty-upgrade"),
     pytest.param(b"POST /one HTTP/1.1\r\n" + HL + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\nhello", id="expect-100"),

@@ -48,7 +48,7 @@ def model(stream: bytes, limits: Limits) -> tuple[list[tuple[bytes, bytes, bytes
             return served, None
         served.append((method, target, body))
         tokens = {t.strip().lower() for name, value in fields if name.lower() == b"connection" for t in value.split(b",")}
-        if version == b"HTTP/1.0" and b"keep-alive" not in tokens or version == b"HTTP/1.1" and b"close" in tokens:
+        if b"close" in tokens or version == b"HTTP/1.0" and b"keep-alive" not in tokens:  # close wins over keep-alive
             break
     return served, None
 
