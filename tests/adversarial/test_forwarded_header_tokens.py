@@ -113,7 +113,10 @@ def test_an_upstream_transfer_encoding_in_any_case_frames_the_response(name):
     upstream, _ = gw.endpoint.connections[-1]
     upstream.dataReceived(b"HTTP/1.1 200 OK\r\n" + name + b": chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
     (response,), rest = parse_responses(gw.transport.value(), [b"GET"])
-    assert response[2] == b"ok" and rest == b"" and b"Content-Length" not in response[1], response
+    # read as chunked: the body is "ok", framed by the gateway (a chunked body that came whole gets its Content-Length),
+    # and the upstream's own framing field is not passed on
+    assert response[2] == b"ok" and rest == b"" and name + b":" not in response[1], response
+    assert b"Content-Length: 2" in response[1] or b"Transfer-Encoding: chunked" in response[1], response
 
 
 @pytest.mark.parametrize("name", [b"X-Content-Lengt", b"Content-Lengtx", b"X-Transfer-Encod", b"Transfer-Encodinx"])
