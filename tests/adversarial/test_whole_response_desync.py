@@ -179,6 +179,15 @@ CASES = [
 ]
 
 
+def unframed(responses: list[tuple[int, bytes, bytes]]) -> list[tuple[int, bytes, bytes]]:
+    """The responses without their framing fields: a chunked body that came whole reaches the client with a Content-Length,
+    one split over reads chunked; the same response either way."""
+    def head(h: bytes) -> bytes:
+        return b"\r\n".join(line for line in h.split(b"\r\n") if line.split(b":", 1)[0].strip().lower() not in (b"content-length", b"transfer-encoding"))
+
+    return [(status, head(h), body) for status, h, body in responses]
+
+
 @pytest.mark.parametrize("name, method, raw, clean, close_after", CASES, ids=[c[0] for c in CASES])
 def test_however_the_upstream_splits_its_bytes_the_client_gets_the_clean_response_or_is_cut_off(name, method, raw, clean, close_after):
     reference = exchange(method, [clean], close_after=close_after)
@@ -189,9 +198,9 @@ def test_however_the_upstream_splits_its_bytes_the_client_gets_the_clean_respons
         responses, rest = parse_responses(got["first"], [method, method])
         if got["client_cut"]:
             # cut off: never a different response, never a second one
-            assert len(responses) <= 1 and (not responses or responses[0] == expected), (name, [len(p) for p in pieces], got)
+            assert len(responses) <= 1 and (not responses or unframed(responses) == unframed([expected])), (name, [len(p) for p in pieces], got)
             continue
-        assert (responses, rest) == ([expected], b""), (name, [len(p) for p in pieces], got)
+        assert (unframed(responses), rest) == (unframed([expected]), b""), (name, [len(p) for p in pieces], got)
         (second,), rest = parse_responses(got["second"], [b"GET"])
         assert rest == b"" and second[0] == 200 and second[2] == b"next" and b"X-Which: next" in second[1], (name, [len(p) for p in pieces], got)
 
@@ -236,7 +245,7 @@ def test_however_any_upstream_answer_is_split_the_client_gets_one_same_response_
         assert len(responses) <= 1, (raw, [len(p) for p in pieces], got)  # never a second response to one request
         if not got["client_cut"]:
             assert len(responses) == 1 and rest == b"", (raw, [len(p) for p in pieces], got)
-            outcomes.add(responses[0])
+            outcomes.add(unframed(responses)[0])
             (second,), rest = parse_responses(got["second"], [b"GET"])
             assert rest == b"" and second[2] == b"next" and b"X-Which: next" in second[1], (raw, [len(p) for p in pieces], got)
     assert len(outcomes) <= 1, (raw, outcomes)  # served, it is the same response however the bytes came
