@@ -20,7 +20,6 @@ import sys
 import time
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mtlsgate.accounting import RequestObservers
@@ -30,6 +29,7 @@ from mtlsgate.observe.accesslog import AccessEvents
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.proxy.exchange import GatewaySite, Peer, ProxyResource, ProxyState, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
+from mtlsgate.testing import MemoryEndpoints
 from mtlsgate.tls.pki import DevCA
 from mtlsgate.proxy.upstream import UpstreamGroup
 
@@ -42,26 +42,8 @@ RESPONSE = (  # what the bench's nginx upstream answers
 )
 
 
-class _Endpoint:
-    """Connects at once, over a StringTransport."""
-
-    def __init__(self) -> None:
-        self.connections: list[tuple[Any, StringTransport]] = []
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))
-        return defer.succeed(protocol)
-
-
-class _Endpoints:
-    def __init__(self) -> None:
-        self.endpoint = _Endpoint()
-
-    def endpointForURI(self, uri: Any) -> _Endpoint:
-        return self.endpoint
+_Endpoints = MemoryEndpoints  # bench/inmemory_handshake.py takes it from here
+_Endpoint = MemoryEndpoints
 
 
 def build(reactor: Any, metrics: bool = True) -> tuple[Any, StringTransport, _Endpoint]:

@@ -107,6 +107,34 @@ class EchoUpstream(resource.Resource):
         return json.dumps(body, indent=2).encode() + b"\n"
 
 
+class MemoryEndpoints:
+    """
+    Upstream connections in memory, for an in-memory gateway (benches, tests): an C{IAgentEndpointFactory} whose one
+    endpoint (this object) connects at once, each connection over a C{StringTransport}, kept in C{connections} as
+    (protocol, transport) in the order made.
+    """
+
+    def __init__(self) -> None:
+        self.connections: list[tuple[Any, Any]] = []
+
+    @property
+    def endpoint(self) -> MemoryEndpoints:
+        return self
+
+    def endpointForURI(self, uri: Any) -> MemoryEndpoints:
+        return self
+
+    def connect(self, factory: Any) -> Any:
+        from twisted.internet import defer
+        from twisted.internet.testing import StringTransport
+
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return defer.succeed(protocol)
+
+
 def make_echo_upstream(reactor: IGatewayReactor, address: str, cert: str, key: str | None, client_ca: str | None) -> Any:
     """The echo upstream on an endpoint; it requires a client certificate when C{client_ca} is given."""
     from mtlsgate.app.service import _Listener

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mtlsgate.accounting import RequestObservers
@@ -28,6 +27,7 @@ from mtlsgate.observe.metrics import NoMetrics
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
 from mtlsgate.proxy.upstream import UpstreamGroup
+from mtlsgate.testing import MemoryEndpoints
 from tests.conftest import gateway_args
 from tests.e2e.test_failing_upstreams import scripted  # noqa: F401  (a fixture)
 
@@ -35,19 +35,7 @@ H = b"Host: localhost\r\n"
 NEXT = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Which: next\r\n\r\nnext"
 
 
-class Endpoint:
-    def __init__(self) -> None:
-        self.connections: list[tuple[Any, StringTransport]] = []
-
-    def endpointForURI(self, uri: Any) -> Endpoint:
-        return self
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))
-        return defer.succeed(protocol)
+Endpoint = MemoryEndpoints
 
 
 class Gateway:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mtlsgate.accounting import RequestObservers
@@ -20,23 +19,12 @@ from mtlsgate.identity import AllowRules
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
 from mtlsgate.proxy.upstream import UpstreamGroup
+from mtlsgate.testing import MemoryEndpoints
 
 REQUEST = b"GET /x HTTP/1.1\r\nHost: gw.test\r\n\r\n"
 
 
-class _Endpoint:
-    def __init__(self) -> None:
-        self.connections: list[tuple[Any, StringTransport]] = []
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))
-        return defer.succeed(protocol)
-
-    def endpointForURI(self, uri: Any) -> _Endpoint:
-        return self
+_Endpoint = MemoryEndpoints
 
 
 class Records:
