@@ -1084,7 +1084,6 @@ class HTTP11Agent:
         exchange returned is cancelled with its C{cancel()}.  The receiver may be told before this returns (a request that
         cannot be sent, a connection that fails at once).
         """
-        request: ClientRequest | None = None
         try:
             origin = self._origins.get(base)
             if origin is None:

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import free_port, gateway_starter, poll_pauses, start_echo_upstream, started_processes
+from tests.conftest import free_port, gateway_config, gateway_starter, poll_pauses, start_echo_upstream, started_processes
 
 SAFETY_NET = 10.0  # seconds: a safety net only (the linger is 2 s; the bound before the fix was 15 s or more)
 IDLE = 1.0  # idle_timeout of the gateway for the idle cases
@@ -39,20 +39,9 @@ RESPONSE_IN_KERNEL, CLIENT_RECEIVE_BUFFER = 256 << 10, 16 << 10
 
 
 def _config(tmp: Path, pki: dict[str, Any], upstream: int, port: int, **limits: Any) -> str:
-    upstream_tls = {
-        "to": [f"https://127.0.0.1:{upstream}"], "tls_custom_ca_file": pki["ca"],
-        "tls_client_cert_file": pki["gateway_client"][0], "tls_client_key_file": pki["gateway_client"][1],
-    }  # fmt: skip
-    config = {
-        "address": f"tcp:{port}:interface=127.0.0.1",
-        "certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}],
-        "downstream_mtls": {"ca_file": pki["ca"]},
-        "routes": [
-            {"from": "https://localhost", "prefix": "/bob", "allow_client": BOB_ONLY, **upstream_tls},
-            {"from": "https://localhost", "prefix": "/", **upstream_tls},
-        ],
-        **({"limits": limits} if limits else {}),
-    }  # fmt: skip
+    config = gateway_config(pki, port, [f"https://127.0.0.1:{upstream}"], **({"limits": limits} if limits else {}))
+    everyone = config["routes"][0]
+    config["routes"] = [{**everyone, "prefix": "/bob", "allow_client": BOB_ONLY}, everyone]
     path = tmp / f"linger-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
