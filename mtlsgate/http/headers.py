@@ -256,30 +256,36 @@ def upstream_request_pairs(
     return HeaderPairs(out, framed_by_client=True)
 
 
-def client_response_pairs(pairs: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
+def client_response_block(pairs: list[tuple[bytes, bytes]]) -> tuple[bytes, set[bytes]]:
     """
     L{client_response_headers} over the upstream response's fields as received, in one pass: the
-    fields to forward, and the set of their lowercased names.  A value holding CR or LF (which the
-    strict parser never lets through) has them turned into spaces, as L{Headers} would.
+    fields to forward as the lines of a head (C{b"Name: value\\r\\n"} each, in the upstream's order),
+    and the set of their lowercased names.  A value holding CR or LF (which the strict parser never
+    lets through) has them turned into spaces, as L{Headers} would.
     """
-    # One pass over the fields, gathering the Connection values on the way; the fields those name are taken out after it,
-    # only when one of them is not dropped anyway (an upstream's "Connection: keep-alive" or "close" names none such).
+    block, names, connection = _response_fields(pairs, _RESPONSE_DROP)
+    if connection:
+        # The fields the Connection values name go too, when one of them is not dropped anyway (an upstream's "Connection:
+        # keep-alive" or "close" names none such): a second pass, for that rare response only.
+        named = _tokens(connection) & names
+        if named:
+            block, names, _ = _response_fields(pairs, _RESPONSE_DROP | named)
+    return block, names
+
+
+def _response_fields(pairs: list[tuple[bytes, bytes]], drop: frozenset[bytes] | set[bytes]) -> tuple[bytes, set[bytes], list[bytes]]:
+    """The fields not in C{drop}, written as head lines in one join; their lowercased names; the Connection values met."""
     connection = []
-    out = []
+    out: list[bytes] = []
     names = set()
     for name, value in pairs:
         lowered = name.lower()
-        if lowered in _RESPONSE_DROP:
+        if lowered in drop:
             if lowered == b"connection":
                 connection.append(value)
             continue
         if _CR in value or _LF in value:
             value = b" ".join(value.splitlines())
-        out.append((name, value))
+        out += (name, b": ", value, b"\r\n")
         names.add(lowered)
-    if connection:
-        named = _tokens(connection) & names
-        if named:
-            out = [(name, value) for name, value in out if name.lower() not in named]
-            names -= named
-    return out, names
+    return b"".join(out), names, connection

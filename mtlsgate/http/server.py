@@ -161,7 +161,7 @@ class Request(ResponseHooks):
         self.host_values: list[bytes] | None = None  # the Host values as received, when the server noted them
         self.connection_values: list[bytes] | None = None  # the Connection values, likewise
         self.connection_tokens: set[bytes] | None = None  # ... and their tokens, lowercased, when the server noted them
-        self.forwarded_headers: list[tuple[bytes, bytes]] = []  # response fields written as they are, after responseHeaders' own
+        self.forwarded_headers = b""  # response fields written as they are (head lines), after responseHeaders' own
         self.body = body
         self.persistent = persistent  # the connection stays open after this response
         self.http10_keepalive = http10_keepalive
@@ -237,9 +237,10 @@ class Request(ResponseHooks):
         values = self.requestHeaders.getRawHeaders(name)
         return values[-1] if values else None
 
-    def forward_headers(self, pairs: list[tuple[bytes, bytes]], names: set[bytes]) -> None:
+    def forward_headers(self, block: bytes, names: set[bytes]) -> None:
         """
-        Response fields to write as they are (an upstream's, already filtered), C{names} their lowercased names: each
+        Response fields to write as they are (an upstream's, already filtered and written as head lines, C{b"Name:
+        value\\r\\n"} each: L{mtlsgate.http.headers.client_response_block}), C{names} their lowercased names: each
         replaces the field of that name set on responseHeaders so far (the Date, say), as setting them there one by one would.
         """
         fields = self._fields
@@ -251,7 +252,7 @@ class Request(ResponseHooks):
             for name, _ in list(headers.getAllRawHeaders()):
                 if name.lower() in names:
                     headers.removeHeader(name)
-        self.forwarded_headers = pairs
+        self.forwarded_headers = block
 
     def getClientAddress(self) -> Any:
         """The client's address (an IPv4Address or IPv6Address: the gateway listens on TCP only)."""
@@ -314,9 +315,7 @@ class Request(ResponseHooks):
             for name, values in self.responseHeaders.getAllRawHeaders():
                 for value in values:
                     parts.append(b"%s: %s\r\n" % (name, value))
-        for name, value in self.forwarded_headers:
-            parts.append(b"%s: %s\r\n" % (name, value))
-        parts.append(b"\r\n")
+        parts.append(self.forwarded_headers + b"\r\n")
         if data and not self._no_body:
             parts += [b"%x\r\n" % len(data), data, b"\r\n"] if self._chunked else [data]
         self.channel.write_sequence(parts)

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers, listening
 from mtlsgate.config.model import Limits, Route
-from mtlsgate.http.headers import client_response_headers, client_response_pairs, client_response_trailers, upstream_request_headers, upstream_request_pairs
+from mtlsgate.http.headers import client_response_block, client_response_headers, client_response_trailers, upstream_request_headers, upstream_request_pairs
 from mtlsgate.http.body import BodyTooLarge, RequestBody
 from mtlsgate.http.client import HTTP11Agent, IResponseReceiver
 from mtlsgate.http.framing import header_field_problem, request_line_problem
@@ -481,9 +481,9 @@ class _Exchange:
         request.setResponseCode(response.code, response.phrase)
         raw = getattr(response, "raw_headers", None)
         if raw is not None and hasattr(request, "forward_headers"):
-            # The upstream's fields as received, filtered in one pass and written as they are (no Headers built).
-            pairs, names = client_response_pairs(raw)
-            request.forward_headers(pairs, names)
+            # The upstream's fields as received, filtered and written as head lines in one pass (no Headers built).
+            block, names = client_response_block(raw)
+            request.forward_headers(block, names)
             has_server = b"server" in names
         else:
             client_response_headers(response.headers, into=request.responseHeaders)

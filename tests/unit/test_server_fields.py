@@ -17,7 +17,7 @@ from mtlsgate.config.model import Limits
 from mtlsgate.http import server
 from mtlsgate.http.server import HTTPServerFactory, Request
 
-UPSTREAM_FIELDS = [(b"Server", b"nginx"), (b"Date", b"Tue, 01 Dec 2026 16:00:00 GMT"), (b"ETag", b'"x"')]
+UPSTREAM_FIELDS = b'Server: nginx\r\nDate: Tue, 01 Dec 2026 16:00:00 GMT\r\nETag: "x"\r\n'
 
 
 def test_field_names_are_spelled_as_headers_writes_them() -> None:
@@ -33,7 +33,7 @@ def _forward(request: Request) -> None:
 
 
 def _forward_no_date(request: Request) -> None:
-    request.forward_headers([(b"ETag", b'"x"')], {b"etag"})
+    request.forward_headers(b'ETag: "x"\r\n', {b"etag"})
     request.setHeader(b"server", b"mtlsgate")
 
 
@@ -45,7 +45,7 @@ def _own(request: Request) -> None:
 
 def _length_then_forward(request: Request) -> None:
     request.setHeader(b"server", b"mtlsgate")
-    request.forward_headers([(b"Server", b"up"), (b"X-A", b"1")], {b"server", b"x-a"})
+    request.forward_headers(b"Server: up\r\nX-A: 1\r\n", {b"server", b"x-a"})
     request.setHeader(b"date", b"set again")
     request.setHeader(b"content-length", b"5")
 
