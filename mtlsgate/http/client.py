@@ -24,7 +24,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, PotentialDataLoss, RequestGenerationFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IClientRequest, IResponse
-from zope.interface import Interface, implementer
+from zope.interface import classImplements
+
+from mtlsgate.http.interfaces import IResponseReceiver
 
 log = Logger(namespace="mtlsgate.http.client")
 
@@ -41,7 +43,6 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 
 
-@implementer(IBodyProducer)
 class BytesBody:
     """A request body known in advance (a health check's, a test's): written whole at once, its length given."""
 
@@ -61,6 +62,9 @@ class BytesBody:
 
     def stopProducing(self) -> None:
         pass
+
+
+classImplements(BytesBody, IBodyProducer)
 
 
 def split_url(uri: bytes) -> tuple[bytes, bytes]:
@@ -113,7 +117,6 @@ class UpstreamProtocolError(Exception):
 # --- the request ------------------------------------------------------------------------------------
 
 
-@implementer(IClientRequest)
 @attrs.define(slots=True)
 class ClientRequest:
     """One request as the client sends it (and as L{IResponse.request} shows it)."""
@@ -176,7 +179,9 @@ class ClientRequest:
         return b"".join(parts)
 
 
-@implementer(IConsumer)
+classImplements(ClientRequest, IClientRequest)
+
+
 class _BodySink:
     """Where the request body's producer writes: frames it (chunked, or enforces the Content-Length) onto the connection."""
 
@@ -207,10 +212,12 @@ class _BodySink:
 # --- the response -----------------------------------------------------------------------------------
 
 # How a body ended that was told to its protocol by body_done() (L{UpstreamResponse.done}), or came whole (L{UpstreamResponse.settle}).
+
+
+classImplements(_BodySink, IConsumer)
 _BODY_DONE = Failure(ResponseDone())
 
 
-@implementer(IResponse, IPushProducer)
 class UpstreamResponse:
     """
     An upstream response: status and headers, and a body delivered to the protocol given to
@@ -334,7 +341,9 @@ class UpstreamResponse:
         connection.abort()
 
 
-@implementer(IResponse)
+classImplements(UpstreamResponse, IResponse, IPushProducer)
+
+
 class UpgradeResponse(UpstreamResponse):
     """
     A C{101 Switching Protocols} answering an upgrade request (L{HTTP11Agent.upgrade}): it has no body;
@@ -366,6 +375,9 @@ class UpgradeResponse(UpstreamResponse):
 
 
 # --- one connection ---------------------------------------------------------------------------------
+
+
+classImplements(UpgradeResponse, IResponse)
 
 
 class _Parse:
@@ -430,7 +442,6 @@ class _Parse:
             self.complete = True
 
 
-@implementer(IHandshakeListener)
 class UpstreamConnection(Protocol):
     """
     One connection to an upstream, carrying one request at a time.  The response is parsed by
@@ -547,6 +558,10 @@ class UpstreamConnection(Protocol):
 
     # -- receiving --
 
+    def _head_parsed(self) -> bool:
+        """The response's status line and headers are in (llhttp's on_headers_complete made it)."""
+        return self._response is not None
+
     def dataReceived(self, data: bytes) -> None:
         if self._upgraded:
             if self._tunnel is not None:
@@ -569,7 +584,7 @@ class UpstreamConnection(Protocol):
                     fed = data[:room]
                     parser.feed_data(fed)
                     data = fed = data[room:]
-                    if self._response is None:
+                    if not self._head_parsed():  # a method: the callbacks set _response during feed_data (no narrowing across it)
                         raise ResponseHeadersTooLarge(f"response headers larger than {self.max_header_size} bytes (max_response_header_size)")
                     self._head_room = 0
                 else:
@@ -804,6 +819,9 @@ class UpstreamConnection(Protocol):
                 response.end(Failure(ResponseFailed([reason])))
 
 
+classImplements(UpstreamConnection, IHandshakeListener)
+
+
 class _ConnectionFactory(Factory):
     """Builds the connections to one origin."""
 
@@ -912,22 +930,6 @@ class _Origin:
     endpoint: IStreamClientEndpoint
     factory: _ConnectionFactory
     host: bytes  # the Host header's value
-
-
-class IResponseReceiver(Interface):
-    """
-    Who is told the outcome of a request sent with L{HTTP11Agent.send}: what the L{IAgent.request} Deferred's callback and
-    errback would be given, called directly (the proxy's hot path: no Deferred, callback chain or canceller per request).
-    """
-
-    def upstream_response(response: IResponse) -> None:
-        """The response's status and headers are in (its body follows through C{deliverBody})."""
-
-    def upstream_failed(failure: Failure) -> None:
-        """No response: the request could not be sent, the connection failed, or the exchange was cancelled (C{CancelledError})."""
-
-    # A receiver may also have C{upstream_whole(response, body)}: told instead of C{upstream_response} when the whole
-    # response (head and body) came in one read, with its body as C{body}, after the connection was pooled (or closed).
 
 
 class Exchange:
@@ -1047,7 +1049,6 @@ class Exchange:
             connection.abort()
 
 
-@implementer(IAgent)
 class HTTP11Agent:
     """
     An L{IAgent} for one set of TLS settings (one route): connections come from C{endpoints} (an
@@ -1139,3 +1140,6 @@ class HTTP11Agent:
     def close(self) -> defer.Deferred[None]:
         """Retire the pool: idle connections close now, busy ones when their response ends."""
         return self.pool.retire()
+
+
+classImplements(HTTP11Agent, IAgent)

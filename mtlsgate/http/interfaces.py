@@ -3,14 +3,21 @@ The seam between the gateway's front ends (HTTP/1.1 in L{mtlsgate.http.server}, 
 L{mtlsgate.http.h2server}) and the proxy (L{mtlsgate.proxy.exchange}): one request and its response,
 and the connection it came on, as the proxy's handler sees them.  Routing, authorization, identity,
 header hygiene, limits and access lines live behind this seam, once, for every protocol.
+
+And the seam between the proxy's exchange and the HTTP/1.1 upstream client (L{IResponseReceiver}): here, out of
+L{mtlsgate.http.client}, because that module is compiled (mypyc: docs/engine.md, "Compiled"), and an interface's
+methods must stay plain Python functions for zope.interface to read them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IResponse
 
 
 class IGatewayChannel(Interface):
@@ -101,3 +108,19 @@ class IUpgradableRequest(IGatewayRequest):
 
     def upgrade(protocol: Any) -> None:
         """Write the 101 head (the response headers set so far) and hand the connection to C{protocol}, a byte tunnel's end."""
+
+
+class IResponseReceiver(Interface):
+    """
+    Who is told the outcome of a request sent with L{HTTP11Agent.send}: what the L{IAgent.request} Deferred's callback and
+    errback would be given, called directly (the proxy's hot path: no Deferred, callback chain or canceller per request).
+    """
+
+    def upstream_response(response: IResponse) -> None:
+        """The response's status and headers are in (its body follows through C{deliverBody})."""
+
+    def upstream_failed(failure: Failure) -> None:
+        """No response: the request could not be sent, the connection failed, or the exchange was cancelled (C{CancelledError})."""
+
+    # A receiver may also have C{upstream_whole(response, body)}: told instead of C{upstream_response} when the whole
+    # response (head and body) came in one read, with its body as C{body}, after the connection was pooled (or closed).

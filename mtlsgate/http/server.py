@@ -19,13 +19,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from mypy_extensions import mypyc_attr
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IPushProducer, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from mtlsgate.config.model import Limits
 from mtlsgate.http.body import RequestBody
@@ -77,6 +78,7 @@ class _DateCache:
 _dates = _DateCache()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the HTTP/2 front end's H2Request is one (not compiled)
 class ResponseHooks:
     """
     What an HTTP/1.1 L{Request} and an HTTP/2 stream's request share: the path, setting a response field, and the
@@ -126,7 +128,6 @@ class ResponseHooks:
                 self._hook_log.failure("a request's completion hook failed")
 
 
-@implementer(IUpgradableRequest)
 class Request(ResponseHooks):
     """
     One request and its response, as the gateway's handler sees it: the parts of twisted.web's Request
@@ -385,11 +386,13 @@ class Request(ResponseHooks):
         self._tell(reason)
 
 
+classImplements(Request, IUpgradableRequest)
+
+
 class ConnectionLostBeforeResponse(Exception):
     """The client's connection closed before the response was finished."""
 
 
-@implementer(IPushProducer)
 class _UploadReading:
     """The client connection as a request body's network producer: pausing it pauses reading for the upload."""
 
@@ -406,7 +409,9 @@ class _UploadReading:
         pass
 
 
-@implementer(IGatewayChannel)
+classImplements(_UploadReading, IPushProducer)
+
+
 class HTTPServerProtocol(Protocol):
     """One client connection: requests parsed one at a time, each handed to C{handler} at the end of its head."""
 
@@ -670,14 +675,7 @@ class HTTPServerProtocol(Protocol):
         parser = self._parser
         if parser is None or not self._message_done or not self._parser_reusable:
             parser = self._parser = HttpRequestParser(self)
-        self._pairs = []
-        self._hosts = []
-        self._connection = []
-        self._expect = []
-        self._head_done = self._message_done = self._chunked = False
-        self._content_length = None
-        self._problem = None
-        self._tail = b""
+        self._new_message()
         upgrade = False
         try:
             parser.feed_data(_CANONICAL_REQUEST_LINE)
@@ -698,6 +696,21 @@ class HTTPServerProtocol(Protocol):
             self._refuse(Refusal(400, self._problem or "malformed request"))
             return
         self._dispatch(method, target, version)
+
+    def _new_message(self) -> None:
+        """
+        What llhttp's callbacks note of one message, cleared before it is fed.  A method of its own: in the caller, the fields
+        read after feed_data() are whatever the callbacks set, never the values given here (a type checker, and mypyc which
+        compiles this module, would narrow them to these across the call).
+        """
+        self._pairs = []
+        self._hosts = []
+        self._connection = []
+        self._expect = []
+        self._head_done = self._message_done = self._chunked = False
+        self._content_length = None
+        self._problem = None
+        self._tail = b""
 
     def _dispatch(self, method: bytes, target: bytes, version: bytes) -> None:
         pairs = self._pairs
@@ -848,6 +861,9 @@ class HTTPServerProtocol(Protocol):
         self._state = _HEAD
         self.resume_reading(_PIPELINE)
         self._consume()
+
+
+classImplements(HTTPServerProtocol, IGatewayChannel)
 
 
 class HTTPServerFactory(Factory):

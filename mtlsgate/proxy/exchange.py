@@ -16,15 +16,14 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from mtlsgate.accounting import FinishedRequest, IRequestObserver, RequestObservers, listening
 from mtlsgate.config.model import Limits, Route
 from mtlsgate.http.headers import client_response_block, client_response_headers, client_response_trailers, upstream_request_headers, upstream_request_pairs
 from mtlsgate.http.body import BodyTooLarge, RequestBody
-from mtlsgate.http.client import HTTP11Agent, IResponseReceiver
 from mtlsgate.http.framing import header_field_problem, request_line_problem
-from mtlsgate.http.interfaces import IGatewayRequest, IUpgradableRequest
+from mtlsgate.http.interfaces import IGatewayRequest, IResponseReceiver, IUpgradableRequest
 from mtlsgate.http.server import HTTPServerFactory
 from mtlsgate.http.status import RESPONSES
 from mtlsgate.http.timer import ReusableTimer
@@ -130,7 +129,6 @@ class UpstreamStalled(Exception):
     """The upstream sent nothing for the route's timeout in the middle of a response body."""
 
 
-@implementer(IPushProducer)
 class _ResponseRelay(Protocol):
     """
     Upstream response body to the client, pausing the upstream when the client reads slowly, and
@@ -249,6 +247,9 @@ class _ResponseRelay(Protocol):
             self.transport.stopProducing()
 
 
+classImplements(_ResponseRelay, IPushProducer)
+
+
 def _plain(request: GatewayRequest, code: int, text: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -306,7 +307,6 @@ class ProxyState:
 _SENDING: Any = object()  # _Exchange.pending while HTTP11Agent.send runs (it may tell the exchange before it returns)
 
 
-@implementer(IResponseReceiver)
 class _Exchange:
     """One proxied request: upstream attempts with failover, the timeout, relaying, the access line."""
 
@@ -399,7 +399,7 @@ class _Exchange:
         url = base + self.target  # Agent re-parses it: pathnorm's normal form round-trips unchanged (a unit test holds it)
         if self.tunnel_opened is not None:  # Connection: Upgrade, Upgrade: websocket, on a connection of its own
             assert self.entry.route.upstream_protocol != "http2", "config refuses allow_websockets with upstream_protocol: http2"
-            d = cast(HTTP11Agent, agent).upgrade(self.request.method, url, headers, b"websocket")
+            d = cast(Any, agent).upgrade(self.request.method, url, headers, b"websocket")  # an HTTP11Agent (cast to Any: mypyc checks a cast to a class)
         else:
             d = agent.request(self.request.method, url, headers, self.request.body)
         self.pending = d
@@ -650,6 +650,9 @@ class _Exchange:
         self.observer.request_finished(
             finished(self.request, self.peer, self.entry.route.name, self.upstream, status, size, duration, self.upstream_latency)
         )
+
+
+classImplements(_Exchange, IResponseReceiver)
 
 
 def finished(

@@ -98,11 +98,12 @@ def exchange(raw: list[bytes], method: bytes = b"GET", close_after: bool = False
     got = results(agent.request(method, URL))
     connection = endpoint.connections[0]
     body = Body()
+    delivered = False
     for piece in raw:
         if piece:
             connection.dataReceived(piece)
-        if got and IResponse.providedBy(got[0]) and not hasattr(got[0], "_seen"):
-            got[0]._seen = True
+        if got and IResponse.providedBy(got[0]) and not delivered:
+            delivered = True
             got[0].deliverBody(body)
         if connection.transport.disconnecting:
             break

@@ -25,6 +25,7 @@ from mtlsgate.observe.metrics import NoMetrics
 from mtlsgate.proxy import exchange
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry, header_field_problem, request_line_problem
 from mtlsgate.proxy.routing import RouteTable
+from tests.compiled import pure_python_only
 
 H = b"Host: localhost\r\n"
 
@@ -207,6 +208,7 @@ def test_a_client_that_goes_away_is_logged_and_counted_once_as_499(gateway):
     assert gateway.metrics.requests == [("localhost/", 499)] and [e["status"] for e in gateway.access] == [499]
 
 
+@pure_python_only(exchange)
 def test_with_the_access_log_off_and_no_metrics_no_record_is_built_until_a_reload_turns_the_log_on(monkeypatch):
     built: list[FinishedRequest] = []
     real = exchange.finished

@@ -22,9 +22,13 @@ def test_every_status_code_has_twisted_s_reason_phrase():
 
 def test_the_engines_fallbacks_for_unnamed_codes_are_unchanged():
     """An HTTP/1.1 status line for a code with no phrase still reads "Unknown Status", an error body's phrase stays empty."""
-    from mtlsgate.http.server import Request
+    from twisted.internet.testing import MemoryReactorClock
 
-    request = Request.__new__(Request)
+    from mtlsgate.config.model import Limits
+    from mtlsgate.http.server import HTTPServerFactory, Request
+
+    channel = HTTPServerFactory(lambda request: None, Limits(), MemoryReactorClock()).buildProtocol(None)
+    request = Request(channel, b"GET", b"/", b"HTTP/1.1", [], None, True, False, False)
     for code in (299, 429, 431, 599):
         request.setResponseCode(code)
         assert request.code_message == TWISTED_RESPONSES.get(code, b"Unknown Status")
