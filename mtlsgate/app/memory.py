@@ -41,7 +41,8 @@ def without_twisted_web_http2() -> None:
     worker process, before anything imports C{twisted.web.http}.
 
     The gateway imports C{twisted.web.http} only through C{twisted.web.client}'s exception classes
-    (C{ResponseDone}, C{ResponseFailed}: the C{IResponse} contract), and serves HTTP/2 with its own
+    (C{ResponseDone}, C{ResponseFailed}: the C{IResponse} contract, made on first use by
+    L{mtlsgate.http.outcomes}: an upstream's failure, a health check) and serves HTTP/2 with its own
     front end (L{mtlsgate.http.h2server}), never with Twisted's.  Yet C{twisted.web.http} tries
     C{from twisted.web._http2 import H2Connection}, which imports C{h2}, C{hpack} and C{hyperframe}
     (1.2 MiB) even where that import then fails (no C{priority} package) and even in a process that

@@ -114,7 +114,6 @@ def _worker_probe(pki, *extra: str) -> str:
         "options.worker = WorkerRole(index=1, https_fd=None, http_fd=None, acme=False)\n"
         f"options.parseOptions({flags!r})\n"
         "options.service.privilegedStartService()\n"
-        "import twisted.web.client  # the IResponse contract's exception classes: what a worker's first request imports\n"
     )
 
 
@@ -128,6 +127,8 @@ def test_a_worker_imports_h2_only_where_http2_is_used(pki, tmp_path):
     Twisted's own HTTP/2 server, which twisted.web.http tries to import, is kept out of a worker.
     """
     assert _imported(_worker_probe(pki), tmp_path, H2) == []
+    # The IResponse contract's outcomes (an upstream's failure makes one) import twisted.web.http, which stays without h2.
+    assert _imported(_worker_probe(pki) + "from mtlsgate.http.outcomes import ResponseDone\nResponseDone()\n", tmp_path, H2) == []
     # The other side: the first h2 connection brings the HTTP/2 front end.
     first_h2 = _worker_probe(pki) + "options.service.site.h2.buildProtocol(None)\n"
     assert {m for m in _imported(first_h2, tmp_path, H2) if m in H2} == {"h2", "hpack", "hyperframe", "mtlsgate.http.h2server"}
@@ -155,9 +156,14 @@ NOT_IN_A_PLAIN_WORKER = (
     "mtlsgate.proxy.healthcheck",  # only for a route with health_check
     "twisted.web.resource",  # the plain-HTTP redirect (mtlsgate.proxy.redirect) and the admin listener
     "mtlsgate.proxy.redirect",
+    # The IResponse contract's outcomes (mtlsgate.http.outcomes) and Twisted's URI: made on first use, which a request
+    # served whole never makes (tests/unit/test_outcomes.py); about 1.4 MiB.
+    "twisted.web.client",
+    "twisted.web._newclient",  # and twisted.web.http (a prefix of http_headers, which a worker uses: the test below)
     "argparse",  # the worker's own flags are read with twisted.python.usage, which the gateway's options load anyway
 )
 
 
 def test_a_plain_https_worker_leaves_out_what_it_does_not_use(pki, tmp_path):
     assert _imported(_worker_probe(pki), tmp_path, NOT_IN_A_PLAIN_WORKER) == []
+    assert "twisted.web.http" not in _imported(_worker_probe(pki), tmp_path, ("twisted.web",))
