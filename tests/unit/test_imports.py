@@ -167,3 +167,54 @@ NOT_IN_A_PLAIN_WORKER = (
 def test_a_plain_https_worker_leaves_out_what_it_does_not_use(pki, tmp_path):
     assert _imported(_worker_probe(pki), tmp_path, NOT_IN_A_PLAIN_WORKER) == []
     assert "twisted.web.http" not in _imported(_worker_probe(pki), tmp_path, ("twisted.web",))
+
+
+def test_a_worker_without_the_stdlib_s_openssl_builds_its_service_without_it(pki, tmp_path):
+    """
+    --no-stdlib-ssl (mtlsgate.app.memory.without_stdlib_openssl): the standard library's ssl and _hashlib (and with them
+    the system's libcrypto, loaded a second time beside cryptography's: about 4.5 MiB) stay out of a worker, which
+    builds and starts its whole service, parses a client certificate (its SHA-256 from hashlib's built-in code) and
+    makes an upstream outcome, without them.
+    """
+    probe = (
+        "from mtlsgate.app.memory import without_stdlib_openssl\n"
+        "without_stdlib_openssl()\n"
+        + _worker_probe(pki)
+        + "from mtlsgate.identity import IdentityCache\n"
+        "from mtlsgate.tls.pki import load_certificates\n"
+        "from cryptography.hazmat.primitives.serialization import Encoding\n"
+        f"der = load_certificates({pki['alice'][0]!r})[0].public_bytes(Encoding.DER)\n"
+        "assert IdentityCache().known(der).fingerprint\n"
+        "from mtlsgate.http.outcomes import ResponseFailed\n"
+        "ResponseFailed([])\n"
+        "import sys\n"
+        "print(' '.join(m for m in ('ssl', '_ssl', '_hashlib') if sys.modules.get(m) is not None))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+#: The only modules of the package that need the standard library's ssl (prometheus_client's exposition imports it), and
+#: so the reason the parent keeps it for a worker that counts metrics (admin_address) or runs the ACME stack and the
+#: shared store (mtlsgate.app.workers).
+NEEDS_STDLIB_SSL = {"mtlsgate.observe.admin", "mtlsgate.cluster.node"}
+
+
+def test_every_other_module_imports_without_the_stdlib_s_openssl(tmp_path):
+    """What a worker may import later (a health check, the redirect listener, HTTP/2, a reload) works under the block."""
+    probe = (
+        "from mtlsgate.app.memory import without_stdlib_openssl\n"
+        "without_stdlib_openssl()\n"
+        "import importlib, pkgutil, mtlsgate\n"
+        "failed = []\n"
+        "for m in pkgutil.walk_packages(mtlsgate.__path__, 'mtlsgate.'):\n"
+        "    try:\n"
+        "        importlib.import_module(m.name)\n"
+        "    except ImportError:\n"
+        "        failed.append(m.name)\n"
+        "print(' '.join(failed))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert set(result.stdout.split()) == NEEDS_STDLIB_SSL
