@@ -1,6 +1,6 @@
 """
 One worker process of a group (L{mtlsgate.app.workers}), started by the parent as
-C{python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] --config-json PATH}, where PATH
+C{python -m mtlsgate.app.worker --index N [--http] [--acme] [--no-stdlib-ssl] [--parent PID] --config-json PATH}, where PATH
 holds the configuration the parent validated (L{mtlsgate.app.handoff}), read again on each reload.
 
 It adopts the listening sockets the parent passed, sends its log events to the parent as JSON, and
@@ -17,7 +17,7 @@ import sys
 from typing import NamedTuple
 
 _PR_SET_PDEATHSIG = 1
-_USAGE = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--parent PID] --config-json PATH"
+_USAGE = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--no-stdlib-ssl] [--parent PID] --config-json PATH"
 
 
 class WorkerArgs(NamedTuple):
@@ -26,6 +26,7 @@ class WorkerArgs(NamedTuple):
     config_json: str  # the configuration the parent validated (mtlsgate.app.handoff)
     http: bool  # serve the HTTP listener (fd 5)
     acme: bool  # run autocert (and the shared store's connection)
+    stdlib_ssl: bool = True  # False (--no-stdlib-ssl): the standard library's ssl and _hashlib are kept out (app/memory.py)
 
 
 def parse_args(argv: list[str]) -> WorkerArgs:
@@ -33,12 +34,12 @@ def parse_args(argv: list[str]) -> WorkerArgs:
     The worker's own flags, read by hand: nothing else in a worker needs an options parser (neither
     argparse nor twisted.python.usage is imported: the configuration comes validated from the parent).
     """
-    args: dict[str, object] = {"index": None, "parent": None, "config-json": None, "http": False, "acme": False}
+    args: dict[str, object] = {"index": None, "parent": None, "config-json": None, "http": False, "acme": False, "no-stdlib-ssl": False}
     rest = list(argv)
     while rest:
         flag = rest.pop(0)
         name, eq, value = flag[2:].partition("=") if flag.startswith("--") else ("", "", "")
-        if name in ("http", "acme") and not eq:
+        if name in ("http", "acme", "no-stdlib-ssl") and not eq:
             args[name] = True
         elif name in ("index", "parent", "config-json"):
             if not eq:
@@ -55,7 +56,8 @@ def parse_args(argv: list[str]) -> WorkerArgs:
             raise ValueError(f"unknown argument {flag!r} (usage: {_USAGE})")
     if args["index"] is None or args["config-json"] is None:
         raise ValueError(f"--index and --config-json are required (usage: {_USAGE})")
-    return WorkerArgs(args["index"], args["parent"], args["config-json"], bool(args["http"]), bool(args["acme"]))  # type: ignore[arg-type]
+    return WorkerArgs(args["index"], args["parent"], args["config-json"], bool(args["http"]), bool(args["acme"]),  # type: ignore[arg-type]
+                      not args["no-stdlib-ssl"])
 
 
 def _die_with_parent() -> None:
@@ -76,9 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.parent is not None and os.getppid() != args.parent:  # it died before PDEATHSIG was set
         sys.exit("mtlsgate worker: the parent is gone")
 
-    from mtlsgate.app.memory import settle_when_running, without_twisted_web_http2
+    from mtlsgate.app.memory import settle_when_running, without_stdlib_openssl, without_twisted_web_http2
 
     without_twisted_web_http2()  # before anything imports twisted.web.http: h2 only where mtlsgate speaks HTTP/2
+    if not args.stdlib_ssl:
+        without_stdlib_openssl()  # before anything imports Twisted (whose compat module imports http.cookiejar: ssl, hashlib)
 
     from twisted.logger import FileLogObserver, Logger, globalLogBeginner
 

@@ -217,6 +217,10 @@ class WorkerGroup(MultiService):
                 args.append("--http")
             if self.config.autocert is not None or self.config.storage is not None:
                 args.append("--acme")  # autocert, and the shared store's connection (docs/cluster.md), live in worker 0
+        if "--acme" not in args and not self.config.admin_address:
+            # The ACME stack and prometheus_client (the workers' metrics, read through the admin listener) import the
+            # standard library's ssl; nothing else a worker runs does (mtlsgate.app.memory.without_stdlib_openssl).
+            args.append("--no-stdlib-ssl")
         env = dict(os.environ)
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir

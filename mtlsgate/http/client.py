@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Callable
+from urllib.parse import urlparse, urlunparse
 
 import attrs
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -21,12 +22,14 @@ from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProd
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import URI, PotentialDataLoss, RequestGenerationFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IClientRequest, IResponse
 from zope.interface import classImplements
 
 from mtlsgate.http.interfaces import IResponseReceiver
+
+# The IResponse contract's outcomes, Twisted's classes made on first use (twisted.web.client is imported then, not here).
+from mtlsgate.http.outcomes import PotentialDataLoss, RequestGenerationFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
 
 log = Logger(namespace="mtlsgate.http.client")
 
@@ -87,9 +90,48 @@ def split_url(uri: bytes) -> tuple[bytes, bytes]:
     return base, rest
 
 
-def parse_origin(base: bytes) -> tuple[URI, bytes]:
+@attrs.frozen
+class OriginURI:
+    """
+    An origin part of a URL (from L{split_url}), parsed as C{twisted.web.client.URI.fromBytes} parses one: what
+    L{IAgentEndpointFactory.endpointForURI} is given (the attributes and methods of a C{URI}, path empty), without
+    importing C{twisted.web.client} (L{mtlsgate.http.outcomes}).
+    """
+
+    scheme: bytes
+    netloc: bytes
+    host: bytes  # brackets of an IPv6 literal stripped
+    port: int
+    path: bytes = b""
+    params: bytes = b""
+    query: bytes = b""
+    fragment: bytes = b""
+
+    @classmethod
+    def fromBytes(cls, uri: bytes) -> OriginURI:
+        """C{URI.fromBytes}'s parse (and its errors: C{ValueError}): the port given, else 443 for https and wss, else 80."""
+        scheme, netloc, path, params, query, fragment = urlparse(uri.strip())
+        default = 443 if scheme in (b"https", b"wss") else 80
+        host, port = netloc, default
+        if b":" in netloc:
+            host, _, digits = netloc.rpartition(b":")
+            try:
+                port = int(digits)
+            except ValueError:
+                host, port = netloc, default
+        return cls(scheme, netloc, host.strip(b"[]"), port, path, params, query, fragment)
+
+    def toBytes(self) -> bytes:
+        return urlunparse((self.scheme, self.netloc, self.path, self.params, self.query, self.fragment))
+
+    @property
+    def originForm(self) -> bytes:
+        return urlunparse((b"", b"", self.path, self.params, self.query, b"")) or b"/"
+
+
+def parse_origin(base: bytes) -> tuple[OriginURI, bytes]:
     """An origin part from L{split_url}, parsed (http or https with a host, else C{ValueError}), and its authority as sent (C{Host} / C{:authority})."""
-    parsed = URI.fromBytes(base)
+    parsed = OriginURI.fromBytes(base)
     if parsed.scheme not in (b"http", b"https") or not parsed.host:
         raise ValueError(f"unsupported URL {base!r}")
     host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
@@ -209,13 +251,14 @@ class _BodySink:
         self._transport.unregisterProducer()
 
 
+classImplements(_BodySink, IConsumer)
+
+
 # --- the response -----------------------------------------------------------------------------------
 
-# How a body ended that was told to its protocol by body_done() (L{UpstreamResponse.done}), or came whole (L{UpstreamResponse.settle}).
-
-
-classImplements(_BodySink, IConsumer)
-_BODY_DONE = Failure(ResponseDone())
+# How a body ended that was told to its protocol by body_done() (L{UpstreamResponse.done}), or came whole (L{UpstreamResponse.settle}):
+# a stand-in, made a Failure(ResponseDone()) only when deliverBody tells it.
+_BODY_DONE: Any = object()
 
 
 class UpstreamResponse:

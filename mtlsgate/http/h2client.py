@@ -32,13 +32,13 @@ from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProd
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import RequestGenerationFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from mtlsgate.http.client import DEFAULT_MAX_HEADER_SIZE, IDEMPOTENT, IDLE_TIMEOUT, ClientRequest, check_request, parse_origin, split_url
 from mtlsgate.http.client import ResponseHeadersTooLarge, UpstreamProtocolError
+from mtlsgate.http.outcomes import RequestGenerationFailed, ResponseDone, ResponseFailed, ResponseNeverReceived, is_response_done
 from mtlsgate.http.status import RESPONSES
 
 log = Logger(namespace="mtlsgate.http.h2client")
@@ -158,7 +158,7 @@ class H2Response:
         if self._end is not None:
             return
         self._end = reason
-        if not reason.check(ResponseDone):
+        if not is_response_done(reason.value):
             self._buffer.clear()  # a body cut off: what is kept would only be a truncated tail
             self._stream = None
         self._drain()

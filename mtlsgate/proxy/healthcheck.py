@@ -19,11 +19,11 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from mtlsgate.config.model import GRPC_HEALTH_PATH, HealthCheck
 from mtlsgate.http.client import BytesBody
+from mtlsgate.http.outcomes import is_response_done
 
 log = Logger(namespace="mtlsgate.proxy.healthcheck")
 
@@ -78,7 +78,7 @@ class _Collect(Protocol):
             cast(IPushProducer, self.transport).stopProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if reason.check(ResponseDone) and len(self.data) <= _GRPC_MAX_ANSWER:
+        if is_response_done(reason.value) and len(self.data) <= _GRPC_MAX_ANSWER:
             self.done.callback(self.data)
         else:
             self.done.errback(GRPCUnhealthy(f"the answer was cut off or too large ({len(self.data)} bytes)"))

@@ -23,13 +23,12 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReacto
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from mtlsgate.tls import pki
 from mtlsgate.config.model import Route, TCPRoute
-from mtlsgate.http.client import HTTP11Agent
+from mtlsgate.http.client import HTTP11Agent, OriginURI
 from mtlsgate.reactors import IReactorTimeAndTCP
 from mtlsgate.tls.fastwrite import SendAtOnceTLSProtocol
 from mtlsgate.tls.server import CIPHERS
@@ -223,7 +222,7 @@ class _EndpointPerOrigin:
         self.connect_timeout = connect_timeout
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+    def endpointForURI(self, uri: OriginURI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
         endpoint: Any = self._endpoints.get(key)
         if endpoint is None:

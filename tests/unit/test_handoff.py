@@ -141,4 +141,5 @@ def test_the_worker_reads_the_flags_its_parent_gives():
 
     argv = ["--index", "1", "--parent", "42", "--config-json", "/x/config.json", "--http", "--acme"]
     assert parse_args(argv) == WorkerArgs(1, 42, "/x/config.json", True, True)
+    assert parse_args(argv + ["--no-stdlib-ssl"]) == WorkerArgs(1, 42, "/x/config.json", True, True, False)
     assert parse_args(["--index=0", "--config-json=/p"]) == WorkerArgs(0, None, "/p", False, False)

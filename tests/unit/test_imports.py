@@ -114,7 +114,6 @@ def _worker_probe(pki, *extra: str) -> str:
         "options.worker = WorkerRole(index=1, https_fd=None, http_fd=None, acme=False)\n"
         f"options.parseOptions({flags!r})\n"
         "options.service.privilegedStartService()\n"
-        "import twisted.web.client  # the IResponse contract's exception classes: what a worker's first request imports\n"
     )
 
 
@@ -128,6 +127,8 @@ def test_a_worker_imports_h2_only_where_http2_is_used(pki, tmp_path):
     Twisted's own HTTP/2 server, which twisted.web.http tries to import, is kept out of a worker.
     """
     assert _imported(_worker_probe(pki), tmp_path, H2) == []
+    # The IResponse contract's outcomes (an upstream's failure makes one) import twisted.web.http, which stays without h2.
+    assert _imported(_worker_probe(pki) + "from mtlsgate.http.outcomes import ResponseDone\nResponseDone()\n", tmp_path, H2) == []
     # The other side: the first h2 connection brings the HTTP/2 front end.
     first_h2 = _worker_probe(pki) + "options.service.site.h2.buildProtocol(None)\n"
     assert {m for m in _imported(first_h2, tmp_path, H2) if m in H2} == {"h2", "hpack", "hyperframe", "mtlsgate.http.h2server"}
@@ -155,9 +156,69 @@ NOT_IN_A_PLAIN_WORKER = (
     "mtlsgate.proxy.healthcheck",  # only for a route with health_check
     "twisted.web.resource",  # the plain-HTTP redirect (mtlsgate.proxy.redirect) and the admin listener
     "mtlsgate.proxy.redirect",
+    # The IResponse contract's outcomes (mtlsgate.http.outcomes) and Twisted's URI: made on first use, which a request
+    # served whole never makes (tests/unit/test_outcomes.py); about 1.4 MiB.
+    "twisted.web.client",
+    "twisted.web._newclient",  # and twisted.web.http (a prefix of http_headers, which a worker uses: the test below)
     "argparse",  # the worker's own flags are read with twisted.python.usage, which the gateway's options load anyway
 )
 
 
 def test_a_plain_https_worker_leaves_out_what_it_does_not_use(pki, tmp_path):
     assert _imported(_worker_probe(pki), tmp_path, NOT_IN_A_PLAIN_WORKER) == []
+    assert "twisted.web.http" not in _imported(_worker_probe(pki), tmp_path, ("twisted.web",))
+
+
+def test_a_worker_without_the_stdlib_s_openssl_builds_its_service_without_it(pki, tmp_path):
+    """
+    --no-stdlib-ssl (mtlsgate.app.memory.without_stdlib_openssl): the standard library's ssl and _hashlib (and with them
+    the system's libcrypto, loaded a second time beside cryptography's: about 4.5 MiB) stay out of a worker, which
+    builds and starts its whole service, parses a client certificate (its SHA-256 from hashlib's built-in code) and
+    makes an upstream outcome, without them.
+    """
+    probe = (
+        "from mtlsgate.app.memory import without_stdlib_openssl\n"
+        "without_stdlib_openssl()\n"
+        + _worker_probe(pki)
+        + "from mtlsgate.identity import IdentityCache\n"
+        "from mtlsgate.tls.pki import load_certificates\n"
+        "from cryptography.hazmat.primitives import hashes\n"
+        "from cryptography.hazmat.primitives.serialization import Encoding\n"
+        "cache = IdentityCache()\n"
+        f"for path in ({pki['alice'][0]!r}, {pki['bob'][0]!r}):\n"
+        "    cert = load_certificates(path)[0]\n"
+        "    # the fingerprint a resumed session's verdict is keyed by (mtlsgate.tls.server): the same SHA-256 as OpenSSL's\n"
+        "    assert cache.known(cert.public_bytes(Encoding.DER)).fingerprint == cert.fingerprint(hashes.SHA256())\n"
+        "from mtlsgate.http.outcomes import ResponseFailed\n"
+        "ResponseFailed([])\n"
+        "import sys\n"
+        "print(' '.join(m for m in ('ssl', '_ssl', '_hashlib') if sys.modules.get(m) is not None))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+#: The only modules of the package that need the standard library's ssl (prometheus_client's exposition imports it), and
+#: so the reason the parent keeps it for a worker that counts metrics (admin_address) or runs the ACME stack and the
+#: shared store (mtlsgate.app.workers).
+NEEDS_STDLIB_SSL = {"mtlsgate.observe.admin", "mtlsgate.cluster.node"}
+
+
+def test_every_other_module_imports_without_the_stdlib_s_openssl(tmp_path):
+    """What a worker may import later (a health check, the redirect listener, HTTP/2, a reload) works under the block."""
+    probe = (
+        "from mtlsgate.app.memory import without_stdlib_openssl\n"
+        "without_stdlib_openssl()\n"
+        "import importlib, pkgutil, mtlsgate\n"
+        "failed = []\n"
+        "for m in pkgutil.walk_packages(mtlsgate.__path__, 'mtlsgate.'):\n"
+        "    try:\n"
+        "        importlib.import_module(m.name)\n"
+        "    except ImportError:\n"
+        "        failed.append(m.name)\n"
+        "print(' '.join(failed))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert set(result.stdout.split()) == NEEDS_STDLIB_SSL

@@ -120,3 +120,41 @@ def test_a_workers_log_line_reads_as_the_same_line_of_a_single_process(pki):
     [seen] = [e for e in relayed if e.get("log_namespace") == "mtlsgate.tls"]
     assert formatEvent(seen) == single
     assert seen["log_system"] == "worker-1" and seen["status"] == 200 and seen["duration"] == 0.0123456
+
+
+class _SpawningClock(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[list[str]] = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, path=None, childFDs=None):  # type: ignore[no-untyped-def]
+        self.spawned.append(list(args))
+        return type("Process", (), {"pid": 1})()
+
+
+@pytest.mark.parametrize(
+    "extra, index, stdlib_ssl",
+    [
+        ({}, 0, False),
+        ({}, 1, False),
+        ({"admin_address": "tcp:0:interface=127.0.0.1"}, 1, True),  # prometheus_client imports ssl
+        ({"autocert": {"domains": ["a.test"], "email": "ops@a.test", "directory": "https://127.0.0.1:1/dir"}}, 0, True),  # the ACME stack
+        ({"autocert": {"domains": ["a.test"], "email": "ops@a.test", "directory": "https://127.0.0.1:1/dir"}}, 1, False),
+    ],
+)
+def test_a_worker_goes_without_the_stdlib_s_openssl_unless_it_runs_acme_or_metrics(pki, tmp_path, extra, index, stdlib_ssl):
+    """mtlsgate.app.memory.without_stdlib_openssl: passed to every worker but one that runs the ACME stack or counts metrics."""
+    if "autocert" in extra:
+        extra = {**extra, "certs_dir": str(tmp_path / "certs")}
+    config = config_from_mapping({"certificates": [{"cert": pki["gateway"][0], "key": pki["gateway"][1]}], "workers": 2, **extra})
+    reactor = _SpawningClock()
+    group = WorkerGroup(reactor, config, {"config": {}})
+    group.https_sockets = [socket.socket(), socket.socket()]
+    group.handoff.directory = str(tmp_path)
+    try:
+        group._spawn(index)
+    finally:
+        for sock in group.https_sockets:
+            sock.close()
+    (args,) = reactor.spawned
+    assert ("--no-stdlib-ssl" not in args) is stdlib_ssl
