@@ -29,6 +29,7 @@ from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.app.filewatch import FileWatch, watched_files
 from mtlsgate.observe.metrics import GatewayMetrics, NoMetrics
 from mtlsgate.tls.pki import PKIError
+from mtlsgate.http import compiled
 from mtlsgate.http.negotiate import LazyH2ServerFactory, NegotiatingFactory
 from mtlsgate.proxy.exchange import GatewaySite, ProxyResource, ProxyState, RouteEntry
 from mtlsgate.proxy.routing import RouteTable
@@ -494,6 +495,9 @@ class GatewayService(MultiService):
         super().startService()
         for group in self.world.upstreams:
             group.start()
+        if self.worker is None or self.worker == 0:
+            log.info("the HTTP/1.1 engine: {how}", how="compiled (mypyc)" if compiled() else
+                     "pure Python (built without a C compiler, or with MTLSGATE_COMPILE=0): about twice its CPU per request")
         served = self.world.certificates.served
         log.info("serving {n} certificate(s):\n{table}", n=len(served), table=certificates_table((s.names, s.leaf, s.source) for s in served))
         routes = self.world.config.routes
