@@ -10,6 +10,7 @@ sources ship beside the compiled modules, which the import system prefers.
     pip install .                     # compiled when a C compiler and Python's headers are there, else pure Python
     MTLSGATE_COMPILE=1 pip wheel .    # compiled, or the build fails (CI)
     MTLSGATE_COMPILE=0 pip wheel .    # pure Python: the same behaviour, about twice the CPU per request
+    pip install -e .                  # pure Python too, so that edits to the checkout take effect
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class _CompileIfPossible(build_ext):
 
 
 def _ext_modules() -> list[Any]:
-    if _MODE == "0":
+    if _MODE == "0" or "editable_wheel" in sys.argv:
+        # `pip install -e .` (setuptools' editable_wheel) stays pure Python: compiled modules beside the sources of a
+        # checkout would shadow every edit made to them until the next build.
         return []
     from mypyc.build import mypycify
 
