@@ -417,10 +417,10 @@ class UpgradeResponse(UpstreamResponse):
             connection.abort()
 
 
-# --- one connection ---------------------------------------------------------------------------------
-
-
 classImplements(UpgradeResponse, IResponse)
+
+
+# --- one connection ---------------------------------------------------------------------------------
 
 
 class _Parse:
