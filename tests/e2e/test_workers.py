@@ -252,8 +252,7 @@ def test_held_connections_are_dealt_out_by_the_load_board(start_gateway, pki, ec
         board = _wait_for_board(gateway, lambda b: sum(b) == 16)
         assert sum(board) == 16, board  # every worker counts its open client connections
         assert min(board) >= 6, board  # 16 opened one after another: 8 and 8, or close (SO_REUSEPORT's hash: anything)
-        pids = _wait_for_lines(access, 16)
-        counts = {pid: pids.count(pid) for pid in set(pids)}
+        counts = {pid: _pids(access).count(pid) for pid in set(_pids(access))}
         assert sorted(counts.values()) == sorted(board), (counts, board)  # one request on each: the board is the truth
     finally:
         for conn in held:
