@@ -12,7 +12,6 @@ from typing import cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
-    IReactorFDSet,
     IReactorFromThreads,
     IReactorProcess,
     IReactorSocket,
@@ -26,10 +25,9 @@ class IReactorTimeAndTCP(IReactorTime, IReactorTCP):
     """Timers and TCP connections: what an HTTP client (an Agent and its pool, a HostnameEndpoint) needs."""
 
 
-class IGatewayReactor(IReactorCore, IReactorTimeAndTCP, IReactorUDP, IReactorProcess, IReactorFromThreads, IReactorSocket, IReactorFDSet):
+class IGatewayReactor(IReactorCore, IReactorTimeAndTCP, IReactorUDP, IReactorProcess, IReactorFromThreads, IReactorSocket):
     """
-    Everything some part of the gateway asks of the reactor: listeners (TCP, adopted sockets, a worker group's shared one
-    watched with addReader), clients,
+    Everything some part of the gateway asks of the reactor: listeners (TCP, adopted sockets), clients,
     the DNS-01 resolver (UDP) and hook (processes), the worker group (processes), signal handlers
     (C{callFromThread}), start and shutdown triggers.  Twisted's default reactors provide them all.
     """

@@ -23,7 +23,6 @@ from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 
 from mtlsgate.app import fdlimit
-from mtlsgate.app.balance import BalancedListener, CountPublisher, LoadBoard
 from mtlsgate.accounting import RequestObservers
 from mtlsgate.observe.accesslog import AccessEvents, AccessLogService
 from mtlsgate.config.model import Config, ConfigError
@@ -175,7 +174,6 @@ class WorkerRole:
     https_fd: int
     http_fd: int | None = None
     acme: bool = False
-    load_board: str | None = None  # the group shares https_fd and deals connections out by this board (mtlsgate.app.balance)
 
 
 class StartupError(SystemExit, Exception):
@@ -192,15 +190,12 @@ class _Listener(Service):
     binding happens in privilegedStartService (before twistd -u).
     """
 
-    def __init__(
-        self, reactor: IGatewayReactor, description: str, factory: Any, what: str, adopt_fd: int | None = None, board: LoadBoard | None = None,
-    ) -> None:
+    def __init__(self, reactor: IGatewayReactor, description: str, factory: Any, what: str, adopt_fd: int | None = None) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
         self.what = what
         self.adopt_fd = adopt_fd
-        self.board = board  # adopt_fd is the worker group's shared socket, taken from by this board (mtlsgate.app.balance)
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -218,11 +213,7 @@ class _Listener(Service):
             probe = socket.socket(fileno=os.dup(self.adopt_fd))
             family = probe.family
             probe.close()
-            if self.board is not None:
-                self.port = BalancedListener(self.reactor, self.adopt_fd, self.factory, self.board)
-                self.port.startListening()
-            else:
-                self.port = self.reactor.adoptStreamPort(self.adopt_fd, family, self.factory)
+            self.port = self.reactor.adoptStreamPort(self.adopt_fd, family, self.factory)
             os.close(self.adopt_fd)  # the port holds a duplicate
             return
         endpoint = serverFromString(self.reactor, self.description)
@@ -315,13 +306,8 @@ class GatewayService(MultiService):
         # TCP routes: the connection's SNI, once its handshake is done, picks a TCP route or HTTP (mtlsgate.proxy.tcp).
         self.tcp = TCPProxy(reactor, world.tcp, self.metrics)
         server_tls.alpn_for_name = self.tcp.alpn_for
-        board = None
-        connections: Any = self.metrics
-        if worker is not None and worker.load_board is not None:
-            board = LoadBoard(worker.load_board, os.path.getsize(worker.load_board) // 8, worker.index)
-            connections = CountPublisher(self.metrics, board)  # this worker's open connections, on the group's board
-        tls_factory = GatewayTLSFactory(server_tls, SNIDispatchFactory(site, self.tcp), reactor, metrics=connections, limits=config.limits)
-        self.https = _Listener(reactor, config.address, tls_factory, "HTTPS", worker.https_fd if worker else None, board=board)
+        tls_factory = GatewayTLSFactory(server_tls, SNIDispatchFactory(site, self.tcp), reactor, metrics=self.metrics, limits=config.limits)
+        self.https = _Listener(reactor, config.address, tls_factory, "HTTPS", worker.https_fd if worker else None)
         self.https.setServiceParent(self)
         self.listeners = [self.https]
         self.autocert: AcmeIssuingService | None = None

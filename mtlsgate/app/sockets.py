@@ -2,11 +2,10 @@
 Listening sockets made by hand, for workers: the parent binds them (before twistd drops privileges)
 and each worker process adopts one with C{reactor.adoptStreamPort}.
 
-By default the workers share one socket and deal its connections out by load (L{mtlsgate.app.balance},
-which says why).  With C{worker_affinity: client_ip}, every worker gets a socket of its own in one
-C{SO_REUSEPORT} group, and a classic BPF program picks the socket by client address
-(L{steer_by_client_address}).  A worker that dies leaves its socket open in the parent; connections
-queued on it wait for its replacement instead of being refused.
+With C{SO_REUSEPORT}, every worker gets a socket of its own in one port group, so the kernel spreads
+new connections evenly over the workers (one shared socket wakes every worker on each connection and
+lets whichever is least busy take most of them).  A worker that dies leaves its socket open in the
+parent; connections queued on it wait for its replacement instead of being refused.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import sys
 from typing import NamedTuple
 
 _PR_SET_PDEATHSIG = 1
-_USAGE = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--no-stdlib-ssl] [--balance] [--parent PID] --config-json PATH"
+_USAGE = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--no-stdlib-ssl] [--parent PID] --config-json PATH"
 
 
 class WorkerArgs(NamedTuple):
@@ -27,7 +27,6 @@ class WorkerArgs(NamedTuple):
     http: bool  # serve the HTTP listener (fd 5)
     acme: bool  # run autocert (and the shared store's connection)
     stdlib_ssl: bool = True  # False (--no-stdlib-ssl): the standard library's ssl and _hashlib are kept out (app/memory.py)
-    balance: bool = False  # --balance: the HTTPS socket is the group's, taken from by the load board beside the config (app/balance.py)
 
 
 def parse_args(argv: list[str]) -> WorkerArgs:
@@ -35,14 +34,12 @@ def parse_args(argv: list[str]) -> WorkerArgs:
     The worker's own flags, read by hand: nothing else in a worker needs an options parser (neither
     argparse nor twisted.python.usage is imported: the configuration comes validated from the parent).
     """
-    args: dict[str, object] = {
-        "index": None, "parent": None, "config-json": None, "http": False, "acme": False, "no-stdlib-ssl": False, "balance": False,
-    }
+    args: dict[str, object] = {"index": None, "parent": None, "config-json": None, "http": False, "acme": False, "no-stdlib-ssl": False}
     rest = list(argv)
     while rest:
         flag = rest.pop(0)
         name, eq, value = flag[2:].partition("=") if flag.startswith("--") else ("", "", "")
-        if name in ("http", "acme", "no-stdlib-ssl", "balance") and not eq:
+        if name in ("http", "acme", "no-stdlib-ssl") and not eq:
             args[name] = True
         elif name in ("index", "parent", "config-json"):
             if not eq:
@@ -60,7 +57,7 @@ def parse_args(argv: list[str]) -> WorkerArgs:
     if args["index"] is None or args["config-json"] is None:
         raise ValueError(f"--index and --config-json are required (usage: {_USAGE})")
     return WorkerArgs(args["index"], args["parent"], args["config-json"], bool(args["http"]), bool(args["acme"]),  # type: ignore[arg-type]
-                      not args["no-stdlib-ssl"], bool(args["balance"]))
+                      not args["no-stdlib-ssl"])
 
 
 def _die_with_parent() -> None:
@@ -99,10 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     reactor = installed_reactor()
     events = os.fdopen(EVENTS_FD, "w", encoding="utf-8")
     globalLogBeginner.beginLoggingTo([FileLogObserver(events, relayed_event)], redirectStandardIO=False)
-    from mtlsgate.app.balance import BOARD_NAME
-
-    board = os.path.join(os.path.dirname(handed), BOARD_NAME) if args.balance else None
-    role = WorkerRole(index=index, https_fd=HTTPS_FD, http_fd=HTTP_FD if args.http else None, acme=args.acme, load_board=board)
+    role = WorkerRole(index=index, https_fd=HTTPS_FD, http_fd=HTTP_FD if args.http else None, acme=args.acme)
     try:
         service = make_gateway(reactor, handoff.load(handed), lambda: handoff.load(handed), role)
     except (ConfigError, PKIError) as e:

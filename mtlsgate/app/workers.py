@@ -3,8 +3,7 @@ C{workers: N}: nginx's master/worker model as a Twisted service.
 
 The parent (the twistd process) binds the listening sockets, so ports below 1024 work with
 C{twistd -u/-g}, and runs no TLS itself.  It starts N worker processes (C{python -m mtlsgate.app.worker},
-sharing one socket of the TLS port, each new connection taken by the least loaded worker (L{mtlsgate.app.balance});
-with C{worker_affinity: client_ip}, each its own C{SO_REUSEPORT} socket, see L{mtlsgate.app.sockets}) and:
+each given its own C{SO_REUSEPORT} socket of the TLS port, see L{mtlsgate.app.sockets}) and:
 
 - restarts a worker that dies, after a back-off that grows while it keeps dying young;
 - hands every worker the configuration it validated, as JSON (L{mtlsgate.app.handoff}: a worker never
@@ -40,7 +39,6 @@ from twisted.logger import Logger, eventAsJSON, eventFromJSON, formatEvent, glob
 from twisted.python.failure import Failure
 
 from mtlsgate.app import bytecode, handoff
-from mtlsgate.app.balance import LoadBoard
 from mtlsgate.app.filewatch import FileWatch
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.observe.metrics import worker_group_registry
@@ -144,7 +142,6 @@ class WorkerGroup(MultiService):
         self.count = config.workers
         self.workers: dict[int, _Worker] = {}
         self.https_sockets: list[socket.socket] = []
-        self.board: LoadBoard | None = None  # worker_affinity: connection: the group's open connections (mtlsgate.app.balance)
         self.http_socket: socket.socket | None = None
         self.metrics_dir: str | None = None
         self.stopping = False
@@ -168,13 +165,9 @@ class WorkerGroup(MultiService):
 
     def _bind(self) -> None:
         try:
-            where = parse_tcp_listen(self.config.address)
+            self.https_sockets = reuse_port_group(parse_tcp_listen(self.config.address), self.count)
             if self.config.worker_affinity == "client_ip":
-                self.https_sockets = reuse_port_group(where, self.count)
                 steer_by_client_address(self.https_sockets)
-            else:
-                # One socket for the group, its connections dealt out by load (mtlsgate.app.balance says why not SO_REUSEPORT)
-                self.https_sockets = [listening_socket(where)] * self.count
             if self.config.http_address:
                 self.http_socket = listening_socket(parse_tcp_listen(self.config.http_address))
         except (OSError, ValueError) as e:
@@ -182,10 +175,9 @@ class WorkerGroup(MultiService):
             raise StartupError(f"mtlsgate: cannot listen for the worker group: {e}") from None
         host, port = self.https_sockets[0].getsockname()[:2]
         log.info(
-            "HTTPS listening on {host}:{port} ({n} workers, {how})",
+            "HTTPS listening on {host}:{port} ({n} workers, one SO_REUSEPORT socket each; a new connection goes to {how})",
             host=host, port=port, n=self.count,
-            how="one SO_REUSEPORT socket each; a new connection goes to the worker its client's address hashes to"
-            if self.config.worker_affinity == "client_ip" else "one shared socket; a new connection goes to the least loaded worker",
+            how="the worker its client's address hashes to" if self.config.worker_affinity == "client_ip" else "any worker",
         )  # fmt: skip
 
     def startService(self) -> None:
@@ -207,9 +199,6 @@ class WorkerGroup(MultiService):
             compiled = bytecode.fill(directory, bytecode.sources())
             log.info("worker_bytecode: workers run as python -OO on the bytecode in {dir} ({n} module(s) compiled now)", dir=directory, n=compiled)
             self.interpreter_flags = bytecode.interpreter_flags(directory)
-        if self.config.worker_affinity != "client_ip" and self.board is None:
-            assert self.handoff.directory is not None
-            self.board = LoadBoard.create(self.handoff.directory, self.count)  # the private directory: 0700, the file 0600
         for index in range(self.count):
             self._spawn(index)
         if hasattr(signal, "SIGHUP"):
@@ -228,8 +217,6 @@ class WorkerGroup(MultiService):
                 args.append("--http")
             if self.config.autocert is not None or self.config.storage is not None:
                 args.append("--acme")  # autocert, and the shared store's connection (docs/cluster.md), live in worker 0
-        if self.board is not None:
-            args.append("--balance")
         if "--acme" not in args and not self.config.admin_address:
             # The ACME stack and prometheus_client (the workers' metrics, read through the admin listener) import the
             # standard library's ssl; nothing else a worker runs does (mtlsgate.app.memory.without_stdlib_openssl).
@@ -248,8 +235,6 @@ class WorkerGroup(MultiService):
         """A worker process ended: restart it (unless stopping), after a back-off if it died young."""
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
-            if self.board is not None:
-                self.board.gone(worker.index)  # never the least loaded while it is not running
         if self.metrics_dir is not None and worker.pid is not None:
             from prometheus_client import multiprocess
 
@@ -360,9 +345,6 @@ class WorkerGroup(MultiService):
         self._close_sockets()
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-        if self.board is not None:
-            self.board.close()
-            self.board = None
         self.handoff.remove()
         return result
 
