@@ -63,7 +63,7 @@ def _ext_modules() -> list[Any]:
         return []
     from mypyc.build import mypycify
 
-    return mypycify(COMPILED, opt_level="3")
+    return mypycify(["--config-file", "mypyc.ini", *COMPILED], opt_level="3")
 
 
 setup(ext_modules=_ext_modules(), cmdclass={"build_ext": _CompileIfPossible})

@@ -141,7 +141,7 @@ class _ResponseRelay(Protocol):
     transport: Any  # the response body's producer (the upstream connection)
 
     def __init__(
-        self, request: GatewayRequest, done: Callable[[Failure | None], None], reactor: IReactorTime, stall_timeout: float,
+        self, request: IGatewayRequest, done: Callable[[Failure | None], None], reactor: IReactorTime, stall_timeout: float,
         on_resume: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self.request = request
@@ -246,7 +246,7 @@ class _ResponseRelay(Protocol):
 classImplements(_ResponseRelay, IPushProducer)
 
 
-def _plain(request: GatewayRequest, code: int, text: str) -> bytes:
+def _plain(request: IGatewayRequest, code: int, text: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"server", b"mtlsgate")
@@ -265,7 +265,7 @@ def _grpc_message(text: str) -> bytes:
     return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in text.encode("utf-8"))
 
 
-def _own_response(request: GatewayRequest, code: int, text: str) -> bytes:
+def _own_response(request: IGatewayRequest, code: int, text: str) -> bytes:
     """
     The head and body of an answer of the gateway's own: L{_plain}, or, to a gRPC request
     (content-type application/grpc*) that is refused or failed, a gRPC trailers-only response
@@ -314,7 +314,7 @@ class _Exchange:
     )  # fmt: skip
 
     def __init__(
-        self, reactor: IReactorTime, request: GatewayRequest, entry: RouteEntry, peer: Peer, observer: IRequestObserver, target: bytes | None = None,
+        self, reactor: IReactorTime, request: IGatewayRequest, entry: RouteEntry, peer: Peer, observer: IRequestObserver, target: bytes | None = None,
         tunnel_opened: Callable[[Tunnel], None] | None = None, finished_hook: Callable[[Any], None] | None = None,
     ) -> None:  # fmt: skip
         self.reactor = reactor
@@ -652,7 +652,7 @@ classImplements(_Exchange, IResponseReceiver)
 
 
 def finished(
-    request: GatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float, upstream_latency: float | None = None,
+    request: IGatewayRequest, peer: Peer, route: str, upstream: str, status: int, size: int, duration: float, upstream_latency: float | None = None,
     tunnel: tuple[int, int] | None = None,
 ) -> FinishedRequest:  # fmt: skip
     """
@@ -691,7 +691,7 @@ def _loggable(raw: bytes) -> str:
     return raw[:512].decode("latin-1").encode("unicode_escape").decode("ascii")
 
 
-def _header_text(request: GatewayRequest, name: bytes) -> str | None:
+def _header_text(request: IGatewayRequest, name: bytes) -> str | None:
     value = request.getHeader(name)
     return printable(value.decode("latin-1")) if value is not None else None
 
@@ -793,7 +793,7 @@ class ProxyResource:
                 if not d.called:
                     d.callback(None)
 
-    def _answer(self, request: GatewayRequest, peer: Peer, route: str, code: int, text: str) -> None:
+    def _answer(self, request: IGatewayRequest, peer: Peer, route: str, code: int, text: str) -> None:
         """A response of the gateway's own (no upstream involved), with its access line."""
         body = _own_response(request, code, text)
         if request.body is not None and not request.body.complete:
@@ -806,7 +806,7 @@ class ProxyResource:
         request.write(body)
         request.finish()
 
-    def handle(self, request: GatewayRequest) -> None:
+    def handle(self, request: IGatewayRequest) -> None:
         """One request, from the end of its head: answered here, or relayed by an L{_Exchange}."""
         state = self.state
         if state.hsts_header is not None and request.isSecure():
@@ -862,7 +862,7 @@ class ProxyResource:
         # The exchange's completion hook ends the request's in-flight count too (one hook per request, not two).
         _Exchange(self.reactor, request, entry, peer, self.observer, target.forward, tunnel_opened, self._finished).start()
 
-    def _websocket_allowed(self, request: GatewayRequest, peer: Peer, route: Route) -> bool:
+    def _websocket_allowed(self, request: IGatewayRequest, peer: Peer, route: Route) -> bool:
         """
         A WebSocket handshake (HTTP/1.1, Connection: upgrade, Upgrade: websocket), routed and authorized: refused
         with a reason unless it is a GET to a route with C{allow_websockets}.  Never downgraded to a plain GET.
@@ -877,7 +877,7 @@ class ProxyResource:
             return False
         return True
 
-    def _own_answer(self, request: GatewayRequest, peer: Peer) -> bool:
+    def _own_answer(self, request: IGatewayRequest, peer: Peer) -> bool:
         """
         CONNECT and TRACE (and IIS's TRACK), in any case, are never forwarded: 405.  C{OPTIONS *} is
         about the gateway itself: 200 with C{Allow}; C{*} with another method is a 400.
