@@ -1,7 +1,14 @@
 """
 One worker process of a group (L{mtlsgate.app.workers}), started by the parent as
-C{python -m mtlsgate.app.worker --index N [--http] [--acme] [--no-stdlib-ssl] [--parent PID] --config-json PATH}, where PATH
-holds the configuration the parent validated (L{mtlsgate.app.handoff}), read again on each reload.
+C{python -c BOOT PATH0 --index N [--http] [--acme] [--no-stdlib-ssl] [--parent PID] --config-json PATH}, where PATH0 is
+the first entry of the parent's import path and PATH holds the configuration the parent validated
+(L{mtlsgate.app.handoff}), read again on each reload.
+
+Why not C{python -m mtlsgate.app.worker}: C{-m} (and C{-c}) put the current directory first on the import path, so an
+C{mtlsgate/} package in the directory the gateway was started from (a checkout, or one another local user planted in
+/tmp) would run in every worker while the parent runs the installed one.  L{BOOT} puts the parent's first entry there
+instead (for the C{twistd} or C{mtlsgate} console script, its own directory): a worker imports what its parent imports
+(docs/security.md, "A worker's import path"; C{tests/adversarial/test_worker_search_path.py}).
 
 It adopts the listening sockets the parent passed, sends its log events to the parent as JSON, and
 otherwise runs the same L{GatewayService} as a single-process gateway: SIGHUP reloads it, SIGTERM
@@ -17,6 +24,7 @@ import sys
 from typing import NamedTuple
 
 _PR_SET_PDEATHSIG = 1
+BOOT = "import sys; sys.path[0] = sys.argv.pop(1); from mtlsgate.app.worker import main; main()"
 _USAGE = "python -m mtlsgate.app.worker --index N [--http] [--acme] [--no-stdlib-ssl] [--parent PID] --config-json PATH"
 
 

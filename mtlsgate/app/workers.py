@@ -2,7 +2,7 @@
 C{workers: N}: nginx's master/worker model as a Twisted service.
 
 The parent (the twistd process) binds the listening sockets, so ports below 1024 work with
-C{twistd -u/-g}, and runs no TLS itself.  It starts N worker processes (C{python -m mtlsgate.app.worker},
+C{twistd -u/-g}, and runs no TLS itself.  It starts N worker processes (L{mtlsgate.app.worker},
 each given its own C{SO_REUSEPORT} socket of the TLS port, see L{mtlsgate.app.sockets}) and:
 
 - restarts a worker that dies, after a back-off that grows while it keeps dying young;
@@ -43,6 +43,7 @@ from mtlsgate.app.filewatch import FileWatch
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.observe.metrics import worker_group_registry
 from mtlsgate.tls.pki import PKIError
+from mtlsgate.app.worker import BOOT
 from mtlsgate.app.service import StartupError, admin_listener_for, certificate_expiries, certificate_problem, served_certificates
 from mtlsgate.app.sockets import listening_socket, parse_tcp_listen, reuse_port_group, steer_by_client_address
 from mtlsgate.reactors import IGatewayReactor
@@ -209,7 +210,9 @@ class WorkerGroup(MultiService):
             return
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", EVENTS_FD: "r", HTTPS_FD: self.https_sockets[index].fileno()}
         # -X no_debug_ranges: code objects without column positions (only tracebacks' ^^^ markers use them): 0.3 MiB a worker.
-        args = [sys.executable, "-X", "no_debug_ranges", *self.interpreter_flags, "-m", "mtlsgate.app.worker"]
+        # The worker's import path starts where the parent's does (worker.BOOT), not at the current directory, where
+        # `python -m` would start it (docs/security.md, "A worker's import path").
+        args = [sys.executable, "-X", "no_debug_ranges", *self.interpreter_flags, "-c", BOOT, sys.path[0]]
         args += ["--index", str(index), "--parent", str(os.getpid()), "--config-json", self.handoff.path]
         if index == 0:
             if self.http_socket is not None:
