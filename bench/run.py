@@ -321,7 +321,7 @@ def run(d: Path, rounds: int, seconds: int, workers: int, idle: int, affinity: s
                  "--client-ca", str(ca_pem), "--route", f"*=https://127.0.0.1:{up_port}", "--upstream-server-name", "localhost",
                  "--upstream-ca", str(ca_pem), "--upstream-cert", str(files["gwclient"][0]), "--upstream-key", str(files["gwclient"][1]),
                  "--access-log", "off"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=str(d),  # PYTHONPATH's mtlsgate, not the current directory's
             )  # fmt: skip
             procs.append(mtlsgate)
             wait_for(mg_port, mtlsgate)
