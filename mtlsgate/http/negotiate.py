@@ -59,6 +59,10 @@ class _ByALPN(Protocol):
             return
         self.inner = inner
         inner.makeConnection(self.transport)
+        if getattr(self.transport, "wrappedProtocol", None) is self:
+            # The TLS layer hands the front end its bytes and its end itself from now on (as a TCP route's dispatch does,
+            # mtlsgate.proxy.tcp): one Python call less on every read.
+            self.transport.wrappedProtocol = inner  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         if self.inner is not None:
