@@ -22,8 +22,8 @@ from typing import Any
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# The per-request path: the HTTP/1.1 server and client, their header and framing rules, the path normaliser and the
-# exchange between them.  tests/unit/test_compiled.py holds an installed wheel to this list.
+# The per-request path: the HTTP/1.1 server and client, their header and framing rules, the path normaliser, the
+# exchange between them, their timer, and the TLS layer's sending and reading at once.  tests/unit/test_compiled.py holds an installed wheel to this list.
 COMPILED = [
     "mtlsgate/http/framing.py",
     "mtlsgate/http/headers.py",
@@ -31,6 +31,8 @@ COMPILED = [
     "mtlsgate/http/server.py",
     "mtlsgate/http/client.py",
     "mtlsgate/proxy/exchange.py",
+    "mtlsgate/tls/fastwrite.py",
+    "mtlsgate/http/timer.py",
 ]
 
 _MODE = os.environ.get("MTLSGATE_COMPILE", "auto")

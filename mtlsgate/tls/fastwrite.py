@@ -47,6 +47,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from cryptography.hazmat.bindings.openssl.binding import Binding
+from mypy_extensions import mypyc_attr
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import connectionDone
@@ -105,6 +106,7 @@ def direct_writer(transport: object) -> DirectWriter | None:
     return DirectWriter(transport, send)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the TLS listener's protocol (mtlsgate.tls.server) extends it
 class SendAtOnce(TLSMemoryBIOProtocol):
     """
     A C{TLSMemoryBIOProtocol} whose output goes out through a L{DirectWriter}: put it before
