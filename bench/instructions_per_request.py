@@ -38,8 +38,8 @@ harness: Any = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(harness)
 
 
-def _ab(port: int, client_pem: Path, requests: int) -> None:
-    argv = ["ab", "-q", "-k", "-c", "1", "-n", str(requests), "-E", str(client_pem), "-f", "TLS1.3", f"https://127.0.0.1:{port}/1k"]
+def _ab(port: int, client_pem: Path, requests: int, concurrency: int = 1) -> None:
+    argv = ["ab", "-q", "-k", "-c", str(concurrency), "-n", str(requests), "-E", str(client_pem), "-f", "TLS1.3", f"https://127.0.0.1:{port}/1k"]
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
@@ -77,7 +77,7 @@ def self_costs(dump: Path) -> tuple[int, collections.Counter[tuple[str, str]]]:
 
 
 def measure(d: Path, name: str, pythonpath: str, up_port: int, files: dict[str, tuple[Path, Path]], ca: Path, client: Path,
-            requests: int, warm: int) -> Path:  # fmt: skip
+            requests: int, warm: int, concurrency: int = 1) -> Path:  # fmt: skip
     """Run one side under callgrind; returns its dump after the counted requests."""
     port = harness.free_port()
     side = d / name
@@ -94,9 +94,9 @@ def measure(d: Path, name: str, pythonpath: str, up_port: int, files: dict[str, 
     )  # fmt: skip
     try:
         harness.wait_for(port, proc, timeout=300)
-        _ab(port, client, warm)
+        _ab(port, client, warm, concurrency)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        _ab(port, client, requests)
+        _ab(port, client, requests, concurrency)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         return max(side.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
     finally:
@@ -107,7 +107,8 @@ def measure(d: Path, name: str, pythonpath: str, up_port: int, files: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mtlsgate", action="append", metavar="NAME=DIR", help="a side: its PYTHONPATH [default: mtlsgate=.]")
-    parser.add_argument("--requests", type=int, default=1000, help="counted requests (ab -k -c 1) [default: 1000]")
+    parser.add_argument("--requests", type=int, default=1000, help="counted requests (ab -k) [default: 1000]")
+    parser.add_argument("--concurrency", type=int, default=1, help="ab -c: with more, a reactor turn serves several requests [default: 1]")
     parser.add_argument("--warm", type=int, default=300, help="requests before counting [default: 300]")
     parser.add_argument("--top", type=int, default=0, metavar="N", help="also the N functions with the most instructions of their own")
     args = parser.parse_args(argv)
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for spec in args.mtlsgate or ["mtlsgate=."]:
             name, path = spec.split("=", 1)
-            total, costs = self_costs(measure(d, name, path, up_port, files, ca, client, args.requests, args.warm))
-            print(f"{name}: {total / args.requests / 1000:.1f} thousand instructions per kept-alive request ({args.requests} requests, c=1)")
+            total, costs = self_costs(measure(d, name, path, up_port, files, ca, client, args.requests, args.warm, args.concurrency))
+            print(f"{name}: {total / args.requests / 1000:.1f} thousand instructions per kept-alive request ({args.requests} requests, c={args.concurrency})")
             by_object: collections.Counter[str] = collections.Counter()
             for (ob, _), cost in costs.items():
                 by_object[ob] += cost
