@@ -23,7 +23,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # The per-request path: the HTTP/1.1 server and client, their header and framing rules, the path normaliser, the
-# exchange between them, their timer, and the TLS layer's sending and reading at once.  tests/unit/test_compiled.py holds an installed wheel to this list.
+# exchange between them, their timer, and the TLS layer's sending and reading at once.  tests/unit/test_compiled.py
+# holds an installed wheel to this list; mypyc.ini is the type check mypyc compiles them from.
 COMPILED = [
     "mtlsgate/http/framing.py",
     "mtlsgate/http/headers.py",
