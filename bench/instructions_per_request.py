@@ -58,7 +58,8 @@ def self_costs(dump: Path) -> tuple[int, collections.Counter[tuple[str, str]]]:
             names[kind][m.group(1)] = m.group(2)
         return names[kind].get(m.group(1), text)
 
-    for line in dump.read_text(errors="replace").splitlines():
+    text = dump.read_text(errors="replace")
+    for line in text.splitlines():
         if line.startswith(("ob=", "cob=")):
             value = name("ob", line.split("=", 1)[1])
             ob = value if line.startswith("ob=") else ob
@@ -72,7 +73,7 @@ def self_costs(dump: Path) -> tuple[int, collections.Counter[tuple[str, str]]]:
             if len(parts) >= 2 and not callee_line:
                 costs[(ob.rsplit("/", 1)[-1], fn)] += int(parts[1])
             callee_line = False
-    summary = re.search(r"^summary: (\d+)", dump.read_text(errors="replace"), re.M)  # callgrind's own total
+    summary = re.search(r"^summary: (\d+)", text, re.M)  # callgrind's own total
     return int(summary.group(1)) if summary else sum(costs.values()), costs
 
 

@@ -43,8 +43,8 @@ from mtlsgate.app.filewatch import FileWatch
 from mtlsgate.config.model import Config, ConfigError
 from mtlsgate.observe.metrics import worker_group_registry
 from mtlsgate.tls.pki import PKIError
-from mtlsgate.app.worker import BOOT
 from mtlsgate.app.service import StartupError, admin_listener_for, certificate_expiries, certificate_problem, served_certificates
+from mtlsgate.app.worker import BOOT
 from mtlsgate.app.sockets import listening_socket, parse_tcp_listen, reuse_port_group, steer_by_client_address
 from mtlsgate.reactors import IGatewayReactor
 
